@@ -1,0 +1,161 @@
+"""Benchmarks against diffusers / transformers on identical SD1.5-shaped random weights (not a test).
+
+    python bench.py models [--sizes 32,64] [--repeats 3] [--threads 2]
+
+Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
+this needs the test extra), then times each model in a fresh process so that peak memory is that
+process's own: the time of one forward (median of --repeats after a warm-up) and the peak resident memory
+during it (Linux VmHWM, reset just before the forward). Prints a Markdown table for BENCHMARKS.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+WEIGHTS = os.environ.get("NPO_BENCH_DIR", "/tmp/npo-bench/sd15")
+
+
+def make_weights(path):
+    """SD1.5 shapes, random weights, diffusers folder layout (the tokenizer is ours from weights/)."""
+    if os.path.exists(os.path.join(path, "done")):
+        return
+    import shutil
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(0)
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=768).save_pretrained(f"{path}/unet")
+    AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
+                  down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(f"{path}/vae")
+    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                                 hidden_act="quick_gelu")).save_pretrained(f"{path}/text_encoder")
+    shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer"), f"{path}/tokenizer",
+                    dirs_exist_ok=True)
+    open(os.path.join(path, "done"), "w").close()
+
+
+def rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+
+def reset_peak_rss():
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak resident set) to the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def load(impl, part):
+    if impl == "ours":
+        import clip
+        import unet
+        loader = {"unet": unet.load_unet, "vae": unet.load_vae, "text": clip.load_text_encoder}[part]
+        return loader(f"{WEIGHTS}/{dict(text='text_encoder').get(part, part)}")
+    if part == "text":
+        from transformers import CLIPTextModel
+        return CLIPTextModel.from_pretrained(f"{WEIGHTS}/text_encoder").eval()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    cls = UNet2DConditionModel if part == "unet" else AutoencoderKL
+    return cls.from_pretrained(f"{WEIGHTS}/{part}").eval()
+
+
+def forward_fn(impl, part, model, size, batch):
+    g = torch.Generator().manual_seed(0)
+    if part == "unet":
+        x, c = torch.randn(batch, 4, size, size, generator=g), torch.randn(batch, 77, 768, generator=g)
+        return (lambda: model(x, 500, c)) if impl == "ours" else (lambda: model(x, 500, c).sample)
+    if part == "vae":
+        z = torch.randn(1, 4, size, size, generator=g)
+        return (lambda: model.decode(z)) if impl == "ours" else (lambda: model.decode(z).sample)
+    ids = torch.randint(0, 49408, (batch, 77), generator=g)
+    return (lambda: model(ids)) if impl == "ours" else (lambda: model(ids).last_hidden_state)
+
+
+def measure_one(impl, part, size, batch, repeats, threads):
+    torch.set_num_threads(threads)
+    model = load(impl, part)
+    fn = forward_fn(impl, part, model, size, batch)
+    with torch.inference_mode():
+        fn()  # warm-up
+        reset_peak_rss()
+        base = rss_kib("VmRSS")
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        peak = rss_kib("VmHWM")
+        flops = 0
+        if impl == "ours":
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops = counter.get_total_flops()
+    return dict(impl=impl, part=part, size=size, batch=batch, seconds=statistics.median(times),
+                peak_gib=peak / 2**20, forward_extra_gib=(peak - base) / 2**20, flops=flops)
+
+
+def matmul_peak_gflops(threads, n=2048, repeats=5):
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / t / 1e9
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_child(*args):
+    out = subprocess.run([sys.executable, __file__, "_one", *map(str, args)], capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cmd_models(args):
+    make_weights(WEIGHTS)
+    peak = matmul_peak_gflops(args.threads)
+    print(f"fp32 matmul peak (2048^3, {args.threads} threads): {peak:.0f} GFLOP/s\n")
+    print("| model | input | ours s | diffusers s | time ratio | ours peak GiB | ref peak GiB | memory ratio | ours forward +GiB | ref forward +GiB | ours GFLOP/s (% of peak) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    jobs = [("unet", s, 2) for s in args.sizes] + [("vae", 32, 1), ("text", 0, 2)]
+    for part, size, batch in jobs:
+        ours = run_child("ours", part, size, batch, args.repeats, args.threads)
+        ref = run_child("ref", part, size, batch, args.repeats, args.threads)
+        what = {"unet": f"latent {size}x{size}, batch {batch}", "vae": f"decode latent {size}x{size}",
+                "text": f"77 tokens, batch {batch}"}[part]
+        gflops = ours["flops"] / ours["seconds"] / 1e9
+        print(f"| {part} | {what} | {ours['seconds']:.2f} | {ref['seconds']:.2f} | {ours['seconds'] / ref['seconds']:.2f}x "
+              f"| {ours['peak_gib']:.2f} | {ref['peak_gib']:.2f} | {ours['peak_gib'] / ref['peak_gib']:.2f}x "
+              f"| {ours['forward_extra_gib']:.2f} | {ref['forward_extra_gib']:.2f} | {gflops:.0f} ({100 * gflops / peak:.0f}%) |", flush=True)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_one":
+        impl, part, size, batch, repeats, threads = sys.argv[2:8]
+        print(json.dumps(measure_one(impl, part, int(size), int(batch), int(repeats), int(threads))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("models", help="UNet / VAE / text encoder forward: ours vs diffusers / transformers")
+    p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[32, 64], help="UNet latent sizes")
+    p.add_argument("--repeats", type=int, default=3, help="timed forwards per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_models)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
