@@ -1,0 +1,352 @@
+"""Preference pairs for DPO / NPO training: reading them, augmenting them, and batching them resumably.
+
+A pair is a prompt with a preferred (winner, `x_w`) and a rejected (loser, `x_l`) image. `open_pairs(path)`
+reads three layouts:
+
+- `pairs.jsonl`: one object per line, `{"prompt": ..., "chosen": "a.png", "rejected": "b.png"}`; image paths
+  are relative to the folder of the JSONL file (absolute paths work too). Blank lines are ignored.
+- a folder with `w/` and `l/` subfolders holding images of the same file names (`w/0001.png` beat `l/0001.png`).
+  The caption of pair `0001` is `captions/0001.txt` (next to `w/` and `l/`) or else `w/0001.txt`. Pairs are
+  taken in sorted file-name order, so the dataset is the same on every machine.
+- a Pick-a-Pic `.parquet` file with columns `caption`, `jpg_0`, `jpg_1` (encoded image bytes) and `label_0`:
+  `label_0 == 1` means `jpg_0` won, `0` that `jpg_1` won, `0.5` is a tie and is dropped. Needs the optional
+  `pyarrow` (`pip install npo[parquet]`). The file's image bytes are held in memory (Pick-a-Pic ships ~0.5 GB
+  shards); decoding is lazy.
+
+Every row's images are checked when the dataset is opened (file present, image header readable; pixels are
+decoded only when a pair is used). A bad row is an error naming the row (JSONL lines count from 1, parquet rows
+from 0), or, with `skip_bad_rows=True`, is skipped and counted in `dataset.skipped`.
+
+Training reads the pairs through `batches(...)`: an endless, deterministic stream of batches. Batch `step`
+depends only on `(seed, step)` and the global batch size, never on global RNG or on what was read before, so a
+resumed run passes the number of batches it has consumed as `start_step` and continues exactly. Preprocessing
+follows the Diffusion-DPO recipes (diffusers' `train_diffusion_dpo.py`, Salesforce's DiffusionDPO): bilinear resize
+of the short side to the resolution, center (or random) crop, random horizontal flip, values in [-1, 1]. Unlike
+those scripts, which draw the crop and flip separately for each image, both images of a pair get the same crop
+and flip here, so the two differ only in what the preference is about.
+"""
+import io
+import json
+import math
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from checkpoint import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+SKIP_HINT = "skip_bad_rows=True, or --skip-bad-rows on the command line"
+
+
+class Pair(NamedTuple):
+    prompt: str
+    preferred: Image.Image
+    rejected: Image.Image
+
+
+class PairDataset:
+    """A list of preference pairs; `dataset[i]` decodes pair i into a `Pair` of RGB PIL images.
+
+    Images are kept as sources (a file path, or encoded bytes for parquet) until used. `skipped` counts the
+    bad rows left out (with `skip_bad_rows=True`), `ties` the Pick-a-Pic ties dropped."""
+
+    def __init__(self, path, kind, rows, row_name, skipped=0, ties=0):
+        self.path, self.kind = path, kind
+        self.rows = rows  # (row id, prompt, preferred source, rejected source); row_name.format(row id) names it
+        self.row_name, self.skipped, self.ties = row_name, skipped, ties
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        _, prompt, *sources = self.rows[i]
+        images = []
+        for which, source in zip(("preferred", "rejected"), sources):
+            try:
+                with _open_image(source) as image:
+                    images.append(image.convert("RGB"))
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+                raise UserError(f"{self.where(i)}: the {which} image could not be decoded ({e}); replace or remove it.")
+        return Pair(prompt, *images)
+
+    def where(self, i):
+        return f"{self.row_name.format(self.rows[i][0])} of {self.path}"
+
+    def __repr__(self):
+        return (f"PairDataset({self.kind} {self.path!r}: {len(self)} pairs, "
+                f"{self.skipped} bad rows skipped, {self.ties} ties dropped)")
+
+
+def open_pairs(path, skip_bad_rows=False):
+    """Open a `.jsonl` file, a folder with `w/` and `l/`, or a Pick-a-Pic `.parquet` file as a `PairDataset`."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass a .jsonl file, a Pick-a-Pic .parquet file "
+                        "or a folder with w/ and l/ subfolders.")
+    if os.path.isdir(path):
+        dataset = _read_folder(path, skip_bad_rows)
+    elif path.lower().endswith(".jsonl"):
+        dataset = _read_jsonl(path, skip_bad_rows)
+    elif path.lower().endswith(".parquet"):
+        dataset = _read_parquet(path, skip_bad_rows)
+    else:
+        raise UserError(f"{path} is neither a .jsonl nor a .parquet file; pass one of those "
+                        "or a folder with w/ and l/ subfolders.")
+    if len(dataset) == 0:
+        raise UserError(f"{path} has no usable pairs ({dataset.skipped} bad rows skipped, {dataset.ties} ties dropped); "
+                        "give it at least one pair with a clear winner.")
+    return dataset
+
+
+def _open_image(source):
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _image_problem(source, name):
+    """None if `source` (a path or bytes) has a readable image header, else what is wrong with it."""
+    if isinstance(source, str) and not os.path.isfile(source):
+        return f"image {name} does not exist"
+    if source is None:
+        return f"image {name} is empty"
+    try:
+        with _open_image(source):  # reads the header only: cheap, and catches what is not an image at all
+            return None
+    except Exception:
+        return f"{name} is not an image"
+
+
+def _bad_row(where, problem, skip_bad_rows):
+    if not skip_bad_rows:
+        raise UserError(f"{where}: {problem}; fix it or skip bad rows ({SKIP_HINT}).")
+
+
+def _read_jsonl(path, skip_bad_rows):
+    root = os.path.dirname(os.path.abspath(path))
+    rows, skipped = [], 0
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable UTF-8 text file ({e}); write it as JSON lines in UTF-8.")
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"line {n} of {path}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} is not valid JSON ({e.msg}); "
+                            'write one {"prompt": ..., "chosen": ..., "rejected": ...} object per line.')
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row, dict) or not isinstance(row.get(key), str):
+                raise UserError(f"{where} has no string '{key}'; every line needs \"prompt\", \"chosen\" and "
+                                "\"rejected\" (image paths relative to the JSONL file).")
+        w, l = os.path.join(root, row["chosen"]), os.path.join(root, row["rejected"])
+        problem = _image_problem(w, row["chosen"]) or _image_problem(l, row["rejected"])
+        if problem:
+            _bad_row(where, problem, skip_bad_rows)
+            skipped += 1
+            continue
+        rows.append((n, row["prompt"], w, l))
+    return PairDataset(path, "jsonl", rows, "line {}", skipped)
+
+
+def _read_folder(path, skip_bad_rows):
+    w_dir, l_dir = os.path.join(path, "w"), os.path.join(path, "l")
+    if not (os.path.isdir(w_dir) and os.path.isdir(l_dir)):
+        raise UserError(f"folder {path} has no w/ and l/ subfolders; put the preferred images in w/ and the "
+                        "rejected ones, under the same file names, in l/.")
+    names = [{n for n in os.listdir(d) if n.lower().endswith(IMAGE_EXTENSIONS)} for d in (w_dir, l_dir)]
+    unmatched = sorted(names[0] ^ names[1])
+    if unmatched and not skip_bad_rows:
+        few = ", ".join(unmatched[:3]) + (f" and {len(unmatched) - 3} more" if len(unmatched) > 3 else "")
+        raise UserError(f"{len(unmatched)} image names in {path} are in only one of w/ and l/ ({few}); "
+                        f"give every image in w/ a partner of the same name in l/, or skip them ({SKIP_HINT}).")
+    rows, skipped = [], len(unmatched)
+    for name in sorted(names[0] & names[1]):
+        stem = os.path.splitext(name)[0]
+        where = f"pair {name!r} of {path}"
+        captions = [c for c in (os.path.join(path, "captions", stem + ".txt"), os.path.join(w_dir, stem + ".txt"))
+                    if os.path.isfile(c)]
+        w, l = os.path.join(w_dir, name), os.path.join(l_dir, name)
+        if captions:
+            problem = _image_problem(w, "w/" + name) or _image_problem(l, "l/" + name)
+        else:
+            problem = f"no caption (write captions/{stem}.txt)"
+        if problem:
+            _bad_row(where, problem, skip_bad_rows)
+            skipped += 1
+            continue
+        try:
+            with open(captions[0], encoding="utf-8-sig") as f:
+                prompt = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{captions[0]} is not a readable UTF-8 text file ({e}); write the caption in UTF-8.")
+        rows.append((name, prompt, w, l))
+    return PairDataset(path, "folder", rows, "pair {!r}", skipped)
+
+
+def _read_parquet(path, skip_bad_rows):
+    try:
+        import pyarrow.parquet as pq  # optional: only this input format needs it
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow, which is not installed; "
+                        "run `pip install pyarrow` (or `pip install npo[parquet]`).")
+    try:
+        names = pq.read_schema(path).names
+        missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+        if missing:
+            raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; a Pick-a-Pic parquet file has "
+                            f"the columns {', '.join(PICKAPIC_COLUMNS)}.")
+        table = pq.read_table(path, columns=list(PICKAPIC_COLUMNS))
+    except UserError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for files that are not parquet
+        raise UserError(f"{path} is not a readable parquet file ({e}); download or export it again.")
+    columns = {c: table.column(c).to_pylist() for c in PICKAPIC_COLUMNS}
+    del table  # from here the images live once, as Python bytes
+    rows, skipped, ties = [], 0, 0
+    for r, (caption, jpg_0, jpg_1, label_0) in enumerate(zip(*(columns[c] for c in PICKAPIC_COLUMNS))):
+        if label_0 == 0.5:
+            ties += 1
+            continue
+        where = f"row {r} of {path}"
+        if label_0 not in (0, 1):
+            problem = f"label_0 is {label_0!r}, not 0, 0.5 or 1"
+        elif not isinstance(caption, str):
+            problem = f"caption is {caption!r}, not text"
+        else:
+            problem = _image_problem(jpg_0, "jpg_0") or _image_problem(jpg_1, "jpg_1")
+        if problem:
+            _bad_row(where, problem, skip_bad_rows)
+            skipped += 1
+            continue
+        w, l = (jpg_0, jpg_1) if label_0 == 1 else (jpg_1, jpg_0)
+        rows.append((r, caption, w, l))
+    return PairDataset(path, "parquet", rows, "row {}", skipped, ties)
+
+
+# ---- preprocessing -------------------------------------------------------------------------------------------
+
+def preprocess_pair(preferred, rejected, resolution, generator, random_crop=False, hflip=True):
+    """Both images of a pair → float tensors (3, R, R) in [-1, 1], with the *same* crop and flip.
+
+    Each image is resized (bilinear, antialiased) so its short side is R, then cropped to R x R at the center or,
+    with `random_crop`, at one random relative position shared by both images, then mirrored left-right with
+    probability 1/2 if `hflip`. Three numbers are drawn from `generator` whatever the options."""
+    crop_x, crop_y, coin = torch.rand(3, generator=generator).tolist()
+    flip = hflip and coin < 0.5
+    where = (crop_x, crop_y) if random_crop else None
+    return tuple(_resize_crop_flip(image, resolution, where, flip) for image in (preferred, rejected))
+
+
+def _resize_crop_flip(image, size, where, flip):
+    w, h = image.size
+    # short side to `size`, long side scaled and rounded down (as torchvision's Resize(int) does)
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if where is None:  # center crop, rounded as torchvision's CenterCrop
+        left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    else:  # u ∈ [0, 1) → each of the new_w − size + 1 offsets equally likely
+        left, top = math.floor(where[0] * (new_w - size + 1)), math.floor(where[1] * (new_h - size + 1))
+    image = image.crop((left, top, left + size, top + size))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # HWC → CHW
+    return pixels.float() / 127.5 - 1
+
+
+# ---- the training stream -------------------------------------------------------------------------------------
+
+def steps_per_epoch(num_pairs, global_batch):
+    """Full batches per pass over the data; the `num_pairs % global_batch` pairs left over (different ones each
+    epoch, as the order is reshuffled) are not used that epoch."""
+    return num_pairs // global_batch
+
+
+def epoch_generator(seed, epoch):
+    """The torch.Generator that orders epoch `epoch`. numpy's SeedSequence keeps the (seed, epoch) streams apart
+    (with `seed + epoch`, seed 1 epoch 0 would replay seed 0 epoch 1)."""
+    state = np.random.SeedSequence(seed, spawn_key=(epoch,)).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class _Stream(torch.utils.data.Dataset):
+    """Example `i` of the endless training stream, `i = step · global_batch + slot`, a function of (seed, i) only.
+
+    Epoch `e` visits the pairs in the order `randperm(n)` drawn from `epoch_generator(seed, e)`, which also draws
+    one seed per position for that example's caption dropout, crop and flip."""
+
+    def __init__(self, dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout):
+        self.dataset, self.seed, self.global_batch = dataset, seed, global_batch
+        self.resolution, self.random_crop, self.hflip, self.caption_dropout = resolution, random_crop, hflip, caption_dropout
+        self.steps_per_epoch = steps_per_epoch(len(dataset), global_batch)
+        self._plan = (None, None, None)  # (epoch, order, example seeds) of the last epoch used
+
+    def epoch_plan(self, epoch):
+        if self._plan[0] != epoch:
+            g = epoch_generator(self.seed, epoch)
+            n = len(self.dataset)
+            self._plan = (epoch, torch.randperm(n, generator=g), torch.randint(2**62, (n,), generator=g))
+        return self._plan[1:]
+
+    def __getitem__(self, i):
+        step, slot = divmod(i, self.global_batch)
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        order, seeds = self.epoch_plan(epoch)
+        position = step_in_epoch * self.global_batch + slot
+        g = torch.Generator().manual_seed(int(seeds[position]))
+        prompt, preferred, rejected = self.dataset[int(order[position])]
+        if torch.rand((), generator=g).item() < self.caption_dropout:
+            prompt = ""  # train the unconditional prediction too, as CFG needs
+        return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip))
+
+
+class _Positions:
+    """The stream indices of one rank's batches from `start_step` on: rank r takes the r-th contiguous slice of
+    `batch_size` examples of each global batch."""
+
+    def __init__(self, start_step, batch_size, rank, world_size):
+        self.start_step, self.batch_size, self.rank, self.world_size = start_step, batch_size, rank, world_size
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            first = (step * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+            step += 1
+
+
+def _collate(examples):
+    prompts, preferred, rejected = zip(*examples)
+    return list(prompts), torch.stack(preferred), torch.stack(rejected)
+
+
+def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=False, hflip=True,
+            caption_dropout=0.0, rank=0, world_size=1, num_workers=0):
+    """Endless batches `(prompts: list[str], preferred: (B,3,R,R), rejected: (B,3,R,R))`, B = `batch_size` per rank.
+
+    The k-th batch yielded is training step `start_step + k`; to resume, pass the number of batches already
+    consumed (per rank; with gradient accumulation, micro-batches). Data-parallel ranks each take a contiguous
+    slice of the global batch of `batch_size · world_size` examples: concatenating the batches of ranks 0..w−1 in
+    order gives exactly the batch of a single process with batch size `batch_size · world_size`, including each
+    example's crop, flip and caption dropout. A run may therefore resume on another number of ranks as long as
+    the global batch stays the same. `caption_dropout` is the probability of replacing a prompt by "".
+    `num_workers` > 0 decodes in background processes; the batches are identical either way."""
+    if not 0 <= rank < world_size or batch_size < 1:
+        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+    if not 0.0 <= caption_dropout <= 1.0:
+        raise UserError(f"caption dropout must be a probability in [0, 1], got {caption_dropout}; pass e.g. 0.1.")
+    global_batch = batch_size * world_size
+    if len(dataset) < global_batch:
+        raise UserError(f"{dataset.path} has {len(dataset)} pairs, fewer than one batch of {global_batch}; "
+                        "lower the batch size or add pairs.")
+    stream = _Stream(dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout)
+    loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=_collate, num_workers=num_workers,
+                                         sampler=_Positions(start_step, batch_size, rank, world_size))
+    return iter(loader)

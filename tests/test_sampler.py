@@ -1,0 +1,287 @@
+"""Our DDIM against diffusers' DDIMScheduler built from the same scheduler_config.json dict.
+
+Tolerance: none. sampler.py does the same float32 operations as diffusers in the same order (ᾱ_t table,
+√ of 0-dim ᾱ tensors, x̂_0, σ_t, x_prev), so the results are bit-identical and we compare with torch.equal.
+A difference of even one ulp means the arithmetic diverged from diffusers' and should be looked at, not
+absorbed by a tolerance.
+"""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import schedulers as diffusers_schedulers
+from diffusers.utils.torch_utils import randn_tensor
+
+import sampler
+from checkpoint import UserError
+
+SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+          set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",
+          timestep_spacing="leading")
+SD_BETAS = {k: SD[k] for k in ("beta_start", "beta_end", "beta_schedule")}
+# diffusers' own DDIM defaults, which differ from SD's in almost every field
+DDIM_DEFAULTS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", set_alpha_to_one=True, steps_offset=0,
+                     clip_sample=True)
+
+# stable-diffusion-v1-5's scheduler/scheduler_config.json, and stable-diffusion-2-1's (768, v-prediction)
+SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+             "clip_sample": False}
+SD21_V = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", "beta_end": 0.012,
+          "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+          "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+          "trained_betas": None}
+
+
+def configs(**changes):
+    d = {**SD, **changes}
+    return sampler.DDIMConfig.from_dict(d), DDIMScheduler.from_config(d)
+
+
+def fake_model(x, t):
+    """A deterministic stand-in for the UNet: a smooth function of x_t and t, large enough to exercise clipping."""
+    return torch.sin(1.7 * x + t.item() / 97.0) + 0.3 * x.roll(1, dims=-1)
+
+
+def run_ours(cfg, x, steps, eta, generator):
+    seen = []
+
+    def denoise(x_t, t):
+        seen.append((int(t), x_t))
+        return fake_model(x_t, t)
+    out = sampler.ddim_sample(denoise, x, cfg, steps, eta=eta, generator=generator)
+    return seen, out
+
+
+def run_diffusers(sched, x, steps, eta, generator):
+    """The denoising loop of diffusers' StableDiffusionPipeline, with the fake model in place of UNet + CFG."""
+    sched.set_timesteps(steps)
+    seen = []
+    for t in sched.timesteps:
+        seen.append((int(t), x))
+        x = sched.step(fake_model(x, t), t, x, eta=eta, generator=generator).prev_sample
+    return seen, x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The schedule
+
+@pytest.mark.parametrize("changes", [
+    {}, dict(beta_schedule="linear"), DDIM_DEFAULTS, dict(beta_schedule="squaredcos_cap_v2"),
+    dict(rescale_betas_zero_snr=True), dict(num_train_timesteps=500, beta_schedule="linear"),
+], ids=["scaled_linear", "linear", "ddim_defaults", "cosine", "zero_snr", "T500"])
+def test_alphas_cumprod_equal(changes):
+    cfg, ref = configs(**changes)
+    ac = sampler.alphas_cumprod(cfg)
+    assert ac.dtype == torch.float32 and torch.equal(ac, ref.alphas_cumprod)
+    assert torch.equal(sampler.final_alpha_cumprod(cfg, ac), ref.final_alpha_cumprod)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_timesteps_equal_for_every_step_count(spacing, offset):
+    cfg, ref = configs(timestep_spacing=spacing, steps_offset=offset)
+    for n in range(1, 1001):
+        ref.set_timesteps(n)
+        if spacing == "leading" and offset == 1 and n == 1000:
+            continue  # 1000..1: t = 1000 is past the table; see test_timesteps_out_of_range
+        ours = sampler.timesteps(cfg, n)
+        assert ours.dtype == torch.int64 and len(ours) == n
+        assert torch.equal(ours, ref.timesteps[:n]), n
+        # diffusers' trailing list has a stray t = -1 for some n (np.arange with a float step): we drop it
+        assert ref.timesteps[n:].tolist() in ([], [-1]), n
+
+
+def test_trailing_stray_step_dropped():
+    cfg, ref = configs(timestep_spacing="trailing")
+    ref.set_timesteps(61)
+    ours = sampler.timesteps(cfg, 61)
+    assert len(ours) == 61 and ours[-1] == 15 and torch.equal(ours, ref.timesteps[:61])
+    assert ref.timesteps[-1] == -1  # the diffusers bug we drop; only this line fails once diffusers fixes it
+
+
+def test_timesteps_out_of_range():
+    cfg, ref = configs()  # leading, steps_offset 1
+    ref.set_timesteps(1000)
+    assert ref.timesteps[0] == 1000  # diffusers would index ᾱ_1000 and fail at its first step
+    with pytest.raises(IndexError):
+        ref.step(torch.zeros(1, 4, 2, 2), ref.timesteps[0], torch.zeros(1, 4, 2, 2))
+    with pytest.raises(UserError, match="outside the model's 0 … 999"):
+        sampler.timesteps(cfg, 1000)
+    assert sampler.timesteps(cfg, 999)[0] == 999
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The whole loop, step for step
+
+LOOPS = {
+    "sd_eps_50": dict(steps=50),
+    "eps_eta1_7": dict(steps=7, eta=1.0),
+    "eps_eta1_alpha1_linear": dict(steps=10, eta=1.0, set_alpha_to_one=True, beta_schedule="linear"),
+    "v_trailing_10": dict(steps=10, prediction_type="v_prediction", timestep_spacing="trailing"),
+    "v_eta1_linspace_alpha1": dict(steps=10, eta=1.0, prediction_type="v_prediction", timestep_spacing="linspace",
+                                   set_alpha_to_one=True),
+    "v_eta_half_offset0": dict(steps=25, eta=0.5, prediction_type="v_prediction", steps_offset=0),
+    "eps_clip": dict(steps=10, clip_sample=True, beta_schedule="linear"),
+    "sample_clip2_eta1": dict(steps=10, eta=1.0, prediction_type="sample", clip_sample=True, clip_sample_range=2.0),
+    "ddim_defaults_eta1": dict(steps=20, eta=1.0, **DDIM_DEFAULTS),
+    "v_zero_snr_cosine": dict(steps=12, prediction_type="v_prediction", timestep_spacing="trailing",
+                              rescale_betas_zero_snr=True, beta_schedule="squaredcos_cap_v2"),
+    "one_step": dict(steps=1),
+    "fp16_eta1": dict(steps=10, eta=1.0, dtype=torch.float16),
+    "eps_eta1_1000": dict(steps=1000, eta=1.0, steps_offset=0),
+}
+
+
+@pytest.mark.parametrize("name", LOOPS)
+def test_loop_matches_diffusers_step_for_step(name):
+    changes = dict(LOOPS[name])
+    steps, eta, dtype = changes.pop("steps"), changes.pop("eta", 0.0), changes.pop("dtype", torch.float32)
+    cfg, ref = configs(**changes)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    gen_ours = torch.Generator().manual_seed(1234) if eta else None
+    gen_ref = torch.Generator().manual_seed(1234) if eta else None
+    seen_ours, out_ours = run_ours(cfg, x, steps, eta, gen_ours)
+    seen_ref, out_ref = run_diffusers(ref, x, steps, eta, gen_ref)
+    assert len(seen_ours) == len(seen_ref) == steps
+    for (t, a), (t_ref, b) in zip(seen_ours, seen_ref):
+        assert t == t_ref and torch.equal(a, b), f"x_t differs at t = {t}"
+    assert out_ours.dtype == dtype and torch.isfinite(out_ours).all() and torch.equal(out_ours, out_ref)
+
+
+def test_loop_with_generator_list_continues_initial_draw():
+    """As diffusers' pipeline with `generator=[g0, g1]` and η > 0: x_T and every z come from the same generators."""
+    cfg, ref = configs()
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    x_ours = sampler.initial_latents(gens, 64, 64)
+    _, out_ours = run_ours(cfg, x_ours, 10, 1.0, gens)
+    gens = [torch.Generator().manual_seed(s) for s in (7, 8)]
+    x_ref = randn_tensor((2, 4, 8, 8), generator=gens, device=torch.device("cpu"), dtype=torch.float32)
+    _, out_ref = run_diffusers(ref, x_ref, 10, 1.0, gens)
+    assert torch.equal(x_ours, x_ref) and torch.equal(out_ours, out_ref)
+
+
+def test_callback_and_gradients():
+    cfg, _ = configs()
+    calls = []
+    w = torch.tensor(0.5, requires_grad=True)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = sampler.ddim_sample(lambda x_t, t: w * x_t, x, cfg, 5, callback=lambda i, n, t: calls.append((i, n, int(t))))
+    assert calls == [(i, 5, t) for i, t in enumerate([801, 601, 401, 201, 1])]
+    out.sum().backward()  # no no_grad inside: reward training backpropagates through the last steps
+    assert w.grad is not None and torch.isfinite(w.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Initial noise and training helpers
+
+def test_initial_latents_one_seed():
+    ours = sampler.initial_latents(42, 64, 48)
+    ref = randn_tensor((1, 4, 8, 6), generator=torch.Generator("cpu").manual_seed(42), device=torch.device("cpu"),
+                       dtype=torch.float32)
+    assert ours.shape == (1, 4, 8, 6) and torch.equal(ours, ref)
+    assert torch.equal(sampler.initial_latents([42], 64, 48), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_initial_latents_list_equals_pipeline_prepare_latents(dtype):
+    seeds = [3, 1, 4]
+    ours = sampler.initial_latents(seeds, 64, 80, dtype=dtype)
+    fake_pipe = SimpleNamespace(vae_scale_factor=8, scheduler=DDIMScheduler())
+    gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    ref = StableDiffusionPipeline.prepare_latents(fake_pipe, 3, 4, 64, 80, dtype, torch.device("cpu"), gens)
+    assert ours.dtype == dtype and torch.equal(ours, ref)
+    # image i does not depend on the other seeds
+    assert torch.equal(ours[1:2], sampler.initial_latents(1, 64, 80, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_add_noise_and_target_match_diffusers(dtype, prediction_type):
+    cfg, ref = configs(prediction_type=prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 4, 8, 8, generator=g).to(dtype)
+    t = torch.tensor([0, 999, 500])
+    ac = sampler.alphas_cumprod(cfg)
+    x_t = sampler.add_noise(x0, noise, t, ac)
+    assert x_t.dtype == dtype and torch.equal(x_t, ref.add_noise(x0, noise, t))
+    expected = noise if prediction_type == "epsilon" else ref.get_velocity(x0, noise, t)
+    assert torch.equal(sampler.target(x0, noise, t, ac, prediction_type), expected)
+
+
+def test_add_noise_then_predict_x0_inverts():
+    """x̂_0 from the true ε (or true v) at x_t recovers x_0: the forward and reverse formulas agree."""
+    cfg = sampler.DDIMConfig()
+    ac = sampler.alphas_cumprod(cfg).double()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 1, 4, 8, 8, generator=g, dtype=torch.float64)
+    for prediction_type in ("epsilon", "v_prediction", "sample"):
+        t = torch.tensor([37])
+        x_t = sampler.add_noise(x0, noise, t, ac)
+        out = sampler.target(x0, noise, t, ac, prediction_type)  # a perfect model
+        x0_hat, eps_hat = sampler.predict_x0(x_t, out, ac[37], prediction_type)
+        assert torch.allclose(x0_hat, x0, atol=1e-10) and torch.allclose(eps_hat, noise, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs of real model folders, and bad input
+
+def test_empty_config_is_sd():
+    assert sampler.DDIMConfig.from_dict({}) == sampler.DDIMConfig()
+    assert sampler.DDIMConfig.from_dict(SD15_PNDM) == sampler.DDIMConfig()
+
+
+@pytest.mark.parametrize("d", [SD15_PNDM, SD21_V], ids=["sd15_pndm", "sd21_v"])
+def test_real_scheduler_configs(d):
+    cfg = sampler.DDIMConfig.from_dict(d)
+    assert cfg.prediction_type == d.get("prediction_type", "epsilon")
+    ref = DDIMScheduler.from_config(d)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run_ours(cfg, x, 20, 0.0, None)[1], run_diffusers(ref, x, 20, 0.0, None)[1])
+
+
+# the schedulers SD folders ship with; their configs carry fields DDIM never reads (skip_prk_steps, solver_order...)
+OTHER_SCHEDULERS = ["PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                    "DEISMultistepScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+                    "KDPM2AncestralDiscreteScheduler"]  # (LMS: same fields as KDPM2, but it needs scipy)
+
+
+@pytest.mark.parametrize("name", OTHER_SCHEDULERS)
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")  # numpy 2 notices inside diffusers' sigma setup
+def test_other_schedulers_configs_accepted(name):
+    """A scheduler_config.json written by another scheduler is read as DDIMScheduler.from_config reads it."""
+    sched = getattr(diffusers_schedulers, name)(**SD_BETAS)
+    d = json.loads(sched.to_json_string())  # what save_pretrained writes to scheduler_config.json
+    cfg = sampler.DDIMConfig.from_dict(d)
+    ref = DDIMScheduler.from_config({**SD, **d})  # a field the file leaves out means SD's value to us
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen_ours, out_ours = run_ours(cfg, x, 10, 0.0, None)
+    seen_ref, out_ref = run_diffusers(ref, x, 10, 0.0, None)
+    assert [t for t, _ in seen_ours] == [t for t, _ in seen_ref] and torch.equal(out_ours, out_ref)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1001, 2.5, "20", True])
+def test_bad_steps(steps):
+    cfg = sampler.DDIMConfig()
+    with pytest.raises(UserError, match="steps"):
+        sampler.timesteps(cfg, steps)
+    with pytest.raises(UserError, match="steps"):
+        sampler.ddim_sample(lambda x, t: x, torch.zeros(1, 4, 2, 2), cfg, steps)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("thresholding", True), ("trained_betas", [0.1] * 1000), ("prediction_type", "flow"),
+    ("beta_schedule", "exp"), ("timestep_spacing", "karras"), ("frobnicate", 1), ("num_train_timesteps", 0),
+])
+def test_unsupported_config_values_name_the_field(field, value):
+    with pytest.raises(UserError, match=f"'{field}'"):
+        sampler.DDIMConfig.from_dict({**SD15_PNDM, field: value})
+
+
+def test_bad_image_size():
+    with pytest.raises(UserError, match="multiple of 8"):
+        sampler.initial_latents(0, 64, 60)
