@@ -1,0 +1,518 @@
+"""LoRA, written by hand: named low-rank weight offsets (η, δ) on a frozen UNet, with per-sample multipliers.
+
+A LoRA offset of rank r on a layer with weight W is ΔW = (alpha / r) · up · down, applied as
+
+    y = base(x) + Σ_k m_k[b] · (alpha_k / r_k) · up_k(down_k(x))
+
+where each named offset k (e.g. "eta", "delta") has its own rank, alpha and runtime multiplier m_k: a float, or
+one value per batch row. NPO's CFG forward (DESIGN §2) is one batched call on [x_t; x_t] with η at [α, 1] and δ
+at [β, 0]: the unconditional row sees θ + α·η + β·δ, the conditional row θ + η (eq. 10), without a second UNet.
+
+Design. A targeted nn.Linear / nn.Conv2d is replaced in its parent by a `LoRALinear` / `LoRAConv2d`: a subclass
+of the torch class that takes over the *same* weight and bias Parameters, so the frozen weights keep their keys
+(`...attn1.to_q.weight`) and `isinstance(m, nn.Linear)` still holds. The offsets live inside the layer as
+`to_q.offsets.<name>.lora_down.weight`, `.lora_up.weight` and `.alpha`: kohya's names, so one offset's state
+dict is one module's entries of a kohya LoRA file. Removing the last offset puts a plain nn.Linear / nn.Conv2d
+back. (A forward hook would leave the module's class alone, but hide the LoRA from anyone reading the layer.)
+
+The down/up pair follows kohya and peft: for a Linear, down = Linear(in, r), up = Linear(r, out); for a Conv2d,
+down is a conv with the base's kernel, stride and padding to r channels, up a 1x1 conv. LoRA weights are fp32 by
+default whatever the base dtype: the offset is computed in the LoRA dtype and cast back.
+
+Files: we write kohya's format (A1111, ComfyUI and diffusers' `load_lora_weights` read it) and read it plus
+diffusers / peft's (`unet.<module>.lora_A.weight`, the older `.lora.down.weight`, and the first
+`processor.to_q_lora.down.weight`). Only UNet LoRAs are supported; text-encoder keys are refused.
+
+    load_lora(unet, "dpo.safetensors", "eta")              # η, the preference offset
+    load_lora(unet, "npo.safetensors", "delta")            # δ, the NPO offset
+    with multipliers(unet, eta=[alpha, 1.0], delta=[beta, 0.0]):
+        eps_neg, eps_pos = unet(torch.cat([x, x]), t, torch.cat([neg_embeds, pos_embeds])).chunk(2)
+"""
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import checkpoint
+from checkpoint import UserError
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # both attn1 (self) and attn2 (cross), as the NPO authors
+ROLES = ("eta", "delta")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layers.
+
+class Offset(nn.Module):
+    """One low-rank offset ΔW = (alpha / rank) · lora_up · lora_down of a Linear or Conv2d layer."""
+
+    def __init__(self, layer, rank, alpha, dtype=torch.float32):
+        super().__init__()
+        kw = dict(bias=False, device=layer.weight.device, dtype=dtype)
+        if isinstance(layer, nn.Conv2d):
+            self.lora_down = nn.Conv2d(layer.in_channels, rank, layer.kernel_size, layer.stride, layer.padding,
+                                       layer.dilation, **kw)
+            self.lora_up = nn.Conv2d(rank, layer.out_channels, 1, **kw)
+        else:
+            self.lora_down = nn.Linear(layer.in_features, rank, **kw)
+            self.lora_up = nn.Linear(rank, layer.out_features, **kw)
+        # init as kohya and peft: down kaiming-uniform (a=√5, torch's Linear default), up zero, so ΔW = 0 at step 0
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha), device=layer.weight.device))  # kept for files
+        self.rank, self.scale = rank, alpha / rank
+        self.multiplier = 1.0  # a float, or a (B,) tensor: one multiplier per batch row
+        self.merged = False    # True while ΔW is fused into the base weight (then the forward skips it)
+
+    def forward(self, x):
+        """m · (alpha / r) · up(down(x)) in the LoRA dtype; a per-row m scales the rank-r features (cheapest)."""
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        m = self.multiplier
+        if isinstance(m, torch.Tensor):
+            if m.shape[0] != h.shape[0]:
+                raise ValueError(f"a per-sample LoRA multiplier has {m.shape[0]} values for a batch of {h.shape[0]}")
+            m = m.to(h.device, h.dtype).view(-1, *[1] * (h.ndim - 1))  # (B,) -> (B, 1, ...): broadcast over the rest
+        return self.lora_up(h * (m * self.scale))
+
+    def delta_weight(self):
+        """ΔW in the base weight's shape: for a conv, the 1x1 up folds into the down kernel."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        return self.scale * (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:])
+
+
+class LoRAMixin:
+    """What LoRALinear and LoRAConv2d add to their torch class: the named offsets and the weight merge."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.offsets = nn.ModuleDict()
+        self.unmerged = None  # the exact original weight while offsets are merged into it
+
+    def forward(self, x):
+        y = super().forward(x)
+        for offset in self.offsets.values():
+            # a merged offset is in the weight already; multiplier 0 is skipped, not multiplied: exactly the base
+            if not offset.merged and not (isinstance(offset.multiplier, (int, float)) and offset.multiplier == 0):
+                y = y + offset(x).to(y.dtype)
+        return y
+
+
+class LoRALinear(LoRAMixin, nn.Linear):
+    pass
+
+
+class LoRAConv2d(LoRAMixin, nn.Conv2d):
+    pass
+
+
+def _rebuild(cls, module):
+    """A `cls` (nn.Linear / nn.Conv2d or a LoRA subclass) that takes over `module`'s weight and bias Parameters."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise UserError(f"LoRA on a grouped or non-zero-padded conv is not supported ({module}).")
+        args = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, 1, module.bias is not None)
+    else:
+        args = (module.in_features, module.out_features, module.bias is not None)
+    with torch.device("meta"):  # nothing allocated: the parameters are the old module's
+        new = cls(*args)
+    new.weight, new.bias = module.weight, module.bias
+    return new.train(module.training)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Offsets on a model.
+
+def targetable(model):
+    """Every nn.Linear / nn.Conv2d of `model` by module name: the layers a LoRA may target (not LoRA's own)."""
+    found, inside = {}, None
+    for name, m in model.named_modules():
+        if inside and name.startswith(inside):  # the lora_down / lora_up layers of a LoRA layer
+            continue
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            found[name], inside = m, name + "."
+    return found
+
+
+def lora_layers(model):
+    return {name: m for name, m in targetable(model).items() if isinstance(m, LoRAMixin)}
+
+
+def offsets(model, name):
+    """The Offset modules named `name`, by layer name."""
+    return {layer_name: layer.offsets[name] for layer_name, layer in lora_layers(model).items() if name in layer.offsets}
+
+
+def offset_names(model):
+    return sorted({name for layer in lora_layers(model).values() for name in layer.offsets})
+
+
+def _check_new_name(model, name):
+    if not name.isidentifier():
+        raise UserError(f"LoRA offset name {name!r} must be an identifier such as 'eta' or 'delta'.")
+    if name in offset_names(model):
+        raise UserError(f"the model already has a LoRA offset named {name!r}; remove it first or pick another name.")
+
+
+def _attach(model, layer_name, name, rank, alpha, dtype):
+    """Add an Offset `name` to the layer `layer_name`, first swapping a plain Linear/Conv2d for its LoRA class."""
+    layer = model.get_submodule(layer_name)
+    if not isinstance(layer, LoRAMixin):
+        layer = _rebuild(LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear, layer)
+        model.set_submodule(layer_name, layer)
+    layer.offsets[name] = Offset(layer, rank, alpha, dtype)
+    return layer.offsets[name]
+
+
+def _suffix(layer_name):
+    """The layer's name inside its block, a valid target: `...transformer_blocks.0.attn1.to_out.0` -> `attn1.to_out.0`,
+    `...resnets.1.conv1` -> `conv1`, `time_embedding.linear_1` -> itself."""
+    parts = layer_name.split(".")
+    last_index = max([i for i, p in enumerate(parts[:-1]) if p.isdigit()], default=-1)
+    return ".".join(parts[last_index + 1:])
+
+
+def add_offset(model, name, rank=8, alpha=None, targets=DEFAULT_TARGETS, dtype=torch.float32):
+    """A fresh trainable offset `name` (ΔW = 0) on every layer whose name ends with one of `targets`.
+
+    `targets` are module-name suffixes (`to_q`, `attn2.to_k`, `conv1`, `proj_in`; a comma-separated string works);
+    `alpha` defaults to `rank` (scale 1). Returns the offset's parameters, for the optimizer."""
+    targets = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+    _check_new_name(model, name)
+    if rank < 1:
+        raise UserError(f"LoRA rank must be at least 1 (got {rank}).")
+    layers = targetable(model)
+    chosen = {t: [n for n in layers if n == t or n.endswith("." + t)] for t in targets}
+    unmatched = [t for t, names in chosen.items() if not names]
+    if unmatched or not targets:
+        raise UserError(f"LoRA targets {unmatched or targets} match no Linear/Conv2d layer of the model; "
+                        f"use suffixes such as {', '.join(DEFAULT_TARGETS)}, conv1, proj_in.")
+    for layer_name in sorted({n for names in chosen.values() for n in names}):
+        _attach(model, layer_name, name, rank, rank if alpha is None else alpha, dtype)
+    return parameters(model, name)
+
+
+def parameters(model, name):
+    return [p for offset in offsets(model, name).values() for p in offset.parameters()]
+
+
+def _as_multiplier(value, device):
+    """A float, or a 1-D float32 tensor on `device` (one value per batch row)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    value = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return float(value) if value.ndim == 0 else value.reshape(-1)
+
+
+def set_multipliers(model, **values):
+    """Set the multiplier of each named offset: `set_multipliers(unet, eta=[α, 1], delta=[β, 0])`."""
+    for name, value in values.items():
+        found = offsets(model, name)
+        if not found:
+            raise UserError(f"the model has no LoRA offset named {name!r} (it has: {offset_names(model) or 'none'}).")
+        m = _as_multiplier(value, next(iter(found.values())).alpha.device)
+        for offset in found.values():
+            offset.multiplier = m
+
+
+@contextlib.contextmanager
+def multipliers(model, **values):
+    """`with multipliers(unet, eta=0.0): ...` sets multipliers for the block and restores the old ones after.
+
+    Multiplier 0 switches an offset off exactly (DPO's reference model is the same UNet with η at 0)."""
+    old = {offset: offset.multiplier for name in values for offset in offsets(model, name).values()}
+    try:
+        set_multipliers(model, **values)
+        yield model
+    finally:
+        for offset, m in old.items():
+            offset.multiplier = m
+
+
+def remove(model, name=None):
+    """Remove the offset `name` (all offsets when None); a layer left without offsets is a plain layer again."""
+    if name is not None and name not in offset_names(model):
+        raise UserError(f"the model has no LoRA offset named {name!r} (it has: {offset_names(model) or 'none'}).")
+    for layer_name, layer in lora_layers(model).items():
+        if layer.unmerged is not None:
+            raise UserError("LoRA offsets are merged into the weights; call lora.unmerge(model) before removing them.")
+        for n in [n for n in layer.offsets if name is None or n == name]:
+            del layer.offsets[n]
+        if not layer.offsets:
+            model.set_submodule(layer_name, _rebuild(nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear, layer))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Merging offsets into the weights (the authors' way: fused weights, one weight set per branch).
+
+def _merged_weight(layer, weights):
+    """W + Σ_k m_k ΔW_k, summed in fp32 and cast to W's dtype."""
+    w = layer.weight.detach().float()
+    for name, m in weights.items():
+        if name in layer.offsets:
+            w = w + m * layer.offsets[name].delta_weight().detach().float()
+    return w.to(layer.weight.dtype)
+
+
+def _check_weights(model, weights):
+    unknown = [n for n in weights if n not in offset_names(model)]
+    if unknown:
+        raise UserError(f"the model has no LoRA offset named {unknown} (it has: {offset_names(model) or 'none'}).")
+
+
+def merge(model, weights):
+    """Fuse offsets into the base weights in place, θ ← θ + Σ m_k ΔW_k, for `weights = {name: m_k}`.
+
+    The merged offsets are skipped by the forward until `unmerge`, which restores θ bit for bit."""
+    _check_weights(model, weights)
+    layers = [layer for layer in lora_layers(model).values() if any(n in layer.offsets for n in weights)]
+    if any(layer.unmerged is not None for layer in layers):
+        raise UserError("LoRA offsets are already merged; call lora.unmerge(model) first.")
+    with torch.no_grad():
+        for layer in layers:
+            layer.unmerged = layer.weight.detach().clone()  # keep θ itself: subtracting ΔW again would round
+            layer.weight.copy_(_merged_weight(layer, weights))
+            for n in weights:
+                if n in layer.offsets:
+                    layer.offsets[n].merged = True
+
+
+def unmerge(model):
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            if layer.unmerged is not None:
+                layer.weight.copy_(layer.unmerged)
+                layer.unmerged = None
+            for offset in layer.offsets.values():
+                offset.merged = False
+
+
+def merged_state_dict(model, weights):
+    """The base model's state dict (no LoRA keys) with θ + Σ m_k ΔW_k in the layers the offsets touch.
+
+    Untouched tensors are shared with `model`, not copied: a second UNet loaded from this dict (strictly, with
+    `assign=True`) costs only the merged layers. This gives the authors' two weight sets for ε_pos and ε_neg."""
+    _check_weights(model, weights)
+    layers = lora_layers(model)
+    if any(layer.unmerged is not None for layer in layers.values()):
+        raise UserError("LoRA offsets are merged in place; call lora.unmerge(model) first.")
+    state = {k: v for k, v in model.state_dict().items()
+             if not any(k.startswith(f"{layer_name}.offsets.") for layer_name in layers)}
+    for layer_name, layer in layers.items():
+        if any(n in layer.offsets for n in weights):
+            state[f"{layer_name}.weight"] = _merged_weight(layer, weights)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing LoRA files (kohya's format).
+
+def kohya_name(layer_name):
+    """`down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    return "lora_unet_" + layer_name.replace(".", "_")
+
+
+def offset_state_dict(model, name):
+    """The offset `name` as kohya keys: `lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    found = offsets(model, name)
+    if not found:
+        raise UserError(f"the model has no LoRA offset named {name!r} (it has: {offset_names(model) or 'none'}).")
+    return {f"{kohya_name(layer_name)}.{k}": v for layer_name, offset in found.items()
+            for k, v in offset.state_dict().items()}
+
+
+def save_lora(model, name, path, role=None, base_model=None, metadata=None):
+    """Write the offset `name` as a kohya LoRA safetensors file, atomically (temporary file, then os.replace).
+
+    The metadata strings say what it is: `npo_role` ("eta": the preference offset η, "delta": the NPO offset δ),
+    rank, alpha, targets, base model, plus kohya's `ss_network_*` fields so other tools recognise the file.
+    `metadata` adds more strings (e.g. suggested α / β).
+
+    Offsets made by `add_offset` have one alpha. diffusers 0.42 would misread a file whose alphas differ between
+    attention layers: its per-layer alphas never match those layers, which all get the most common alpha."""
+    if role is not None and role not in ROLES:
+        raise UserError(f"npo_role must be one of {ROLES}, not {role!r}.")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in offset_state_dict(model, name).items()}
+    found = offsets(model, name)
+    rank = Counter(o.rank for o in found.values()).most_common(1)[0][0]  # kohya files name one dim for the network
+    alpha = Counter(float(o.alpha) for o in found.values()).most_common(1)[0][0]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+            "npo_rank": str(rank), "npo_alpha": f"{alpha:g}",
+            "npo_targets": ",".join(sorted({_suffix(n) for n in found}))}
+    if role is not None:
+        meta["npo_role"] = role
+    if base_model is not None:
+        meta["npo_base_model"] = str(base_model)
+    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e}); check that its folder exists and is writable.")
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading LoRA files: kohya's and diffusers / peft's.
+
+KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
+PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
+              "alpha": "alpha"}
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+LDM_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def _few(keys, n=3):
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _legacy_attn_procs_name(key):
+    """diffusers' first LoRA files (`save_attn_procs`) name the attention processor, not the layer:
+    `attn1.processor.to_q_lora.down.weight` is `attn1.to_q.lora.down.weight`, `to_out_lora` is `to_out.0`."""
+    key = key.replace(".processor.", ".")
+    return re.sub(r"\.to_(q|k|v|out)_lora\.", lambda m: f".to_{m[1]}{'.0' if m[1] == 'out' else ''}.lora.", key)
+
+
+def _parse_key(key, layers, kohya_names):
+    """(layer name, "down" | "up" | "alpha") for a LoRA key, or None if it names no layer of the model."""
+    if key.startswith("lora_unet_"):
+        flat, _, part = key[len("lora_unet_"):].partition(".")
+        return (kohya_names[flat], KOHYA_PARTS[part]) if flat in kohya_names and part in KOHYA_PARTS else None
+    # diffusers / peft: `unet.` from a pipeline's save_lora_weights, `base_model.model.` from peft's save_pretrained
+    key = _legacy_attn_procs_name(key.removeprefix("unet.").removeprefix("base_model.model."))
+    for part, role in PEFT_PARTS.items():
+        layer = key.removesuffix("." + part)
+        if layer != key:
+            return (layer, role) if layer in layers else None
+    return None
+
+
+def _peft_config(path, metadata):
+    """The LoraConfig fields saved with a diffusers / peft file, or {}.
+
+    diffusers (≥0.33) stores them as JSON in the metadata string `lora_adapter_metadata` (keys prefixed `unet.`
+    when a pipeline saved them); peft's own save_pretrained writes `adapter_config.json` beside the weights."""
+    if "lora_adapter_metadata" in metadata:
+        try:
+            cfg = json.loads(metadata["lora_adapter_metadata"])
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: its lora_adapter_metadata is not JSON ({e}); the file is damaged.")
+        unet_cfg = {k.removeprefix("unet."): v for k, v in cfg.items() if k.startswith("unet.")}
+        return unet_cfg or cfg
+    beside = os.path.join(os.path.dirname(path), "adapter_config.json")
+    if os.path.basename(path) == "adapter_model.safetensors" and os.path.isfile(beside):
+        return checkpoint.read_json(beside)
+    return {}
+
+
+def _peft_alpha(cfg, layer_name, rank):
+    """peft's alpha for a layer: `alpha_pattern` entries match a name suffix (first match wins), else `lora_alpha`.
+
+    No config means diffusers' convention: no alpha, scale 1 (alpha = rank). With `use_rslora` peft scales by
+    alpha / √r; we return the alpha that gives that scale as alpha / r."""
+    alpha = cfg.get("lora_alpha", rank)
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?({pattern})", layer_name):
+            alpha = value
+            break
+    return alpha * math.sqrt(rank) if cfg.get("use_rslora") else alpha
+
+
+def _fit(t, shape):
+    """`t` in `shape`, also between the 2-D and 1x1-conv forms of one matrix (files disagree on SD1's proj_in)."""
+    if tuple(t.shape) == shape:
+        return t
+    if {t.ndim, len(shape)} == {2, 4} and tuple(t.shape[:2]) == shape[:2] and t.numel() == math.prod(shape):
+        return t.reshape(shape)
+    return None
+
+
+def _lora_shapes(layer, rank):
+    if isinstance(layer, nn.Conv2d):
+        return (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+    return (rank, layer.in_features), (layer.out_features, rank)
+
+
+def read_lora(path, model):
+    """The offsets in a LoRA file as {layer name: (lora_down, lora_up, alpha)}, checked against `model`'s layers.
+
+    A key that names no Linear/Conv2d of the model, a down without its up, or a tensor of the wrong shape is a
+    UserError naming the keys. Missing alpha: kohya's rule (alpha = rank, so scale 1; alpha 0 counts as missing)."""
+    tensors = checkpoint.read_safetensors(path)
+    metadata = checkpoint.read_safetensors_metadata(path)
+    if not tensors:
+        raise UserError(f"{path} holds no tensors; it is not a LoRA file.")
+    text = [k for k in tensors if k.startswith(TEXT_ENCODER_PREFIXES)]
+    if text:
+        raise UserError(f"{path} has {len(text)} text-encoder LoRA keys ({_few(text)}); npo applies LoRA to the "
+                        "UNet only: use a UNet-only LoRA, or save the file again without the text-encoder keys.")
+    ldm = [k for k in tensors if k.startswith(LDM_PREFIXES)]
+    if ldm:
+        raise UserError(f"{path} names layers the original LDM way ({_few(ldm)}); npo reads LoRAs named after "
+                        "diffusers' modules (lora_unet_down_blocks_...): convert the file to diffusers names first.")
+
+    layers = targetable(model)
+    kohya_names = {n.replace(".", "_"): n for n in layers}
+    parts, unknown = {}, []
+    for key, t in tensors.items():
+        parsed = _parse_key(key, layers, kohya_names)
+        if parsed is None:
+            unknown.append(key)
+        else:
+            parts.setdefault(parsed[0], {})[parsed[1]] = (key, t)
+    if unknown:
+        raise UserError(f"{path}: {len(unknown)} of {len(tensors)} keys name no Linear/Conv2d layer of this UNet or "
+                        f"are not LoRA down/up/alpha weights ({_few(unknown)}); npo reads kohya "
+                        "(lora_unet_<layer>.lora_down.weight) and diffusers/peft (<layer>.lora_A.weight) LoRAs "
+                        "for a Stable Diffusion 1.x/2.x UNet.")
+    incomplete = [key for p in parts.values() if "down" not in p or "up" not in p for key, _ in p.values()]
+    if incomplete:
+        raise UserError(f"{path}: {len(incomplete)} keys lack their lora_down/lora_up partner ({_few(incomplete)}); "
+                        "the file is incomplete.")
+
+    cfg = _peft_config(path, metadata)
+    out, misshaped = {}, []
+    for layer_name, p in parts.items():
+        (down_key, down), (up_key, up) = p["down"], p["up"]
+        rank = down.shape[0]
+        down_shape, up_shape = _lora_shapes(layers[layer_name], rank)
+        fitted = _fit(down, down_shape), _fit(up, up_shape)
+        for key, t, shape, fit in ((down_key, down, down_shape, fitted[0]), (up_key, up, up_shape, fitted[1])):
+            if fit is None:
+                misshaped.append(f"{key} {tuple(t.shape)} vs {shape}")
+        if "alpha" in p:
+            alpha = float(p["alpha"][1]) or rank
+        else:
+            alpha = rank if down_key.startswith("lora_unet_") else _peft_alpha(cfg, layer_name, rank)
+        out[layer_name] = (*fitted, alpha)
+    if misshaped:
+        raise UserError(f"{path}: {len(misshaped)} LoRA tensors do not fit this UNet ({_few(misshaped)}); "
+                        "was the LoRA made for another base model (e.g. SD1.x vs SD2.x)?")
+    return out
+
+
+def load_lora(model, path, name, dtype=torch.float32):
+    """Add the LoRA file at `path` to `model` as the (frozen) offset `name`; return the file's metadata strings."""
+    _check_new_name(model, name)
+    entries = read_lora(path, model)
+    with torch.no_grad():
+        for layer_name, (down, up, alpha) in entries.items():
+            offset = _attach(model, layer_name, name, down.shape[0], alpha, dtype)
+            offset.lora_down.weight.copy_(down)
+            offset.lora_up.weight.copy_(up)
+            offset.requires_grad_(False)
+    return checkpoint.read_safetensors_metadata(path)
