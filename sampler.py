@@ -203,8 +203,8 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32):
     return z.to(device)
 
 
-def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.float32):
-    """x_T ~ N(0, I), shape (len(seeds), C, H/8, W/8); image i from `torch.Generator("cpu").manual_seed(seeds[i])`.
+def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.float32, vae_scale=8):
+    """x_T ~ N(0, I), shape (len(seeds), C, H/s, W/s) with s the VAE's downscale (8 for SD); image i from `torch.Generator("cpu").manual_seed(seeds[i])`.
 
     This is what a diffusers pipeline draws given one seeded CPU generator (one image) or a list of them.
     A seed may also be a torch.Generator: it is advanced, and passing the same generators to `ddim_sample`
@@ -214,7 +214,7 @@ def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.
     seeds = [seeds] if isinstance(seeds, (int, torch.Generator)) else list(seeds)
     gens = [s if isinstance(s, torch.Generator) else torch.Generator("cpu").manual_seed(s) for s in seeds]
     # drawn in float32 then cast: on CPU this equals diffusers' draw in the pipeline's dtype
-    return randn((len(gens), channels, height // 8, width // 8), gens).to(device, dtype)
+    return randn((len(gens), channels, height // vae_scale, width // vae_scale), gens).to(device, dtype)
 
 
 def ddim_sample(denoise, latents, cfg, steps, eta=0.0, generator=None, callback=None):

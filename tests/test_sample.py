@@ -1,0 +1,232 @@
+"""NPO sampling against references built from diffusers components, and the `sample` command's contract."""
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lora
+import npo
+from conftest import ROOT
+
+# Images in [0, 1]. Ours and diffusers' agree to ~1e-6 (same fp32 ops; batching the two CFG branches in one
+# forward only reorders float sums). 1e-4 is far below a visible difference (1/255 = 4e-3) and far above noise.
+ATOL = 1e-4
+
+
+def to01(images):
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def offsets(tiny_model, tmp_path_factory):
+    """Two random LoRA files (η on attention, δ on attention + a conv), made by our writer."""
+    path, _ = tiny_model
+    folder = tmp_path_factory.mktemp("loras")
+    pipe = npo.load_pipeline(path)
+    files = {}
+    for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
+        lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
+        g = torch.Generator().manual_seed(10 + seed)
+        with torch.no_grad():
+            for p in lora.parameters(pipe.unet, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        files[name] = str(folder / f"{name}.safetensors")
+        lora.save_lora(pipe.unet, name, files[name], role=name)
+    return files
+
+
+def diffusers_pipeline(path, refs):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    pipe = StableDiffusionPipeline(vae=refs["vae"], text_encoder=refs["text_encoder"], unet=copy.deepcopy(refs["unet"]),
+                                   tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+                                   scheduler=DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("ddim_eta", [0.0, 1.0])
+def test_plain_cfg_matches_stable_diffusion_pipeline(tiny_model, ddim_eta):
+    path, refs = tiny_model
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    ref = diffusers_pipeline(path, refs)(prompts, num_inference_steps=8, guidance_scale=7.5, eta=ddim_eta, height=32,
+                                         width=32, negative_prompt=["blurry"] * 2, output_type="pt",
+                                         generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    ours = npo.generate(npo.load_pipeline(path), prompts, seeds, "blurry", steps=8, guidance=7.5, ddim_eta=ddim_eta,
+                        height=32, width=32)
+    assert (to01(ours) - ref).abs().max() <= ATOL
+
+
+def test_lora_matches_diffusers_load_lora_weights(tiny_model, offsets):
+    path, refs = tiny_model
+    ref_pipe = diffusers_pipeline(path, refs)
+    ref_pipe.load_lora_weights(offsets["eta"])
+    ref = ref_pipe(["a green triangle"], num_inference_steps=6, guidance_scale=5.0, height=32, width=32,
+                   output_type="pt", generator=[torch.Generator().manual_seed(0)]).images
+    pipe = npo.load_pipeline(path)
+    lora.load_lora(pipe.unet, offsets["eta"], "eta")
+    ours = npo.generate(pipe, ["a green triangle"], [0], steps=6, guidance=5.0, height=32, width=32)
+    assert (to01(ours) - ref).abs().max() <= ATOL
+
+
+def two_unet_reference(path, refs, files, prompts, seeds, negative, steps, g, alpha, beta):
+    """Eq. 10 built independently from diffusers parts: two UNets with the offsets fused at (1, 0) and (α, β),
+    DDIMScheduler, transformers' text encoder, two passes per step."""
+    from diffusers import DDIMScheduler
+    pipe_pos, pipe_neg = diffusers_pipeline(path, refs), diffusers_pipeline(path, refs)
+    pipe_pos.load_lora_weights(files["eta"], adapter_name="eta")
+    pipe_pos.fuse_lora(lora_scale=1.0)
+    pipe_neg.load_lora_weights(files["eta"], adapter_name="eta")
+    pipe_neg.load_lora_weights(files["delta"], adapter_name="delta")
+    pipe_neg.set_adapters(["eta", "delta"], adapter_weights=[alpha, beta])
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        pos, _ = pipe_pos.encode_prompt(prompts, "cpu", 1, False)
+        neg, _ = pipe_pos.encode_prompt([negative] * len(prompts), "cpu", 1, False)
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        x = torch.cat([torch.randn((1, 4, 16, 16), generator=gen) for gen in gens])
+        for t in scheduler.timesteps:
+            eps_neg = pipe_neg.unet(x, t, neg).sample
+            eps_pos = pipe_pos.unet(x, t, pos).sample
+            x = scheduler.step(eps_neg + g * (eps_pos - eps_neg), t, x).prev_sample
+        return to01(refs["vae"].decode(x / refs["vae"].config.scaling_factor).sample)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.3, 0.7)])
+def test_npo_matches_two_unet_reference(tiny_model, offsets, alpha, beta):
+    path, refs = tiny_model
+    prompts, seeds = ["a red circle", "a yellow square"], [5, 9]
+    ref = two_unet_reference(path, refs, offsets, prompts, seeds, "ugly", 6, 6.0, alpha, beta)
+    pipe = npo.load_pipeline(path)
+    lora.load_lora(pipe.unet, offsets["eta"], "eta")
+    lora.load_lora(pipe.unet, offsets["delta"], "delta")
+    for mode in ("batched", "merged"):
+        ours = npo.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=alpha, beta=beta,
+                            height=32, width=32, mode=mode)
+        assert (to01(ours) - ref).abs().max() <= ATOL, mode
+    # and δ does something: the same run without it differs visibly
+    plain = npo.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=1.0, beta=0.0, height=32, width=32)
+    assert (to01(plain) - ref).abs().max() > 10 / 255
+
+
+def test_npo_multipliers_are_eq_10():
+    m = npo.npo_multipliers(2, 0.25, 0.75)
+    assert m["eta"].tolist() == [0.25, 0.25, 1.0, 1.0] and m["delta"].tolist() == [0.75, 0.75, 0.0, 0.0]
+    m = npo.npo_multipliers(2, [0.0, 1.0], [0.5, 1.0])  # one (α, β) per image: a sweep in one batch
+    assert m["eta"].tolist() == [0.0, 1.0, 1.0, 1.0] and m["delta"].tolist() == [0.5, 1.0, 0.0, 0.0]
+
+
+def test_sweep_rows_equal_single_runs(tiny_model, offsets):
+    """Per-image (α, β) in one batch gives what separate runs at each (α, β) give."""
+    pipe = npo.load_pipeline(tiny_model[0])
+    lora.load_lora(pipe.unet, offsets["eta"], "eta")
+    lora.load_lora(pipe.unet, offsets["delta"], "delta")
+    kw = dict(steps=4, guidance=5.0, height=32, width=32)
+    both = npo.generate(pipe, ["a circle"] * 2, [1, 1], alpha=[0.0, 1.0], beta=[1.0, 0.5], **kw)
+    for i, (a, b) in enumerate([(0.0, 1.0), (1.0, 0.5)]):
+        one = npo.generate(pipe, ["a circle"], [1], alpha=a, beta=b, **kw)
+        assert (both[i] - one[0]).abs().max() <= 2 * ATOL
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "npo.py"), "sample", *args], capture_output=True,
+                          text=True, cwd=ROOT)
+
+
+def test_cli_writes_pngs_equal_to_generate(tiny_model, offsets, tmp_path):
+    path, _ = tiny_model
+    r = run_cli("--model", path, "--prompt", "a red circle", "--lora", offsets["eta"], "--npo", offsets["delta"],
+                "--alpha", "0.5", "--steps", "4", "--n", "2", "--batch-size", "2", "--height", "32", "--width", "32",
+                "--seed", "7", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["00000-seed7.png", "00001-seed8.png"]
+    assert "step 4/4" in r.stderr and "ETA" in r.stderr
+    image = Image.open(tmp_path / "00001-seed8.png")
+    params = image.text["parameters"]
+    assert params.startswith("a red circle\nNegative prompt: \nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 32x32")
+    assert "Lora: eta.safetensors" in params and "NPO: delta.safetensors" in params and "NPO alpha: 0.5" in params
+    pipe = npo.load_pipeline(path)
+    lora.load_lora(pipe.unet, offsets["eta"], "eta")
+    lora.load_lora(pipe.unet, offsets["delta"], "delta")
+    expected = npo.to_pil(npo.generate(pipe, ["a red circle"], [8], steps=4, alpha=0.5, height=32, width=32))[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
+
+
+def test_cli_compare_and_sweep(tiny_model, offsets, tmp_path):
+    path, _ = tiny_model
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n\n{"prompt": "a blue square"}\n')
+    common = ["--model", path, "--prompts-file", str(prompts), "--lora", offsets["eta"], "--npo", offsets["delta"],
+              "--steps", "2", "--height", "32", "--width", "32"]
+    r = run_cli(*common, "--compare", "--out", str(tmp_path / "cmp"))
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / "cmp")) == ["compare-0000-seed0.png", "compare-0001-seed1.png"]
+    assert Image.open(tmp_path / "cmp" / "compare-0000-seed0.png").width >= 64  # two panels side by side
+    r = run_cli(*common, "--sweep-alpha", "0,1", "--sweep-beta", "0,0.5,1", "--batch-size", "3", "--out", str(tmp_path / "sw"))
+    assert r.returncode == 0, r.stderr
+    grid = Image.open(tmp_path / "sw" / "sweep-0000.png")
+    assert grid.width >= 3 * 32 and grid.height >= 2 * 32
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--height", "36"], "multiple of 8"),
+    (["--width", "0"], "multiple of 8"),
+    (["--steps", "0"], "at least 1"),
+    (["--steps", "1001"], "training timesteps"),
+    (["--npo", "/nonexistent/npo.safetensors"], "does not exist"),
+    (["--prompts-file", "/nonexistent/prompts.txt"], "cannot read"),
+    (["--compare"], "--npo"),
+    (["--sweep-alpha", "0,x"], "comma-separated"),
+    (["--dtype", "float16"], "not supported on CPU"),
+])
+def test_cli_bad_input_exits_2(tiny_model, tmp_path, args, words):
+    r = run_cli("--model", tiny_model[0], "--steps", "2", "--height", "32", "--width", "32",
+                "--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert words in r.stderr and r.stderr.count("\n") == 1  # one sentence, no traceback
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+
+
+def test_cli_empty_prompts_file(tiny_model, tmp_path):
+    (tmp_path / "p.txt").write_text("\n  \n")
+    r = run_cli("--model", tiny_model[0], "--prompts-file", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "no prompts" in r.stderr
+
+
+def test_cli_unwritable_out(tiny_model, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_cli("--model", tiny_model[0], "--out", str(tmp_path / "file" / "sub"))
+    assert r.returncode == 2 and "--out" in r.stderr
+    r = run_cli("--model", tiny_model[0], "--n", "2", "--out", str(tmp_path / "one.png"))
+    assert r.returncode == 2 and "pass a folder" in r.stderr
+
+
+def test_cli_lora_that_does_not_fit(tiny_model, tmp_path):
+    """A LoRA made for another model (other widths) is refused with the keys named, before sampling."""
+    from conftest import make_model_dir
+    other = tmp_path / "other"
+    make_model_dir(str(other), unet_kwargs=dict(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                                                cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+                                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+    pipe = npo.load_pipeline(str(other))
+    lora.add_offset(pipe.unet, "eta", rank=2)
+    lora.save_lora(pipe.unet, "eta", str(tmp_path / "wrong.safetensors"))
+    r = run_cli("--model", tiny_model[0], "--lora", str(tmp_path / "wrong.safetensors"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "lora_unet_" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_warnings(tiny_model, tmp_path, offsets):
+    r = run_cli("--model", tiny_model[0], "--prompt", "word " * 100, "--npo", offsets["delta"], "--beta", "1.5",
+                "--steps", "1", "--height", "32", "--width", "32", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 0, r.stderr
+    assert "truncated" in r.stderr and "outside [0, 1]" in r.stderr and (tmp_path / "x.png").exists()
