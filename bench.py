@@ -1,6 +1,7 @@
 """Benchmarks against diffusers / transformers on identical SD1.5-shaped random weights (not a test).
 
     python bench.py models [--sizes 32,64] [--repeats 3] [--threads 2]
+    python bench.py sampling [--size 32] [--repeats 3]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -141,7 +142,74 @@ def cmd_models(args):
               f"| {ours['forward_extra_gib']:.2f} | {ref['forward_extra_gib']:.2f} | {gflops:.0f} ({100 * gflops / peak:.0f}%) |", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Sampling: one denoising step of CFG / NPO on the SD1.5-shaped UNet.
+
+def sampling_one(variant, size, steps, threads):
+    """Seconds per denoising step and whole-process peak memory for one way of running the guided UNet."""
+    torch.set_num_threads(threads)
+    import lora
+    import npo
+    import unet
+    dtype = torch.bfloat16 if "bf16" in variant else torch.float32
+    model = unet.load_unet(f"{WEIGHTS}/unet", dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    if variant != "plain":
+        for name in ("eta", "delta"):  # two rank-8 offsets on to_q, to_k, to_v, to_out.0 (the authors' targets)
+            lora.add_offset(model, name, rank=8)
+            with torch.no_grad():
+                for p in lora.parameters(model, name):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    x = torch.randn(1, 4, size, size, generator=g).to(dtype)
+    neg, pos = (torch.randn(1, 77, 768, generator=g).to(dtype) for _ in range(2))
+    if variant.startswith("merged"):
+        denoise = npo.merged_denoiser(*npo.merged_unets(model, 1.0, 1.0), neg, pos, 7.5)
+    else:
+        if "compile" in variant:
+            model = torch.compile(model)
+        denoise = npo.npo_denoiser(model, neg, pos, 7.5, 1.0, 1.0)  # plain: no offsets, so plain CFG
+    t = torch.tensor(500)
+    with torch.inference_mode():
+        denoise(x, t)  # warm-up (and compilation)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            denoise(x, t)
+            times.append(time.perf_counter() - t0)
+    return dict(variant=variant, seconds=statistics.median(times), peak_gib=rss_kib("VmHWM") / 2**20)
+
+
+SAMPLING_VARIANTS = {
+    "plain": "(a) plain CFG, batch [x; x]",
+    "npo": "(b) NPO batched, η and δ unmerged (rank 8)",
+    "merged": "(c) authors' way: two merged UNets, two passes",
+    "npo-bf16": "(b) in bfloat16",
+    "npo-compile": "(b) with torch.compile",
+}
+
+
+def cmd_sampling(args):
+    make_weights(WEIGHTS)
+    rows = {}
+    for variant in args.variants:
+        out = subprocess.run([sys.executable, __file__, "_sampling", variant, str(args.size), str(args.repeats),
+                              str(args.threads)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr)
+        rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    base = rows.get("plain")
+    print(f"| way | s / step | x (a) | peak GiB | x (a) |\n|---|---|---|---|---|")
+    for variant, r in rows.items():
+        ratio_t = f"{r['seconds'] / base['seconds']:.3f}x" if base else "-"
+        ratio_m = f"{r['peak_gib'] / base['peak_gib']:.3f}x" if base else "-"
+        print(f"| {SAMPLING_VARIANTS[variant]} | {r['seconds']:.2f} | {ratio_t} | {r['peak_gib']:.2f} | {ratio_m} |", flush=True)
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_sampling":
+        variant, size, repeats, threads = sys.argv[2:6]
+        print(json.dumps(sampling_one(variant, int(size), int(repeats), int(threads))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
         impl, part, size, batch, repeats, threads = sys.argv[2:8]
         print(json.dumps(measure_one(impl, part, int(size), int(batch), int(repeats), int(threads))))
@@ -153,6 +221,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per measurement (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.set_defaults(func=cmd_models)
+    p = sub.add_parser("sampling", help="one guided denoising step: plain CFG vs batched NPO vs two merged UNets")
+    p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per way (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(SAMPLING_VARIANTS),
+                   help=f"comma-separated subset of {','.join(SAMPLING_VARIANTS)}")
+    p.set_defaults(func=cmd_sampling)
     args = parser.parse_args()
     args.func(args)
 
