@@ -2,6 +2,7 @@
 
     python bench.py models [--sizes 32,64] [--repeats 3] [--threads 2]
     python bench.py sampling [--size 32] [--repeats 3]
+    python bench.py train [--size 32] [--steps 6]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -205,10 +206,143 @@ def cmd_sampling(args):
         print(f"| {SAMPLING_VARIANTS[variant]} | {r['seconds']:.2f} | {ratio_t} | {r['peak_gib']:.2f} | {ratio_m} |", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Training: one Diffusion-DPO step (1 pair, rank 8) on the SD1.5-shaped weights, ours vs the diffusers recipe.
+
+def random_pair_dataset(folder, pixels):
+    """One preference pair of random images; `npo.py train` reads it like any JSONL dataset."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in ("w", "l"):
+        Image.fromarray(rng.integers(0, 256, (pixels, pixels, 3), dtype=np.uint8)).save(f"{folder}/{name}.png")
+    with open(f"{folder}/pairs.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "a photo of a cat", "chosen": "w.png", "rejected": "l.png"}) + "\n")
+    return f"{folder}/pairs.jsonl"
+
+
+def train_ours(variant, size, steps, threads):
+    """Our whole training loop (`npo.py train`, in this process): seconds per step from its own log, which times
+    everything a step does (data, text encoder, VAE encode unless cached, both UNet passes, backward, AdamW)."""
+    import tempfile
+    torch.set_num_threads(threads)
+    import npo
+    import train
+    tmp = tempfile.mkdtemp()
+    data = random_pair_dataset(f"{tmp}/data", 8 * size)
+    flags = ["train", "--model", WEIGHTS, "--data", data, "--out", f"{tmp}/run", "--steps", str(steps),
+             "--resolution", str(8 * size), "--rank", "8", "--log-every", "1", "--checkpoint-every", "0",
+             "--device", "cpu"]
+    flags += {"ours": [], "ours-gc": ["--gradient-checkpointing"], "ours-cache": ["--cache-latents"],
+              "ours-cache-gc": ["--cache-latents", "--gradient-checkpointing"]}[variant]
+    train.main(npo.build_parser().parse_args(flags), npo.load_pipeline)
+    with open(f"{tmp}/run/log.jsonl") as f:
+        seconds = [1 / line["it_per_s"] for line in map(json.loads, f) if "it_per_s" in line]
+    # step 1 fills the cache; the one pair comes flipped or not, so a later step may encode once more: the median
+    # of steps 3.. is a step that reads the cache
+    return dict(variant=variant, seconds=statistics.median(seconds[2:]), encode_seconds=0.0,
+                peak_gib=rss_kib("VmHWM") / 2**20)
+
+
+def train_recipe(variant, size, steps, threads):
+    """diffusers' Diffusion-DPO recipe (train_diffusion_dpo.py) reduced to its step: peft LoRA r=8 on
+    to_q/k/v/out.0, the reference by disabling the adapters, loss −log σ(−β/2 · (Δθ − Δref)), AdamW, grad clip.
+    Reports the step (text encoder, both UNet passes, backward, update) and its VAE encode of the pair separately."""
+    torch.set_num_threads(threads)
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel
+    unet = UNet2DConditionModel.from_pretrained(f"{WEIGHTS}/unet").requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(f"{WEIGHTS}/vae").requires_grad_(False)
+    text = CLIPTextModel.from_pretrained(f"{WEIGHTS}/text_encoder").requires_grad_(False)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    if variant == "recipe-gc":
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 8 * size, 8 * size, generator=g) * 2 - 1  # [x_w; x_l]
+    ids = torch.randint(0, 49408, (1, 77), generator=g)
+    step_times, encode_times = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            context = text(ids)[0].repeat(2, 1, 1)
+        noise = torch.randn_like(latents[:1]).repeat(2, 1, 1, 1)
+        t = torch.randint(0, 1000, (1,)).repeat(2)
+        noisy = scheduler.add_noise(latents, noise, t)
+        model_pred = unet(noisy, t, context).sample
+        with torch.no_grad():
+            unet.disable_adapters()
+            ref_pred = unet(noisy, t, context).sample
+            unet.enable_adapters()
+        mse = ((model_pred - noise) ** 2).mean(dim=(1, 2, 3))
+        ref_mse = ((ref_pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = -F.logsigmoid(-0.5 * 5000 * ((mse[0] - mse[1]) - (ref_mse[0] - ref_mse[1])))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.perf_counter() - t1)
+        encode_times.append(t1 - t0)
+    return dict(variant=variant, seconds=statistics.median(step_times[1:]),
+                encode_seconds=statistics.median(encode_times[1:]), peak_gib=rss_kib("VmHWM") / 2**20)
+
+
+TRAIN_VARIANTS = {
+    "recipe": "diffusers recipe (peft, adapters disabled for the reference)",
+    "ours": "ours, VAE encode every step",
+    "ours-cache": "ours, --cache-latents",
+    "recipe-gc": "diffusers recipe, gradient checkpointing",
+    "ours-gc": "ours, --gradient-checkpointing",
+    "ours-cache-gc": "ours, --cache-latents --gradient-checkpointing",
+}
+
+
+def cmd_train(args):
+    make_weights(WEIGHTS)
+    rows = {}
+    for variant in args.variants:
+        out = subprocess.run([sys.executable, __file__, "_train", variant, str(args.size), str(args.steps),
+                              str(args.threads)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr)
+        rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"latent {args.size}x{args.size} ({8 * args.size} px), 1 pair, rank 8, fp32, {args.threads} threads; "
+          "median of steps 2.. of one process each\n")
+    print("| run | step s | + VAE encode s | = s per step with data | peak GiB | time vs recipe (same checkpointing) "
+          "| with data vs recipe + encode | memory vs recipe |")
+    print("|---|---|---|---|---|---|---|---|")
+    for variant, r in rows.items():
+        ref = rows.get("recipe-gc" if variant.endswith("gc") else "recipe")
+        total = r["seconds"] + r["encode_seconds"]
+        cells = ["-", "-", "-"]
+        if ref and variant.startswith("ours"):
+            ref_total = ref["seconds"] + ref["encode_seconds"]
+            cells = [f"{r['seconds'] / ref['seconds']:.2f}x", f"{total / ref_total:.2f}x",
+                     f"{r['peak_gib'] / ref['peak_gib']:.2f}x"]
+        encode = f"{r['encode_seconds']:.2f}" if variant.startswith("recipe") else "(in step)"
+        print(f"| {TRAIN_VARIANTS[variant]} | {r['seconds']:.2f} | {encode} | {total:.2f} | {r['peak_gib']:.2f} | "
+              + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_sampling":
         variant, size, repeats, threads = sys.argv[2:6]
         print(json.dumps(sampling_one(variant, int(size), int(repeats), int(threads))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_train":
+        variant, size, steps, threads = sys.argv[2:6]
+        run = train_recipe if variant.startswith("recipe") else train_ours
+        print(json.dumps(run(variant, int(size), int(steps), int(threads))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
         impl, part, size, batch, repeats, threads = sys.argv[2:8]
@@ -228,6 +362,13 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(SAMPLING_VARIANTS),
                    help=f"comma-separated subset of {','.join(SAMPLING_VARIANTS)}")
     p.set_defaults(func=cmd_sampling)
+    p = sub.add_parser("train", help="one Diffusion-DPO step: ours vs the diffusers recipe, with and without checkpointing")
+    p.add_argument("--size", type=int, default=32, help="latent side (default 32: 256 px images)")
+    p.add_argument("--steps", type=int, default=6, help="steps per run; the median of steps 2.. (3.. for ours) is reported")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(TRAIN_VARIANTS),
+                   help=f"comma-separated subset of {','.join(TRAIN_VARIANTS)}")
+    p.set_defaults(func=cmd_train)
     args = parser.parse_args()
     args.func(args)
 

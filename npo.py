@@ -1,6 +1,7 @@
 """npo: Diffusion-NPO (negative preference optimization) on a hand-written Stable Diffusion.
 
     python npo.py sample --prompt "a red circle" --lora dpo.safetensors --npo npo.safetensors
+    python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
     python npo.py info --model PATH        # what a model folder holds, loaded strictly
 
 The library half of this file loads a diffusers model folder into our own modules (`load_pipeline`);
@@ -22,6 +23,7 @@ import checkpoint
 import clip
 import lora
 import sampler
+import train
 import unet
 from checkpoint import UserError
 
@@ -422,6 +424,10 @@ def cmd_sample(args):
     return written
 
 
+def cmd_train(args):
+    return train.main(args, load_pipeline, generate)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="npo.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -458,6 +464,10 @@ def build_parser():
     p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
     p.add_argument("--out", default="out", help="a .png path for one image, or a folder (default: out/)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ, by Diffusion-DPO")
+    train.add_arguments(p)
+    p.set_defaults(func=cmd_train)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 Nothing is downloaded: the configs are written here and the tokenizer is the CLIP vocabulary in weights/.
 """
+import copy
 import os
 import shutil
 
@@ -47,6 +48,18 @@ def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   set_alpha_to_one=False, steps_offset=1).save_pretrained(os.path.join(path, "scheduler"))
     return dict(unet=ref_unet, vae=ref_vae, text_encoder=ref_text)
+
+
+def diffusers_pipeline(path, refs):
+    """StableDiffusionPipeline on the reference modules (a private copy of the UNet, which tests load LoRAs into)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    pipe = StableDiffusionPipeline(vae=refs["vae"], text_encoder=refs["text_encoder"], unet=copy.deepcopy(refs["unet"]),
+                                   tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+                                   scheduler=DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,4 @@
 """NPO sampling against references built from diffusers components, and the `sample` command's contract."""
-import copy
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from PIL import Image
 
 import lora
 import npo
-from conftest import ROOT
+from conftest import ROOT, diffusers_pipeline
 
 # Images in [0, 1]. Ours and diffusers' agree to ~1e-6 (same fp32 ops; batching the two CFG branches in one
 # forward only reorders float sums). 1e-4 is far below a visible difference (1/255 = 4e-3) and far above noise.
@@ -38,17 +37,6 @@ def offsets(tiny_model, tmp_path_factory):
         files[name] = str(folder / f"{name}.safetensors")
         lora.save_lora(pipe.unet, name, files[name], role=name)
     return files
-
-
-def diffusers_pipeline(path, refs):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
-    pipe = StableDiffusionPipeline(vae=refs["vae"], text_encoder=refs["text_encoder"], unet=copy.deepcopy(refs["unet"]),
-                                   tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
-                                   scheduler=DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize("ddim_eta", [0.0, 1.0])
