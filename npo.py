@@ -127,14 +127,6 @@ def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
     return denoise
 
 
-def pipeline_scheduler(scheduler_config):
-    """The DDIM config diffusers' StableDiffusionPipeline would run: it forces steps_offset=1 and clip_sample=False
-    on old scheduler configs (with a deprecation warning), so we do too, to give the same images."""
-    cfg = sampler.DDIMConfig.from_dict(scheduler_config)
-    cfg.steps_offset, cfg.clip_sample = 1, False
-    return cfg
-
-
 def vae_scale(pipe):
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
@@ -151,7 +143,7 @@ def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, d
     scale = vae_scale(pipe)
     height = height or pipe.unet.config.sample_size * scale
     width = width or pipe.unet.config.sample_size * scale
-    cfg = pipeline_scheduler(pipe.scheduler_config)
+    cfg = sampler.pipeline_config(pipe.scheduler_config)
     dtype, device = next(pipe.unet.parameters()).dtype, next(pipe.unet.parameters()).device
     pos = pipe.encode_prompts(list(prompts)).to(dtype)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]

@@ -148,6 +148,14 @@ def timesteps(cfg, steps):
     return torch.from_numpy(t.copy())
 
 
+def pipeline_config(scheduler_config):
+    """The DDIM config diffusers' StableDiffusionPipeline would run: it forces steps_offset=1 and clip_sample=False
+    on old scheduler configs (with a deprecation warning), so we do too, to give the same images."""
+    cfg = DDIMConfig.from_dict(scheduler_config)
+    cfg.steps_offset, cfg.clip_sample = 1, False
+    return cfg
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The DDIM update.
 
@@ -222,19 +230,27 @@ def ddim_sample(denoise, latents, cfg, steps, eta=0.0, generator=None, callback=
 
     `denoise` returns the model output the config's prediction_type names (ε or v), guidance already applied.
     `generator` (one, or one per image) feeds the noise z when η > 0. `callback(i, n, t)` after each step."""
-    ac = alphas_cumprod(cfg)
-    a_final = final_alpha_cumprod(cfg, ac)
-    ts = timesteps(cfg, steps)
+    schedule = ddim_steps(cfg, steps)
     x = latents
-    for i, t in enumerate(ts):
-        t_prev = t - cfg.num_train_timesteps // steps  # diffusers' rule, not ts[i + 1] (see the module docstring)
-        a_prev = ac[t_prev] if t_prev >= 0 else a_final
+    for i, (t, a_t, a_prev) in enumerate(schedule):
         out = denoise(x, t)
         z = randn(out.shape, generator, out.device, out.dtype) if eta > 0 else None
-        x = ddim_step(x, out, ac[t], a_prev, cfg, eta, z)
+        x = ddim_step(x, out, a_t, a_prev, cfg, eta, z)
         if callback is not None:
-            callback(i, len(ts), t)
+            callback(i, len(schedule), t)
     return x
+
+
+def ddim_steps(cfg, steps):
+    """The `steps` DDIM steps as (t, ᾱ_t, ᾱ_prev), from the noisiest: what `ddim_sample` iterates over (and reward
+    training, which needs to treat the last steps differently)."""
+    ac = alphas_cumprod(cfg)
+    a_final = final_alpha_cumprod(cfg, ac)
+    result = []
+    for t in timesteps(cfg, steps):
+        t_prev = t - cfg.num_train_timesteps // steps  # diffusers' rule, not ts[i + 1] (see the module docstring)
+        result.append((t, ac[t], ac[t_prev] if t_prev >= 0 else a_final))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------

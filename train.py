@@ -49,6 +49,7 @@ import checkpoint
 import data
 import lora
 import losses
+import rewards
 import sampler
 from checkpoint import UserError
 
@@ -69,9 +70,9 @@ METRICS = ("loss", "implicit_acc", "reward_margin", "mse_w", "mse_l", "ref_mse_w
 def add_arguments(p):
     p.add_argument("--model", default=None,
                    help="diffusers model folder of the frozen base model (default: the embedded model in weights/)")
-    p.add_argument("--data", required=True,
-                   help="preference pairs: a .jsonl file ({prompt, chosen, rejected}), a folder with w/ and l/, "
-                        "or a Pick-a-Pic .parquet file")
+    p.add_argument("--data", default=None,
+                   help="preference pairs (dpo, sft): a .jsonl file ({prompt, chosen, rejected}), a folder with w/ "
+                        "and l/, or a Pick-a-Pic .parquet file")
     p.add_argument("--out", required=True,
                    help="output folder: the LoRA goes to OUT/lora.safetensors, checkpoints to OUT/checkpoints/, "
                         "the log to OUT/log.jsonl")
@@ -91,13 +92,31 @@ def add_arguments(p):
                    help="start from this LoRA file instead of a zero offset (its rank, alpha and layers are used)")
     # the objective
     p.add_argument("--npo", action="store_true",
-                   help="swap every pair (paper eq. 8) and train the NPO offset δ (role 'delta'); "
-                        "without it the run trains the preference offset η (role 'eta')")
-    p.add_argument("--method", choices=["dpo", "sft"], default="dpo",
-                   help="dpo: Diffusion-DPO; sft: plain denoising loss on the preferred image (for comparison)")
+                   help="train the NPO offset δ (role 'delta'): dpo/sft swap every pair (eq. 8), reward maximizes "
+                        "1 − R (eq. 7); without it the run trains the preference offset η (role 'eta')")
+    p.add_argument("--method", choices=["dpo", "sft", "reward"], default="dpo",
+                   help="dpo: Diffusion-DPO; sft: plain denoising loss on the preferred image (for comparison); "
+                        "reward: differentiable-reward fine-tuning through the sampler (DRaFT-K / AlignProp)")
     p.add_argument("--beta-dpo", type=float, default=500.0,
                    help="β of L = −log σ(β (d_ref − d_θ)), diffusers' convention (Salesforce's β is twice this); "
                         "default 500, the authors' NPO value for SD1.5")
+    # reward training (--method reward)
+    p.add_argument("--reward", default=None,
+                   help="module:function of a reward R(images in [0,1], prompts) -> (B,), e.g. rewards:brightness")
+    p.add_argument("--reward-range", default=None,
+                   help="LOW,HIGH: map an unbounded reward to [0, 1] (affine, clamped), as 1 − R needs")
+    p.add_argument("--reward-sigmoid", type=float, default=None,
+                   help="map an unbounded reward to [0, 1] by σ(R / SCALE) instead")
+    p.add_argument("--prompts-file", default=None, help="prompts of reward training, one per line")
+    p.add_argument("--sample-steps", type=int, default=20, help="DDIM steps of each training sample (default 20)")
+    p.add_argument("--grad-steps", type=int, default=1,
+                   help="K: gradients flow through the last K denoising steps only (DRaFT-K; default 1)")
+    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale of the training samples (default 7.5)")
+    p.add_argument("--joint", action="store_true",
+                   help="reward: train η (conditional branch) and δ (unconditional branch) at once in the eq. 10 "
+                        "sampler, into OUT/eta.safetensors and OUT/delta.safetensors")
+    p.add_argument("--alpha", type=float, default=1.0, help="--joint: weight of η on the unconditional branch")
+    p.add_argument("--beta", type=float, default=1.0, help="--joint: weight of δ on the unconditional branch")
     # the optimizer
     p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate, constant after the warmup (default 5e-6)")
     p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup over this many steps")
@@ -111,7 +130,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of everything random: LoRA init, data order, crops, flips, caption dropout, t, ε")
     # the data
-    p.add_argument("--resolution", type=int, default=512, help="training image size in pixels (a multiple of 8)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training image size in pixels, a multiple of 8 (default: the model's own size)")
     p.add_argument("--random-crop", action="store_true",
                    help="crop at a random position (the same for both images of a pair) instead of the center")
     p.add_argument("--caption-dropout", type=float, default=0.0,
@@ -140,7 +160,8 @@ def add_arguments(p):
 
 def check_arguments(args):
     positive = {"--rank": args.rank, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
-                "--steps": args.steps, "--log-every": args.log_every, "--validation-steps": args.validation_steps}
+                "--steps": args.steps, "--log-every": args.log_every, "--validation-steps": args.validation_steps,
+                "--sample-steps": args.sample_steps, "--grad-steps": args.grad_steps}
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value}).")
@@ -155,11 +176,58 @@ def check_arguments(args):
             raise UserError(f"{flag} must be a positive finite number (got {value}).")
     if not 0.0 <= args.caption_dropout <= 1.0:
         raise UserError(f"--caption-dropout must be a probability in [0, 1] (got {args.caption_dropout}); pass e.g. 0.1.")
-    if args.resolution < 8 or args.resolution % 8:
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UserError(f"--resolution {args.resolution} is not a positive multiple of 8; pass e.g. 512.")
     if args.cache_latents and args.random_crop:
         raise UserError("--cache-latents needs center crops (every random crop is a new image to encode); "
                         "drop --random-crop or --cache-latents.")
+    if args.method == "reward":
+        if not args.reward or not args.prompts_file:
+            raise UserError("--method reward needs --reward module:function and --prompts-file; "
+                            "e.g. --reward rewards:brightness --prompts-file prompts.txt.")
+        if args.grad_steps > args.sample_steps:
+            raise UserError(f"--grad-steps {args.grad_steps} exceeds --sample-steps {args.sample_steps}; "
+                            "K counts the last of the sampling steps.")
+        if args.joint and args.npo:
+            raise UserError("--joint trains η and δ from the same reward R; drop --npo.")
+    else:
+        if not args.data:
+            raise UserError(f"--method {args.method} trains on preference pairs; pass --data pairs.jsonl "
+                            "(or a w/+l/ folder, or a .parquet file).")
+        if args.joint:
+            raise UserError("--joint is a reward-training mode; use it with --method reward.")
+
+
+def reward_for(args):
+    """--reward, bounded by --reward-range / --reward-sigmoid when given; refused if training cannot use it."""
+    r = rewards.load(args.reward)
+    if args.reward_range and args.reward_sigmoid is not None:
+        raise UserError("pass one of --reward-range and --reward-sigmoid, not both.")
+    if args.reward_range:
+        try:
+            low, high = (float(v) for v in args.reward_range.split(","))
+        except ValueError:
+            raise UserError(f"--reward-range takes LOW,HIGH such as 0,40, not {args.reward_range!r}.")
+        r = rewards.affine(r, low, high)
+    elif args.reward_sigmoid is not None:
+        r = rewards.sigmoid(r, args.reward_sigmoid)
+    if not rewards.is_differentiable(r):
+        raise UserError(f"--method reward backpropagates through the reward, and {args.reward} is not "
+                        "differentiable (e.g. JPEG size); use a differentiable reward.")
+    if args.npo:
+        rewards.negate(r)  # refuses an unbounded reward with a message
+    return r
+
+
+def read_prompts(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompts file {path} ({e}); pass a UTF-8 text file, one prompt per line.")
+    if not prompts:
+        raise UserError(f"the prompts file {path} holds no prompts; write one prompt per line.")
+    return prompts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,7 +240,6 @@ def main(args, load_pipeline, generate=None):
     ...)` samples the validation images (npo.generate). After Ctrl-C or SIGTERM the run finishes its step, saves a
     checkpoint and raises SystemExit(130). Bad input raises UserError, before anything is written."""
     check_arguments(args)
-    role = "delta" if args.npo else "eta"  # the offset's name on the UNet and its role in the file
     out = os.path.abspath(args.out)
     ckpt_dir = os.path.join(out, "checkpoints")
     model_path = os.path.abspath(args.model or DEFAULT_MODEL)
@@ -185,14 +252,19 @@ def main(args, load_pipeline, generate=None):
             print(message, file=sys.stderr, flush=True)
 
     # ---- what a user can get wrong is checked before the model loads (minutes for SD at full size) ----------
-    dataset = data.open_pairs(args.data, skip_bad_rows=args.skip_bad_rows)
-    if len(dataset) < args.batch_size * world_size:
-        raise UserError(f"{args.data} has {len(dataset)} usable pairs, fewer than one batch of "
-                        f"{args.batch_size * world_size}; lower --batch-size or add pairs.")
+    if args.method == "reward":
+        reward_for(args)
+        source = read_prompts(args.prompts_file)
+    else:
+        source = data.open_pairs(args.data, skip_bad_rows=args.skip_bad_rows)
+        if len(source) < args.batch_size * world_size:
+            raise UserError(f"{args.data} has {len(source)} usable pairs, fewer than one batch of "
+                            f"{args.batch_size * world_size}; lower --batch-size or add pairs.")
     resume_from = find_resume(args.resume, ckpt_dir)
     if args.resume == "latest" and resume_from is None:
         say(f"no checkpoint in {ckpt_dir} yet: starting from step 0")
-    if resume_from is None and (list_checkpoints(ckpt_dir) or os.path.exists(os.path.join(out, "lora.safetensors"))):
+    results = [os.path.join(out, name) for name in result_files(args).values()]
+    if resume_from is None and (list_checkpoints(ckpt_dir) or any(map(os.path.exists, results))):
         raise UserError(f"{out} already holds a training run; continue it with --resume latest, "
                         "or pass --out a new folder.")
     state = read_checkpoint(resume_from) if resume_from else None
@@ -205,7 +277,7 @@ def main(args, load_pipeline, generate=None):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(args, load_pipeline, generate, dataset, state, resume_from, role, out, ckpt_dir, model_path,
+        return _train(args, load_pipeline, generate, source, state, resume_from, out, ckpt_dir, model_path,
                       rank, world_size, device, say)
     except UserError:
         if created:
@@ -216,57 +288,60 @@ def main(args, load_pipeline, generate=None):
             dist.destroy_process_group()
 
 
-def _train(args, load_pipeline, generate, dataset, state, resume_from, role, out, ckpt_dir, model_path,
+def _train(args, load_pipeline, generate, source, state, resume_from, out, ckpt_dir, model_path,
            rank, world_size, device, say):
     master = rank == 0
     dtype = DTYPES[args.dtype]
     pipe = load_pipeline(model_path, dtype, device)
-    unet, vae = pipe.unet, pipe.vae
+    unet = pipe.unet
+    if args.resolution is None:  # the model's own image size
+        args.resolution = unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     fingerprint = model_fingerprint(unet)  # of the base weights, before any offset is attached
-    schedule = sampler.DDIMConfig.from_dict(pipe.scheduler_config)
-    ac = sampler.alphas_cumprod(schedule)  # ᾱ_t, t = 0 … T−1
+    files = result_files(args)  # {role: file name}: one offset, or η and δ with --joint
 
-    # ---- the offset: fp32 LoRA parameters on the frozen base ----------------------------------------------
+    # ---- the offsets: fp32 LoRA parameters on the frozen base ---------------------------------------------
     torch.manual_seed(args.seed)  # lora_down's kaiming init draws from the global generator: the same on every rank
-    if args.init_lora:
-        lora.load_lora(unet, args.init_lora, role)
-        params = lora.parameters(unet, role)
-        for p in params:
-            p.requires_grad_(True)
-    else:
-        params = lora.add_offset(unet, role, args.rank, args.lora_alpha, args.targets)
-    found = lora.offsets(unet, role)
-    global_batch = args.batch_size * args.grad_accum * world_size  # pairs per optimizer step
+    params = []
+    for role in files:
+        if args.init_lora:
+            lora.load_lora(unet, args.init_lora, role)
+            params += [p.requires_grad_(True) for p in lora.parameters(unet, role)]
+        else:
+            params += lora.add_offset(unet, role, args.rank, args.lora_alpha, args.targets)
+    found = {f"{role}:{name}": o for role in files for name, o in lora.offsets(unet, role).items()}
+    global_batch = args.batch_size * args.grad_accum * world_size  # pairs (or prompts) per optimizer step
     settings = dict(
-        model=model_path, model_fingerprint=fingerprint, role=role, method=args.method,
+        model=model_path, model_fingerprint=fingerprint, role="+".join(files), method=args.method,
         rank=Counter(o.rank for o in found.values()).most_common(1)[0][0],
         lora_alpha=Counter(float(o.alpha) for o in found.values()).most_common(1)[0][0],
         layers=sorted(found), beta_dpo=args.beta_dpo, lr=args.lr, warmup_steps=args.warmup_steps,
         global_batch=global_batch, seed=args.seed, resolution=args.resolution, random_crop=args.random_crop,
         caption_dropout=args.caption_dropout, max_grad_norm=args.max_grad_norm, dtype=args.dtype,
-        data=os.path.abspath(args.data), init_lora=os.path.abspath(args.init_lora) if args.init_lora else None)
+        data=os.path.abspath(args.data) if args.data else None, reward=args.reward, grad_steps=args.grad_steps,
+        sample_steps=args.sample_steps, guidance=args.guidance,
+        init_lora=os.path.abspath(args.init_lora) if args.init_lora else None)
     # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes; the lr is set by hand every step
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
 
     step = 0  # optimizer steps done
     if state is not None:
         check_resume(state["settings"], settings, resume_from, say)
-        restore_lora(unet, role, resume_from)
+        for role, name in files.items():
+            restore_lora(unet, role, os.path.join(resume_from, name))
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])  # the loop draws nothing from it; restored for anything that does
         step = state["step"]
         say(f"resuming from {resume_from} at step {step}")
-    if args.gradient_checkpointing:
-        checkpoint_unet_blocks(unet)
 
-    # ---- the data: example i of the stream is micro-step i // (B·W), rank (i // B) % W, row i % B -----------
-    stream = data.batches(dataset, args.batch_size, args.seed, args.resolution, start_step=step * args.grad_accum,
-                          random_crop=args.random_crop, caption_dropout=args.caption_dropout,
-                          rank=rank, world_size=world_size, num_workers=args.num_workers)
-    cache = {} if args.cache_latents else None
-    say(f"training {role} ({args.method}{', pairs swapped (NPO)' if args.npo else ''}) on {dataset!r}: "
+    if args.method == "reward":
+        micro_step = reward_micro_step(args, pipe, source, files, rank, world_size, device)
+        what = f"{len(source)} prompts, reward {settings['reward']}"
+    else:
+        micro_step = dpo_micro_step(args, pipe, source, files, step, rank, world_size, device)
+        what = repr(source)
+    say(f"training {'+'.join(files)} ({args.method}{', NPO' if args.npo else ''}) on {what}: "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M LoRA parameters on {len(found)} layers, "
-        f"{global_batch} pairs per step on {world_size} rank(s), {device}, {args.dtype}")
+        f"{global_batch} examples per step on {world_size} rank(s), {device}, {args.dtype}")
 
     log = open(os.path.join(out, "log.jsonl"), "a", encoding="utf-8") if master else None
     if log and state is not None:
@@ -277,44 +352,18 @@ def _train(args, load_pipeline, generate, dataset, state, resume_from, role, out
     try:
         while step < args.steps:
             # ---- forward and backward over the micro-batches; gradients add up in p.grad ----------------------
-            totals = torch.zeros(len(METRICS))
+            totals = None
             for micro in range(args.grad_accum):
-                prompts, preferred, rejected = next(stream)
-                first = ((step * args.grad_accum + micro) * world_size + rank) * args.batch_size
-                gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
-
-                mean, std = posterior(vae, torch.cat([preferred, rejected]), device, dtype, cache)  # [x_w; x_l]
-                B, shape = args.batch_size, mean.shape[1:]
-                # from each pair's own generator, in this order: t, ε, then the posterior noises of x_w and x_l
-                draws = [(torch.randint(0, len(ac), (1,), generator=g), torch.randn((1, *shape), generator=g),
-                          torch.randn((2, *shape), generator=g)) for g in gens]
-                t = torch.cat([d[0] for d in draws]).repeat(2).to(device)            # shared within a pair
-                eps = torch.cat([d[1] for d in draws]).repeat(2, 1, 1, 1).to(device)  # shared within a pair
-                n = torch.cat([d[2][0:1] for d in draws] + [d[2][1:2] for d in draws]).to(device, mean.dtype)
-                z = ((mean + std * n) * vae.scaling_factor).float()  # a posterior sample, scaled (DESIGN §3)
-                if args.npo:  # eq. 8: (x_l, x_w, c), the loser trained as the winner; each latent keeps its noise
-                    z = losses.swap_halves(z)
-                z_t = sampler.add_noise(z, eps, t, ac)
-                target = sampler.target(z, eps, t, ac, schedule.prediction_type)  # ε, or v for v-prediction models
-                context = pipe.encode_prompts(prompts).repeat(2, 1, 1)
-
-                z_t = z_t.to(dtype)
-                model_pred = unet(z_t, t, context)
-                # the reference: the same UNet with the offset switched off. (With gradient checkpointing the
-                # backward recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
-                with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
-                    ref_pred = unet(z_t, t, context)
-                loss, metrics = losses.dpo_loss(model_pred, ref_pred, target, args.beta_dpo)
-                if args.method == "sft":  # SFT logs the same DPO metrics, so the two runs read alike
-                    loss = losses.sft_loss(model_pred, target)
-                (loss / args.grad_accum).backward()
-                totals += torch.tensor([loss.item()] + [metrics[k].item() for k in METRICS[1:]])
-                del model_pred, ref_pred, loss  # free the graph before the next micro-batch
+                first = ((step * args.grad_accum + micro) * world_size + rank) * args.batch_size  # example index
+                metrics = micro_step(first, 1 / args.grad_accum)
+                values = torch.tensor([metrics[k] for k in sorted(metrics)])
+                totals = values if totals is None else totals + values
+            names = sorted(metrics)
 
             # ---- one gradient and one set of metrics for all ranks ------------------------------------------
             stats = torch.cat([totals / args.grad_accum, torch.tensor([float(stop.requested)])])
             if world_size > 1:
-                # The mean over ranks of each rank's mean over its pairs is the mean over all pairs (equal shares).
+                # The mean over ranks of each rank's mean over its examples is the mean over all (equal shares).
                 # One flat all-reduce of the LoRA gradients; the stop flag travels with the metrics so every rank
                 # stops (or raises) at the same step instead of waiting forever for the others.
                 flat = torch.cat([p.grad.flatten() for p in params])
@@ -325,14 +374,14 @@ def _train(args, load_pipeline, generate, dataset, state, resume_from, role, out
                 stats = stats.to(device)
                 dist.all_reduce(stats)
                 stats = stats.cpu() / world_size
-            metrics = dict(zip(METRICS, stats[:-1].tolist()))
+            metrics = dict(zip(names, stats[:-1].tolist()))
             stopping = bool(stats[-1] > 0)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf")).item()
             if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
                 kept = f"the last good checkpoint is {last_saved_path(ckpt_dir)}" if list_checkpoints(ckpt_dir) \
                     else "there is no checkpoint yet"
                 raise UserError(f"the loss became {metrics['loss']} (gradient norm {grad_norm}) at step {step + 1}, "
-                                f"so the run stopped without applying it and {kept}; lower --lr or --beta-dpo and "
+                                f"so the run stopped without applying it and {kept}; lower --lr (or --beta-dpo) and "
                                 "continue with --resume latest.")
 
             # ---- the update: constant lr after a linear warmup (nanoGPT's ramp: never 0 at step 0) -------------
@@ -350,16 +399,17 @@ def _train(args, load_pipeline, generate, dataset, state, resume_from, role, out
                 it_s = len(window) / elapsed
                 line = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
                 line.update(step=step, lr=lr, it_per_s=it_s, eta_s=(args.steps - step) / it_s, time=time.time())
-                say(f"step {step}/{args.steps} | loss {line['loss']:.4f} | acc {line['implicit_acc']:.3f} | "
-                    f"margin {line['reward_margin']:+.4g} | lr {lr:.2e} | grad {line['grad_norm']:.3g} | "
-                    f"{it_s:.2f} it/s | ETA {format_seconds(line['eta_s'])}")
+                shown = ("implicit_acc", "reward_margin") if args.method != "reward" else ("reward",)
+                say(f"step {step}/{args.steps} | loss {line['loss']:.4f} | "
+                    + "".join(f"{k} {line[k]:.4g} | " for k in shown)
+                    + f"lr {lr:.2e} | grad {line['grad_norm']:.3g} | {it_s:.2f} it/s | ETA {format_seconds(line['eta_s'])}")
                 if log:
                     log.write(json.dumps({"step": step, **{k: v for k, v in line.items() if k != "step"}}) + "\n")
                     log.flush()
                 window, window_start = [], time.perf_counter()
             if (args.checkpoint_every and step % args.checkpoint_every == 0) or stopping or step == args.steps:
                 if master:
-                    save_checkpoint(ckpt_dir, step, unet, role, optimizer, settings, args.keep_checkpoints)
+                    save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, args.keep_checkpoints)
                 last_saved = step
                 if world_size > 1:
                     dist.barrier()  # no rank exits (and makes torchrun kill rank 0) while the checkpoint is written
@@ -378,17 +428,127 @@ def _train(args, load_pipeline, generate, dataset, state, resume_from, role, out
             log.close()
 
     # ---- the result -------------------------------------------------------------------------------------------
-    path = os.path.join(out, "lora.safetensors")
+    paths = [os.path.join(out, name) for name in files.values()]
     if master:
         if last_saved != step:
-            save_checkpoint(ckpt_dir, step, unet, role, optimizer, settings, args.keep_checkpoints)
-        lora.save_lora(unet, role, path, role=role, base_model=model_path, metadata=file_metadata(settings, step))
-        if dataset.skipped:
-            say(f"skipped {dataset.skipped} bad rows of {args.data}")
-        say(f"wrote {path} ({role}, {step} steps)")
+            save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, args.keep_checkpoints)
+        for (role, name), path in zip(files.items(), paths):
+            lora.save_lora(unet, role, path, role=role, base_model=model_path, metadata=file_metadata(settings, step))
+        if getattr(source, "skipped", 0):
+            say(f"skipped {source.skipped} bad rows of {args.data}")
+        say(f"wrote {', '.join(paths)} ({step} steps)")
     if world_size > 1:
         dist.barrier()
-    return path
+    return paths[0] if len(paths) == 1 else paths
+
+
+def result_files(args):
+    """The offsets a run trains and the file each ends in: η or δ in lora.safetensors; both with --joint."""
+    if args.joint:
+        return {"eta": "eta.safetensors", "delta": "delta.safetensors"}
+    return {"delta" if args.npo else "eta": "lora.safetensors"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One micro-step of Diffusion-DPO (or SFT): forward and backward of one batch of pairs; returns its metrics.
+
+def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device):
+    (role,) = files
+    unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[args.dtype]
+    schedule = sampler.DDIMConfig.from_dict(pipe.scheduler_config)
+    ac = sampler.alphas_cumprod(schedule)  # ᾱ_t, t = 0 … T−1
+    if args.gradient_checkpointing:
+        checkpoint_unet_blocks(unet)
+    # the data: example i of the stream is micro-step i // (B·W), rank (i // B) % W, row i % B
+    stream = data.batches(dataset, args.batch_size, args.seed, args.resolution, start_step=step * args.grad_accum,
+                          random_crop=args.random_crop, caption_dropout=args.caption_dropout,
+                          rank=rank, world_size=world_size, num_workers=args.num_workers)
+    cache = {} if args.cache_latents else None
+
+    def micro_step(first, weight):
+        prompts, preferred, rejected = next(stream)
+        gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
+        mean, std = posterior(vae, torch.cat([preferred, rejected]), device, dtype, cache)  # [x_w; x_l]
+        shape = mean.shape[1:]
+        # from each pair's own generator, in this order: t, ε, then the posterior noises of x_w and x_l
+        draws = [(torch.randint(0, len(ac), (1,), generator=g), torch.randn((1, *shape), generator=g),
+                  torch.randn((2, *shape), generator=g)) for g in gens]
+        t = torch.cat([d[0] for d in draws]).repeat(2).to(device)            # shared within a pair
+        eps = torch.cat([d[1] for d in draws]).repeat(2, 1, 1, 1).to(device)  # shared within a pair
+        n = torch.cat([d[2][0:1] for d in draws] + [d[2][1:2] for d in draws]).to(device, mean.dtype)
+        z = ((mean + std * n) * vae.scaling_factor).float()  # a posterior sample, scaled (DESIGN §3)
+        if args.npo:  # eq. 8: (x_l, x_w, c), the loser trained as the winner; each latent keeps its noise
+            z = losses.swap_halves(z)
+        z_t = sampler.add_noise(z, eps, t, ac).to(dtype)
+        target = sampler.target(z, eps, t, ac, schedule.prediction_type)  # ε, or v for v-prediction models
+        context = pipe.encode_prompts(prompts).repeat(2, 1, 1)
+
+        model_pred = unet(z_t, t, context)
+        # the reference: the same UNet with the offset switched off. (With gradient checkpointing the backward
+        # recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
+        with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
+            ref_pred = unet(z_t, t, context)
+        loss, metrics = losses.dpo_loss(model_pred, ref_pred, target, args.beta_dpo)
+        if args.method == "sft":  # SFT logs the same DPO metrics, so the two runs read alike
+            loss = losses.sft_loss(model_pred, target)
+        (loss * weight).backward()
+        return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
+    return micro_step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One micro-step of differentiable-reward fine-tuning (DRaFT-K / AlignProp style), R or, for NPO, 1 − R.
+
+def reward_micro_step(args, pipe, prompts, files, rank, world_size, device):
+    """Sample each example from noise with DDIM and CFG, the offsets on; gradients flow only through the last K
+    (--grad-steps) denoising steps, each UNet call of which is checkpointed; decode; loss = −R (δ: −(1 − R)).
+
+    One offset: θ + offset on both CFG branches, as the sampler of the fine-tuned model. --joint: eq. 10, η on
+    both branches and δ on the unconditional one only (multipliers [α, 1] and [β, 0]), both learning from R."""
+    unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[args.dtype]
+    schedule = sampler.pipeline_config(pipe.scheduler_config)
+    steps = sampler.ddim_steps(schedule, args.sample_steps)
+    score = reward_for(args)
+    train_on = rewards.negate(score) if args.npo else score  # eq. 7: δ maximizes 1 − R
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    size, channels = args.resolution, unet.config.in_channels
+    weights = multipliers_for(files, args, args.batch_size, device)
+
+    def denoise(x, t, context):
+        eps_neg, eps_pos = unet(torch.cat([x, x]), t, context).chunk(2)
+        return eps_neg + args.guidance * (eps_pos - eps_neg)
+
+    def micro_step(first, weight):
+        gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
+        chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
+        x = sampler.initial_latents(gens, size, size, channels, device, dtype, scale)
+        context = torch.cat([pipe.encode_prompts([""] * len(chosen)), pipe.encode_prompts(chosen)]).to(dtype)
+        # the multipliers stay set through the backward: checkpointing recomputes the UNet calls there
+        with lora.multipliers(unet, **weights):
+            for i, (t, a_t, a_prev) in enumerate(steps):
+                if i < len(steps) - args.grad_steps:
+                    with torch.no_grad():
+                        x = sampler.ddim_step(x, denoise(x, t, context), a_t, a_prev, schedule)
+                else:  # one of the last K steps: keep its graph, but only its inputs in memory
+                    out = torch.utils.checkpoint.checkpoint(denoise, x, t, context, use_reentrant=False)
+                    x = sampler.ddim_step(x, out, a_t, a_prev, schedule)
+            images = vae.decode(x.to(next(vae.parameters()).dtype) / vae.scaling_factor)
+            images = (images.float() / 2 + 0.5).clamp(0, 1)
+            objective = train_on(images, chosen)
+            loss = -objective.mean()
+            (loss * weight).backward()
+        r = (1 - objective) if args.npo else objective  # the reward R itself is logged, also when training 1 − R
+        return {"loss": loss.item(), "reward": r.mean().item()}
+    return micro_step
+
+
+def multipliers_for(files, args, batch, device):
+    """The offsets' multipliers during reward sampling, for the batch [unconditional rows; conditional rows]."""
+    if args.joint:
+        m = {"eta": torch.cat([torch.full((batch,), args.alpha), torch.ones(batch)]),
+             "delta": torch.cat([torch.full((batch,), args.beta), torch.zeros(batch)])}
+        return {k: v.to(device) for k, v in m.items()}
+    return {role: 1.0 for role in files}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,10 +648,16 @@ def format_seconds(s):
 
 def file_metadata(settings, step):
     """Metadata strings of the LoRA file, beside lora.save_lora's role, rank, alpha, targets and base model."""
-    return {"npo_method": settings["method"], "npo_beta_dpo": f"{settings['beta_dpo']:g}", "npo_steps": str(step),
-            "npo_pairs_swapped": str(settings["role"] == "delta").lower(), "npo_lr": f"{settings['lr']:g}",
+    meta = {"npo_method": settings["method"], "npo_steps": str(step), "npo_lr": f"{settings['lr']:g}",
             "npo_global_batch": str(settings["global_batch"]), "npo_resolution": str(settings["resolution"]),
             "npo_seed": str(settings["seed"])}
+    if settings["method"] == "reward":
+        meta.update(npo_reward=settings["reward"], npo_grad_steps=str(settings["grad_steps"]),
+                    npo_sample_steps=str(settings["sample_steps"]), npo_guidance=f"{settings['guidance']:g}",
+                    npo_objective="1 - R" if settings["role"] == "delta" else "R")
+    else:
+        meta.update(npo_beta_dpo=f"{settings['beta_dpo']:g}", npo_pairs_swapped=str(settings["role"] == "delta").lower())
+    return meta
 
 
 def model_fingerprint(unet):
@@ -571,16 +737,18 @@ def write_atomically(path, write):
             os.remove(tmp)
 
 
-def save_checkpoint(ckpt_dir, step, unet, role, optimizer, settings, keep):
-    """Write checkpoints/step-XXXXXX/ with `lora.safetensors` (a usable LoRA file) and `state.pt` (a plain dict of
-    tensors and Python values, readable with torch.load(weights_only=True)), then keep the last `keep`.
+def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep):
+    """Write checkpoints/step-XXXXXX/ with the run's LoRA files (`files`: {role: name}, usable as they are) and
+    `state.pt` (a plain dict of tensors and Python values, readable with torch.load(weights_only=True)), then keep
+    the last `keep`.
 
     The folder appears only complete: it is written under a temporary name, fsynced, then renamed."""
     final = checkpoint_path(ckpt_dir, step)
     tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=ckpt_dir)
     try:
-        lora.save_lora(unet, role, os.path.join(tmp, "lora.safetensors"), role=role, base_model=settings["model"],
-                       metadata=file_metadata(settings, step))
+        for role, name in files.items():
+            lora.save_lora(unet, role, os.path.join(tmp, name), role=role, base_model=settings["model"],
+                           metadata=file_metadata(settings, step))
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,  # optimizer steps done; the data stream continues at micro-step step × grad_accum
@@ -588,6 +756,7 @@ def save_checkpoint(ckpt_dir, step, unet, role, optimizer, settings, keep):
             "rng": {"torch": torch.get_rng_state()},
             "data": {"examples_seen": step * settings["global_batch"], "seed": settings["seed"]},
             "settings": settings,
+            "files": dict(files),
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
         for name in os.listdir(tmp):
@@ -629,8 +798,9 @@ def read_checkpoint(folder):
         raise UserError(f"{path} is not a readable training checkpoint ({e}); resume from another checkpoint.")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not an npo training checkpoint; resume from an OUT/checkpoints/step-XXXXXX folder.")
-    if not os.path.isfile(os.path.join(folder, "lora.safetensors")):
-        raise UserError(f"{folder} has no lora.safetensors; resume from another checkpoint.")
+    for name in state.get("files", {}).values():
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{folder} has no {name}; resume from another checkpoint.")
     return state
 
 
@@ -641,7 +811,7 @@ def check_resume(saved, now, folder, say):
         raise UserError(f"{folder} was trained on the model {saved['model']}, and {now['model']} has other "
                         f"weights; resume with --model {saved['model']} or start a new run in another --out.")
     if saved["role"] != now["role"] or saved["method"] != now["method"]:
-        flags = lambda s: f"--method {s['method']}{' --npo' if s['role'] == 'delta' else ''}"
+        flags = lambda s: f"--method {s['method']}" + {"delta": " --npo", "eta+delta": " --joint"}.get(s["role"], "")
         raise UserError(f"{folder} was trained with {flags(saved)}, not {flags(now)}; "
                         "resume with the original flags or start a new run in another --out.")
     if any(saved[k] != now[k] for k in ("rank", "lora_alpha", "layers")):
@@ -654,9 +824,8 @@ def check_resume(saved, now, folder, say):
             "uninterrupted one exactly")
 
 
-def restore_lora(unet, role, folder):
+def restore_lora(unet, role, path):
     """Copy the checkpoint's LoRA tensors into the offset, bit for bit, refusing any other set of keys or shapes."""
-    path = os.path.join(folder, "lora.safetensors")
     saved = checkpoint.read_safetensors(path)
     own = lora.offset_state_dict(unet, role)  # views of the parameters: copying into them sets the LoRA
     if saved.keys() != own.keys() or any(saved[k].shape != v.shape for k, v in own.items()):
