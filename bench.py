@@ -3,6 +3,7 @@
     python bench.py models [--sizes 32,64] [--repeats 3] [--threads 2]
     python bench.py sampling [--size 32] [--repeats 3]
     python bench.py train [--size 32] [--steps 6]
+    python bench.py reward [--size 32]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -199,7 +200,7 @@ def cmd_sampling(args):
             sys.exit(out.stderr)
         rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     base = rows.get("plain")
-    print(f"| way | s / step | x (a) | peak GiB | x (a) |\n|---|---|---|---|---|")
+    print("| way | s / step | x (a) | peak GiB | x (a) |\n|---|---|---|---|---|")
     for variant, r in rows.items():
         ratio_t = f"{r['seconds'] / base['seconds']:.3f}x" if base else "-"
         ratio_m = f"{r['peak_gib'] / base['peak_gib']:.3f}x" if base else "-"
@@ -334,10 +335,50 @@ def cmd_train(args):
               + " | ".join(cells) + " |", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Reward training (DRaFT-K): time and memory of one step against K and the number of sampling steps.
+
+def reward_one(sample_steps, grad_steps, size, threads):
+    """`npo.py train --method reward` for 2 steps in this process; the second step's time from its log, and the
+    process's peak memory (the model load included, the same for every row)."""
+    import tempfile
+    torch.set_num_threads(threads)
+    import npo
+    import train
+    tmp = tempfile.mkdtemp()
+    with open(f"{tmp}/prompts.txt", "w") as f:
+        f.write("a photo of a cat\n")
+    flags = ["train", "--method", "reward", "--reward", "rewards:brightness", "--model", WEIGHTS, "--prompts-file",
+             f"{tmp}/prompts.txt", "--out", f"{tmp}/run", "--steps", "2", "--resolution", str(8 * size),
+             "--sample-steps", str(sample_steps), "--grad-steps", str(grad_steps), "--log-every", "1",
+             "--checkpoint-every", "0", "--device", "cpu"]
+    train.main(npo.build_parser().parse_args(flags), npo.load_pipeline)
+    with open(f"{tmp}/run/log.jsonl") as f:
+        seconds = [1 / line["it_per_s"] for line in map(json.loads, f) if "it_per_s" in line]
+    return dict(sample_steps=sample_steps, grad_steps=grad_steps, seconds=seconds[-1], peak_gib=rss_kib("VmHWM") / 2**20)
+
+
+def cmd_reward(args):
+    make_weights(WEIGHTS)
+    print(f"latent {args.size}x{args.size}, batch 1 (CFG: 2 rows per UNet call), rank 8, fp32, {args.threads} threads\n")
+    print("| sampling steps | K (grad steps) | s / training step | peak GiB |\n|---|---|---|---|")
+    for sample_steps, grad_steps in ((20, 1), (20, 2), (20, 4), (10, 1), (50, 1)):
+        out = subprocess.run([sys.executable, __file__, "_reward", str(sample_steps), str(grad_steps), str(args.size),
+                              str(args.threads)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(out.stderr)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {sample_steps} | {grad_steps} | {r['seconds']:.1f} | {r['peak_gib']:.2f} |", flush=True)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_sampling":
         variant, size, repeats, threads = sys.argv[2:6]
         print(json.dumps(sampling_one(variant, int(size), int(repeats), int(threads))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_reward":
+        sample_steps, grad_steps, size, threads = map(int, sys.argv[2:6])
+        print(json.dumps(reward_one(sample_steps, grad_steps, size, threads)))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_train":
         variant, size, steps, threads = sys.argv[2:6]
@@ -369,6 +410,10 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(TRAIN_VARIANTS),
                    help=f"comma-separated subset of {','.join(TRAIN_VARIANTS)}")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("reward", help="reward training (DRaFT-K): time and peak memory against K and sampling steps")
+    p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_reward)
     args = parser.parse_args()
     args.func(args)
 

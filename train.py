@@ -584,20 +584,18 @@ def posterior(vae, pixels, device, dtype, cache=None):
 
 
 def checkpoint_unet_blocks(unet):
-    """Gradient checkpointing: each down, mid and up block of the UNet keeps only its inputs in the forward pass
-    and recomputes its activations in the backward pass (torch.utils.checkpoint, non-reentrant: the frozen
-    inputs need no grad for the LoRA weights inside to get theirs)."""
+    """Gradient checkpointing: every resnet and transformer of the UNet keeps only its inputs in the forward pass
+    and recomputes its activations in the backward pass (torch.utils.checkpoint, non-reentrant: the frozen inputs
+    need no grad for the LoRA weights inside to get theirs). The down/upsampling convs between them are cheap to
+    keep and are not recomputed; this is the granularity diffusers' UNet checkpoints at, too."""
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-        block.forward = _recomputed(block.forward)
+        for layer in [*block.resnets, *(block.attentions or [])]:
+            layer.forward = _recomputed(layer.forward)
 
 
 def _recomputed(forward):
     def run(*args):
-        # an up block pops its skip connections off the list it is given: hand the first call and the
-        # recomputation each a fresh copy of any list argument
-        def call(*a):
-            return forward(*(list(x) if isinstance(x, list) else x for x in a))
-        return torch.utils.checkpoint.checkpoint(call, *args, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False)
     return run
 
 

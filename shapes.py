@@ -1,0 +1,123 @@
+"""The embedded model's world: colored shapes on a plain background, drawn procedurally, with their captions.
+
+    image, caption = shapes.draw_example(np.random.default_rng(0))     # a PIL image and "a red circle"
+
+Every picture is one shape (circle, square or triangle) of one of four colors, at a random size and position on a
+light, slightly tinted background; its caption is `a {color} {shape}`. The shapes are drawn at 4x and downsampled,
+so their edges are anti-aliased as in a photograph rather than stair-stepped. `weights/make_model.py` trains the
+embedded Stable-Diffusion-shaped model on these pictures; the tests judge its samples with a pixel checker.
+`reward(images, prompts)` scores a picture for its prompt (R in [0, 1], differentiable): the AI feedback of the
+NPO experiment and a reward for `npo.py train --method reward --reward shapes:reward`.
+"""
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIZE = 64  # pixels; the VAE makes 8x8 latents of it
+
+
+def prompts():
+    """Every caption of the world: the 12 `a {color} {shape}` prompts."""
+    return [f"a {color} {shape}" for color in COLORS for shape in SHAPES]
+
+
+def draw(color, shape, radius, center, background, size=SIZE, supersample=4):
+    """One picture: a `shape` of `color` with circumradius `radius` (pixels) at `center` on `background`."""
+    s = supersample
+    image = Image.new("RGB", (size * s, size * s), tuple(background))
+    pen = ImageDraw.Draw(image)
+    cx, cy, r = center[0] * s, center[1] * s, radius * s
+    fill = COLORS[color]
+    if shape == "circle":
+        pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        h = r / np.sqrt(2)  # the square inscribed in the circle of radius r
+        pen.rectangle([cx - h, cy - h, cx + h, cy + h], fill=fill)
+    elif shape == "triangle":  # equilateral, pointing up
+        pen.polygon([(cx + r * np.cos(a), cy - r * np.sin(a)) for a in np.pi / 2 + np.arange(3) * 2 * np.pi / 3], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; one of {SHAPES}")
+    return image.resize((size, size), Image.LANCZOS)
+
+
+def draw_example(rng, size=SIZE):
+    """A random picture and its caption, drawn from `rng` (a numpy Generator)."""
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    radius = rng.uniform(0.2, 0.34) * size
+    margin = radius + 2
+    center = rng.uniform(margin, size - margin, 2)
+    background = 235 + rng.integers(-12, 13, 3)  # near white, slightly tinted
+    return draw(color, shape, radius, center, background, size), f"a {color} {shape}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The reward of this world: is the picture what the prompt asks for, and is it clean? R in [0, 1], differentiable.
+
+def parse(prompt):
+    """'a red circle' -> ('red', 'circle'); None for prompts outside the world."""
+    words = prompt.lower().split()
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    return (color, shape) if color and shape else None
+
+
+def template(shape, center, area, size, sharpness=1.5):
+    """A soft (H, W) mask of the ideal `shape` with the given center (x, y) and area in pixels."""
+    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32) + 0.5,
+                            torch.arange(size, dtype=torch.float32) + 0.5, indexing="ij")
+    dx, dy = xs - center[0], ys - center[1]
+    if shape == "circle":
+        inside = (area / math.pi) ** 0.5 - (dx ** 2 + dy ** 2).sqrt()  # signed distance to the edge
+    elif shape == "square":
+        inside = area ** 0.5 / 2 - torch.maximum(dx.abs(), dy.abs())
+    else:  # equilateral triangle pointing up, centroid at `center`: inradius ρ = side / (2√3), area = 3√3 ρ²
+        rho = (area / (3 * 3 ** 0.5)) ** 0.5
+        normals = [(0.0, 1.0), (-(3 ** 0.5) / 2, -0.5), ((3 ** 0.5) / 2, -0.5)]  # outward, y pointing down
+        inside = torch.stack([rho - (nx * dx + ny * dy) for nx, ny in normals]).amin(0)
+    return torch.sigmoid(inside / sharpness * 4)
+
+
+def reward(images, prompts):
+    """R(x, c) in [0, 1] for pictures of this world: 0.4 · color + 0.4 · shape + 0.2 · clean background.
+
+    The object is the soft set of pixels far from the background color (the median of the border); color = how
+    close its mean color is to the prompt's; shape = soft IoU of the object with the ideal prompted shape of the
+    same area and centroid, against the other shapes' (a softmax); clean = how little the background strays from flat. Differentiable in the pixels
+    (the background color and the template's placement are treated as constants). Images (B, 3, H, W) in [0, 1]."""
+    b, _, h, w = images.shape
+    scores = []
+    for image, prompt in zip(images, prompts):
+        wanted = parse(prompt)
+        if wanted is None:
+            raise ValueError(f"the shapes reward only knows 'a {{color}} {{shape}}' prompts, not {prompt!r}")
+        border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+        background = border.median(dim=1).values.detach()
+        distance = (image - background[:, None, None]).norm(dim=0)  # (H, W), up to √3
+        mask = torch.sigmoid((distance - 0.3) * 20)
+        area = mask.sum()
+        if area.item() < 4:  # nothing drawn
+            scores.append(0.2 * torch.exp(-distance.mean() / 0.05))
+            continue
+        mean_color = (image * mask).sum(dim=(1, 2)) / area
+        target = torch.tensor(COLORS[wanted[0]], dtype=image.dtype, device=image.device) / 255
+        color = torch.exp(-((mean_color - target) ** 2).sum() / 0.02)
+        with torch.no_grad():
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=image.dtype) + 0.5, torch.arange(w, dtype=image.dtype) + 0.5,
+                                    indexing="ij")
+            center = [((mask * xs).sum() / area).item(), ((mask * ys).sum() / area).item()]
+        # same-area shapes overlap a lot (a circle and a square: IoU ~0.9), so the score compares the IoU with
+        # the prompted shape against those with the other two: a softmax over the three IoUs, sharpened
+        iou = torch.stack([torch.minimum(mask, ideal).sum() / torch.maximum(mask, ideal).sum()
+                           for ideal in (template(s, center, area.item(), h).to(image.device) for s in SHAPES)])
+        shape = torch.softmax(40 * iou, dim=0)[SHAPES.index(wanted[1])]
+        clean = torch.exp(-((1 - mask) * distance).sum() / (1 - mask).sum().clamp(min=1) / 0.05)
+        scores.append(0.4 * color + 0.4 * shape + 0.2 * clean)
+    return torch.stack(scores)
+
+
+reward.differentiable, reward.bounded = True, True
