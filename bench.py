@@ -339,8 +339,8 @@ def cmd_train(args):
 # Reward training (DRaFT-K): time and memory of one step against K and the number of sampling steps.
 
 def reward_one(sample_steps, grad_steps, size, threads):
-    """`npo.py train --method reward` for 2 steps in this process; the second step's time from its log, and the
-    process's peak memory (the model load included, the same for every row)."""
+    """`npo.py train --method reward` for one step in this process (its many UNet calls amortize any warm-up): the
+    step's time from its log, and the process's peak memory (the model load included, the same for every row)."""
     import tempfile
     torch.set_num_threads(threads)
     import npo
@@ -349,7 +349,7 @@ def reward_one(sample_steps, grad_steps, size, threads):
     with open(f"{tmp}/prompts.txt", "w") as f:
         f.write("a photo of a cat\n")
     flags = ["train", "--method", "reward", "--reward", "rewards:brightness", "--model", WEIGHTS, "--prompts-file",
-             f"{tmp}/prompts.txt", "--out", f"{tmp}/run", "--steps", "2", "--resolution", str(8 * size),
+             f"{tmp}/prompts.txt", "--out", f"{tmp}/run", "--steps", "1", "--resolution", str(8 * size),
              "--sample-steps", str(sample_steps), "--grad-steps", str(grad_steps), "--log-every", "1",
              "--checkpoint-every", "0", "--device", "cpu"]
     train.main(npo.build_parser().parse_args(flags), npo.load_pipeline)

@@ -2,6 +2,7 @@
 
     python npo.py sample --prompt "a red circle" --lora dpo.safetensors --npo npo.safetensors
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
+    python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
     python npo.py info --model PATH        # what a model folder holds, loaded strictly
 
 The library half of this file loads a diffusers model folder into our own modules (`load_pipeline`);
@@ -457,9 +458,14 @@ def build_parser():
     p.add_argument("--out", default="out", help="a .png path for one image, or a folder (default: out/)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ, by Diffusion-DPO")
+    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT or a reward)")
     train.add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
+    import experiment  # it imports this module, so it is imported here rather than at the top
+    experiment.add_arguments(p)
+    p.set_defaults(func=experiment.main)
     return parser
 
 
