@@ -119,8 +119,9 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
-def run_child(*args):
-    out = subprocess.run([sys.executable, __file__, "_one", *map(str, args)], capture_output=True, text=True)
+def run_child(kind, *args):
+    """Run `bench.py _KIND ARGS...` in a fresh process (so its peak memory is its own); return its JSON result."""
+    out = subprocess.run([sys.executable, __file__, kind, *map(str, args)], capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -134,8 +135,8 @@ def cmd_models(args):
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     jobs = [("unet", s, 2) for s in args.sizes] + [("vae", 32, 1), ("text", 0, 2)]
     for part, size, batch in jobs:
-        ours = run_child("ours", part, size, batch, args.repeats, args.threads)
-        ref = run_child("ref", part, size, batch, args.repeats, args.threads)
+        ours = run_child("_one", "ours", part, size, batch, args.repeats, args.threads)
+        ref = run_child("_one", "ref", part, size, batch, args.repeats, args.threads)
         what = {"unet": f"latent {size}x{size}, batch {batch}", "vae": f"decode latent {size}x{size}",
                 "text": f"77 tokens, batch {batch}"}[part]
         gflops = ours["flops"] / ours["seconds"] / 1e9
@@ -194,11 +195,7 @@ def cmd_sampling(args):
     make_weights(WEIGHTS)
     rows = {}
     for variant in args.variants:
-        out = subprocess.run([sys.executable, __file__, "_sampling", variant, str(args.size), str(args.repeats),
-                              str(args.threads)], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(out.stderr)
-        rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[variant] = run_child("_sampling", variant, args.size, args.repeats, args.threads)
     base = rows.get("plain")
     print("| way | s / step | x (a) | peak GiB | x (a) |\n|---|---|---|---|---|")
     for variant, r in rows.items():
@@ -312,11 +309,7 @@ def cmd_train(args):
     make_weights(WEIGHTS)
     rows = {}
     for variant in args.variants:
-        out = subprocess.run([sys.executable, __file__, "_train", variant, str(args.size), str(args.steps),
-                              str(args.threads)], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(out.stderr)
-        rows[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        rows[variant] = run_child("_train", variant, args.size, args.steps, args.threads)
     print(f"latent {args.size}x{args.size} ({8 * args.size} px), 1 pair, rank 8, fp32, {args.threads} threads; "
           "median of steps 2.. of one process each\n")
     print("| run | step s | + VAE encode s | = s per step with data | peak GiB | time vs recipe (same checkpointing) "
@@ -363,11 +356,7 @@ def cmd_reward(args):
     print(f"latent {args.size}x{args.size}, batch 1 (CFG: 2 rows per UNet call), rank 8, fp32, {args.threads} threads\n")
     print("| sampling steps | K (grad steps) | s / training step | peak GiB |\n|---|---|---|---|")
     for sample_steps, grad_steps in ((20, 1), (20, 2), (20, 4), (10, 1), (50, 1)):
-        out = subprocess.run([sys.executable, __file__, "_reward", str(sample_steps), str(grad_steps), str(args.size),
-                              str(args.threads)], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(out.stderr)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_child("_reward", sample_steps, grad_steps, args.size, args.threads)
         print(f"| {sample_steps} | {grad_steps} | {r['seconds']:.1f} | {r['peak_gib']:.2f} |", flush=True)
 
 
