@@ -1,4 +1,5 @@
-"""Reading model folders: configs, safetensors files, strict state-dict loading, and the error users see.
+"""Reading model folders: configs, safetensors files, strict state-dict loading; writing files atomically; and the
+error users see.
 
 Every model in npo (UNet, VAE, CLIP text encoder) is built from its `config.json` and filled by one strict
 `load_state_dict`: a missing, unexpected or misshaped key is an error that names the keys.
@@ -6,6 +7,7 @@ Every model in npo (UNet, VAE, CLIP text encoder) is built from its `config.json
 import dataclasses
 import json
 import os
+import tempfile
 
 import torch
 from safetensors import safe_open
@@ -119,3 +121,26 @@ def build_on_meta(factory):
     """Construct a module without allocating its weights (they arrive from the checkpoint)."""
     with torch.device("meta"):
         return factory()
+
+
+def atomic_write(path, write):
+    """`write(f)` into a temporary file beside `path` (f: a binary file), fsync it, then rename it to `path`: a
+    reader, or a run killed halfway, never sees a half-written file. The result gets a normal file's permissions
+    (0666 less the umask), not the temporary file's 0600."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); check that its folder exists and is writable.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -33,12 +33,11 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 import checkpoint
 from checkpoint import UserError
@@ -351,18 +350,7 @@ def save_lora(model, name, path, role=None, base_model=None, metadata=None):
     if base_model is not None:
         meta["npo_base_model"] = str(base_model)
     meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e}); check that its folder exists and is writable.")
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    checkpoint.atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -613,7 +613,7 @@ def validate(pipe, generate, args, out, step):
     paths = []
     for k, array in enumerate(pixels):
         path = os.path.join(folder, f"step-{step:06d}-{k}.png")
-        write_atomically(path, lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
+        checkpoint.atomic_write(path, lambda f, a=array: Image.fromarray(a).save(f, format="PNG"))
         paths.append(os.path.relpath(path, out))
     return paths
 
@@ -719,20 +719,6 @@ def _fsync(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_atomically(path, write):
-    """`write(file)` into a temporary file beside `path`, fsync it, then rename it to `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep):

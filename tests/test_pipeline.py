@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import npo
 from checkpoint import UserError
 from conftest import ROOT
@@ -158,3 +159,23 @@ def test_cli_info(tiny_model):
     r = run_cli("info", "--model", tiny_model[0])
     assert r.returncode == 0, r.stderr
     assert "unet" in r.stdout and "text_encoder" in r.stdout
+
+
+def test_atomic_write_leaves_the_whole_file_or_nothing(tmp_path):
+    import stat
+    path = tmp_path / "a.bin"
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write(str(path), lambda f: f.write(b"new"))
+    finally:
+        os.umask(old)
+    assert path.read_bytes() == b"new" and stat.S_IMODE(path.stat().st_mode) == 0o644
+
+    def fails(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(str(path), fails)
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["a.bin"]  # the old file, no temporary left
+    with pytest.raises(UserError, match="cannot write"):
+        checkpoint.atomic_write(str(tmp_path / "missing" / "b.bin"), lambda f: f.write(b"x"))
