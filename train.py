@@ -1,7 +1,9 @@
-"""Training the offsets: Diffusion-DPO (or SFT) on preference pairs, with every pair swapped for NPO's δ.
+"""Training the offsets: Diffusion-DPO (or SFT) on preference pairs, with every pair swapped for NPO's δ; or
+differentiable-reward fine-tuning through the sampler, with R or, for δ, 1 − R.
 
     python npo.py train --data pairs.jsonl --out runs/dpo            # η, the preference offset
     python npo.py train --data pairs.jsonl --out runs/npo --npo      # δ, the NPO offset (paper eq. 8)
+    python npo.py train --method reward --reward shapes:reward --prompts-file p.txt --out runs/r --npo   # eq. 7
     torchrun --nproc_per_node 8 npo.py train ...                     # data-parallel, same flags
     python npo.py train ... --resume latest                          # continue an interrupted run
 
@@ -17,12 +19,18 @@ With --npo each pair is swapped, (x_l, x_w, c), and nothing else changes: the of
 to the pair's latents, so every image keeps its posterior sample and an NPO step sees exactly what the DPO step
 sees, with the roles reversed: at a zero offset its first update is the DPO run's, negated.)
 
-Every random number of training example i (its t, its ε, the two posterior noises n) comes from a generator
+The reward method (`reward_micro_step`) samples each example with DDIM + CFG and backpropagates −R through the
+decode and the last K denoising steps (DRaFT-K). Both methods share the loop below: one micro-step function per
+method, then the same gradient all-reduce, clipping, update, logging and checkpoints.
+
+Every random number of training example i (its t, its ε, the two posterior noises n; for the reward method its
+prompt and starting noise) comes from a generator
 seeded by (seed, i), and data.batches makes the images and caption of example i a function of (seed, i) too.
 So the whole state of a run is its step, its LoRA and its optimizer: a checkpoint of those three resumes bit
 for bit, and 2 ranks with batch B compute what 1 rank computes with batch 2B.
 
-Files in --out: `lora.safetensors` (the result, kohya format), `log.jsonl` (one line per logged step),
+Files in --out: `lora.safetensors` (the result, kohya format; `eta.safetensors` + `delta.safetensors` with
+--joint), `log.jsonl` (one line per logged step),
 `checkpoints/step-XXXXXX/` (`lora.safetensors` + `state.pt`, written atomically, the last K kept), and
 `validation/step-XXXXXX-K.png` when --validation-prompts is given.
 """
