@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+import checkpoint
 import unet
 from checkpoint import UserError
 from conftest import randomize
@@ -140,3 +141,38 @@ def test_unsupported_block_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="SimpleCrossAttnDownBlock2D"):
         unet.load_unet(str(tmp_path))
+
+
+# The published unet/config.json of SD1.5 (diffusers 0.6 export) and SD2.1 (0.10 export), and a config as a recent
+# diffusers writes it (every __init__ argument; DreamShaper 8's is SD1.5's values in this form).
+SD15_CONFIG = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD21_CONFIG = dict(SD15_CONFIG, _diffusers_version="0.10.0.dev0", attention_head_dim=[5, 10, 20, 20],
+                   cross_attention_dim=1024, dual_cross_attention=False, num_class_embeds=None,
+                   only_cross_attention=False, sample_size=96, upcast_attention=True, use_linear_projection=True)
+
+
+def recent_export(config):
+    """`config` as today's diffusers writes it: every __init__ argument, defaults included."""
+    import inspect
+    params = inspect.signature(UNet2DConditionModel.__init__).parameters
+    full = {k: p.default for k, p in params.items() if k != "self" and p.default is not inspect.Parameter.empty}
+    full = {k: list(v) if isinstance(v, tuple) else v for k, v in full.items()}
+    return {**full, **config, "_diffusers_version": "0.42.1"}
+
+
+@pytest.mark.parametrize("config", [SD15_CONFIG, SD21_CONFIG, "recent"], ids=["sd15", "sd21", "dreamshaper_like"])
+def test_real_unet_configs_build_diffusers_keys_and_shapes(config):
+    """Each config builds (on the meta device, no memory) exactly the parameters diffusers builds from it."""
+    config = recent_export(SD15_CONFIG) if config == "recent" else config
+    cfg = checkpoint.config_from_dict(unet.UNetConfig, config, "config.json", unet.UNET_NOOP_FIELDS)
+    ours = checkpoint.build_on_meta(lambda: unet.UNet2DCondition(cfg))
+    with torch.device("meta"):
+        ref = UNet2DConditionModel.from_config(config)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
