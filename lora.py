@@ -70,15 +70,27 @@ class Offset(nn.Module):
         self.multiplier = 1.0  # a float, or a (B,) tensor: one multiplier per batch row
         self.merged = False    # True while ΔW is fused into the base weight (then the forward skips it)
 
-    def forward(self, x):
-        """m · (alpha / r) · up(down(x)) in the LoRA dtype; a per-row m scales the rank-r features (cheapest)."""
+    def features(self, x):
+        """m · (alpha / r) · down(x) in the LoRA dtype: a per-row m scales the rank-r features (the cheapest place)."""
         h = self.lora_down(x.to(self.lora_down.weight.dtype))
         m = self.multiplier
         if isinstance(m, torch.Tensor):
             if m.shape[0] != h.shape[0]:
                 raise ValueError(f"a per-sample LoRA multiplier has {m.shape[0]} values for a batch of {h.shape[0]}")
             m = m.to(h.device, h.dtype).view(-1, *[1] * (h.ndim - 1))  # (B,) -> (B, 1, ...): broadcast over the rest
-        return self.lora_up(h * (m * self.scale))
+        return h * (m * self.scale)
+
+    def forward(self, x):
+        """m · (alpha / r) · up(down(x)), the offset's contribution to the layer's output."""
+        return self.lora_up(self.features(x))
+
+    @torch.no_grad()
+    def accumulate(self, x, y):
+        """y += m · (alpha / r) · up(down(x)) for a Linear, in place: one GEMM that accumulates into y (addmm_ with
+        beta 1) instead of writing up(·) to a new tensor and reading both back to add them. Same sum, up to float
+        rounding; only used without autograd (the in-place update of y would be in its graph)."""
+        h = self.features(x)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_up.weight.t())
 
     def delta_weight(self):
         """ΔW in the base weight's shape: for a conv, the 1x1 up folds into the down kernel."""
@@ -98,7 +110,11 @@ class LoRAMixin:
         y = super().forward(x)
         for offset in self.offsets.values():
             # a merged offset is in the weight already; multiplier 0 is skipped, not multiplied: exactly the base
-            if not offset.merged and not (isinstance(offset.multiplier, (int, float)) and offset.multiplier == 0):
+            if offset.merged or (isinstance(offset.multiplier, (int, float)) and offset.multiplier == 0):
+                continue
+            if isinstance(self, nn.Linear) and not torch.is_grad_enabled() and offset.lora_up.weight.dtype == y.dtype:
+                offset.accumulate(x, y)  # sampling: the up-projection adds into y in place, no extra pass over y
+            else:
                 y = y + offset(x).to(y.dtype)
         return y
 
