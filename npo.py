@@ -78,11 +78,6 @@ def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None):
 # ----------------------------------------------------------------------------------------------------------
 # NPO guidance (sec. 3.2 of the paper): one small function per idea.
 
-def cfg_combine(eps_neg, eps_pos, guidance):
-    """Classifier-free guidance, diffusers' convention (g = ω + 1 in the paper's eq. 3): ε = ε_neg + g·(ε_pos − ε_neg)."""
-    return eps_neg + guidance * (eps_pos - eps_neg)
-
-
 def npo_multipliers(batch, alpha, beta, device="cpu"):
     """Eq. 10 as LoRA multipliers for one batched forward of [x_t (negative rows); x_t (positive rows)].
 
@@ -104,7 +99,7 @@ def npo_denoiser(unet, neg_embeds, pos_embeds, guidance, alpha=1.0, beta=1.0):
     def denoise(x, t):
         with lora.multipliers(unet, **weights):
             eps_neg, eps_pos = unet(torch.cat([x, x]), t, context).chunk(2)
-        return cfg_combine(eps_neg, eps_pos, guidance)
+        return sampler.cfg_combine(eps_neg, eps_pos, guidance)
     return denoise
 
 
@@ -123,12 +118,8 @@ def merged_unets(unet, alpha=1.0, beta=1.0):
 def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
     """Two passes per step, one per weight set (what the authors' code runs)."""
     def denoise(x, t):
-        return cfg_combine(unet_neg(x, t, neg_embeds), unet_pos(x, t, pos_embeds), guidance)
+        return sampler.cfg_combine(unet_neg(x, t, neg_embeds), unet_pos(x, t, pos_embeds), guidance)
     return denoise
-
-
-def vae_scale(pipe):
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()
@@ -140,7 +131,7 @@ def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, d
     mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
     mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does."""
-    scale = vae_scale(pipe)
+    scale = pipe.vae.downscale
     height = height or pipe.unet.config.sample_size * scale
     width = width or pipe.unet.config.sample_size * scale
     cfg = sampler.pipeline_config(pipe.scheduler_config)
@@ -366,8 +357,8 @@ def cmd_sample(args):
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
-    size = ((args.width or pipe.unet.config.sample_size * vae_scale(pipe)),
-            (args.height or pipe.unet.config.sample_size * vae_scale(pipe)))
+    size = ((args.width or pipe.unet.config.sample_size * pipe.vae.downscale),
+            (args.height or pipe.unet.config.sample_size * pipe.vae.downscale))
 
     if sweep:
         alphas, betas = sweep_a or [args.alpha], sweep_b or [args.beta]

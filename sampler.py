@@ -148,6 +148,11 @@ def timesteps(cfg, steps):
     return torch.from_numpy(t.copy())
 
 
+def cfg_combine(eps_neg, eps_pos, guidance):
+    """Classifier-free guidance, diffusers' convention (g = ω + 1 in the paper's eq. 3): ε = ε_neg + g·(ε_pos − ε_neg)."""
+    return eps_neg + guidance * (eps_pos - eps_neg)
+
+
 def pipeline_config(scheduler_config):
     """The DDIM config diffusers' StableDiffusionPipeline would run: it forces steps_offset=1 and clip_sample=False
     on old scheduler configs (with a deprecation warning), so we do too, to give the same images."""

@@ -303,7 +303,7 @@ def _train(args, load_pipeline, generate, source, state, resume_from, out, ckpt_
     pipe = load_pipeline(model_path, dtype, device)
     unet = pipe.unet
     if args.resolution is None:  # the model's own image size
-        args.resolution = unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        args.resolution = unet.config.sample_size * pipe.vae.downscale
     fingerprint = model_fingerprint(unet)  # of the base weights, before any offset is attached
     files = result_files(args)  # {role: file name}: one offset, or η and δ with --joint
 
@@ -518,18 +518,17 @@ def reward_micro_step(args, pipe, prompts, files, rank, world_size, device):
     steps = sampler.ddim_steps(schedule, args.sample_steps)
     score = reward_for(args)
     train_on = rewards.negate(score) if args.npo else score  # eq. 7: δ maximizes 1 − R
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
     size, channels = args.resolution, unet.config.in_channels
     weights = multipliers_for(files, args, args.batch_size, device)
 
     def denoise(x, t, context):
         eps_neg, eps_pos = unet(torch.cat([x, x]), t, context).chunk(2)
-        return eps_neg + args.guidance * (eps_pos - eps_neg)
+        return sampler.cfg_combine(eps_neg, eps_pos, args.guidance)
 
     def micro_step(first, weight):
         gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
         chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
-        x = sampler.initial_latents(gens, size, size, channels, device, dtype, scale)
+        x = sampler.initial_latents(gens, size, size, channels, device, dtype, vae.downscale)
         context = torch.cat([pipe.encode_prompts([""] * len(chosen)), pipe.encode_prompts(chosen)]).to(dtype)
         # the multipliers stay set through the backward: checkpointing recomputes the UNet calls there
         with lora.multipliers(unet, **weights):

@@ -559,6 +559,7 @@ class AutoencoderKL(nn.Module):
         super().__init__()
         self.config = cfg
         self.scaling_factor = cfg.scaling_factor
+        self.downscale = 2 ** (len(cfg.block_out_channels) - 1)  # pixels per latent pixel (8 for SD)
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         lat = cfg.latent_channels
