@@ -152,7 +152,7 @@ def sampling_one(variant, size, steps, threads):
     """Seconds per denoising step and whole-process peak memory for one way of running the guided UNet."""
     torch.set_num_threads(threads)
     import lora
-    import npo
+    import pipeline
     import unet
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     model = unet.load_unet(f"{WEIGHTS}/unet", dtype=dtype)
@@ -166,11 +166,11 @@ def sampling_one(variant, size, steps, threads):
     x = torch.randn(1, 4, size, size, generator=g).to(dtype)
     neg, pos = (torch.randn(1, 77, 768, generator=g).to(dtype) for _ in range(2))
     if variant.startswith("merged"):
-        denoise = npo.merged_denoiser(*npo.merged_unets(model, 1.0, 1.0), neg, pos, 7.5)
+        denoise = pipeline.merged_denoiser(*pipeline.merged_unets(model, 1.0, 1.0), neg, pos, 7.5)
     else:
         if "compile" in variant:
             model = torch.compile(model)
-        denoise = npo.npo_denoiser(model, neg, pos, 7.5, 1.0, 1.0)  # plain: no offsets, so plain CFG
+        denoise = pipeline.npo_denoiser(model, neg, pos, 7.5, 1.0, 1.0)  # plain: no offsets, so plain CFG
     t = torch.tensor(500)
     with torch.inference_mode():
         denoise(x, t)  # warm-up (and compilation)
@@ -225,7 +225,7 @@ def train_ours(variant, size, steps, threads):
     everything a step does (data, text encoder, VAE encode unless cached, both UNet passes, backward, AdamW)."""
     import tempfile
     torch.set_num_threads(threads)
-    import npo
+    import pipeline
     import train
     tmp = tempfile.mkdtemp()
     data = random_pair_dataset(f"{tmp}/data", 8 * size)
@@ -234,7 +234,7 @@ def train_ours(variant, size, steps, threads):
              "--device", "cpu"]
     flags += {"ours": [], "ours-gc": ["--gradient-checkpointing"], "ours-cache": ["--cache-latents"],
               "ours-cache-gc": ["--cache-latents", "--gradient-checkpointing"]}[variant]
-    train.main(npo.build_parser().parse_args(flags), npo.load_pipeline)
+    train.main(train.parse_args(flags[1:]))
     with open(f"{tmp}/run/log.jsonl") as f:
         seconds = [1 / line["it_per_s"] for line in map(json.loads, f) if "it_per_s" in line]
     # step 1 fills the cache; the one pair comes flipped or not, so a later step may encode once more: the median
@@ -336,7 +336,7 @@ def reward_one(sample_steps, grad_steps, size, threads):
     step's time from its log, and the process's peak memory (the model load included, the same for every row)."""
     import tempfile
     torch.set_num_threads(threads)
-    import npo
+    import pipeline
     import train
     tmp = tempfile.mkdtemp()
     with open(f"{tmp}/prompts.txt", "w") as f:
@@ -345,7 +345,7 @@ def reward_one(sample_steps, grad_steps, size, threads):
              f"{tmp}/prompts.txt", "--out", f"{tmp}/run", "--steps", "1", "--resolution", str(8 * size),
              "--sample-steps", str(sample_steps), "--grad-steps", str(grad_steps), "--log-every", "1",
              "--checkpoint-every", "0", "--device", "cpu"]
-    train.main(npo.build_parser().parse_args(flags), npo.load_pipeline)
+    train.main(train.parse_args(flags[1:]))
     with open(f"{tmp}/run/log.jsonl") as f:
         seconds = [1 / line["it_per_s"] for line in map(json.loads, f) if "it_per_s" in line]
     return dict(sample_steps=sample_steps, grad_steps=grad_steps, seconds=seconds[-1], peak_gib=rss_kib("VmHWM") / 2**20)

@@ -7,7 +7,7 @@ Every model in npo (UNet, VAE, CLIP text encoder) is built from its `config.json
 import dataclasses
 import json
 import os
-import tempfile
+import secrets
 
 import torch
 from safetensors import safe_open
@@ -72,6 +72,8 @@ def read_safetensors(path, device="cpu"):
     """All tensors of a safetensors file, loaded straight onto `device`; a damaged file is a UserError."""
     try:
         return load_file(path, device=str(device))
+    except (torch.OutOfMemoryError, MemoryError):
+        raise  # not the file's fault: the loader above says what happened
     except Exception as e:  # safetensors raises its own SafetensorError, OSError, or ValueError on bad headers
         raise UserError(f"{path} is not a readable safetensors file ({e}); download or convert it again.")
 
@@ -125,21 +127,24 @@ def build_on_meta(factory):
 
 def atomic_write(path, write):
     """`write(f)` into a temporary file beside `path` (f: a binary file), fsync it, then rename it to `path`: a
-    reader, or a run killed halfway, never sees a half-written file. The result gets a normal file's permissions
-    (0666 less the umask), not the temporary file's 0600."""
+    reader, or a run killed halfway, never sees a half-written file. The temporary file is created with mode 0666,
+    which the OS reduces by the process's umask, so the result has a normal file's permissions (mkstemp's 0600
+    would need a chmod, and reading the umask means setting it: not thread-safe)."""
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); check that its folder exists and is writable.")
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror or e}); check that its folder exists and is writable.")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

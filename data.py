@@ -1,4 +1,5 @@
-"""Preference pairs for DPO / NPO training: reading them, augmenting them, and batching them resumably.
+"""Training data: preference pairs for DPO / NPO (reading them, augmenting them, batching them resumably), and
+prompts files (`read_prompts`) for sampling and reward training.
 
 A pair is a prompt with a preferred (winner, `x_w`) and a rejected (loser, `x_l`) image. `open_pairs(path)`
 reads three layouts:
@@ -79,6 +80,30 @@ class PairDataset:
     def __repr__(self):
         return (f"PairDataset({self.kind} {self.path!r}: {len(self)} pairs, "
                 f"{self.skipped} bad rows skipped, {self.ties} ties dropped)")
+
+
+def read_prompts(path):
+    """The prompts of a prompts file: a .txt with one prompt per line, or a .jsonl with a "prompt" per row.
+
+    Blank lines are skipped; an empty file, an unreadable one or a JSONL row without a "prompt" is a UserError."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prompts file {path} ({e}); pass a readable UTF-8 .txt or .jsonl file.")
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line]
+    if str(path).lower().endswith(".jsonl"):
+        prompts = []
+        for n, line in numbered:
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path} line {n} is not a JSON object with a \"prompt\"; fix or remove that line.")
+    else:
+        prompts = [line for _, line in numbered]
+    if not prompts:
+        raise UserError(f"the prompts file {path} holds no prompts; write one prompt per line.")
+    return prompts
 
 
 def open_pairs(path, skip_bad_rows=False):
@@ -337,7 +362,8 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
     order gives exactly the batch of a single process with batch size `batch_size · world_size`, including each
     example's crop, flip and caption dropout. A run may therefore resume on another number of ranks as long as
     the global batch stays the same. `caption_dropout` is the probability of replacing a prompt by "".
-    `num_workers` > 0 decodes in background processes; the batches are identical either way."""
+    `num_workers` > 0 decodes in background processes; the batches are identical either way. Call `close()` on the
+    result when done: it stops those processes."""
     if not 0 <= rank < world_size or batch_size < 1:
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
     if not 0.0 <= caption_dropout <= 1.0:
@@ -349,4 +375,15 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
     stream = _Stream(dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=_collate, num_workers=num_workers,
                                          sampler=_Positions(start_step, batch_size, rank, world_size))
-    return iter(loader)
+    return _closing(iter(loader))
+
+
+def _closing(iterator):
+    """The batches, as a generator whose `close()` also stops the DataLoader's worker processes (torch's iterator
+    has no public close; without this they live until the iterator is garbage-collected)."""
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # present when num_workers > 0
+        if shutdown is not None:
+            shutdown()

@@ -10,9 +10,13 @@
    weight-merge baseline (eq. 4, α = 0.6, β = 0), each image scored by the reward. Mean reward with a 95%
    confidence interval, pairwise win rates at identical seeds (tables 1 and 4 of the paper), an α × β heat map of
    the mean reward (fig. 10) and a grid of samples.
-Everything goes to --out: `results.json`, `results.md` (the tables), `heatmap.png`, `compare.png`, and the run
-folders of the three trainings.
+Everything goes to --out: `results.json`, `results.md` (the tables), `heatmap.png`, `compare.png`, and the work
+that made them. Every piece of work is keyed by the settings that made it (`key`): the pairs in `pairs-KEY/`, each
+training in `NAME-KEY/`, each evaluated row in `eval/ROW-KEY.json`. Run the same command again after an
+interruption and it continues where it stopped (finished pieces are reused, an interrupted training resumes from
+its last checkpoint); change a setting and only the work it affects is redone. Every file is written atomically.
 """
+import hashlib
 import json
 import math
 import os
@@ -21,8 +25,10 @@ import time
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import checkpoint
+import images
 import lora
-import npo
+import pipeline
 import shapes
 import train
 
@@ -30,7 +36,7 @@ HELD_OUT = ("a green triangle", "a yellow square")  # never in the training pair
 
 
 def add_arguments(p):
-    p.add_argument("--model", default=npo.DEFAULT_MODEL, help="model folder (default: the embedded shapes model)")
+    p.add_argument("--model", default=pipeline.DEFAULT_MODEL, help="model folder (default: the embedded shapes model)")
     p.add_argument("--out", default="results", help="output folder (default: results/)")
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     p.add_argument("--pairs-per-prompt", type=int, default=24, help="AI-feedback pairs per training prompt")
@@ -41,39 +47,48 @@ def add_arguments(p):
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of every sample")
 
 
+def key(*parts):
+    """A short hash of the settings that make a piece of work: its folder or file name carries it."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def write_json(path, value):
+    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(value).encode()))
+
+
 def score(pipe, prompts, seeds, args, alpha=1.0, beta=1.0, batch=48):
     """Sample each (prompt, seed) and score it with the shapes reward; returns the rewards and the images."""
-    rewards, images = [], []
+    rewards, pictures = [], []
     for i in range(0, len(prompts), batch):
-        x = npo.generate(pipe, prompts[i:i + batch], seeds[i:i + batch], steps=args.steps, guidance=args.guidance,
-                         alpha=alpha, beta=beta)
+        x = pipeline.generate(pipe, prompts[i:i + batch], seeds[i:i + batch], steps=args.steps,
+                              guidance=args.guidance, alpha=alpha, beta=beta)
         x = (x.float() / 2 + 0.5).clamp(0, 1)
         rewards.append(shapes.reward(x, prompts[i:i + batch]))
-        images.append(x)
-    return torch.cat(rewards), torch.cat(images)
+        pictures.append(x)
+    return torch.cat(rewards), torch.cat(pictures)
 
 
 def with_offsets(model, eta=None, delta=None):
-    pipe = npo.load_pipeline(model)
+    pipe = pipeline.load_pipeline(model)
     for name, path in (("eta", eta), ("delta", delta)):
         if path:
             lora.load_lora(pipe.unet, path, name)
     return pipe
 
 
-def save_image(tensor, path):
-    pixels = (tensor * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).save(path)
-
-
-def make_pairs(args, out):
-    """Two base samples per (prompt, pair index), labelled by the reward; written as a pairs.jsonl dataset."""
-    folder = os.path.join(out, "pairs")
+def make_pairs(args, out, model_key):
+    """Two base samples per (prompt, pair index), labelled by the reward; written as a pairs.jsonl dataset in
+    `pairs-KEY/` (pairs.jsonl last, so its presence means the folder is complete). Returns (path, summary)."""
+    folder = os.path.join(out, "pairs-" + key(model_key, args.seed, args.pairs_per_prompt, args.steps,
+                                               args.guidance, HELD_OUT))
+    path, summary_path = os.path.join(folder, "pairs.jsonl"), os.path.join(folder, "summary.json")
+    if os.path.exists(path):
+        return path, checkpoint.read_json(summary_path)
     os.makedirs(folder, exist_ok=True)
     train_prompts = [p for p in shapes.prompts() if p not in HELD_OUT]
     prompts = [p for p in train_prompts for _ in range(args.pairs_per_prompt)]
     seeds = [args.seed * 1_000_000 + 2 * i for i in range(len(prompts))]
-    pipe = npo.load_pipeline(args.model)
+    pipe = pipeline.load_pipeline(args.model)
     r0, x0 = score(pipe, prompts, seeds, args)
     r1, x1 = score(pipe, prompts, [s + 1 for s in seeds], args)
     rows, ties = [], 0
@@ -82,21 +97,36 @@ def make_pairs(args, out):
             ties += 1
             continue
         (win, lose) = (x0[i], x1[i]) if r0[i] > r1[i] else (x1[i], x0[i])
-        save_image(win, os.path.join(folder, f"{i:05d}-w.png"))
-        save_image(lose, os.path.join(folder, f"{i:05d}-l.png"))
+        for name, picture in ((f"{i:05d}-w.png", win), (f"{i:05d}-l.png", lose)):
+            images.save_png(images.to_pil(picture[None] * 2 - 1)[0], os.path.join(folder, name))
         rows.append({"prompt": prompt, "chosen": f"{i:05d}-w.png", "rejected": f"{i:05d}-l.png"})
-    with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
-        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    return os.path.join(folder, "pairs.jsonl"), len(rows), ties, torch.cat([r0, r1]).mean().item()
+    summary = {"pairs": len(rows), "ties": ties, "base_reward": torch.cat([r0, r1]).mean().item()}
+    write_json(summary_path, summary)
+    checkpoint.atomic_write(path, lambda f: f.write(("\n".join(json.dumps(r) for r in rows) + "\n").encode()))
+    return path, summary
 
 
-def run_training(args, out, name, flags):
-    folder = os.path.join(out, name)
-    if os.path.exists(os.path.join(folder, "lora.safetensors")):
-        return os.path.join(folder, "lora.safetensors")  # done in an earlier run of the experiment
-    argv = ["train", "--model", args.model, "--out", folder, "--seed", str(args.seed), "--checkpoint-every", "0",
-            "--log-every", "50", "--rank", "8", *flags]
-    return train.main(npo.build_parser().parse_args(argv), npo.load_pipeline)
+def run_training(args, out, name, flags, model_key, pairs_key=None):
+    """One training in `NAME-KEY/`: reused when its result exists, resumed from its last checkpoint when an
+    earlier run of the experiment was interrupted, started otherwise."""
+    folder = os.path.join(out, f"{name}-{key(model_key, args.seed, flags, pairs_key)}")
+    result = os.path.join(folder, "lora.safetensors")
+    if os.path.exists(result):
+        return result
+    argv = ["--model", args.model, "--out", folder, "--seed", str(args.seed), "--checkpoint-every", "25",
+            "--log-every", "50", "--rank", "8", "--resume", "latest", *flags]
+    return train.main(train.parse_args(argv))
+
+
+def evaluated(out, name, settings, compute):
+    """`compute()`'s list of numbers, cached in eval/NAME-KEY.json (KEY from `settings`)."""
+    path = os.path.join(out, "eval", f"{name.replace(' ', '_')}-{key(settings)}.json")
+    if os.path.exists(path):
+        return torch.tensor(checkpoint.read_json(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    values = compute()
+    write_json(path, values.tolist())
+    return values
 
 
 def interval(r):
@@ -129,7 +159,7 @@ def heatmap(values, alphas, betas, path, title):
             box = [pad + j * cell, pad + i * cell, pad + (j + 1) * cell - 2, pad + (i + 1) * cell - 2]
             pen.rectangle(box, fill=color)
             pen.text((box[0] + 12, box[1] + 26), f"{v:.3f}", fill="black" if level > 0.5 else "white", font=font)
-    image.save(path)
+    images.save_png(image, path)
 
 
 def main(args):
@@ -138,25 +168,12 @@ def main(args):
     os.makedirs(out, exist_ok=True)
     say = lambda m: print(f"[{time.time() - start:5.0f} s] {m}", flush=True)  # noqa: E731
     torch.manual_seed(args.seed)
+    model_key = (os.path.abspath(args.model), train.model_fingerprint(pipeline.load_pipeline(args.model).unet))
 
-    pairs, n_pairs, ties, base_train_reward = make_pairs(args, out)
-    say(f"{n_pairs} AI-feedback pairs ({ties} near-ties dropped), base reward on training prompts {base_train_reward:.3f}")
-    dpo = ["--data", pairs, "--steps", str(args.train_steps), "--batch-size", "8", "--lr", "1e-4",
-           "--beta-dpo", "500", "--cache-latents", "--caption-dropout", "0.1"]
-    eta = run_training(args, out, "dpo", dpo)
-    say(f"trained η (DPO): {eta}")
-    delta = run_training(args, out, "npo", dpo + ["--npo"])
-    say(f"trained δ (NPO, pairs swapped): {delta}")
-    delta_r = None
-    if args.reward_steps:
-        prompts_file = os.path.join(out, "train-prompts.txt")
-        with open(prompts_file, "w") as f:
-            f.write("\n".join(p for p in shapes.prompts() if p not in HELD_OUT) + "\n")
-        delta_r = run_training(args, out, "npo-reward", [
-            "--method", "reward", "--npo", "--reward", "shapes:reward", "--prompts-file", prompts_file,
-            "--steps", str(args.reward_steps), "--batch-size", "4", "--lr", "1e-4", "--sample-steps", str(args.steps),
-            "--grad-steps", "1", "--guidance", str(args.guidance)])
-        say(f"trained δ' (NPO, reward 1 − R): {delta_r}")
+    pairs, summary = make_pairs(args, out, model_key)
+    say(f"{summary['pairs']} AI-feedback pairs ({summary['ties']} near-ties dropped), base reward on training "
+        f"prompts {summary['base_reward']:.3f}")
+    eta, delta, delta_r = train_offsets(args, out, model_key, pairs, say)
 
     # ---- evaluation at held-out seeds ---------------------------------------------------------------------------
     prompts = [p for p in shapes.prompts() for _ in range(args.eval_seeds)]
@@ -172,35 +189,77 @@ def main(args):
     if delta_r:
         configs["base + NPO (1 − R)"] = (None, delta_r, 1.0, 1.0)
         configs["DPO + NPO (1 − R)"] = (eta, delta_r, 1.0, 1.0)
-    results, samples = {}, {}
+    results = {}
     for name, (e, d, a, b) in configs.items():
-        r, x = score(with_offsets(args.model, e, d), prompts, seeds, args, alpha=a, beta=b)
-        results[name], samples[name] = r, x
-        say(f"{name}: mean reward {r.mean():.4f}")
+        results[name] = evaluated(out, name, (model_key, e, d, a, b, prompts, seeds, args.steps, args.guidance),
+                                  lambda: score(with_offsets(args.model, e, d), prompts, seeds, args, a, b)[0])
+        say(f"{name}: mean reward {results[name].mean():.4f}")
 
-    # α × β heat map with η and δ (fig. 10), on 4 seeds per prompt
-    alphas, betas = [0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.5]
-    few = [i for i in range(len(prompts)) if seeds[i] % 1_000 < 4]
-    both = with_offsets(args.model, eta, delta)
-    grid = [[score(both, [prompts[i] for i in few], [seeds[i] for i in few], args, a, b)[0].mean().item()
-             for b in betas] for a in alphas]
+    grid, alphas, betas = alpha_beta_grid(args, out, model_key, eta, delta, prompts, seeds)
     heatmap(grid, alphas, betas, os.path.join(out, "heatmap.png"), "mean reward, DPO eta + NPO delta")
-
-    # samples: one seed per prompt, each configuration a row
-    shown = [i for i in range(len(prompts)) if seeds[i] % 1_000 == 0]
-    names = ["base", "base + NPO", "DPO", "DPO + NPO"]
-    tiles = [im.resize((128, 128), Image.NEAREST) for im in npo.to_pil(torch.stack(
-        [samples[n][i] * 2 - 1 for n in names for i in shown]))]
-    picture = npo.labelled_grid(tiles, len(names), len(shown), row_labels=names,
-                                col_labels=[prompts[i].removeprefix("a ") for i in shown])
-    picture.save(os.path.join(out, "compare.png"))
-
-    report = write_report(args, out, results, held, grid, alphas, betas, n_pairs, ties, time.time() - start)
+    sample_grid(args, out, configs, prompts, seeds)
+    report = write_report(args, out, results, held, grid, alphas, betas, summary, time.time() - start)
     say(f"wrote {report}")
     return results
 
 
-def write_report(args, out, results, held, grid, alphas, betas, n_pairs, ties, seconds):
+def train_offsets(args, out, model_key, pairs, say):
+    """η by DPO and δ by NPO on the pairs, and δ' by reward training on 1 − R (None with --reward-steps 0)."""
+    pairs_key = checkpoint.read_json(os.path.join(os.path.dirname(pairs), "summary.json"))
+    dpo = ["--data", pairs, "--steps", str(args.train_steps), "--batch-size", "8", "--lr", "1e-4",
+           "--beta-dpo", "500", "--cache-latents", "--caption-dropout", "0.1"]
+    eta = run_training(args, out, "dpo", dpo, model_key, pairs_key)
+    say(f"trained η (DPO): {eta}")
+    delta = run_training(args, out, "npo", dpo + ["--npo"], model_key, pairs_key)
+    say(f"trained δ (NPO, pairs swapped): {delta}")
+    if not args.reward_steps:
+        return eta, delta, None
+    prompts_file = os.path.join(out, "train-prompts.txt")
+    text = "\n".join(p for p in shapes.prompts() if p not in HELD_OUT) + "\n"
+    checkpoint.atomic_write(prompts_file, lambda f: f.write(text.encode()))
+    delta_r = run_training(args, out, "npo-reward", [
+        "--method", "reward", "--npo", "--reward", "shapes:reward", "--prompts-file", prompts_file,
+        "--steps", str(args.reward_steps), "--batch-size", "4", "--lr", "1e-4", "--sample-steps", str(args.steps),
+        "--grad-steps", "1", "--guidance", str(args.guidance)], model_key, text)
+    say(f"trained δ' (NPO, reward 1 − R): {delta_r}")
+    return eta, delta, delta_r
+
+
+def alpha_beta_grid(args, out, model_key, eta, delta, prompts, seeds):
+    """Mean reward over α (rows) × β (columns) with η and δ (fig. 10), on 4 seeds per prompt."""
+    alphas, betas = [0.0, 0.5, 1.0], [0.0, 0.5, 1.0, 1.5]
+    few = [i for i in range(len(prompts)) if seeds[i] % 1_000 < 4]
+    few_prompts, few_seeds = [prompts[i] for i in few], [seeds[i] for i in few]
+    both = None
+    grid = []
+    for a in alphas:
+        row = []
+        for b in betas:
+            def compute(a=a, b=b):
+                nonlocal both
+                both = both or with_offsets(args.model, eta, delta)
+                return score(both, few_prompts, few_seeds, args, a, b)[0]
+            settings = (model_key, eta, delta, a, b, few_prompts, few_seeds, args.steps, args.guidance)
+            row.append(evaluated(out, f"heat-{a:g}-{b:g}", settings, compute).mean().item())
+        grid.append(row)
+    return grid, alphas, betas
+
+
+def sample_grid(args, out, configs, prompts, seeds):
+    """compare.png: one seed per prompt, the first four configurations as rows."""
+    shown = [i for i in range(len(prompts)) if seeds[i] % 1_000 == 0]
+    names = ["base", "base + NPO", "DPO", "DPO + NPO"]
+    tiles = []
+    for name in names:
+        e, d, a, b = configs[name]
+        x = score(with_offsets(args.model, e, d), [prompts[i] for i in shown], [seeds[i] for i in shown], args, a, b)[1]
+        tiles += [im.resize((128, 128), Image.NEAREST) for im in images.to_pil(x * 2 - 1)]
+    picture = images.labelled_grid(tiles, len(names), len(shown), row_labels=names,
+                                   col_labels=[prompts[i].removeprefix("a ") for i in shown])
+    images.save_png(picture, os.path.join(out, "compare.png"))
+
+
+def write_report(args, out, results, held, grid, alphas, betas, summary, seconds):
     lines = [f"Held-out seeds: {args.eval_seeds} per prompt, 12 prompts ({len(held)} images per row; "
              f"{', '.join(HELD_OUT)} never trained on). Reward = `shapes.reward` in [0, 1]; ± is a 95% interval.",
              "", "| sampling | mean reward | ± | held-out prompts only | win rate vs base | vs DPO |",
@@ -217,12 +276,10 @@ def write_report(args, out, results, held, grid, alphas, betas, n_pairs, ties, s
     lines += ["", "Mean reward over α (rows) × β (columns), DPO η and NPO δ, 4 seeds per prompt:", "",
               "| α \\ β | " + " | ".join(f"{b:g}" for b in betas) + " |", "|---|" + "---|" * len(betas)]
     lines += [f"| {a:g} | " + " | ".join(f"{v:.4f}" for v in row) + " |" for a, row in zip(alphas, grid)]
-    lines += ["", f"{n_pairs} training pairs ({ties} near-ties dropped); {args.train_steps} DPO / NPO steps; "
+    lines += ["", f"{summary['pairs']} training pairs ({summary['ties']} near-ties dropped); {args.train_steps} DPO / NPO steps; "
               f"{args.reward_steps} reward steps; {args.steps} DDIM steps at guidance {args.guidance:g}; "
               f"seed {args.seed}; {seconds / 60:.1f} minutes."]
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({k: v.tolist() for k, v in results.items()} | {"heatmap": grid}, f)
+    write_json(os.path.join(out, "results.json"), {k: v.tolist() for k, v in results.items()} | {"heatmap": grid})
     path = os.path.join(out, "results.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    checkpoint.atomic_write(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
     return path

@@ -1,10 +1,14 @@
 """Rewards R(x, c) for reward-based training, and NPO's reversal of them: R_NPO = 1 − R (paper eq. 7).
 
-A reward is a callable `reward(images, prompts) -> Tensor[B]`, images float (B, 3, H, W) in [0, 1]. Two attributes
-say how it may be used (plain functions get the defaults):
+A reward is any callable `reward(images, prompts) -> Tensor[B]`, images float (B, 3, H, W) in [0, 1]. What it is
+is read from what it does: `probe` calls it once on random images that require grad, and it is differentiable if
+its scores depend on them through autograd. Training checks every call's scores (`checked`): one finite score per
+image, and, where 1 − R is trained, each in [0, 1]. A reward may also state its properties, and offer a hook:
 
-    reward.differentiable   True if gradients flow from the score to the pixels (needed by --method reward)
-    reward.bounded          True if scores lie in [0, 1] (needed by `negate`: 1 − R must stay a reward)
+    reward.differentiable   True / False: skips the probe's verdict (e.g. False for a JPEG size)
+    reward.bounded          True: scores lie in [0, 1]; False: they do not (1 − R then needs a range or a sigmoid)
+    reward.check_prompts    a function(prompts) that raises ValueError for prompts the reward cannot score, called
+                            on every training prompt before any model loads
 
     r = rewards.load("rewards:brightness")             # a built-in, or "my_module:my_reward" of your own
     r_npo = rewards.negate(r)                           # 1 − R: what the NPO offset δ is trained on
@@ -28,6 +32,8 @@ from PIL import Image
 import checkpoint
 from checkpoint import UserError
 
+RANGE_HINT = "give it a range (--reward-range LOW,HIGH) or a sigmoid scale (--reward-sigmoid SCALE)"
+
 
 def reward(differentiable, bounded):
     """Decorator that states a reward function's two properties."""
@@ -38,27 +44,102 @@ def reward(differentiable, bounded):
 
 
 def is_differentiable(r):
-    return getattr(r, "differentiable", False)
+    """What the reward states: True, False, or None when it states nothing (then `probe` decides)."""
+    return getattr(r, "differentiable", None)
 
 
 def is_bounded(r):
-    return getattr(r, "bounded", False)
+    """What the reward states about [0, 1]: True, False, or None (then its scores are checked as they come)."""
+    return getattr(r, "bounded", None)
+
+
+def name_of(r):
+    return getattr(r, "__name__", type(r).__name__)
+
+
+def _wrapped(r, fn, name, bounded):
+    """`fn` as a reward derived from `r`: r's differentiability and prompt check, the given bounds and name."""
+    fn.differentiable, fn.bounded, fn.__name__ = is_differentiable(r), bounded, name
+    if hasattr(r, "check_prompts"):
+        fn.check_prompts = r.check_prompts
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a reward is, read from what it does; its scores checked at every call.
+
+def check_scores(scores, batch, name, unit_range=False):
+    """One finite score per image, shape (B,); in [0, 1] where `unit_range` (1 − R is trained). Else a UserError."""
+    if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (batch,):
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise UserError(f"the reward {name} returned {got} for a batch of {batch} images; it must return a tensor "
+                        f"of shape ({batch},), one score per image.")
+    if not torch.isfinite(scores).all():
+        raise UserError(f"the reward {name} returned non-finite scores ({scores.detach().tolist()}); "
+                        "make it return finite numbers.")
+    if unit_range and ((scores < 0) | (scores > 1)).any():
+        bad = scores[(scores < 0) | (scores > 1)][0].item()
+        raise UserError(f"the reward {name} returned {bad:g}, outside [0, 1], so 1 − R is not a reward; {RANGE_HINT}.")
+
+
+def checked(r, unit_range=False):
+    """R whose every call's scores pass `check_scores` (in [0, 1] too when `unit_range`)."""
+    def checked_reward(images, prompts):
+        scores = r(images, prompts)
+        check_scores(scores, len(images), name_of(r), unit_range)
+        return scores
+    return _wrapped(r, checked_reward, name_of(r), is_bounded(r))
+
+
+def check_prompts(r, prompts):
+    """Call the reward's `check_prompts` hook, if it has one, turning its ValueError into a UserError."""
+    hook = getattr(r, "check_prompts", None)
+    if hook is not None:
+        try:
+            hook(list(prompts))
+        except ValueError as e:
+            raise UserError(f"the reward {name_of(r)} cannot score these prompts: {e}; "
+                            "train with prompts it knows.")
+
+
+def probe(r, prompts, size=64):
+    """Call the reward once on 2 random images that require grad. Returns whether it is differentiable: what it
+    states, else whether its scores depend on the pixels through autograd. Raises a UserError if it fails or its
+    scores are malformed."""
+    prompts = (list(prompts) * 2)[:2]
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    try:
+        scores = r(images, prompts)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"the reward {name_of(r)} failed on a test batch ({type(e).__name__}: {e}); "
+                        "fix it or pass another --reward.")
+    check_scores(scores, 2, name_of(r))
+    if is_differentiable(r) is not None:
+        return bool(is_differentiable(r))
+    if not scores.requires_grad:
+        return False
+    (grad,) = torch.autograd.grad(scores.sum(), images, allow_unused=True)
+    return grad is not None and bool(grad.abs().sum() > 0)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # NPO's reversal and the maps that make a reward fit for it.
 
 def negate(r):
-    """R_NPO(x, c) = 1 − R(x, c) (eq. 7): maximizing it trains the offset toward what R ranks low."""
-    if not is_bounded(r):
-        raise UserError(f"the reward {name_of(r)} is not bounded to [0, 1], so 1 − R is not a reward; give it a "
-                        "range (--reward-range LOW,HIGH) or a sigmoid scale (--reward-sigmoid SCALE).")
+    """R_NPO(x, c) = 1 − R(x, c) (eq. 7): maximizing it trains the offset toward what R ranks low.
 
-    @reward(is_differentiable(r), True)
+    A reward that states it is unbounded is refused; one that states nothing has each call's scores checked to
+    lie in [0, 1]."""
+    if is_bounded(r) is False:
+        raise UserError(f"the reward {name_of(r)} is not bounded to [0, 1], so 1 − R is not a reward; {RANGE_HINT}.")
+
     def npo_reward(images, prompts):
-        return 1 - r(images, prompts)
-    npo_reward.__name__ = f"1 - {name_of(r)}"
-    return npo_reward
+        scores = r(images, prompts)
+        check_scores(scores, len(images), name_of(r), unit_range=True)
+        return 1 - scores
+    return _wrapped(r, npo_reward, f"1 - {name_of(r)}", True)
 
 
 def affine(r, low, high):
@@ -66,11 +147,9 @@ def affine(r, low, high):
     if not (math.isfinite(low) and math.isfinite(high) and high > low):
         raise UserError(f"a reward range needs LOW < HIGH, got {low}, {high}; pass e.g. --reward-range 0,40.")
 
-    @reward(is_differentiable(r), True)
     def mapped(images, prompts):
         return ((r(images, prompts) - low) / (high - low)).clamp(0, 1)
-    mapped.__name__ = f"{name_of(r)} in [{low:g}, {high:g}]"
-    return mapped
+    return _wrapped(r, mapped, f"{name_of(r)} in [{low:g}, {high:g}]", True)
 
 
 def sigmoid(r, scale, center=0.0):
@@ -78,15 +157,9 @@ def sigmoid(r, scale, center=0.0):
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"a reward sigmoid scale must be a positive number, got {scale}.")
 
-    @reward(is_differentiable(r), True)
     def squashed(images, prompts):
         return torch.sigmoid((r(images, prompts) - center) / scale)
-    squashed.__name__ = f"sigmoid({name_of(r)})"
-    return squashed
-
-
-def name_of(r):
-    return getattr(r, "__name__", type(r).__name__)
+    return _wrapped(r, squashed, f"sigmoid({name_of(r)})", True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,11 +223,16 @@ class AestheticHead(nn.Module):
     def from_file(cls, path, embed, dim=768):
         head = cls(embed, dim)
         state = checkpoint.read_safetensors(path)
-        missing = {k for k in head.layers.state_dict()} - {k.removeprefix("layers.") for k in state}
-        if missing:
-            raise UserError(f"{path} is not an aesthetic MLP (missing {sorted(missing)[:3]}); convert the "
+        state = {k.removeprefix("layers."): v for k, v in state.items()}
+        expected = head.layers.state_dict()
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        misshaped = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
+        if missing or unexpected or misshaped:
+            found = ", ".join(f"{what} {sorted(keys)[:3]}" for what, keys in
+                              (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys)
+            raise UserError(f"{path} is not an aesthetic MLP for {dim}-dim embeddings ({found}); convert the "
                             "improved-aesthetic-predictor weights to safetensors with keys layers.N.weight|bias.")
-        head.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        head.layers.load_state_dict(state)
         return head.eval().requires_grad_(False)
 
     def forward(self, images, prompts=None):
@@ -174,13 +252,18 @@ def load(spec):
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"--reward {spec!r} is not module:function; pass e.g. rewards:brightness or my_rewards:score.")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())  # `python npo.py` puts the script's folder on the path, not the current one
+    # `python npo.py` puts the script's folder on the path, not the current one: look there too, for this import only
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise UserError(f"--reward {spec}: cannot import {module_name} ({e}); run from the folder that holds "
                         f"{module_name}.py or install it.")
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"--reward {spec}: {module_name} has no function {attr}.")

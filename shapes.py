@@ -120,4 +120,13 @@ def reward(images, prompts):
     return torch.stack(scores)
 
 
-reward.differentiable, reward.bounded = True, True
+def check_prompts(prompts):
+    """The reward's prompt check (rewards.check_prompts calls it before training): ValueError for a prompt outside
+    this world."""
+    bad = [p for p in prompts if parse(p) is None]
+    if bad:
+        raise ValueError(f"it knows only 'a {{color}} {{shape}}' prompts (colors {', '.join(COLORS)}; shapes "
+                         f"{', '.join(SHAPES)}), and {len(bad)} prompt(s) are not, e.g. {bad[0]!r}")
+
+
+reward.differentiable, reward.bounded, reward.check_prompts = True, True, check_prompts

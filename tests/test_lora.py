@@ -57,14 +57,28 @@ def inputs(batch=2, seed=0):
 # ----------------------------------------------------------------------------------------------------------
 # Invariants of our own layers.
 
+def hand_merged_reference(unet_dir, model, name, m=1.0):
+    """diffusers' UNet with W + m · (alpha / r) · up @ down written into each targeted layer by hand."""
+    ref = reference_unet(unet_dir)
+    with torch.no_grad():
+        for layer, offset in lora.offsets(model, name).items():
+            down, up = offset.lora_down.weight, offset.lora_up.weight
+            w = ref.get_submodule(layer).weight
+            delta = (up.flatten(1) @ down.flatten(1)).view(up.shape[0], *down.shape[1:])  # a conv's 1x1 up folds in
+            w += m * float(offset.alpha) / offset.rank * delta.view_as(w)
+    return ref
+
+
 def test_multiplier_zero_is_the_base_model(unet_dir):
     model = unet.load_unet(unet_dir)
     x, t, c = inputs()
     with torch.no_grad():
         base = model(x, t, c)
-        lora.add_offset(model, "eta", rank=4, targets=ALL_KINDS)
+        lora.add_offset(model, "eta", rank=4, alpha=2, targets=ALL_KINDS)
         randomize_offset(model, "eta", seed=1)
-        assert not torch.allclose(model(x, t, c), base, rtol=1e-2)
+        for m in (1.0, 0.5):  # the offset is what the LoRA formula says it is
+            with lora.multipliers(model, eta=m):
+                assert_close(model(x, t, c), hand_merged_reference(unet_dir, model, "eta", m)(x, t, c).sample)
         with lora.multipliers(model, eta=0.0):
             assert torch.equal(model(x, t, c), base)
         with lora.multipliers(model, eta=[0.0, 0.0]):  # the per-sample path at zero adds exact zeros

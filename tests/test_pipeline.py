@@ -1,4 +1,4 @@
-"""`npo.load_pipeline` on a diffusers folder of random weights, its bad inputs, and the CLI's exit code 2."""
+"""`pipeline.load_pipeline` on a diffusers folder of random weights, its bad inputs, and the CLI's exit code 2."""
 import json
 import os
 import shutil
@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import checkpoint
 import npo
+import pipeline
 from checkpoint import UserError
 from conftest import ROOT
 
@@ -25,7 +26,7 @@ def assert_close(ours, ref):
 def test_pipeline_parts_match_references(tiny_model):
     from transformers import CLIPTokenizer
     path, refs = tiny_model
-    pipe = npo.load_pipeline(path)
+    pipe = pipeline.load_pipeline(path)
     prompts = ["a red circle", "", "A photo of an astronaut riding a horse on the moon, 4k, trending"]
     ids = pipe.tokenizer(prompts)
     assert ids.dtype == torch.long and ids.shape == (3, 77)
@@ -52,24 +53,39 @@ def test_fp16_variant_and_bf16_dtype(tiny_model, tmp_path):
     src.unlink()  # only the variant remains: loading it must not need the fp32 file
     for part, name in (("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
         os.rename(copy / part / f"{name}.safetensors", copy / part / f"{name}.fp16.safetensors")
-    pipe = npo.load_pipeline(str(copy), dtype=torch.bfloat16, variant="fp16")
+    pipe = pipeline.load_pipeline(str(copy), dtype=torch.bfloat16, variant="fp16")
     assert all(p.dtype == torch.bfloat16 for p in pipe.unet.parameters())
+    # the outputs: float32 from the fp16 UNet file equals the reference UNet with its weights rounded to fp16 (the
+    # other parts' variant files hold their float32 weights); bfloat16 is that within bfloat16's precision (8 bits
+    # of mantissa: 1.3% of the output's scale measured here, after a dozen layers)
+    import copy as copying
+    rounded = copying.deepcopy(refs["unet"]).half().float()
+    fp32 = pipeline.load_pipeline(str(copy), dtype=torch.float32, variant="fp16")
+    ids = fp32.tokenizer(["a red circle"])
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        text = refs["text_encoder"](ids).last_hidden_state
+        assert_close(fp32.text_encoder(ids), text)
+        ref = rounded(x, 500, text).sample
+        assert_close(fp32.unet(x, 500, text), ref)
+        low = pipe.unet(x.bfloat16(), 500, text.bfloat16()).float()
+        assert (low - ref).abs().max() <= 0.03 * ref.abs().max()
     with pytest.raises(UserError, match=r"diffusion_pytorch_model\.safetensors"):
-        npo.load_pipeline(str(copy))  # no plain files: the message names what it looked for
+        pipeline.load_pipeline(str(copy))  # no plain files: the message names what it looked for
 
 
 def test_parameter_counts_are_the_references(tiny_model):
     path, refs = tiny_model
-    pipe = npo.load_pipeline(path)
+    pipe = pipeline.load_pipeline(path)
     for name in ("unet", "vae", "text_encoder"):
-        assert npo.count_parameters(getattr(pipe, name)) == sum(p.numel() for p in refs[name].parameters())
+        assert pipeline.count_parameters(getattr(pipe, name)) == sum(p.numel() for p in refs[name].parameters())
 
 
 # ---- bad input: one sentence, the right class, nothing half-done ----------------------------------------
 
 def test_path_that_does_not_exist(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
-        npo.load_pipeline(str(tmp_path / "nope"))
+        pipeline.load_pipeline(str(tmp_path / "nope"))
 
 
 def test_folder_without_unet(tiny_model, tmp_path):
@@ -77,7 +93,7 @@ def test_folder_without_unet(tiny_model, tmp_path):
     shutil.copytree(tiny_model[0], copy)
     shutil.rmtree(copy / "unet")
     with pytest.raises(UserError, match="no unet/"):
-        npo.load_pipeline(str(copy))
+        pipeline.load_pipeline(str(copy))
 
 
 def test_unsupported_config_value(tiny_model, tmp_path):
@@ -88,7 +104,7 @@ def test_unsupported_config_value(tiny_model, tmp_path):
     cfg["addition_embed_type"] = "text_time"  # SDXL's
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="addition_embed_type"):
-        npo.load_pipeline(str(copy))
+        pipeline.load_pipeline(str(copy))
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_safetensors", "empty"])
@@ -99,7 +115,7 @@ def test_damaged_safetensors(tiny_model, tmp_path, damage):
     data = f.read_bytes()
     f.write_bytes({"truncated": data[: len(data) // 2], "not_safetensors": b"PK\x03\x04 a zip, not weights", "empty": b""}[damage])
     with pytest.raises(UserError, match="not a readable safetensors file"):
-        npo.load_pipeline(str(copy))
+        pipeline.load_pipeline(str(copy))
 
 
 @pytest.mark.parametrize("change, words", [("missing", "missing keys"), ("unexpected", "unexpected keys"),
@@ -121,7 +137,7 @@ def test_key_problems_are_listed(tiny_model, tmp_path, change, words):
         sd["conv_in.weight"] = torch.zeros(3, 3, 3, 3)
     save_file(sd, f)
     with pytest.raises(UserError) as e:
-        npo.load_pipeline(str(copy))
+        pipeline.load_pipeline(str(copy))
     msg = str(e.value)
     assert words in msg and sorted(victims)[0] in msg
     if change == "unexpected":  # a few keys at most, plus a count of the rest
@@ -133,7 +149,7 @@ def test_ckpt_instead_of_safetensors_is_refused(tiny_model, tmp_path):
     shutil.copytree(tiny_model[0], copy)
     os.rename(copy / "unet" / "diffusion_pytorch_model.safetensors", copy / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(UserError, match="safetensors only"):
-        npo.load_pipeline(str(copy))
+        pipeline.load_pipeline(str(copy))
 
 
 def test_tokenizer_folder_without_vocab(tiny_model, tmp_path):
@@ -142,7 +158,7 @@ def test_tokenizer_folder_without_vocab(tiny_model, tmp_path):
     for name in os.listdir(copy / "tokenizer"):
         os.remove(copy / "tokenizer" / name)
     with pytest.raises(UserError):
-        npo.load_pipeline(str(copy))
+        pipeline.load_pipeline(str(copy))
 
 
 def run_cli(*args):

@@ -2,6 +2,8 @@
 import io
 import json
 import os
+import re
+import sys
 
 import pytest
 import torch
@@ -11,9 +13,12 @@ from safetensors.torch import save_file
 
 import lora
 import npo
+import pipeline
 import rewards
+import shapes
 import train
 from checkpoint import UserError
+from conftest import diffusers_pipeline
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -27,11 +32,12 @@ def test_negate_and_bounding_maps_by_hand():
     @rewards.reward(differentiable=True, bounded=False)
     def raw(images, prompts):
         return torch.tensor([-10.0, 5.0, 30.0, 50.0])
+    four = torch.zeros(4, 3, 2, 2)
     mapped = rewards.affine(raw, 0, 40)
-    assert mapped(None, None).tolist() == [0.0, 0.125, 0.75, 1.0]
-    assert rewards.negate(mapped)(None, None).tolist() == [1.0, 0.875, 0.25, 0.0]
+    assert mapped(four, None).tolist() == [0.0, 0.125, 0.75, 1.0]
+    assert rewards.negate(mapped)(four, None).tolist() == [1.0, 0.875, 0.25, 0.0]
     squashed = rewards.sigmoid(raw, scale=10.0)
-    torch.testing.assert_close(squashed(None, None), torch.tensor([0.268941, 0.622459, 0.952574, 0.993307]))
+    torch.testing.assert_close(squashed(four, None), torch.tensor([0.268941, 0.622459, 0.952574, 0.993307]))
     with pytest.raises(UserError, match="not bounded"):
         rewards.negate(raw)
     with pytest.raises(UserError, match="LOW < HIGH"):
@@ -81,6 +87,11 @@ def test_aesthetic_head_loads_a_file_and_scores_as_its_mlp(tmp_path):
     save_file({"other.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(UserError, match="not an aesthetic MLP"):
         rewards.AestheticHead.from_file(str(tmp_path / "bad.safetensors"), embed, dim=32)
+    save_file({**state, "layers.9.weight": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(UserError, match=r"unexpected \['9.weight'\]"):
+        rewards.AestheticHead.from_file(str(tmp_path / "extra.safetensors"), embed, dim=32)
+    with pytest.raises(UserError, match="misshaped"):  # a head for 32-dim embeddings read as one for 16
+        rewards.AestheticHead.from_file(str(tmp_path / "head.safetensors"), embed, dim=16)
 
 
 def test_load_by_name(tmp_path, monkeypatch):
@@ -88,11 +99,60 @@ def test_load_by_name(tmp_path, monkeypatch):
     (tmp_path / "my_reward_module.py").write_text(
         "import torch\ndef redness(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n")
     monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
     assert rewards.load("my_reward_module:redness")(torch.ones(2, 3, 2, 2), None).tolist() == [1.0, 1.0]
+    assert sys.path == path_before  # the current folder was on the path for that import only
     for spec, message in (("brightness", "module:function"), ("no_such_module_x:f", "cannot import"),
                           ("rewards:no_such_reward", "no function")):
         with pytest.raises(UserError, match=message):
             rewards.load(spec)
+
+
+def test_probe_reads_differentiability_from_what_the_reward_does():
+    def smooth(images, prompts):  # a plain function: no attributes
+        return torch.sigmoid(images.mean(dim=(1, 2, 3)) * 4 - 2)
+
+    def counted(images, prompts):  # detaches: its scores do not depend on the pixels through autograd
+        return (images.detach() > 0.5).float().mean(dim=(1, 2, 3))
+
+    def constant(images, prompts):
+        return torch.zeros(len(images), requires_grad=True) * 1.0
+    assert rewards.probe(smooth, ["a"]) is True
+    assert rewards.probe(counted, ["a"]) is False
+    assert rewards.probe(constant, ["a"]) is False  # it has a graph, but not one that reaches the pixels
+    assert rewards.probe(rewards.jpeg_compressibility, ["a"]) is False  # stated, and true
+    counted.differentiable = True  # what a reward states wins over the probe
+    assert rewards.probe(counted, ["a"]) is True
+
+
+@pytest.mark.parametrize("bad, words", [
+    (lambda images, prompts: images.mean(dim=(2, 3)), "returned (2, 3) for a batch of 2"),  # a score per channel
+    (lambda images, prompts: images.mean() * torch.ones(3), "returned (3,) for a batch of 2"),
+    (lambda images, prompts: images.mean(dim=(1, 2, 3)) / 0, "non-finite"),
+    (lambda images, prompts: [0.5, 0.5], "returned list"),
+])
+def test_malformed_scores_are_refused(bad, words):
+    with pytest.raises(UserError, match=re.escape(words)):
+        rewards.probe(bad, ["a"])
+    with pytest.raises(UserError, match=re.escape(words)):  # and at every training step
+        rewards.checked(bad)(torch.rand(2, 3, 8, 8), ["a", "b"])
+
+
+def test_npo_checks_each_score_is_in_the_unit_interval():
+    def plain(images, prompts):
+        return images.mean(dim=(1, 2, 3)) * 3  # in [0, 3]: no attribute says so
+    r_npo = rewards.negate(plain)  # accepted up front: nothing says it is unbounded
+    assert r_npo(torch.full((1, 3, 2, 2), 0.1), ["a"]).tolist() == pytest.approx([0.7])
+    with pytest.raises(UserError, match=r"outside \[0, 1\].*--reward-range.*--reward-sigmoid"):
+        r_npo(torch.full((1, 3, 2, 2), 0.5), ["a"])
+
+
+def test_prompt_check_hook():
+    rewards.check_prompts(shapes.reward, ["a red circle", "a blue square"])
+    with pytest.raises(UserError, match="'a cat'"):
+        rewards.check_prompts(shapes.reward, ["a red circle", "a cat"])
+    with pytest.raises(UserError, match="'a cat'"):  # the hook survives the maps around a reward
+        rewards.check_prompts(rewards.negate(rewards.affine(shapes.reward, 0, 1)), ["a cat"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,10 +175,10 @@ def run(model, prompts_file, out, *flags):
 
 def mean_brightness(model, path=None, name="eta"):
     """Mean brightness of 4 fixed-seed samples, the offset (if any) on both CFG branches."""
-    pipe = npo.load_pipeline(model)
+    pipe = pipeline.load_pipeline(model)
     if path:
         lora.load_lora(pipe.unet, path, "eta")  # as the fine-tuned model: θ + offset for both branches
-    images = npo.generate(pipe, ["a red circle", "a blue square"] * 2, [100, 101, 102, 103], steps=4, guidance=3,
+    images = pipeline.generate(pipe, ["a red circle", "a blue square"] * 2, [100, 101, 102, 103], steps=4, guidance=3,
                           height=16, width=16)
     return rewards.brightness((images / 2 + 0.5).clamp(0, 1), None).mean().item()
 
@@ -137,12 +197,13 @@ def test_reward_training_raises_r_and_npo_lowers_it(tiny_model, prompts_file, tm
     assert meta["npo_role"] == "delta" and meta["npo_objective"] == "1 - R" and meta["npo_grad_steps"] == "2"
 
 
-def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, tmp_path):
+def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, tmp_path, monkeypatch):
     model, _ = tiny_model
     calls = []
+    load = pipeline.load_pipeline
 
     def recording_pipeline(path, dtype, device):
-        pipe = npo.load_pipeline(path, dtype, device)
+        pipe = load(path, dtype, device)
         forward = pipe.unet.forward
 
         def recorded(x, t, context):
@@ -151,10 +212,10 @@ def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, 
         pipe.unet.forward = recorded
         return pipe
 
-    args = npo.build_parser().parse_args(["train", "--model", model, "--prompts-file", prompts_file, "--out",
-                                          str(tmp_path / "run"), *FAST, "--reward", "rewards:brightness",
-                                          "--steps", "1", "--sample-steps", "5", "--grad-steps", "2"])
-    train.main(args, recording_pipeline)
+    monkeypatch.setattr(pipeline, "load_pipeline", recording_pipeline)
+    train.main(train.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
+                                 *FAST, "--reward", "rewards:brightness", "--steps", "1", "--sample-steps", "5",
+                                 "--grad-steps", "2"]))
     # 5 sampling calls, of which only the last 2 build a graph (the first 3 run under no_grad), then the backward
     # recomputes those 2 (checkpointing), the last one first
     assert [g for _, g in calls] == [False, False, False, True, True, True, True]
@@ -190,8 +251,11 @@ def test_reward_bad_inputs(tiny_model, prompts_file, tmp_path, capsys, monkeypat
     out = tmp_path / "never"
     assert run(model, prompts_file, out, "--reward", "rewards:jpeg_compressibility") == 2
     assert "not differentiable" in capsys.readouterr().err
+    assert run(model, prompts_file, out, "--reward", "rewards:brightness", "--npo", "--reward-range", "0,1",
+               "--reward-sigmoid", "1") == 2
+    assert "not both" in capsys.readouterr().err
     (tmp_path / "unbounded_reward.py").write_text(
-        "def score(images, prompts):\n    return images.sum(dim=(1, 2, 3))\nscore.differentiable = True\n")
+        "def score(images, prompts):\n    return images.sum(dim=(1, 2, 3))\n")
     monkeypatch.chdir(tmp_path)
     assert run(model, prompts_file, out, "--reward", "unbounded_reward:score", "--npo") == 2
     assert "--reward-range" in capsys.readouterr().err
@@ -209,3 +273,131 @@ def test_reward_bad_inputs(tiny_model, prompts_file, tmp_path, capsys, monkeypat
                "--reward-range", "0,200", "--steps", "1") == 0
     line = [json.loads(x) for x in open(tmp_path / "ok" / "log.jsonl")][0]
     assert 0 <= line["reward"] <= 1 and os.path.exists(tmp_path / "ok" / "lora.safetensors")
+
+
+def test_prompts_outside_the_rewards_world_stop_before_the_model_loads(tiny_model, tmp_path, capsys, monkeypatch):
+    model, _ = tiny_model
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na cat\n")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(pipeline, "load_pipeline", never)
+    assert run(model, str(prompts), tmp_path / "o", "--reward", "shapes:reward") == 2
+    err = capsys.readouterr().err
+    assert "'a cat'" in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_plain_reward_function_trains_up_and_with_npo_down(tiny_model, prompts_file, tmp_path, monkeypatch):
+    """A user's reward module with no attributes: differentiable (the probe says so) and bounded by what it returns."""
+    model, _ = tiny_model
+    (tmp_path / "plain_reward.py").write_text(
+        "import torch\n\n"
+        "def score(images, prompts):\n"
+        "    return torch.sigmoid((images.mean(dim=(1, 2, 3)) - 0.5) * 8)\n")
+    monkeypatch.chdir(tmp_path)
+    flags = ["--reward", "plain_reward:score", "--steps", "6", "--lr", "3e-3"]
+    assert run(model, prompts_file, tmp_path / "up", *flags) == 0
+    assert run(model, prompts_file, tmp_path / "down", *flags, "--npo") == 0
+    base = mean_brightness(model)
+    up = mean_brightness(model, str(tmp_path / "up" / "lora.safetensors"))
+    down = mean_brightness(model, str(tmp_path / "down" / "lora.safetensors"))
+    assert up > base + 0.01 and down < base - 0.01, (base, up, down)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One reward step's LoRA gradients against plain autograd through diffusers' UNet (peft adapters), DDIMScheduler
+# and VAE: DRaFT-K with one offset, and --joint's eq. 10 branches.
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_model, tmp_path_factory):
+    """Random η (attention) and δ (to_q, to_v, conv1) LoRA files with non-zero up weights, written by our writer."""
+    folder = tmp_path_factory.mktemp("reward_loras")
+    pipe = pipeline.load_pipeline(tiny_model[0])
+    files = {}
+    for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
+        lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
+        g = torch.Generator().manual_seed(20 + seed)
+        with torch.no_grad():
+            for p in lora.parameters(pipe.unet, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        files[name] = str(folder / f"{name}.safetensors")
+        lora.save_lora(pipe.unet, name, files[name], role=name)
+    return files
+
+
+def our_gradients(model, files, prompts_file, tmp_path, flags):
+    """One micro-step of `npo.py train --method reward` on the given offsets: {(role, layer, "down"|"up"): grad}."""
+    args = train.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
+                             "--reward", "rewards:brightness", "--prompts-file", prompts_file, "--resolution", "16",
+                             "--batch-size", "2", "--device", "cpu", *flags])
+    train.check_arguments(args)
+    pipe = pipeline.load_pipeline(model)
+    for role, path in files.items():
+        lora.load_lora(pipe.unet, path, role)
+        for p in lora.parameters(pipe.unet, role):
+            p.requires_grad_(True)
+    micro_step = train.reward_micro_step(args, pipe, ["a red circle", "a blue square"], files, "cpu")
+    micro_step(0, 1.0)
+    return {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
+            for role in files for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
+
+
+def reference_gradients(model, refs, files, steps, k, guidance, neg_weights, pos_weights):
+    """The same step from diffusers parts: the example's prompt and x_T drawn from its generator as training draws
+    them, then DDIM with the peft adapters at `neg_weights` for ε_neg and `pos_weights` for ε_pos (two forwards),
+    the first steps − k under no_grad, decode, loss = −mean brightness, plain backward."""
+    from diffusers import DDIMScheduler
+    prompts = ["a red circle", "a blue square"]
+    pipe = diffusers_pipeline(model, refs)
+    for role, path in files.items():
+        pipe.load_lora_weights(path, adapter_name=role)
+    for name, p in pipe.unet.named_parameters():
+        p.requires_grad_("lora_" in name)
+    gens = [train.example_generator(0, j) for j in range(2)]
+    chosen = [prompts[int(torch.randint(2, (1,), generator=g))] for g in gens]
+    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+    with torch.no_grad():
+        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
+        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
+    scheduler.set_timesteps(steps)
+    names = list(files)
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(i >= steps - k):
+            pipe.set_adapters(names, [neg_weights[n] for n in names])
+            eps_neg = pipe.unet(x, t, neg).sample
+            pipe.set_adapters(names, [pos_weights[n] for n in names])
+            eps_pos = pipe.unet(x, t, pos).sample
+            x = scheduler.step(eps_neg + guidance * (eps_pos - eps_neg), t, x).prev_sample
+    images = (refs["vae"].decode(x / refs["vae"].config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    (-rewards.brightness(images, chosen).mean()).backward()
+    parts = {"down": "lora_A", "up": "lora_B"}
+    return lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad
+
+
+def assert_gradients_equal(ours, ref):
+    for (role, layer, part), g in ours.items():
+        r = ref(role, layer, part).view_as(g)
+        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-12, (role, layer, part)
+
+
+def test_draft_k_gradient_equals_autograd_through_diffusers(tiny_model, lora_files, prompts_file, tmp_path):
+    model, refs = tiny_model
+    files = {"eta": lora_files["eta"]}
+    ours = our_gradients(model, files, prompts_file, tmp_path,
+                         ["--sample-steps", "4", "--grad-steps", "2", "--guidance", "3"])
+    assert_gradients_equal(ours, reference_gradients(model, refs, files, 4, 2, 3.0, {"eta": 1.0}, {"eta": 1.0}))
+
+
+def test_joint_gradients_equal_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
+    """--joint: η at α on the unconditional branch and 1 on the conditional one, δ at β and 0 (eq. 10)."""
+    model, refs = tiny_model
+    flags = ["--sample-steps", "3", "--grad-steps", "2", "--guidance", "3", "--joint", "--alpha", "0.5", "--beta", "0.7"]
+    ours = our_gradients(model, lora_files, prompts_file, tmp_path, flags)
+    ref = reference_gradients(model, refs, lora_files, 3, 2, 3.0, {"eta": 0.5, "delta": 0.7}, {"eta": 1.0, "delta": 0.0})
+    assert_gradients_equal(ours, ref)
+    # δ learns only through the unconditional rows: at guidance 1, ε = ε_pos, and δ's gradient is exactly zero
+    ours = our_gradients(model, lora_files, prompts_file, tmp_path, [*flags[:4], "--guidance", "1", *flags[6:]])
+    assert all(g.abs().max() == 0 for (role, _, _), g in ours.items() if role == "delta")
+    assert all(g.abs().max() > 0 for (role, _, _), g in ours.items() if role == "eta")

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+import images
 import lora
 import npo
+import pipeline
 from conftest import ROOT, diffusers_pipeline
 
 # Images in [0, 1]. Ours and diffusers' agree to ~1e-6 (same fp32 ops; batching the two CFG branches in one
@@ -26,7 +28,7 @@ def offsets(tiny_model, tmp_path_factory):
     """Two random LoRA files (η on attention, δ on attention + a conv), made by our writer."""
     path, _ = tiny_model
     folder = tmp_path_factory.mktemp("loras")
-    pipe = npo.load_pipeline(path)
+    pipe = pipeline.load_pipeline(path)
     files = {}
     for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
         lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
@@ -46,7 +48,7 @@ def test_plain_cfg_matches_stable_diffusion_pipeline(tiny_model, ddim_eta):
     ref = diffusers_pipeline(path, refs)(prompts, num_inference_steps=8, guidance_scale=7.5, eta=ddim_eta, height=32,
                                          width=32, negative_prompt=["blurry"] * 2, output_type="pt",
                                          generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-    ours = npo.generate(npo.load_pipeline(path), prompts, seeds, "blurry", steps=8, guidance=7.5, ddim_eta=ddim_eta,
+    ours = pipeline.generate(pipeline.load_pipeline(path), prompts, seeds, "blurry", steps=8, guidance=7.5, ddim_eta=ddim_eta,
                         height=32, width=32)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
@@ -57,9 +59,9 @@ def test_lora_matches_diffusers_load_lora_weights(tiny_model, offsets):
     ref_pipe.load_lora_weights(offsets["eta"])
     ref = ref_pipe(["a green triangle"], num_inference_steps=6, guidance_scale=5.0, height=32, width=32,
                    output_type="pt", generator=[torch.Generator().manual_seed(0)]).images
-    pipe = npo.load_pipeline(path)
+    pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
-    ours = npo.generate(pipe, ["a green triangle"], [0], steps=6, guidance=5.0, height=32, width=32)
+    ours = pipeline.generate(pipe, ["a green triangle"], [0], steps=6, guidance=5.0, height=32, width=32)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
@@ -92,34 +94,34 @@ def test_npo_matches_two_unet_reference(tiny_model, offsets, alpha, beta):
     path, refs = tiny_model
     prompts, seeds = ["a red circle", "a yellow square"], [5, 9]
     ref = two_unet_reference(path, refs, offsets, prompts, seeds, "ugly", 6, 6.0, alpha, beta)
-    pipe = npo.load_pipeline(path)
+    pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
     for mode in ("batched", "merged"):
-        ours = npo.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=alpha, beta=beta,
+        ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=alpha, beta=beta,
                             height=32, width=32, mode=mode)
         assert (to01(ours) - ref).abs().max() <= ATOL, mode
     # and δ does something: the same run without it differs visibly
-    plain = npo.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=1.0, beta=0.0, height=32, width=32)
+    plain = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=1.0, beta=0.0, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 10 / 255
 
 
 def test_npo_multipliers_are_eq_10():
-    m = npo.npo_multipliers(2, 0.25, 0.75)
+    m = pipeline.npo_multipliers(2, 0.25, 0.75)
     assert m["eta"].tolist() == [0.25, 0.25, 1.0, 1.0] and m["delta"].tolist() == [0.75, 0.75, 0.0, 0.0]
-    m = npo.npo_multipliers(2, [0.0, 1.0], [0.5, 1.0])  # one (α, β) per image: a sweep in one batch
+    m = pipeline.npo_multipliers(2, [0.0, 1.0], [0.5, 1.0])  # one (α, β) per image: a sweep in one batch
     assert m["eta"].tolist() == [0.0, 1.0, 1.0, 1.0] and m["delta"].tolist() == [0.5, 1.0, 0.0, 0.0]
 
 
 def test_sweep_rows_equal_single_runs(tiny_model, offsets):
     """Per-image (α, β) in one batch gives what separate runs at each (α, β) give."""
-    pipe = npo.load_pipeline(tiny_model[0])
+    pipe = pipeline.load_pipeline(tiny_model[0])
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
     kw = dict(steps=4, guidance=5.0, height=32, width=32)
-    both = npo.generate(pipe, ["a circle"] * 2, [1, 1], alpha=[0.0, 1.0], beta=[1.0, 0.5], **kw)
+    both = pipeline.generate(pipe, ["a circle"] * 2, [1, 1], alpha=[0.0, 1.0], beta=[1.0, 0.5], **kw)
     for i, (a, b) in enumerate([(0.0, 1.0), (1.0, 0.5)]):
-        one = npo.generate(pipe, ["a circle"], [1], alpha=a, beta=b, **kw)
+        one = pipeline.generate(pipe, ["a circle"], [1], alpha=a, beta=b, **kw)
         assert (both[i] - one[0]).abs().max() <= 2 * ATOL
 
 
@@ -142,27 +144,64 @@ def test_cli_writes_pngs_equal_to_generate(tiny_model, offsets, tmp_path):
     params = image.text["parameters"]
     assert params.startswith("a red circle\nNegative prompt: \nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 32x32")
     assert "Lora: eta.safetensors" in params and "NPO: delta.safetensors" in params and "NPO alpha: 0.5" in params
-    pipe = npo.load_pipeline(path)
+    pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
-    expected = npo.to_pil(npo.generate(pipe, ["a red circle"], [8], steps=4, alpha=0.5, height=32, width=32))[0]
+    expected = images.to_pil(pipeline.generate(pipe, ["a red circle"], [8], steps=4, alpha=0.5, height=32, width=32))[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
 
 
-def test_cli_compare_and_sweep(tiny_model, offsets, tmp_path):
+def cells(grid, rows, cols, size=32):
+    """The rows x cols pictures of a labelled grid (images.labelled_grid puts them in its bottom-right corner)."""
+    pixels = np.asarray(grid.convert("RGB")).astype(int)
+    top, left = pixels.shape[0] - rows * size, pixels.shape[1] - cols * size
+    return [[pixels[top + i * size:top + (i + 1) * size, left + j * size:left + (j + 1) * size] for j in range(cols)]
+            for i in range(rows)]
+
+
+def single(path, offsets, prompt, seed, alpha, beta):
+    """One picture made on its own: what every cell of a grid must show."""
+    pipe = pipeline.load_pipeline(path)
+    lora.load_lora(pipe.unet, offsets["eta"], "eta")
+    lora.load_lora(pipe.unet, offsets["delta"], "delta")
+    out = pipeline.generate(pipe, [prompt], [seed], steps=2, alpha=alpha, beta=beta, height=32, width=32)
+    return images.to_uint8(out)[0].astype(int)
+
+
+def test_cli_compare_and_sweep_cells_equal_single_runs(tiny_model, offsets, tmp_path):
     path, _ = tiny_model
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n\n{"prompt": "a blue square"}\n')
-    common = ["--model", path, "--prompts-file", str(prompts), "--lora", offsets["eta"], "--npo", offsets["delta"],
-              "--steps", "2", "--height", "32", "--width", "32"]
-    r = run_cli(*common, "--compare", "--out", str(tmp_path / "cmp"))
-    assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(tmp_path / "cmp")) == ["compare-0000-seed0.png", "compare-0001-seed1.png"]
-    assert Image.open(tmp_path / "cmp" / "compare-0000-seed0.png").width >= 64  # two panels side by side
-    r = run_cli(*common, "--sweep-alpha", "0,1", "--sweep-beta", "0,0.5,1", "--batch-size", "3", "--out", str(tmp_path / "sw"))
-    assert r.returncode == 0, r.stderr
-    grid = Image.open(tmp_path / "sw" / "sweep-0000.png")
-    assert grid.width >= 3 * 32 and grid.height >= 2 * 32
+    common = ["sample", "--model", path, "--prompts-file", str(prompts), "--lora", offsets["eta"], "--npo",
+              offsets["delta"], "--steps", "2", "--height", "32", "--width", "32", "--seed", "4"]
+    # batches of 3 cut across prompts and rows; a cell may differ from its single run by float rounding: 1 level
+    assert npo.main([*common, "--sweep-alpha", "0,1", "--sweep-beta", "0,0.5,1", "--batch-size", "3",
+                     "--out", str(tmp_path / "sw")]) == 0
+    assert sorted(os.listdir(tmp_path / "sw")) == ["sweep-0000.png", "sweep-0001.png"]
+    for k, prompt in enumerate(["a red circle", "a blue square"]):
+        grid = cells(Image.open(tmp_path / "sw" / f"sweep-{k:04d}.png"), 2, 3)
+        for i, a in enumerate([0.0, 1.0]):
+            for j, b in enumerate([0.0, 0.5, 1.0]):
+                assert np.abs(grid[i][j] - single(path, offsets, prompt, 4, a, b)).max() <= 1, (prompt, a, b)
+    assert npo.main([*common, "--compare", "--alpha", "0.5", "--batch-size", "2", "--out", str(tmp_path / "cmp")]) == 0
+    assert sorted(os.listdir(tmp_path / "cmp")) == ["compare-0000-seed4.png", "compare-0001-seed5.png"]
+    for k, prompt in enumerate(["a red circle", "a blue square"]):
+        (without, with_npo), = cells(Image.open(tmp_path / "cmp" / f"compare-{k:04d}-seed{4 + k}.png"), 1, 2)
+        assert np.abs(without - single(path, offsets, prompt, 4 + k, 1.0, 0.0)).max() <= 1
+        assert np.abs(with_npo - single(path, offsets, prompt, 4 + k, 0.5, 1.0)).max() <= 1
+
+
+def test_compile_in_merged_mode(tiny_model, offsets, tmp_path, monkeypatch):
+    """--compile --mode merged builds the two weight sets from the module inside torch.compile's wrapper. (The eager
+    backend keeps the test fast; the wrapper and its `_orig_mod.` keys are the same under every backend.)"""
+    path, _ = tiny_model
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager"))
+    assert npo.main(["sample", "--model", path, "--lora", offsets["eta"], "--npo", offsets["delta"], "--mode", "merged",
+                     "--compile", "--steps", "2", "--height", "32", "--width", "32", "--seed", "3", "--beta", "0.5",
+                     "--out", str(tmp_path / "c.png")]) == 0
+    picture = np.asarray(Image.open(tmp_path / "c.png").convert("RGB")).astype(int)
+    assert np.abs(picture - single(path, offsets, "a red circle", 3, 1.0, 0.5)).max() <= 1
 
 
 @pytest.mark.parametrize("args, words", [
@@ -175,6 +214,12 @@ def test_cli_compare_and_sweep(tiny_model, offsets, tmp_path):
     (["--compare"], "--npo"),
     (["--sweep-alpha", "0,x"], "comma-separated"),
     (["--dtype", "float16"], "not supported on CPU"),
+    (["--alpha", "0.5"], "--alpha weighs the offset given with --lora, and there is none"),
+    (["--beta", "0.5"], "--beta weighs the offset given with --npo"),
+    (["--sweep-alpha", "0,1"], "--sweep-alpha weighs the offset given with --lora"),
+    (["--device", "cuda:99"], "--device cuda:99"),  # no CUDA here, or no 100th GPU
+    (["--device", "tpu"], "is not a device"),
+    (["--device", "meta"], "npo runs on cpu, cuda and mps devices"),
 ])
 def test_cli_bad_input_exits_2(tiny_model, tmp_path, args, words):
     r = run_cli("--model", tiny_model[0], "--steps", "2", "--height", "32", "--width", "32",
@@ -206,7 +251,7 @@ def test_cli_lora_that_does_not_fit(tiny_model, tmp_path):
                                                 cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
                                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
-    pipe = npo.load_pipeline(str(other))
+    pipe = pipeline.load_pipeline(str(other))
     lora.add_offset(pipe.unet, "eta", rank=2)
     lora.save_lora(pipe.unet, "eta", str(tmp_path / "wrong.safetensors"))
     r = run_cli("--model", tiny_model[0], "--lora", str(tmp_path / "wrong.safetensors"), "--out", str(tmp_path / "o"))

@@ -18,6 +18,8 @@ import checkpoint
 import data
 import lora
 import npo
+import pipeline
+import runs
 import train
 from conftest import ROOT, diffusers_pipeline, make_model_dir
 
@@ -66,7 +68,7 @@ def assert_same(a, b):
 
 
 def random_lora(model, path, seed=1):
-    pipe = npo.load_pipeline(model)
+    pipe = pipeline.load_pipeline(model)
     lora.add_offset(pipe.unet, "eta", rank=4, alpha=4)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -149,7 +151,7 @@ def test_result_loads_in_diffusers_and_in_npo_sample(tiny_model, pairs, tmp_path
     # diffusers' loader and ours give the same UNet output with the trained offset
     pipe = diffusers_pipeline(model, refs)
     pipe.load_lora_weights(path)
-    ours = npo.load_pipeline(model)
+    ours = pipeline.load_pipeline(model)
     lora.load_lora(ours.unet, path, "delta")
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
@@ -170,12 +172,13 @@ def test_sft_and_gradient_checkpointing(tiny_model, pairs, tmp_path):
     assert sft["loss"] == pytest.approx(sft["mse_w"], rel=1e-5)  # SFT is the denoising loss of the preferred image
 
 
-def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_path):
+def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_path, monkeypatch):
     model, _ = tiny_model
     counts = []
+    load = pipeline.load_pipeline
 
     def counting_pipeline(path, dtype, device):
-        pipe = npo.load_pipeline(path, dtype, device)
+        pipe = load(path, dtype, device)
         encode = pipe.vae.encode
 
         def counted(x):
@@ -187,9 +190,9 @@ def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_p
     results = {}
     for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
         counts.append(0)
-        args = npo.build_parser().parse_args(["train", "--model", model, "--data", pairs, "--out", str(tmp_path / name),
-                                              *FAST, "--steps", "18", *extra])
-        train.main(args, counting_pipeline)
+        monkeypatch.setattr(pipeline, "load_pipeline", counting_pipeline)
+        train.main(train.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
+                                     *FAST, "--steps", "18", *extra]))
         results[name] = read_lora(tmp_path / name / "lora.safetensors")
     assert counts[0] == 18 * 2  # three epochs of six pairs, two images each
     assert counts[1] <= 6 * 2 * 2  # at most both flips of each image
@@ -227,7 +230,7 @@ def test_sigkill_in_the_middle_then_resume(tiny_model, pairs, tmp_path):
     wait_for(out / "checkpoints" / "step-000003", process)
     process.kill()
     assert process.wait() == -signal.SIGKILL
-    saved = train.list_checkpoints(str(out / "checkpoints"))
+    saved = runs.list_checkpoints(str(out / "checkpoints"))
     steps = int(saved[-1][-6:]) + 2
     assert run(model, pairs, out, "--steps", str(steps), "--resume", "latest", *flags) == 0
     assert run(model, pairs, tmp_path / "whole", "--steps", str(steps)) == 0
@@ -246,7 +249,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_model, pairs, tmp_path):
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "--resume latest" in err and "Traceback" not in err
-    saved = train.list_checkpoints(str(out / "checkpoints"))
+    saved = runs.list_checkpoints(str(out / "checkpoints"))
     assert len(saved) == 1 and os.path.isfile(os.path.join(saved[0], "lora.safetensors"))
     assert not os.path.exists(out / "lora.safetensors")  # the run did not finish, so no result yet
 
@@ -355,3 +358,59 @@ def test_bad_output_folders_and_resumes(tiny_model, pairs, tmp_path, capsys):
     for flags in (["--resolution", "12"], ["--lr", "0"], ["--caption-dropout", "2"], ["--steps", "0"]):
         assert run(model, pairs, tmp_path / "never", *flags) == 2
         assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("method, flags, words", [
+    ("reward", ["--data", "x.jsonl"], "--data does nothing with --method reward"),
+    ("reward", ["--cache-latents"], "--cache-latents does nothing with --method reward"),
+    ("reward", ["--beta-dpo", "100"], "--beta-dpo does nothing with --method reward"),
+    ("reward", ["--random-crop"], "--random-crop does nothing"),
+    ("dpo", ["--reward", "rewards:brightness"], "--reward does nothing with --method dpo"),
+    ("dpo", ["--sample-steps", "4"], "--sample-steps does nothing"),
+    ("dpo", ["--guidance", "5"], "--guidance does nothing"),
+    ("sft", ["--beta-dpo", "100"], "--beta-dpo does nothing with --method sft"),
+    ("reward", ["--alpha", "0.5"], "only --joint trains"),
+])
+def test_flags_that_would_do_nothing_are_refused(tiny_model, pairs, tmp_path, capsys, method, flags, words):
+    model, _ = tiny_model
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    needed = ["--data", pairs] if method != "reward" else ["--reward", "rewards:brightness", "--prompts-file", str(prompts)]
+    argv = ["train", "--model", model, "--method", method, "--out", str(tmp_path / "o"), *needed, *flags]
+    assert npo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_device_that_does_not_exist_is_named(tiny_model, pairs, tmp_path, capsys, monkeypatch):
+    model, _ = tiny_model
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, as CI sees it
+    assert run(model, pairs, tmp_path / "o", "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "needs CUDA, and this machine has none" in err and "--device cpu" in err and "safetensors" not in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert run(model, pairs, tmp_path / "o", "--device", "cuda:5") == 2
+    assert "has 2 CUDA device(s), cuda:0 to cuda:1" in capsys.readouterr().err
+    assert run(model, pairs, tmp_path / "o", "--device", "gpu") == 2
+    assert "is not a device" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_running_out_of_memory_while_loading_is_not_a_damaged_file(tiny_model, pairs, tmp_path, capsys, monkeypatch):
+    model, _ = tiny_model
+
+    def no_memory(path, device="cpu"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+    monkeypatch.setattr(checkpoint, "load_file", no_memory)
+    assert run(model, pairs, tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "ran out of CPU memory while loading" in err and "--dtype bfloat16" in err and "safetensors" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_dataloader_workers_are_shut_down(tiny_model, pairs, tmp_path):
+    import multiprocessing
+    model, _ = tiny_model
+    assert run(model, pairs, tmp_path / "o", "--steps", "2", "--num-workers", "2") == 0
+    assert multiprocessing.active_children() == []

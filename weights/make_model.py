@@ -26,11 +26,12 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+import checkpoint  # noqa: E402
 import clip  # noqa: E402
 import sampler  # noqa: E402
 import shapes  # noqa: E402
@@ -135,12 +136,16 @@ def train_unet(vae, steps, seed, batch, log):
     return model.eval(), text.eval()
 
 
+def write_json(path, value):
+    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+
+
 def save_part(module, folder, filename, config):
+    """One part's weights and config.json, each written atomically (a killed run leaves no half-written file)."""
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, os.path.join(folder, filename))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    checkpoint.atomic_write(os.path.join(folder, filename), lambda f: f.write(save(state)))
+    write_json(os.path.join(folder, "config.json"), config)
 
 
 def main():
@@ -168,8 +173,7 @@ def main():
               dict(architectures=["CLIPTextModel"], model_type="clip_text_model", **asdict(TEXT),
                    bos_token_id=49406, pad_token_id=49407))
     os.makedirs(os.path.join(args.out, "scheduler"), exist_ok=True)
-    with open(os.path.join(args.out, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump(SCHEDULER, f, indent=2)
+    write_json(os.path.join(args.out, "scheduler", "scheduler_config.json"), SCHEDULER)
     if os.path.abspath(args.out) != HERE and not os.path.exists(os.path.join(args.out, "tokenizer")):
         import shutil
         shutil.copytree(os.path.join(HERE, "tokenizer"), os.path.join(args.out, "tokenizer"))

@@ -1,0 +1,196 @@
+"""A training run's folder: its output files, atomic checkpoints, and resuming from them.
+
+    OUT/lora.safetensors                      the result (eta.safetensors + delta.safetensors with --joint)
+    OUT/log.jsonl                             one line per logged step
+    OUT/checkpoints/step-XXXXXX/              the run's LoRA files + state.pt, written atomically, the last K kept
+
+A checkpoint is complete or absent: it is written under a temporary name, fsynced, then renamed. `state.pt` is a
+plain dict of tensors and Python values, readable with torch.load(weights_only=True).
+"""
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+import checkpoint
+import lora
+from checkpoint import UserError
+
+CHECKPOINT_FORMAT = "npo-train-checkpoint-1"
+# Settings that make a checkpoint a different run: resuming with another value is an error. The others
+# (lr, β, batch size, ...) may change on resume, with a warning, since the run no longer replays exactly.
+IDENTITY = ("model_fingerprint", "role", "method", "rank", "lora_alpha", "layers")
+
+
+def file_metadata(settings, step):
+    """Metadata strings of the LoRA file, beside lora.save_lora's role, rank, alpha, targets and base model."""
+    meta = {"npo_method": settings["method"], "npo_steps": str(step), "npo_lr": f"{settings['lr']:g}",
+            "npo_global_batch": str(settings["global_batch"]), "npo_resolution": str(settings["resolution"]),
+            "npo_seed": str(settings["seed"])}
+    if settings["method"] == "reward":
+        meta.update(npo_reward=settings["reward"], npo_grad_steps=str(settings["grad_steps"]),
+                    npo_sample_steps=str(settings["sample_steps"]), npo_guidance=f"{settings['guidance']:g}",
+                    npo_objective="1 - R" if settings["role"] == "delta" else "R")
+    else:
+        meta.update(npo_beta_dpo=f"{settings['beta_dpo']:g}", npo_pairs_swapped=str(settings["role"] == "delta").lower())
+    return meta
+
+
+def save_results(out, unet, files, settings, step):
+    """The run's result files in OUT, one per offset: {role: file name}. Returns their paths."""
+    paths = []
+    for role, name in files.items():
+        paths.append(os.path.join(out, name))
+        lora.save_lora(unet, role, paths[-1], role=role, base_model=settings["model"],
+                       metadata=file_metadata(settings, step))
+    return paths
+# ----------------------------------------------------------------------------------------------------------
+# The output folder and its checkpoints.
+
+def prepare_output(out):
+    """Create OUT/checkpoints and prove OUT writable; returns whether OUT was created here."""
+    created = not os.path.exists(out)
+    try:
+        os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the output folder {out} ({e.strerror or e}); "
+                        "pass --out a folder you can write to.")
+    for name in os.listdir(os.path.join(out, "checkpoints")):
+        if name.startswith(".step-"):  # a checkpoint that a killed run left half-written
+            shutil.rmtree(os.path.join(out, "checkpoints", name), ignore_errors=True)
+    return created
+
+
+def remove_if_empty(out):
+    for folder in (os.path.join(out, "checkpoints"), out):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
+def checkpoint_path(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"step-{step:06d}")
+
+
+def list_checkpoints(ckpt_dir):
+    """The complete checkpoint folders, oldest first (temporary ones start with '.' and are not listed)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    steps = sorted(int(m[1]) for name in os.listdir(ckpt_dir) if (m := re.fullmatch(r"step-(\d+)", name)))
+    return [checkpoint_path(ckpt_dir, s) for s in steps]
+
+
+def last_saved_path(ckpt_dir):
+    found = list_checkpoints(ckpt_dir)
+    return found[-1] if found else None
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep):
+    """Write checkpoints/step-XXXXXX/ with the run's LoRA files (`files`: {role: name}, usable as they are) and
+    `state.pt` (a plain dict of tensors and Python values, readable with torch.load(weights_only=True)), then keep
+    the last `keep`.
+
+    The folder appears only complete: it is written under a temporary name, fsynced, then renamed."""
+    final = checkpoint_path(ckpt_dir, step)
+    tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=ckpt_dir)
+    try:
+        save_results(tmp, unet, files, settings, step)
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,  # optimizer steps done; the data stream continues at micro-step step × grad_accum
+            "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "data": {"examples_seen": step * settings["global_batch"], "seed": settings["seed"]},
+            "settings": settings,
+            "files": dict(files),
+        }
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
+        if os.path.exists(final):  # the same step written again (a resumed run): swap the old one out first
+            old = tempfile.mkdtemp(prefix=f".step-{step:06d}-old-", dir=ckpt_dir)
+            os.replace(final, os.path.join(old, "x"))
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        _fsync(ckpt_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    if keep:
+        for folder in list_checkpoints(ckpt_dir)[:-keep]:
+            shutil.rmtree(folder)
+    return final
+
+
+def find_resume(resume, ckpt_dir):
+    """The checkpoint folder that --resume names: 'latest' (None when there is none yet) or a folder."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        return last_saved_path(ckpt_dir)
+    folder = os.path.abspath(resume)
+    if not os.path.isfile(os.path.join(folder, "state.pt")):
+        raise UserError(f"--resume {resume} is not a checkpoint folder (it has no state.pt); pass an "
+                        "OUT/checkpoints/step-XXXXXX folder or 'latest'.")
+    return folder
+
+
+def read_checkpoint(folder):
+    path = os.path.join(folder, "state.pt")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors for damaged or foreign files
+        raise UserError(f"{path} is not a readable training checkpoint ({e}); resume from another checkpoint.")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path} is not an npo training checkpoint; resume from an OUT/checkpoints/step-XXXXXX folder.")
+    for name in state.get("files", {}).values():
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise UserError(f"{folder} has no {name}; resume from another checkpoint.")
+    return state
+
+
+def check_resume(saved, now, folder, say):
+    """A checkpoint continues only the same run (model, role, method, LoRA shape); other changes are allowed
+    with a warning, since they change the training from there on."""
+    if saved["model_fingerprint"] != now["model_fingerprint"]:
+        raise UserError(f"{folder} was trained on the model {saved['model']}, and {now['model']} has other "
+                        f"weights; resume with --model {saved['model']} or start a new run in another --out.")
+    if saved["role"] != now["role"] or saved["method"] != now["method"]:
+        flags = lambda s: f"--method {s['method']}" + {"delta": " --npo", "eta+delta": " --joint"}.get(s["role"], "")
+        raise UserError(f"{folder} was trained with {flags(saved)}, not {flags(now)}; "
+                        "resume with the original flags or start a new run in another --out.")
+    if any(saved[k] != now[k] for k in ("rank", "lora_alpha", "layers")):
+        shape = lambda s: f"rank {s['rank']}, alpha {s['lora_alpha']:g} on {len(s['layers'])} layers"
+        raise UserError(f"{folder} holds a LoRA of {shape(saved)}, but this run asks for {shape(now)}; "
+                        "resume with the original --rank, --lora-alpha and --targets.")
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k not in IDENTITY and k != "model" and saved.get(k) != now[k]]
+    if changed:
+        say(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not replay an "
+            "uninterrupted one exactly")
+
+
+def restore_lora(unet, role, path):
+    """Copy the checkpoint's LoRA tensors into the offset, bit for bit, refusing any other set of keys or shapes."""
+    saved = checkpoint.read_safetensors(path)
+    own = lora.offset_state_dict(unet, role)  # views of the parameters: copying into them sets the LoRA
+    if saved.keys() != own.keys() or any(saved[k].shape != v.shape for k, v in own.items()):
+        raise UserError(f"{path} does not fit the LoRA of this run (other layers or rank); "
+                        "resume with the original --rank, --lora-alpha and --targets.")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(saved[k])
