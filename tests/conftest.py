@@ -68,3 +68,23 @@ def tiny_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_model"))
     refs = make_model_dir(path)
     return path, refs
+
+
+@pytest.fixture(scope="session")
+def offsets(tiny_model, tmp_path_factory):
+    """Two random LoRA files for the tiny model, made by our writer: η on attention, δ on to_q, to_v and a conv,
+    with non-zero up weights (a fresh offset is zero)."""
+    import lora
+    import pipeline
+    folder = tmp_path_factory.mktemp("loras")
+    pipe = pipeline.load_pipeline(tiny_model[0])
+    files = {}
+    for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
+        lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
+        g = torch.Generator().manual_seed(10 + seed)
+        with torch.no_grad():
+            for p in lora.parameters(pipe.unet, name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        files[name] = str(folder / f"{name}.safetensors")
+        lora.save_lora(pipe.unet, name, files[name], role=name)
+    return files

@@ -195,3 +195,23 @@ def test_atomic_write_leaves_the_whole_file_or_nothing(tmp_path):
     assert path.read_bytes() == b"new" and os.listdir(tmp_path) == ["a.bin"]  # the old file, no temporary left
     with pytest.raises(UserError, match="cannot write"):
         checkpoint.atomic_write(str(tmp_path / "missing" / "b.bin"), lambda f: f.write(b"x"))
+
+
+def test_atomic_write_has_normal_permissions_and_leaves_the_umask_alone(tmp_path, monkeypatch):
+    old = os.umask(0o027)
+    try:
+        def no_umask(mask):
+            raise AssertionError("atomic_write changed the process-wide umask")
+        monkeypatch.setattr(os, "umask", no_umask)
+        checkpoint.atomic_write(str(tmp_path / "f.bin"), lambda f: f.write(b"x"))
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert os.stat(tmp_path / "f.bin").st_mode & 0o777 == 0o640  # 0666 less the umask, as open() would give
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError):
+        checkpoint.atomic_write(str(tmp_path / "g.bin"), broken)
+    assert os.listdir(tmp_path) == ["f.bin"]  # no half-written file, no temporary left behind

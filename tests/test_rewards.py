@@ -183,15 +183,20 @@ def mean_brightness(model, path=None, name="eta"):
     return rewards.brightness((images / 2 + 0.5).clamp(0, 1), None).mean().item()
 
 
-def test_reward_training_raises_r_and_npo_lowers_it(tiny_model, prompts_file, tmp_path):
-    model, _ = tiny_model
-    flags = ["--reward", "rewards:brightness", "--steps", "6", "--lr", "3e-3"]
+def trains_up_and_down(model, prompts_file, tmp_path, reward):
+    """6 steps on R raise the samples' brightness (R rises with it); 6 steps on 1 − R (--npo) lower it."""
+    flags = ["--reward", reward, "--steps", "6", "--lr", "3e-3"]
     assert run(model, prompts_file, tmp_path / "eta", *flags) == 0
     assert run(model, prompts_file, tmp_path / "delta", *flags, "--npo") == 0
     base = mean_brightness(model)
     up = mean_brightness(model, str(tmp_path / "eta" / "lora.safetensors"))
     down = mean_brightness(model, str(tmp_path / "delta" / "lora.safetensors"))
     assert up > base + 0.01 and down < base - 0.01, (base, up, down)
+
+
+def test_reward_training_raises_r_and_npo_lowers_it(tiny_model, prompts_file, tmp_path):
+    model, _ = tiny_model
+    trains_up_and_down(model, prompts_file, tmp_path, "rewards:brightness")
     with safe_open(str(tmp_path / "delta" / "lora.safetensors"), "pt") as f:
         meta = f.metadata()
     assert meta["npo_role"] == "delta" and meta["npo_objective"] == "1 - R" and meta["npo_grad_steps"] == "2"
@@ -296,35 +301,12 @@ def test_a_plain_reward_function_trains_up_and_with_npo_down(tiny_model, prompts
         "def score(images, prompts):\n"
         "    return torch.sigmoid((images.mean(dim=(1, 2, 3)) - 0.5) * 8)\n")
     monkeypatch.chdir(tmp_path)
-    flags = ["--reward", "plain_reward:score", "--steps", "6", "--lr", "3e-3"]
-    assert run(model, prompts_file, tmp_path / "up", *flags) == 0
-    assert run(model, prompts_file, tmp_path / "down", *flags, "--npo") == 0
-    base = mean_brightness(model)
-    up = mean_brightness(model, str(tmp_path / "up" / "lora.safetensors"))
-    down = mean_brightness(model, str(tmp_path / "down" / "lora.safetensors"))
-    assert up > base + 0.01 and down < base - 0.01, (base, up, down)
+    trains_up_and_down(model, prompts_file, tmp_path, "plain_reward:score")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One reward step's LoRA gradients against plain autograd through diffusers' UNet (peft adapters), DDIMScheduler
 # and VAE: DRaFT-K with one offset, and --joint's eq. 10 branches.
-
-@pytest.fixture(scope="module")
-def lora_files(tiny_model, tmp_path_factory):
-    """Random η (attention) and δ (to_q, to_v, conv1) LoRA files with non-zero up weights, written by our writer."""
-    folder = tmp_path_factory.mktemp("reward_loras")
-    pipe = pipeline.load_pipeline(tiny_model[0])
-    files = {}
-    for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
-        lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
-        g = torch.Generator().manual_seed(20 + seed)
-        with torch.no_grad():
-            for p in lora.parameters(pipe.unet, name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        files[name] = str(folder / f"{name}.safetensors")
-        lora.save_lora(pipe.unet, name, files[name], role=name)
-    return files
-
 
 def our_gradients(model, files, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method reward` on the given offsets: {(role, layer, "down"|"up"): grad}."""
@@ -382,22 +364,22 @@ def assert_gradients_equal(ours, ref):
         assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-12, (role, layer, part)
 
 
-def test_draft_k_gradient_equals_autograd_through_diffusers(tiny_model, lora_files, prompts_file, tmp_path):
+def test_draft_k_gradient_equals_autograd_through_diffusers(tiny_model, offsets, prompts_file, tmp_path):
     model, refs = tiny_model
-    files = {"eta": lora_files["eta"]}
+    files = {"eta": offsets["eta"]}
     ours = our_gradients(model, files, prompts_file, tmp_path,
                          ["--sample-steps", "4", "--grad-steps", "2", "--guidance", "3"])
     assert_gradients_equal(ours, reference_gradients(model, refs, files, 4, 2, 3.0, {"eta": 1.0}, {"eta": 1.0}))
 
 
-def test_joint_gradients_equal_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
+def test_joint_gradients_equal_the_two_branch_computation(tiny_model, offsets, prompts_file, tmp_path):
     """--joint: η at α on the unconditional branch and 1 on the conditional one, δ at β and 0 (eq. 10)."""
     model, refs = tiny_model
     flags = ["--sample-steps", "3", "--grad-steps", "2", "--guidance", "3", "--joint", "--alpha", "0.5", "--beta", "0.7"]
-    ours = our_gradients(model, lora_files, prompts_file, tmp_path, flags)
-    ref = reference_gradients(model, refs, lora_files, 3, 2, 3.0, {"eta": 0.5, "delta": 0.7}, {"eta": 1.0, "delta": 0.0})
+    ours = our_gradients(model, offsets, prompts_file, tmp_path, flags)
+    ref = reference_gradients(model, refs, offsets, 3, 2, 3.0, {"eta": 0.5, "delta": 0.7}, {"eta": 1.0, "delta": 0.0})
     assert_gradients_equal(ours, ref)
     # δ learns only through the unconditional rows: at guidance 1, ε = ε_pos, and δ's gradient is exactly zero
-    ours = our_gradients(model, lora_files, prompts_file, tmp_path, [*flags[:4], "--guidance", "1", *flags[6:]])
+    ours = our_gradients(model, offsets, prompts_file, tmp_path, [*flags[:4], "--guidance", "1", *flags[6:]])
     assert all(g.abs().max() == 0 for (role, _, _), g in ours.items() if role == "delta")
     assert all(g.abs().max() > 0 for (role, _, _), g in ours.items() if role == "eta")

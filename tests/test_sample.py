@@ -23,24 +23,6 @@ def to01(images):
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-@pytest.fixture(scope="module")
-def offsets(tiny_model, tmp_path_factory):
-    """Two random LoRA files (η on attention, δ on attention + a conv), made by our writer."""
-    path, _ = tiny_model
-    folder = tmp_path_factory.mktemp("loras")
-    pipe = pipeline.load_pipeline(path)
-    files = {}
-    for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
-        lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
-        g = torch.Generator().manual_seed(10 + seed)
-        with torch.no_grad():
-            for p in lora.parameters(pipe.unet, name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        files[name] = str(folder / f"{name}.safetensors")
-        lora.save_lora(pipe.unet, name, files[name], role=name)
-    return files
-
-
 @pytest.mark.parametrize("ddim_eta", [0.0, 1.0])
 def test_plain_cfg_matches_stable_diffusion_pipeline(tiny_model, ddim_eta):
     path, refs = tiny_model
