@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import shards
 from checkpoint import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -106,9 +107,12 @@ def read_prompts(path):
     return prompts
 
 
-def open_pairs(path, skip_bad_rows=False):
-    """Open a `.jsonl` file, a folder with `w/` and `l/`, or a Pick-a-Pic `.parquet` file as a `PairDataset`."""
+def open_pairs(path, skip_bad_rows=False, ties="drop", shuffle_buffer=2):
+    """Open a `.jsonl` file, a folder with `w/` and `l/`, or a Pick-a-Pic `.parquet` file as a `PairDataset`; or a
+    folder / glob of Pick-a-Pic parquet shards as a streamed `shards.Shards` (`shuffle_buffer` row groups)."""
     path = os.fspath(path)
+    if shards.is_sharded(path) and not os.path.isdir(os.path.join(path, "w")):
+        return shards.open_shards(path, ties, skip_bad_rows, shuffle_buffer)
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass a .jsonl file, a Pick-a-Pic .parquet file "
                         "or a folder with w/ and l/ subfolders.")
@@ -117,7 +121,7 @@ def open_pairs(path, skip_bad_rows=False):
     elif path.lower().endswith(".jsonl"):
         dataset = _read_jsonl(path, skip_bad_rows)
     elif path.lower().endswith(".parquet"):
-        dataset = _read_parquet(path, skip_bad_rows)
+        dataset = _read_parquet(path, skip_bad_rows, ties)
     else:
         raise UserError(f"{path} is neither a .jsonl nor a .parquet file; pass one of those "
                         "or a folder with w/ and l/ subfolders.")
@@ -215,7 +219,8 @@ def _read_folder(path, skip_bad_rows):
     return PairDataset(path, "folder", rows, "pair {!r}", skipped)
 
 
-def _read_parquet(path, skip_bad_rows):
+def _read_parquet(path, skip_bad_rows, ties_mode="drop"):
+    """One parquet file, read whole (a small one; a folder of shards streams instead: shards.py)."""
     try:
         import pyarrow.parquet as pq  # optional: only this input format needs it
     except ImportError:
@@ -236,11 +241,11 @@ def _read_parquet(path, skip_bad_rows):
     del table  # from here the images live once, as Python bytes
     rows, skipped, ties = [], 0, 0
     for r, (caption, jpg_0, jpg_1, label_0) in enumerate(zip(*(columns[c] for c in PICKAPIC_COLUMNS))):
-        if label_0 == 0.5:
+        if label_0 == 0.5 and ties_mode == "drop":
             ties += 1
             continue
         where = f"row {r} of {path}"
-        if label_0 not in (0, 1):
+        if label_0 not in (0, 0.5, 1):
             problem = f"label_0 is {label_0!r}, not 0, 0.5 or 1"
         elif not isinstance(caption, str):
             problem = f"caption is {caption!r}, not text"
@@ -250,7 +255,7 @@ def _read_parquet(path, skip_bad_rows):
             _bad_row(where, problem, skip_bad_rows)
             skipped += 1
             continue
-        w, l = (jpg_0, jpg_1) if label_0 == 1 else (jpg_1, jpg_0)
+        w, l = (jpg_1, jpg_0) if label_0 == 0 else (jpg_0, jpg_1)  # a kept tie: jpg_0 wins
         rows.append((r, caption, w, l))
     return PairDataset(path, "parquet", rows, "row {}", skipped, ties)
 
@@ -353,7 +358,7 @@ def _collate(examples):
 
 
 def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=False, hflip=True,
-            caption_dropout=0.0, rank=0, world_size=1, num_workers=0):
+            caption_dropout=0.0, rank=0, world_size=1, num_workers=0, start_state=None):
     """Endless batches `(prompts: list[str], preferred: (B,3,R,R), rejected: (B,3,R,R))`, B = `batch_size` per rank.
 
     The k-th batch yielded is training step `start_step + k`; to resume, pass the number of batches already
@@ -368,6 +373,10 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
         raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
     if not 0.0 <= caption_dropout <= 1.0:
         raise UserError(f"caption dropout must be a probability in [0, 1], got {caption_dropout}; pass e.g. 0.1.")
+    if isinstance(dataset, shards.Shards):  # streamed: the position is the stream's own (see ShardBatches)
+        stream = _ShardStream(dataset, batch_size, seed, resolution, start_state or (0, 0), random_crop, hflip,
+                              caption_dropout, rank, world_size)
+        return ShardBatches(stream, num_workers, start_state or (0, 0))
     global_batch = batch_size * world_size
     if len(dataset) < global_batch:
         raise UserError(f"{dataset.path} has {len(dataset)} pairs, fewer than one batch of {global_batch}; "
@@ -387,3 +396,69 @@ def _closing(iterator):
         shutdown = getattr(iterator, "_shutdown_workers", None)  # present when num_workers > 0
         if shutdown is not None:
             shutdown()
+
+
+# ---- the training stream of parquet shards -------------------------------------------------------------------
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Batches of this rank from shards.Shards.rows, each with the stream position after it. With background
+    workers, worker k of n decodes batches k, k + n, ... (each worker walks the whole row stream, which costs reading,
+    not decoding), and the DataLoader hands them out in that round-robin order: the same batches as without."""
+
+    def __init__(self, dataset, batch_size, seed, resolution, start, random_crop, hflip, caption_dropout, rank,
+                 world_size):
+        self.dataset, self.batch_size, self.seed, self.resolution, self.start = dataset, batch_size, seed, resolution, start
+        self.random_crop, self.hflip, self.caption_dropout = random_crop, hflip, caption_dropout
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        batch, index = [], 0
+        for state, pair in self.dataset.rows(self.seed, self.rank, self.world_size, self.start):
+            if pair is not None:
+                batch.append((state, pair))
+            if len(batch) == self.batch_size:
+                if index % workers == worker:
+                    yield self._decode(batch, state)
+                batch, index = [], index + 1
+
+    def _decode(self, batch, state):
+        """(prompts, preferred (B,3,R,R), rejected, state, counts): crop, flip and caption dropout of each row drawn
+        from a generator of (seed, epoch, rank, position): the same after a resume."""
+        examples = []
+        for (epoch, position), (caption, winner, loser) in batch:
+            g = shards._generator(self.seed, 1, epoch, self.rank, position)
+            images = []
+            for which, data in (("preferred", winner), ("rejected", loser)):
+                try:
+                    with _open_image(data) as image:
+                        images.append(image.convert("RGB"))
+                except Exception as e:
+                    raise UserError(f"row at position {position} of epoch {epoch} (rank {self.rank}) of "
+                                    f"{self.dataset.path}: the {which} image could not be decoded ({e}); remove it.")
+            prompt = "" if torch.rand((), generator=g).item() < self.caption_dropout else caption
+            examples.append((prompt, *preprocess_pair(*images, self.resolution, g, self.random_crop, self.hflip)))
+        prompts, preferred, rejected = _collate(examples)
+        return prompts, preferred, rejected, torch.tensor(state), dict(self.dataset.counts)
+
+
+class ShardBatches:
+    """The batches `(prompts, preferred, rejected)` of a sharded dataset; `state` is the stream position after the
+    last one, (epoch, rows consumed in it), which a checkpoint stores; `counts` the ties dropped and rows skipped."""
+
+    def __init__(self, stream, num_workers, start):
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
+        self.state, self.counts = tuple(start), {}
+        self._batches = _closing(iter(loader))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        prompts, preferred, rejected, state, self.counts = next(self._batches)
+        self.state = tuple(state.tolist())
+        return prompts, preferred, rejected
+
+    def close(self):
+        self._batches.close()

@@ -59,6 +59,7 @@ import pipeline
 import rewards
 import runs
 import sampler
+import shards
 from checkpoint import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -71,11 +72,12 @@ PAIR_METHODS, REWARD_METHODS = ("dpo", "sft"), ("reward",)
 METHOD_FLAGS = {
     "data": PAIR_METHODS, "beta_dpo": ("dpo",), "cache_latents": PAIR_METHODS, "random_crop": PAIR_METHODS,
     "caption_dropout": PAIR_METHODS, "skip_bad_rows": PAIR_METHODS, "num_workers": PAIR_METHODS,
+    "ties": PAIR_METHODS, "shuffle_buffer": PAIR_METHODS,
     "reward": REWARD_METHODS, "reward_range": REWARD_METHODS, "reward_sigmoid": REWARD_METHODS,
     "prompts_file": REWARD_METHODS, "sample_steps": REWARD_METHODS, "grad_steps": REWARD_METHODS,
     "guidance": REWARD_METHODS, "joint": REWARD_METHODS,
 }
-DEFAULTS = {"beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "sample_steps": 20, "grad_steps": 1,
+DEFAULTS = {"beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "ties": "drop", "shuffle_buffer": 2, "sample_steps": 20, "grad_steps": 1,
             "guidance": 7.5, "alpha": 1.0, "beta": 1.0}
 
 
@@ -177,6 +179,12 @@ def _add_data_arguments(g):
                    help="skip pairs whose images are missing or unreadable (counted at the end) instead of stopping")
     g.add_argument("--num-workers", type=int, default=None,
                    help="processes decoding images in the background (default 0; the batches are the same either way)")
+    g.add_argument("--ties", choices=["drop", "keep"], default=None,
+                   help="Pick-a-Pic ties (label_0 = 0.5): drop them (default, as Salesforce's Diffusion-DPO) or keep "
+                        "them with jpg_0 as the winner (as the NPO authors' runs)")
+    g.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="parquet shards (a folder or glob): shuffle rows within windows of this many row groups "
+                        "(default 2; memory holds one window)")
 
 
 def _add_bookkeeping_arguments(g):
@@ -302,6 +310,8 @@ class Run:
     step: int = 0  # optimizer steps done
     last_saved: int = None  # the step of the newest checkpoint, None before there is one
     resumed_from: str = None  # the checkpoint folder this run continues
+    streams: list = None  # each rank's (epoch, position) in a streamed dataset, from the checkpoint resumed
+    stream_state: object = None  # () -> this rank's (epoch, position) now, for a streamed dataset; else None
 
     @property
     def master(self):
@@ -328,7 +338,10 @@ def main(args):
         source = data.read_prompts(args.prompts_file)
         reward_for(args, source)  # probed and checked now, minutes before the model has loaded
     else:
-        source = data.open_pairs(args.data, skip_bad_rows=args.skip_bad_rows)
+        source = data.open_pairs(args.data, args.skip_bad_rows, args.ties, args.shuffle_buffer)
+        if args.cache_latents and isinstance(source, shards.Shards):
+            raise UserError("--cache-latents keeps every image's latents in memory, which a stream of parquet shards "
+                            "would fill (each image comes once an epoch); drop --cache-latents.")
         if len(source) < args.batch_size * world_size:
             raise UserError(f"{args.data} has {len(source)} usable pairs, fewer than one batch of "
                             f"{args.batch_size * world_size}; lower --batch-size or add pairs.")
@@ -400,6 +413,7 @@ def setup(run, state, resume_from):
         torch.set_rng_state(state["rng"]["torch"])  # the loop draws nothing from it; restored for anything that does
         run.step = run.last_saved = state["step"]
         run.resumed_from = resume_from
+        run.streams = state["data"].get("streams")
         run.say(f"resuming from {resume_from} at step {run.step}")
 
 
@@ -428,8 +442,10 @@ def train(run, source):
         micro_step = reward_micro_step(args, run.pipe, source, run.files, run.device)
         what = f"{len(source)} prompts, reward {args.reward}"
     else:
-        micro_step = dpo_micro_step(args, run.pipe, source, run.files, run.step, run.rank, run.world_size, run.device)
+        micro_step = dpo_micro_step(args, run.pipe, source, run.files, run.step, run.rank, run.world_size, run.device,
+                                    stream_start(run, source))
         what = repr(source)
+    run.stream_state = getattr(micro_step, "stream_state", lambda: None)
     run.say(f"training {'+'.join(run.files)} ({args.method}{', NPO' if args.npo else ''}) on {what}: "
             f"{sum(p.numel() for p in run.params) / 1e6:.2f}M LoRA parameters on "
             f"{len(run.settings['layers'])} layers, {run.settings['global_batch']} examples per step on "
@@ -446,7 +462,7 @@ def train(run, source):
         stop.restore()
         log.close()
         getattr(micro_step, "close", lambda: None)()  # stops the data loader's worker processes
-    return finish(run, source)
+    return finish(run, source, getattr(micro_step, "counts", lambda: {})())
 
 
 def accumulate(run, micro_step):
@@ -499,16 +515,40 @@ def update(run, metrics):
     return lr, grad_norm
 
 
+def stream_start(run, source):
+    """This rank's place to start a streamed dataset (parquet shards): where the checkpoint resumed left it."""
+    if not isinstance(source, shards.Shards) or run.streams is None:
+        return None
+    if len(run.streams) != run.world_size:
+        raise UserError(f"{run.resumed_from} streamed the shards on {len(run.streams)} rank(s), and this run has "
+                        f"{run.world_size}; resume with {len(run.streams)} rank(s) (each rank has its own place).")
+    return tuple(run.streams[run.rank])
+
+
+def save(run):
+    """A checkpoint of the run as it stands: rank 0 writes it; every rank takes part (their places in a streamed
+    dataset are gathered), and none goes on before it is written."""
+    streams, mine = None, run.stream_state()
+    if mine is not None:
+        streams = torch.tensor([mine], dtype=torch.long, device=run.device)
+        if run.world_size > 1:
+            everyone = [torch.zeros_like(streams) for _ in range(run.world_size)]
+            dist.all_gather(everyone, streams)
+            streams = torch.cat(everyone)
+        streams = streams.cpu().tolist()
+    if run.master:
+        runs.save_checkpoint(run.ckpt_dir, run.step, run.pipe.unet, run.files, run.optimizer, run.settings,
+                             run.args.keep_checkpoints, streams)
+    run.last_saved = run.step
+    if run.world_size > 1:
+        dist.barrier()  # no rank exits (and makes torchrun kill rank 0) while the checkpoint is written
+
+
 def after_step(run, log, stopping):
     """Checkpoint (every --checkpoint-every steps, at the end, and when stopping), then validation images."""
     args, step = run.args, run.step
     if (args.checkpoint_every and step % args.checkpoint_every == 0) or stopping or step == args.steps:
-        if run.master:
-            runs.save_checkpoint(run.ckpt_dir, step, run.pipe.unet, run.files, run.optimizer, run.settings,
-                                 args.keep_checkpoints)
-        run.last_saved = step
-        if run.world_size > 1:
-            dist.barrier()  # no rank exits (and makes torchrun kill rank 0) while the checkpoint is written
+        save(run)
     if stopping:
         run.say(f"interrupted: saved {runs.checkpoint_path(run.ckpt_dir, step)}; continue with --resume latest")
         raise SystemExit(130)
@@ -517,15 +557,16 @@ def after_step(run, log, stopping):
         log.event("validation", images=validate(run.pipe, args, run.out, step))
 
 
-def finish(run, source):
+def finish(run, source, counts):
     """The result files (rank 0), after a last checkpoint if the final step has none yet."""
+    if run.last_saved != run.step:
+        save(run)
     if run.master:
-        if run.last_saved != run.step:
-            runs.save_checkpoint(run.ckpt_dir, run.step, run.pipe.unet, run.files, run.optimizer, run.settings,
-                                 run.args.keep_checkpoints)
         paths = runs.save_results(run.out, run.pipe.unet, run.files, run.settings, run.step)
-        if getattr(source, "skipped", 0):
-            run.say(f"skipped {source.skipped} bad rows of {run.args.data}")
+        skipped = getattr(source, "skipped", 0) + counts.get("bad", 0)
+        dropped = [f"skipped {skipped} bad rows"] * bool(skipped) + [f"dropped {counts.get('ties')} ties"] * bool(counts.get("ties"))
+        if dropped:
+            run.say(f"{' and '.join(dropped)} of {run.args.data}")
         run.say(f"wrote {', '.join(paths)} ({run.step} steps)")
     paths = [os.path.join(run.out, name) for name in run.files.values()]
     if run.world_size > 1:
@@ -574,7 +615,7 @@ class Log:
 # ----------------------------------------------------------------------------------------------------------
 # One micro-step of Diffusion-DPO (or SFT): forward and backward of one batch of pairs; returns its metrics.
 
-def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device):
+def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, start_state=None):
     (role,) = files
     unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[args.dtype]
     schedule = sampler.DDIMConfig.from_dict(pipe.scheduler_config)
@@ -584,7 +625,7 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device):
     # the data: example i of the stream is micro-step i // (B·W), rank (i // B) % W, row i % B
     stream = data.batches(dataset, args.batch_size, args.seed, args.resolution, start_step=step * args.grad_accum,
                           random_crop=args.random_crop, caption_dropout=args.caption_dropout,
-                          rank=rank, world_size=world_size, num_workers=args.num_workers)
+                          rank=rank, world_size=world_size, num_workers=args.num_workers, start_state=start_state)
     cache = {} if args.cache_latents else None
 
     def micro_step(first, weight):
@@ -616,6 +657,8 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device):
         (loss * weight).backward()
         return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
     micro_step.close = stream.close
+    micro_step.stream_state = lambda: getattr(stream, "state", None)  # a sharded dataset's place; else None
+    micro_step.counts = lambda: getattr(stream, "counts", {})
     return micro_step
 
 

@@ -12,7 +12,7 @@ LAYERS = {
     "experiment": 1,
     "train": 2,                                                  # training
     "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "pipeline": 3,   # its parts; the pipeline
-    "images": 4, "unet": 4, "clip": 4, "lora": 4, "sampler": 4,  # models and sampling
+    "images": 4, "unet": 4, "clip": 4, "lora": 4, "sampler": 4, "shards": 4,  # models, sampling; parquet shards
     "checkpoint": 5,                                             # files and the one user-facing error
 }
 
