@@ -23,20 +23,23 @@ import torch
 WEIGHTS = os.environ.get("NPO_BENCH_DIR", "/tmp/npo-bench/sd15")
 
 
-def make_weights(path):
-    """SD1.5 shapes, random weights, diffusers folder layout (the tokenizer is ours from weights/)."""
+def make_weights(path, tiny=False):
+    """SD1.5 shapes (or, `tiny`, a few channels of them), random weights, diffusers folder layout (the tokenizer is
+    ours from weights/)."""
     if os.path.exists(os.path.join(path, "done")):
         return
     import shutil
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
-    UNet2DConditionModel(sample_size=64, cross_attention_dim=768).save_pretrained(f"{path}/unet")
-    AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
-                  down_block_types=("DownEncoderBlock2D",) * 4,
+    widths = dict(block_out_channels=(32, 32, 64, 64), norm_num_groups=8, attention_head_dim=4) if tiny else {}
+    width = 32 if tiny else 768
+    UNet2DConditionModel(sample_size=64, cross_attention_dim=width, **widths).save_pretrained(f"{path}/unet")
+    AutoencoderKL(block_out_channels=(32, 32, 64, 64) if tiny else (128, 256, 512, 512), layers_per_block=2,
+                  sample_size=512, norm_num_groups=8 if tiny else 32, down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(f"{path}/vae")
-    CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                                 hidden_act="quick_gelu")).save_pretrained(f"{path}/text_encoder")
+    CLIPTextModel(CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_attention_heads=4 if tiny else 12,
+                                 num_hidden_layers=2 if tiny else 12, hidden_act="quick_gelu")).save_pretrained(f"{path}/text_encoder")
     shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer"), f"{path}/tokenizer",
                     dirs_exist_ok=True)
     open(os.path.join(path, "done"), "w").close()
@@ -220,7 +223,7 @@ def random_pair_dataset(folder, pixels):
     return f"{folder}/pairs.jsonl"
 
 
-def train_ours(variant, size, steps, threads):
+def train_ours(variant, size, steps, threads, device="cpu", extra=(), weights=None):
     """Our whole training loop (`npo.py train`, in this process): seconds per step from its own log, which times
     everything a step does (data, text encoder, VAE encode unless cached, both UNet passes, backward, AdamW)."""
     import tempfile
@@ -229,9 +232,9 @@ def train_ours(variant, size, steps, threads):
     import train
     tmp = tempfile.mkdtemp()
     data = random_pair_dataset(f"{tmp}/data", 8 * size)
-    flags = ["train", "--model", WEIGHTS, "--data", data, "--out", f"{tmp}/run", "--steps", str(steps),
+    flags = ["train", "--model", weights or WEIGHTS, "--data", data, "--out", f"{tmp}/run", "--steps", str(steps),
              "--resolution", str(8 * size), "--rank", "8", "--log-every", "1", "--checkpoint-every", "0",
-             "--device", "cpu"]
+             "--device", device, *extra]
     flags += {"ours": [], "ours-gc": ["--gradient-checkpointing"], "ours-cache": ["--cache-latents"],
               "ours-cache-gc": ["--cache-latents", "--gradient-checkpointing"]}[variant]
     train.main(train.parse_args(flags[1:]))
@@ -243,7 +246,7 @@ def train_ours(variant, size, steps, threads):
                 peak_gib=rss_kib("VmHWM") / 2**20)
 
 
-def train_recipe(variant, size, steps, threads):
+def train_recipe(variant, size, steps, threads, device="cpu", weights=None):
     """diffusers' Diffusion-DPO recipe (train_diffusion_dpo.py) reduced to its step: peft LoRA r=8 on
     to_q/k/v/out.0, the reference by disabling the adapters, loss −log σ(−β/2 · (Δθ − Δref)), AdamW, grad clip.
     Reports the step (text encoder, both UNet passes, backward, update) and its VAE encode of the pair separately."""
@@ -252,9 +255,10 @@ def train_recipe(variant, size, steps, threads):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
     from transformers import CLIPTextModel
-    unet = UNet2DConditionModel.from_pretrained(f"{WEIGHTS}/unet").requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(f"{WEIGHTS}/vae").requires_grad_(False)
-    text = CLIPTextModel.from_pretrained(f"{WEIGHTS}/text_encoder").requires_grad_(False)
+    weights = weights or WEIGHTS
+    unet = UNet2DConditionModel.from_pretrained(f"{weights}/unet").requires_grad_(False).to(device)
+    vae = AutoencoderKL.from_pretrained(f"{weights}/vae").requires_grad_(False).to(device)
+    text = CLIPTextModel.from_pretrained(f"{weights}/text_encoder").requires_grad_(False).to(device)
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     unet.add_adapter(LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -264,18 +268,20 @@ def train_recipe(variant, size, steps, threads):
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2)
     g = torch.Generator().manual_seed(0)
-    pixels = torch.rand(2, 3, 8 * size, 8 * size, generator=g) * 2 - 1  # [x_w; x_l]
-    ids = torch.randint(0, 49408, (1, 77), generator=g)
+    pixels = (torch.rand(2, 3, 8 * size, 8 * size, generator=g) * 2 - 1).to(device)  # [x_w; x_l]
+    ids = torch.randint(0, 49408, (1, 77), generator=g).to(device)
+    wait = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     step_times, encode_times = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
         with torch.no_grad():
             latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
+        wait()
         t1 = time.perf_counter()
         with torch.no_grad():
             context = text(ids)[0].repeat(2, 1, 1)
         noise = torch.randn_like(latents[:1]).repeat(2, 1, 1, 1)
-        t = torch.randint(0, 1000, (1,)).repeat(2)
+        t = torch.randint(0, 1000, (1,)).repeat(2).to(device)
         noisy = scheduler.add_noise(latents, noise, t)
         model_pred = unet(noisy, t, context).sample
         with torch.no_grad():
@@ -289,6 +295,7 @@ def train_recipe(variant, size, steps, threads):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        wait()
         step_times.append(time.perf_counter() - t1)
         encode_times.append(t1 - t0)
     return dict(variant=variant, seconds=statistics.median(step_times[1:]),
@@ -360,6 +367,115 @@ def cmd_reward(args):
         print(f"| {sample_steps} | {grad_steps} | {r['seconds']:.1f} | {r['peak_gib']:.2f} |", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# GPU: one command that times ours against diffusers in one process on a CUDA machine (a CPU run checks it works).
+
+def _synchronized(device, fn, repeats):
+    """Median seconds of `fn()` over `repeats` calls after one warm-up, waiting for the device each time."""
+    def wait():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    fn()
+    wait()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        wait()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _peak_gib(device, fn):
+    """Peak device memory of one `fn()` call above what was allocated before it (CUDA); NaN on the CPU."""
+    if device.type != "cuda":
+        fn()
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
+def gpu_unet_rows(device, weights, size, repeats):
+    """One UNet forward (batch 2) in fp16 and bf16, ours vs diffusers; and ours under torch.compile (fp16)."""
+    import unet as ours_unet
+    from diffusers import UNet2DConditionModel
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.bfloat16,):
+        ours = ours_unet.load_unet(f"{weights}/unet", dtype=dtype, device=device)
+        ref = UNet2DConditionModel.from_pretrained(f"{weights}/unet", torch_dtype=dtype).to(device).eval()
+        x = torch.randn(2, 4, size, size, device=device, dtype=dtype)
+        c = torch.randn(2, 77, ours.config.cross_attention_dim, device=device, dtype=dtype)
+        with torch.inference_mode():
+            fns = {"ours": lambda: ours(x, 500, c), "diffusers": lambda: ref(x, 500, c).sample}
+            if dtype == torch.float16:  # CUDA only: inductor's CPU compile takes minutes, for no GPU figure
+                compiled = torch.compile(ours)
+                fns["ours, torch.compile"] = lambda: compiled(x, 500, c)
+            timed = {k: (_synchronized(device, f, repeats), _peak_gib(device, f)) for k, f in fns.items()}
+        name = str(dtype).removeprefix("torch.")
+        rows += [(f"UNet forward, {name}, {k}", t, m, timed["diffusers"]) for k, (t, m) in timed.items()]
+        del ours, ref
+    return rows
+
+
+def gpu_sampling_rows(device, weights, size, repeats):
+    """One guided step: plain CFG vs NPO (η and δ as unmerged rank-8 offsets, one batched forward), fp16 (bf16 on CPU)."""
+    import lora
+    import pipeline
+    import unet as ours_unet
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    model = ours_unet.load_unet(f"{weights}/unet", dtype=dtype, device=device)
+    x = torch.randn(1, 4, size, size, device=device, dtype=dtype)
+    neg, pos = (torch.randn(1, 77, model.config.cross_attention_dim, device=device, dtype=dtype) for _ in range(2))
+    t = torch.tensor(500, device=device)
+    with torch.inference_mode():
+        plain = pipeline.npo_denoiser(model, neg, pos, 7.5)
+        timed = {"plain CFG": (_synchronized(device, lambda: plain(x, t), repeats), _peak_gib(device, lambda: plain(x, t)))}
+        for name in ("eta", "delta"):
+            lora.add_offset(model, name, rank=8)
+        npo = pipeline.npo_denoiser(model, neg, pos, 7.5, 1.0, 1.0)
+        timed["NPO (η, δ unmerged)"] = (_synchronized(device, lambda: npo(x, t), repeats),
+                                        _peak_gib(device, lambda: npo(x, t)))
+    name = str(dtype).removeprefix("torch.")
+    return [(f"guided step, {name}, {k}", tm, m, timed["plain CFG"]) for k, (tm, m) in timed.items()]
+
+
+def gpu_train_rows(device, weights, size):
+    """One Diffusion-DPO step (1 pair, rank 8): ours (`npo.py train`, --mixed-precision fp16 on CUDA, bf16 on the CPU)
+    vs the diffusers recipe in fp32 (what its script runs without accelerate's mixed precision)."""
+    mode = "fp16" if device.type == "cuda" else "bf16"
+    threads = torch.get_num_threads()
+    ours = train_ours("ours", size, 4, threads, str(device), ["--mixed-precision", mode], weights)
+    ours_fp32 = train_ours("ours", size, 4, threads, str(device), weights=weights)
+    recipe = train_recipe("recipe", size, 4, threads, str(device), weights)
+    return [(f"DPO step, ours, --mixed-precision {mode}", ours["seconds"], float("nan"), (recipe["seconds"], 0)),
+            ("DPO step, ours, fp32", ours_fp32["seconds"], float("nan"), (recipe["seconds"], 0)),
+            ("DPO step, diffusers recipe, fp32", recipe["seconds"], float("nan"), (recipe["seconds"], 0))]
+
+
+def cmd_gpu(args):
+    """The GPU table: UNet fp16 / bf16 / compile, NPO against plain CFG, the DPO step against the recipe."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    weights = args.weights or WEIGHTS
+    make_weights(weights, tiny=args.tiny)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (fallback: checks the command runs)"
+    lines = [f"{name}; SD1.5-shaped random weights{' (tiny)' if args.tiny else ''}, latent {args.size}x{args.size} "
+             f"({8 * args.size} px); median of {args.repeats} after a warm-up", "",
+             "| what | s | vs reference | peak GiB above weights |", "|---|---|---|---|"]
+    rows = gpu_unet_rows(device, weights, args.size, args.repeats) + gpu_sampling_rows(device, weights, args.size, args.repeats)
+    if not args.skip_train:
+        rows += gpu_train_rows(device, weights, args.size)
+    for what, seconds, memory, (ref_seconds, _) in rows:
+        lines.append(f"| {what} | {seconds:.4f} | {seconds / ref_seconds:.2f}x | {memory:.2f} |")
+    print("\n".join(lines), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_sampling":
         variant, size, repeats, threads = sys.argv[2:6]
@@ -399,6 +515,15 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(TRAIN_VARIANTS),
                    help=f"comma-separated subset of {','.join(TRAIN_VARIANTS)}")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("gpu", help="on a CUDA machine: UNet fp16/bf16/compile, NPO vs plain CFG, DPO step vs recipe")
+    p.add_argument("--size", type=int, default=64, help="latent side (default 64: 512 px)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is there (a check that it runs)")
+    p.add_argument("--tiny", action="store_true", help="tiny random weights instead of SD1.5-shaped ones (a quick check)")
+    p.add_argument("--weights", default=None, help="folder for the random weights (default: NPO_BENCH_DIR)")
+    p.add_argument("--skip-train", action="store_true", help="leave out the DPO step rows")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    p.set_defaults(func=cmd_gpu)
     p = sub.add_parser("reward", help="reward training (DRaFT-K): time and peak memory against K and sampling steps")
     p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")

@@ -99,11 +99,11 @@ def _fsync(path):
         os.close(fd)
 
 
-def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, streams=None):
+def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, streams=None, scaler=None):
     """Write checkpoints/step-XXXXXX/ with the run's LoRA files (`files`: {role: name}, usable as they are) and
     `state.pt` (a plain dict of tensors and Python values, readable with torch.load(weights_only=True)), then keep
     the last `keep`. `streams`: each rank's (epoch, position) in a streamed dataset (parquet shards), whose place,
-    unlike an in-memory dataset's, does not follow from the step.
+    unlike an in-memory dataset's, does not follow from the step. `scaler`: fp16's loss-scale state.
 
     The folder appears only complete: it is written under a temporary name, fsynced, then renamed."""
     final = checkpoint_path(ckpt_dir, step)
@@ -117,6 +117,7 @@ def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, stre
             "rng": {"torch": torch.get_rng_state()},
             "data": {"examples_seen": step * settings["global_batch"], "seed": settings["seed"], "streams": streams},
             "settings": settings,
+            "scaler": scaler,
             "files": dict(files),
         }
         torch.save(state, os.path.join(tmp, "state.pt"))

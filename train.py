@@ -35,6 +35,7 @@ Files in --out: `lora.safetensors` (the result, kohya format; `eta.safetensors` 
 `validation/step-XXXXXX-K.png` when --validation-prompts is given.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -154,6 +155,10 @@ def _add_optimizer_arguments(g):
                    help="pairs per rank per micro-step; pairs per optimizer step = batch size × grad accum × ranks")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps whose gradients add up to one optimizer step")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this (0: no clipping)")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                   help="run the frozen base under autocast in bf16 or fp16; the LoRA master weights, the optimizer and "
+                        "the loss stay float32, the VAE encodes in float32; fp16 scales the loss dynamically and skips "
+                        "steps whose gradients overflow (default no)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet blocks' activations in the backward pass: less memory, about 30%% more time")
     g.add_argument("--steps", type=int, default=2000, help="optimizer steps in total, counting those of a resumed run")
@@ -312,6 +317,7 @@ class Run:
     resumed_from: str = None  # the checkpoint folder this run continues
     streams: list = None  # each rank's (epoch, position) in a streamed dataset, from the checkpoint resumed
     stream_state: object = None  # () -> this rank's (epoch, position) now, for a streamed dataset; else None
+    amp: object = None  # the Amp of --mixed-precision
 
     @property
     def master(self):
@@ -403,6 +409,7 @@ def setup(run, state, resume_from):
         else:
             run.params += lora.add_offset(unet, role, args.rank, args.lora_alpha, args.targets)
     run.settings = run_settings(run, fingerprint)
+    run.amp = Amp(args.mixed_precision, run.device)
     # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes; the lr is set by hand every step
     run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
     if state is not None:
@@ -414,6 +421,8 @@ def setup(run, state, resume_from):
         run.step = run.last_saved = state["step"]
         run.resumed_from = resume_from
         run.streams = state["data"].get("streams")
+        if run.amp.scaler and state.get("scaler"):
+            run.amp.scaler.load_state_dict(state["scaler"])
         run.say(f"resuming from {resume_from} at step {run.step}")
 
 
@@ -439,11 +448,11 @@ def train(run, source):
     """The loop: optimizer steps until --steps, with logging, checkpoints and validation; then the result files."""
     args = run.args
     if args.method == "reward":
-        micro_step = reward_micro_step(args, run.pipe, source, run.files, run.device)
+        micro_step = reward_micro_step(args, run.pipe, source, run.files, run.device, run.amp)
         what = f"{len(source)} prompts, reward {args.reward}"
     else:
         micro_step = dpo_micro_step(args, run.pipe, source, run.files, run.step, run.rank, run.world_size, run.device,
-                                    stream_start(run, source))
+                                    stream_start(run, source), run.amp)
         what = repr(source)
     run.stream_state = getattr(micro_step, "stream_state", lambda: None)
     run.say(f"training {'+'.join(run.files)} ({args.method}{', NPO' if args.npo else ''}) on {what}: "
@@ -497,10 +506,12 @@ def combined_metrics(run, metrics, stop_requested):
 
 def update(run, metrics):
     """Clip, check, and apply the gradient: constant lr after a linear warmup (nanoGPT's ramp: never 0 at step 0).
-    A non-finite loss or gradient stops the run before it is applied. Returns (lr, gradient norm)."""
+    A non-finite loss or gradient stops the run before it is applied (with fp16, an overflowing gradient skips the
+    step instead: `metrics["skipped"]`). Returns (lr, gradient norm)."""
     args = run.args
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, args.max_grad_norm or float("inf")).item()
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+    grad_norm = run.amp.unscaled_norm(run.optimizer, run.params, args.max_grad_norm)
+    metrics["skipped"] = float(run.amp.scaler is not None and not math.isfinite(grad_norm))
+    if not (math.isfinite(metrics["loss"]) and (math.isfinite(grad_norm) or metrics["skipped"])):
         newest = runs.last_saved_path(run.ckpt_dir)
         kept = f"the last good checkpoint is {newest}" if newest else "there is no checkpoint yet"
         raise UserError(f"the loss became {metrics['loss']} (gradient norm {grad_norm}) at step {run.step + 1}, "
@@ -509,7 +520,7 @@ def update(run, metrics):
     lr = args.lr * min(1.0, (run.step + 1) / (args.warmup_steps + 1))
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    run.optimizer.step()
+    run.amp.step(run.optimizer)
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     return lr, grad_norm
@@ -537,8 +548,9 @@ def save(run):
             streams = torch.cat(everyone)
         streams = streams.cpu().tolist()
     if run.master:
+        scaler = run.amp.scaler.state_dict() if run.amp.scaler else None
         runs.save_checkpoint(run.ckpt_dir, run.step, run.pipe.unet, run.files, run.optimizer, run.settings,
-                             run.args.keep_checkpoints, streams)
+                             run.args.keep_checkpoints, streams, scaler)
     run.last_saved = run.step
     if run.world_size > 1:
         dist.barrier()  # no rank exits (and makes torchrun kill rank 0) while the checkpoint is written
@@ -574,6 +586,39 @@ def finish(run, source, counts):
     return paths[0] if len(paths) == 1 else paths
 
 
+class Amp:
+    """--mixed-precision: the frozen base's forward runs under autocast (bf16 or fp16); the LoRA master weights, the
+    optimizer state and the loss stay float32. fp16's narrow range needs a dynamic loss scale (torch.amp.GradScaler):
+    the loss is multiplied by S before the backward, the gradients divided by S before clipping, and a step whose
+    gradients overflowed is skipped (S halves; after 2000 good steps it doubles)."""
+
+    def __init__(self, mode, device):
+        self.dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+        self.device_type = torch.device(device).type
+        self.scaler = torch.amp.GradScaler(self.device_type) if mode == "fp16" else None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss):
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def unscaled_norm(self, optimizer, params, max_norm):
+        """The gradients' global norm after unscaling, clipped to `max_norm` (0: no clipping)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")).item()
+
+    def step(self, optimizer):
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)  # skipped when unscale_ found inf / nan gradients
+            self.scaler.update()
+
+
 class Log:
     """Metrics averaged over every --log-every steps: printed (rank 0) and appended to OUT/log.jsonl, with it/s
     and ETA; and events (resume, validation) as lines of their own."""
@@ -593,6 +638,7 @@ class Log:
         line = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
         line.update(lr=lr, it_per_s=it_s, eta_s=(args.steps - run.step) / it_s, time=time.time())
         shown = ("reward",) if args.method == "reward" else ("implicit_acc", "reward_margin")
+        shown += ("skipped",) * bool(line.get("skipped"))  # fp16 steps whose gradients overflowed
         run.say(f"step {run.step}/{args.steps} | loss {line['loss']:.4f} | "
                 + "".join(f"{k} {line[k]:.4g} | " for k in shown)
                 + f"lr {lr:.2e} | grad {line['grad_norm']:.3g} | {it_s:.2f} it/s | ETA {format_seconds(line['eta_s'])}")
@@ -615,9 +661,9 @@ class Log:
 # ----------------------------------------------------------------------------------------------------------
 # One micro-step of Diffusion-DPO (or SFT): forward and backward of one batch of pairs; returns its metrics.
 
-def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, start_state=None):
+def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, start_state=None, amp=None):
     (role,) = files
-    unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[args.dtype]
+    unet, vae, dtype, amp = pipe.unet, pipe.vae, DTYPES[args.dtype], amp or Amp("no", device)
     schedule = sampler.DDIMConfig.from_dict(pipe.scheduler_config)
     ac = sampler.alphas_cumprod(schedule)  # ᾱ_t, t = 0 … T−1
     if args.gradient_checkpointing:
@@ -646,15 +692,16 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, s
         target = sampler.target(z, eps, t, ac, schedule.prediction_type)  # ε, or v for v-prediction models
         context = pipe.encode_prompts(prompts).repeat(2, 1, 1)
 
-        model_pred = unet(z_t, t, context)
-        # the reference: the same UNet with the offset switched off. (With gradient checkpointing the backward
-        # recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
-        with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
-            ref_pred = unet(z_t, t, context)
+        with amp.autocast():
+            model_pred = unet(z_t, t, context).float()
+            # the reference: the same UNet with the offset switched off. (With gradient checkpointing the backward
+            # recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
+            with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
+                ref_pred = unet(z_t, t, context).float()
         loss, metrics = losses.dpo_loss(model_pred, ref_pred, target, args.beta_dpo)
         if args.method == "sft":  # SFT logs the same DPO metrics, so the two runs read alike
             loss = losses.sft_loss(model_pred, target)
-        (loss * weight).backward()
+        amp.backward(loss * weight)
         return {"loss": loss.item(), **{k: v.item() for k, v in metrics.items()}}
     micro_step.close = stream.close
     micro_step.stream_state = lambda: getattr(stream, "state", None)  # a sharded dataset's place; else None
@@ -665,13 +712,13 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, s
 # ----------------------------------------------------------------------------------------------------------
 # One micro-step of differentiable-reward fine-tuning (DRaFT-K / AlignProp style), R or, for NPO, 1 − R.
 
-def reward_micro_step(args, pipe, prompts, files, device):
+def reward_micro_step(args, pipe, prompts, files, device, amp=None):
     """Sample each example from noise with DDIM and CFG, the offsets on; gradients flow only through the last K
     (--grad-steps) denoising steps, each UNet call of which is checkpointed; decode; loss = −R (δ: −(1 − R)).
 
     One offset: θ + offset on both CFG branches, as the sampler of the fine-tuned model. --joint: eq. 10, η on
     both branches and δ on the unconditional one only (pipeline.npo_multipliers), both learning from R."""
-    unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[args.dtype]
+    unet, vae, dtype, amp = pipe.unet, pipe.vae, DTYPES[args.dtype], amp or Amp("no", device)
     schedule = sampler.pipeline_config(pipe.scheduler_config)
     steps = sampler.ddim_steps(schedule, args.sample_steps)
     objective = reward_for(args, prompts)  # R, or 1 − R with --npo
@@ -686,7 +733,11 @@ def reward_micro_step(args, pipe, prompts, files, device):
             weights = pipeline.npo_multipliers(len(chosen), args.alpha, args.beta, device)
         else:
             weights = {role: 1.0 for role in files}
-        denoise = pipeline.guided_denoiser(unet, neg, pos, args.guidance, weights)
+        guided = pipeline.guided_denoiser(unet, neg, pos, args.guidance, weights)
+
+        def denoise(x, t):  # the UNet under autocast (--mixed-precision); the DDIM update in x's dtype
+            with amp.autocast():
+                return guided(x, t).to(x.dtype)
         for i, (t, a_t, a_prev) in enumerate(steps):
             if i < len(steps) - args.grad_steps:
                 with torch.no_grad():
@@ -697,7 +748,7 @@ def reward_micro_step(args, pipe, prompts, files, device):
         pixels = vae.decode(x.to(next(vae.parameters()).dtype) / vae.scaling_factor)
         scores = objective((pixels.float() / 2 + 0.5).clamp(0, 1), chosen)
         loss = -scores.mean()
-        (loss * weight).backward()
+        amp.backward(loss * weight)
         r = (1 - scores) if args.npo else scores  # the reward R itself is logged, also when training 1 − R
         return {"loss": loss.item(), "reward": r.mean().item()}
     return micro_step

@@ -414,3 +414,42 @@ def test_dataloader_workers_are_shut_down(tiny_model, pairs, tmp_path):
     model, _ = tiny_model
     assert run(model, pairs, tmp_path / "o", "--steps", "2", "--num-workers", "2") == 0
     assert multiprocessing.active_children() == []
+
+
+def test_bf16_autocast_first_step_matches_fp32(tiny_model, pairs, tmp_path):
+    """--mixed-precision bf16 runs the base in bfloat16: the first step's MSEs equal float32's within bfloat16's
+    precision (measured here: at most 0.07% relative; bound 0.5%), from a non-zero offset so that d_θ ≠ d_ref. The
+    DPO loss multiplies the MSE differences by β = 500, so it is compared in absolute terms (bound 0.02)."""
+    model, _ = tiny_model
+    init = random_lora(model, tmp_path / "init.safetensors")
+    for mode in ("no", "bf16"):
+        assert run(model, pairs, tmp_path / mode, "--steps", "1", "--init-lora", init, "--mixed-precision", mode) == 0
+    fp32, bf16 = logged(tmp_path / "no")[0], logged(tmp_path / "bf16")[0]
+    for key in ("mse_w", "mse_l", "ref_mse_w", "ref_mse_l"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=5e-3), key
+    assert bf16["loss"] == pytest.approx(fp32["loss"], abs=2e-2)
+    assert fp32["mse_w"] != bf16["mse_w"]  # autocast did run the base in bfloat16
+
+
+def test_fp16_overflow_skips_the_step_and_keeps_lora_and_optimizer(tiny_model, pairs, tmp_path, monkeypatch):
+    model, _ = tiny_model
+    init = random_lora(model, tmp_path / "init.safetensors")
+    dpo_loss = train.losses.dpo_loss
+
+    def overflowing(*args, **kwargs):  # the scaled loss (× 2^16) overflows float32: every gradient is inf
+        loss, metrics = dpo_loss(*args, **kwargs)
+        return loss * 1e36, metrics
+    monkeypatch.setattr(train.losses, "dpo_loss", overflowing)
+    assert run(model, pairs, tmp_path / "o", "--steps", "1", "--init-lora", init, "--mixed-precision", "fp16") == 0
+    assert logged(tmp_path / "o")[0]["skipped"] == 1.0
+    before, after = read_lora(init), read_lora(tmp_path / "o" / "lora.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    state = torch.load(tmp_path / "o" / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
+    assert state["optimizer"]["state"] == {}  # AdamW never stepped: no moments were formed from inf gradients
+    monkeypatch.setattr(train.losses, "dpo_loss", dpo_loss)
+    scale = state["scaler"]["scale"]
+    assert scale == 2.0 ** 15  # GradScaler starts at 2^16 and halves at an overflow; the checkpoint keeps it
+    assert run(model, pairs, tmp_path / "o", "--steps", "6", "--init-lora", init, "--mixed-precision", "fp16",
+               "--resume", "latest") == 0
+    assert any(line["skipped"] == 0.0 for line in logged(tmp_path / "o")[1:])  # once the scale fits, steps apply
+    assert not all(torch.equal(before[k], v) for k, v in read_lora(tmp_path / "o" / "lora.safetensors").items())
