@@ -120,6 +120,55 @@ def reward(images, prompts):
     return torch.stack(scores)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Judges that training never sees: they score pictures by other means than `reward`, for the experiment's
+# evaluation (and the embedded model's test). Each takes uint8 pixels (H, W, 3) or images (B, 3, H, W) in [0, 1].
+
+def judge(pixels):
+    """(color, shape) of the one object in an (H, W, 3) uint8 picture, by pixels alone; None where unclear.
+
+    Foreground = pixels far from the border's median color. Color = the nearest of COLORS to the mean foreground
+    pixel. Shape = how much of its bounding box the object fills: a square ~1, a circle π/4 ~ 0.79, a triangle 1/2."""
+    image = pixels.astype(np.float32)
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(image - background, axis=-1) > 80
+    if mask.sum() < 0.03 * mask.size:
+        return None
+    ys, xs = np.nonzero(mask)
+    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    shape = "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
+    mean = image[mask].mean(axis=0)
+    color = min(COLORS, key=lambda c: np.linalg.norm(mean - np.array(COLORS[c])))
+    return color, shape
+
+
+def correct(images, prompts):
+    """1 where `judge` reads the prompted color and shape, else 0: the pixel checker's verdict per image."""
+    pixels = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return torch.tensor([float(judge(p) == parse(prompt)) for p, prompt in zip(pixels, prompts)])
+
+
+def edge_sharpness(images, prompts=None):
+    """The 99th percentile of the luma gradient's magnitude (central differences), per image: crisp edges are steep
+    (a drawn edge spans about one pixel), blurred ones are not."""
+    luma = (images.detach() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1)
+    gx = luma[:, 1:-1, 2:] - luma[:, 1:-1, :-2]
+    gy = luma[:, 2:, 1:-1] - luma[:, :-2, 1:-1]
+    return ((gx ** 2 + gy ** 2).sqrt() / 2).flatten(1).quantile(0.99, dim=1)
+
+
+def background_noise(images, prompts=None):
+    """The standard deviation of the background (pixels near the border's median color), per image: the drawn
+    world's backgrounds are flat, so lower is better."""
+    x = images.detach()
+    border = torch.cat([x[:, :, 0], x[:, :, -1], x[:, :, :, 0], x[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    near = (x - background).norm(dim=1, keepdim=True) < 0.3
+    deviation = ((x - background) ** 2).sum(dim=1, keepdim=True)
+    return ((deviation * near).flatten(1).sum(1) / near.flatten(1).sum(1).clamp(min=1)).sqrt()
+
+
 def check_prompts(prompts):
     """The reward's prompt check (rewards.check_prompts calls it before training): ValueError for a prompt outside
     this world."""

@@ -14,24 +14,7 @@ from conftest import ROOT
 WEIGHTS = f"{ROOT}/weights"
 
 
-def judge(pixels):
-    """(color, shape) of the one object in an (H, W, 3) uint8 picture, by pixels alone; None where unclear.
-
-    Foreground = pixels far from the border's median color. Color = the nearest of shapes.COLORS to the mean
-    foreground pixel. Shape = how much of its bounding box the object fills: a square ~1, a circle π/4 ~ 0.79,
-    a triangle 1/2."""
-    image = pixels.astype(np.float32)
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    background = np.median(border, axis=0)
-    mask = np.linalg.norm(image - background, axis=-1) > 80
-    if mask.sum() < 0.03 * mask.size:
-        return None
-    ys, xs = np.nonzero(mask)
-    fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    shape = "square" if fill > 0.88 else "circle" if fill > 0.66 else "triangle"
-    mean = image[mask].mean(axis=0)
-    color = min(shapes.COLORS, key=lambda c: np.linalg.norm(mean - np.array(shapes.COLORS[c])))
-    return color, shape
+judge = shapes.judge
 
 
 def test_judge_reads_the_drawn_world():

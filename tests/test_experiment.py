@@ -9,7 +9,8 @@ import pytest
 import npo
 import train
 
-QUICK = ["--pairs-per-prompt", "2", "--train-steps", "2", "--reward-steps", "1", "--eval-seeds", "1", "--steps", "2"]
+QUICK = ["--seeds", "0", "--lr-sweep", "", "--pairs-per-prompt", "2", "--train-steps", "2", "--reward-steps", "1",
+         "--eval-seeds", "1", "--steps", "2"]
 
 
 def folders(out, name):
