@@ -11,9 +11,11 @@ LAYERS = {
     "npo": 0,                                                    # the command line
     "experiment": 1,
     "train": 2,                                                  # training
+    "evaluate": 2,                                               # scoring folders of samples
     "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "pipeline": 3,   # its parts; the pipeline
-    "images": 4, "unet": 4, "clip": 4, "lora": 4, "sampler": 4,  # models and sampling
-    "checkpoint": 5,                                             # files and the one user-facing error
+    "scorers": 4,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
+    "images": 5, "unet": 5, "clip": 5, "lora": 5, "sampler": 5,  # models and sampling
+    "checkpoint": 6,                                             # files and the one user-facing error
 }
 
 
