@@ -4,6 +4,7 @@
     python bench.py sampling [--size 32] [--repeats 3]
     python bench.py train [--size 32] [--steps 6]
     python bench.py reward [--size 32]
+    python bench.py scorers [--shape clip-h] [--batch 4]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -360,6 +361,85 @@ def cmd_reward(args):
         print(f"| {sample_steps} | {grad_steps} | {r['seconds']:.1f} | {r['peak_gib']:.2f} |", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Scorers: PickScore-shaped CLIP-H/14 (224 px), ours vs transformers' CLIPModel.
+
+CLIP_SHAPES = {  # transformers configs: PickScore's CLIP-H/14, and a small one to check that the command runs
+    "clip-h": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    hidden_act="gelu"),
+               dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                    patch_size=14, image_size=224, hidden_act="gelu"), 1024),
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
+             dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+                  image_size=224, hidden_act="gelu"), 32),
+}
+
+
+def make_clip_weights(shape):
+    """A transformers CLIPModel folder of the given shape with random weights (made once), with our tokenizer."""
+    path = os.path.join(os.path.dirname(WEIGHTS), f"clip-{shape}")
+    if not os.path.exists(os.path.join(path, "done")):
+        import shutil
+        from transformers import CLIPConfig, CLIPModel
+        torch.manual_seed(0)
+        text, vision, dim = CLIP_SHAPES[shape]
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)).save_pretrained(path)
+        shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer"), path,
+                        dirs_exist_ok=True)
+        open(os.path.join(path, "done"), "w").close()
+    return path
+
+
+def pickscore_fn(impl, path):
+    """score(pixels, prompts) = exp(logit_scale) · cos, loaded the way each side loads it."""
+    if impl == "ours":
+        import scorers
+        return scorers.load("pickscore", path).score
+    from transformers import CLIPModel, CLIPTokenizer
+    model, tokenizer = CLIPModel.from_pretrained(path).eval(), CLIPTokenizer.from_pretrained(path)
+
+    def score(pixels, prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        image, text = (getattr(f, "pooler_output", f) for f in (model.get_image_features(pixel_values=pixels),
+                                                              model.get_text_features(input_ids=ids)))
+        image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+        return model.logit_scale.exp() * (image * text).sum(-1)
+    return score
+
+
+def scorer_one(impl, shape, batch, repeats, threads):
+    torch.set_num_threads(threads)
+    path = make_clip_weights(shape)
+    score = pickscore_fn(impl, path)
+    load_peak = rss_kib("VmHWM")
+    pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    prompts = [f"a photo of a cat number {i}, trending on artstation" for i in range(batch)]
+    with torch.inference_mode():
+        first = score(pixels, prompts)  # warm-up
+        reset_peak_rss()
+        base = rss_kib("VmRSS")
+        times = [_timed(lambda: score(pixels, prompts)) for _ in range(repeats)]
+        peak = rss_kib("VmHWM")
+    return dict(seconds=statistics.median(times), load_peak_gib=load_peak / 2**20, peak_gib=peak / 2**20,
+                forward_extra_gib=(peak - base) / 2**20, scores=first.tolist())
+
+
+def cmd_scorers(args):
+    make_clip_weights(args.shape)
+    print(f"PickScore-shaped CLIP ({args.shape}), 224 px, batch {args.batch}, fp32, {args.threads} threads\n")
+    print("| scorer | images/s | time ratio | load peak GiB | forward peak GiB | forward +GiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {impl: run_child("_scorer", impl, args.shape, args.batch, args.repeats, args.threads)
+            for impl in ("ref", "ours")}
+    ref = rows["ref"]
+    for impl, name in (("ref", "transformers CLIPModel"), ("ours", "ours (scorers.PickScore)")):
+        r = rows[impl]
+        print(f"| {name} | {args.batch / r['seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f}x | {r['load_peak_gib']:.2f} "
+              f"| {r['peak_gib']:.2f} | {r['forward_extra_gib']:.2f} | {r['peak_gib'] / ref['peak_gib']:.2f}x |", flush=True)
+    gap = max(abs(a - b) for a, b in zip(rows["ours"]["scores"], ref["scores"]))
+    print(f"\nlargest score difference, ours vs transformers: {gap:.2e}")
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_sampling":
         variant, size, repeats, threads = sys.argv[2:6]
@@ -373,6 +453,10 @@ def main():
         variant, size, steps, threads = sys.argv[2:6]
         run = train_recipe if variant.startswith("recipe") else train_ours
         print(json.dumps(run(variant, int(size), int(steps), int(threads))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_scorer":
+        impl, shape, batch, repeats, threads = sys.argv[2:7]
+        print(json.dumps(scorer_one(impl, shape, int(batch), int(repeats), int(threads))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
         impl, part, size, batch, repeats, threads = sys.argv[2:8]
@@ -403,6 +487,12 @@ def main():
     p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.set_defaults(func=cmd_reward)
+    p = sub.add_parser("scorers", help="PickScore scoring throughput and memory: ours vs transformers' CLIPModel")
+    p.add_argument("--shape", choices=list(CLIP_SHAPES), default="clip-h", help="clip-h (PickScore's) or tiny (a check)")
+    p.add_argument("--batch", type=int, default=4, help="images (and prompts) per scoring call (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_scorers)
     args = parser.parse_args()
     args.func(args)
 
