@@ -111,11 +111,16 @@ class Progress:
               end="\r" if self.tty else "\n", file=sys.stderr, flush=True)
 
 
+def read_rgb(path):
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def score_images(reward, paths, prompts, batch_size, device, progress, what):
     """The reward of each image (N,), in batches; PIL images for a learned scorer, else tensors in [0, 1]."""
     scores = []
     for start in range(0, len(paths), batch_size):
-        batch = [Image.open(p).convert("RGB") for p in paths[start:start + batch_size]]
+        batch = [read_rgb(p) for p in paths[start:start + batch_size]]
         texts = prompts[start:start + batch_size]
         with torch.no_grad():
             if hasattr(reward, "score_pil"):
@@ -181,6 +186,18 @@ def markdown(results, folders):
     return "\n".join(lines) + "\n"
 
 
+def check_spec(spec, prompts):
+    """Fail before anything is scored: a learned scorer's files must exist (it loads when its turn comes), any other
+    reward loads now (a module import) and may refuse the prompts."""
+    name, _, argument = spec.partition(":")
+    if name in scorers.SCORERS:
+        for path in scorers.weight_paths(name, argument):
+            if not os.path.exists(path):
+                raise UserError(f"--scorer {spec}: {path or '(no path)'} does not exist; pass {name}:PATH to the weights.")
+    else:
+        rewards.check_prompts(rewards.load(spec), set(prompts))
+
+
 def evaluate(folders, specs, out, batch_size=8, device="cpu"):
     """Score every paired image of `folders` with every scorer SPEC; write out/results.json and out/results.md.
     Returns the results dict."""
@@ -190,20 +207,21 @@ def evaluate(folders, specs, out, batch_size=8, device="cpu"):
         raise UserError(f"--batch-size must be at least 1 (got {batch_size}).")
     keys, paths = pair(list(folders))
     prompts = [prompt for prompt, _ in keys]
-    loaded = {spec: rewards.load(spec) for spec in specs}  # every spec is checked before any scoring
-    for reward in loaded.values():
-        rewards.check_prompts(reward, set(prompts))
+    for spec in specs:
+        check_spec(spec, prompts)
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the report folder {out} ({e.strerror}); pick a writable --out.")
     progress = Progress(len(keys) * len(folders) * len(specs))
     results = {"scorers": {}, "pairs": len(keys)}
-    for spec, reward in loaded.items():
+    for spec in specs:  # one scorer in memory at a time: each CLIP-H is 4 GB
+        reward = rewards.load(spec)
         if isinstance(reward, torch.nn.Module):
             reward.to(device)
         scores = {f: score_images(reward, paths[f], prompts, batch_size, device, progress, spec) for f in folders}
         results["scorers"][spec] = summarize(scores)
+        del reward
     if progress.tty:
         print(file=sys.stderr)
     text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"

@@ -150,14 +150,22 @@ def clip_and_tokenizer(path, dtype, device):
     return model, clip.load_tokenizer(path if own else BUNDLED_TOKENIZER)
 
 
+def weight_paths(name, argument):
+    """The files a scorer's argument names: [PATH], or for aesthetic [CLIP_PATH, MLP_PATH], split at the last comma
+    (so the CLIP path may hold commas)."""
+    if name != "aesthetic":
+        return [argument]
+    clip_path, comma, mlp_path = argument.rpartition(",")
+    if not comma or not clip_path or not mlp_path:
+        raise UserError(f"aesthetic:{argument} names one file; pass aesthetic:CLIP_PATH,MLP_PATH (the CLIP-L/14 "
+                        "folder, a comma, then the aesthetic MLP file).")
+    return [clip_path, mlp_path]
+
+
 def load(name, argument, dtype=torch.float32, device="cpu"):
-    """The scorer `name` (one of SCORERS) on the weights `argument` names: PATH, or CLIP_PATH,MLP_PATH for
-    aesthetic (split at the last comma, so the CLIP path may hold commas)."""
+    """The scorer `name` (one of SCORERS) on the weights `argument` names (see `weight_paths`)."""
     if name == "aesthetic":
-        clip_path, comma, mlp_path = argument.rpartition(",")
-        if not comma or not clip_path or not mlp_path:
-            raise UserError(f"aesthetic:{argument} names one file; pass aesthetic:CLIP_PATH,MLP_PATH (the CLIP-L/14 "
-                            "folder, a comma, then the aesthetic MLP file).")
+        clip_path, mlp_path = weight_paths(name, argument)
         model = clip.load_clip(clip_path, dtype, device)
         mlp = load_aesthetic_mlp(mlp_path, model.vision_config.projection_dim, dtype, device)
         return Aesthetic(model, mlp, name)

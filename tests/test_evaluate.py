@@ -98,9 +98,12 @@ def test_bad_folders_and_specs(tmp_path):
                                   ([a, str(tmp_path / "nope")], ["rewards:brightness"], "is not a folder"),
                                   ([a, b], [], "at least one --scorer"),
                                   ([a, b], ["no_such_module_x:f"], "cannot import"),
-                                  ([a, b], ["pickscore:" + str(tmp_path / "none")], "does not exist")):
+                                  ([a, b], ["pickscore:" + str(tmp_path / "none")], "does not exist"),
+                                  ([a, b], ["rewards:brightness", "aesthetic:" + str(tmp_path / "clip")], "CLIP_PATH,MLP"),
+                                  ([a, b], ["rewards:brightness", "hpsv2:"], r"\(no path\) does not exist")):
         with pytest.raises(UserError, match=words):
             evaluate.evaluate(folders, specs, report)
+    assert not os.path.exists(report)  # every spec was checked before anything was scored or written
     Image.new("RGB", (8, 8)).save(os.path.join(b, "plain.png"))  # no parameters text
     with pytest.raises(UserError, match="plain.png has no 'parameters'"):
         evaluate.evaluate([a, b], ["rewards:brightness"], report)
