@@ -161,8 +161,8 @@ def summarize(scores):
 # ----------------------------------------------------------------------------------------------------------
 # The report
 
-def plus_minus(value, half, scale=1.0, digits=3):
-    return f"{value * scale:.{digits}f}" + ("" if half is None else f" ± {half * scale:.{digits}f}")
+def plus_minus(value, half, scale=1.0, form=".4g"):
+    return f"{value * scale:{form}}" + ("" if half is None else f" ± {half * scale:{form}}")
 
 
 def markdown(results, folders):
@@ -181,7 +181,7 @@ def markdown(results, folders):
                   "half), ± 95% interval.", "",
                   "| row beats column | " + " | ".join(f"`{f}`" for f in folders) + " |", "|---" * (len(folders) + 1) + "|"]
         for x in folders:
-            cells = ["—" if x == y else plus_minus(r["win_rate"][x][y], r["win_rate_ci95"][x][y], 100, 1) for y in folders]
+            cells = ["—" if x == y else plus_minus(r["win_rate"][x][y], r["win_rate_ci95"][x][y], 100, ".1f") for y in folders]
             lines.append(f"| `{x}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

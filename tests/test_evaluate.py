@@ -64,7 +64,7 @@ def test_means_win_rates_and_pairing(tmp_path):
     assert r["win_rate"][a][c] == 0.75 and r["win_rate"][c][b] == 0.25 and a not in r["win_rate"][a]
     md = (tmp_path / "report" / "results.md").read_text()
     assert "| row beats column |" in md and f"| `{a}` | — | 37.5 ± " in md
-    assert f"| `{b}` | {27.5 / 255:.3f} ± " in md
+    assert f"| `{b}` | {27.5 / 255:.4g} ± " in md
 
 
 def test_prompt_and_seed_from_parameters():
