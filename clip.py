@@ -324,7 +324,10 @@ def load_clip(path, dtype=torch.float32, device="cpu", heads=None):
         text_cfg, vision_cfg = read_clip_config(os.path.join(path, "config.json"))
         state = read_folder_weights(path, device)
     elif os.path.isfile(path):
-        state = openclip_to_transformers(checkpoint.read_weights(path, device), path)
+        state = openclip_to_transformers(checkpoint.read_weights(path, device))
+        if "vision_model.embeddings.class_embedding" not in state:
+            raise UserError(f"{path} is not an OpenCLIP model (it has no visual.class_embedding); pass an OpenCLIP "
+                            "ViT state dict such as HPSv2's, or a transformers CLIP folder.")
         try:
             text_cfg, vision_cfg = openclip_configs(state, *(heads or (None, None)))
         except KeyError as e:
@@ -351,8 +354,9 @@ OPENCLIP_PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_project
 OPENCLIP_PART = re.compile(r"(?<![^.])(" + "|".join(map(re.escape, OPENCLIP_PARTS)) + r")(?![^.])")
 
 
-def openclip_to_transformers(state, where):
-    """An OpenCLIP CLIP state dict under transformers' names, by four rules:
+def openclip_to_transformers(state):
+    """An OpenCLIP CLIP state dict under transformers' names, by four rules (a text tower alone, such as SD2's
+    `cond_stage_model.model.*` without its prefix, renames the same way):
 
     - `visual.X` is `vision_model.X`, any other X is `text_model.X`, with the parts of X renamed by OPENCLIP_PARTS;
     - the projections are matrices used as `x @ P`, so transformers' Linear weights are their transposes:
@@ -363,9 +367,6 @@ def openclip_to_transformers(state, where):
     A file saved with the state dict under "state_dict" (HPSv2's) is unwrapped first."""
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if "visual.class_embedding" not in state:
-        raise UserError(f"{where} is not an OpenCLIP model (it has no visual.class_embedding); pass an OpenCLIP ViT "
-                        "state dict such as HPSv2's, or a transformers CLIP folder.")
     out = {}
     for key, value in state.items():
         if key in OPENCLIP_PROJECTIONS:

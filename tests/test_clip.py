@@ -265,7 +265,7 @@ def test_openclip_rename_rules():
         "visual.class_embedding": torch.zeros(2), "visual.proj": torch.ones(2, 3), "text_projection": torch.ones(2, 5),
         "visual.transformer.resblocks.11.attn.in_proj_weight": w, "transformer.resblocks.0.mlp.c_fc.bias": torch.zeros(4),
         "visual.ln_post.weight": torch.ones(2), "ln_final.bias": torch.zeros(2), "positional_embedding": torch.zeros(7, 2),
-        "attn_mask": torch.zeros(7, 7), "logit_scale": torch.tensor(4.6)}, "x")
+        "attn_mask": torch.zeros(7, 7), "logit_scale": torch.tensor(4.6)})
     assert sorted(out) == sorted([
         "vision_model.embeddings.class_embedding", "visual_projection.weight", "text_projection.weight",
         "vision_model.encoder.layers.11.self_attn.q_proj.weight", "vision_model.encoder.layers.11.self_attn.k_proj.weight",
