@@ -4,6 +4,7 @@
     python bench.py sampling [--size 32] [--repeats 3]
     python bench.py train [--size 32] [--steps 6]
     python bench.py reward [--size 32]
+    python bench.py scorers [--shape clip-h] [--batch 4]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -476,31 +477,104 @@ def cmd_gpu(args):
             f.write("\n".join(lines) + "\n")
 
 
-def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "_sampling":
-        variant, size, repeats, threads = sys.argv[2:6]
-        print(json.dumps(sampling_one(variant, int(size), int(repeats), int(threads))))
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "_reward":
-        sample_steps, grad_steps, size, threads = map(int, sys.argv[2:6])
-        print(json.dumps(reward_one(sample_steps, grad_steps, size, threads)))
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "_train":
-        variant, size, steps, threads = sys.argv[2:6]
-        run = train_recipe if variant.startswith("recipe") else train_ours
-        print(json.dumps(run(variant, int(size), int(steps), int(threads))))
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "_one":
-        impl, part, size, batch, repeats, threads = sys.argv[2:8]
-        print(json.dumps(measure_one(impl, part, int(size), int(batch), int(repeats), int(threads))))
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------------------------------------
+# Scorers: PickScore-shaped CLIP-H/14 (224 px), ours vs transformers' CLIPModel.
+
+CLIP_SHAPES = {  # transformers configs: PickScore's CLIP-H/14, and a small one to check that the command runs
+    "clip-h": (dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    hidden_act="gelu"),
+               dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                    patch_size=14, image_size=224, hidden_act="gelu"), 1024),
+    "tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, hidden_act="gelu"),
+             dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+                  image_size=224, hidden_act="gelu"), 32),
+}
+
+
+def make_clip_weights(shape):
+    """A transformers CLIPModel folder of the given shape with random weights (made once), with our tokenizer."""
+    path = os.path.join(os.path.dirname(WEIGHTS), f"clip-{shape}")
+    if not os.path.exists(os.path.join(path, "done")):
+        import shutil
+        from transformers import CLIPConfig, CLIPModel
+        torch.manual_seed(0)
+        text, vision, dim = CLIP_SHAPES[shape]
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=dim)).save_pretrained(path)
+        shutil.copytree(os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer"), path,
+                        dirs_exist_ok=True)
+        open(os.path.join(path, "done"), "w").close()
+    return path
+
+
+def pickscore_fn(impl, path):
+    """score(pixels, prompts) = exp(logit_scale) · cos, loaded the way each side loads it."""
+    if impl == "ours":
+        import scorers
+        return scorers.load("pickscore", path).score
+    from transformers import CLIPModel, CLIPTokenizer
+    model, tokenizer = CLIPModel.from_pretrained(path).eval(), CLIPTokenizer.from_pretrained(path)
+
+    def score(pixels, prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        image, text = (getattr(f, "pooler_output", f) for f in (model.get_image_features(pixel_values=pixels),
+                                                              model.get_text_features(input_ids=ids)))
+        image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
+        return model.logit_scale.exp() * (image * text).sum(-1)
+    return score
+
+
+def scorer_one(impl, shape, batch, repeats, threads):
+    torch.set_num_threads(threads)
+    path = make_clip_weights(shape)
+    score = pickscore_fn(impl, path)
+    load_peak = rss_kib("VmHWM")
+    pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    prompts = [f"a photo of a cat number {i}, trending on artstation" for i in range(batch)]
+    with torch.inference_mode():
+        first = score(pixels, prompts)  # warm-up
+        reset_peak_rss()
+        base = rss_kib("VmRSS")
+        times = [_timed(lambda: score(pixels, prompts)) for _ in range(repeats)]
+        peak = rss_kib("VmHWM")
+    return dict(seconds=statistics.median(times), load_peak_gib=load_peak / 2**20, peak_gib=peak / 2**20,
+                forward_extra_gib=(peak - base) / 2**20, scores=first.tolist())
+
+
+def cmd_scorers(args):
+    make_clip_weights(args.shape)
+    print(f"PickScore-shaped CLIP ({args.shape}), 224 px, batch {args.batch}, fp32, {args.threads} threads\n")
+    print("| scorer | images/s | time ratio | load peak GiB | forward peak GiB | forward +GiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {impl: run_child("_scorer", impl, args.shape, args.batch, args.repeats, args.threads)
+            for impl in ("ref", "ours")}
+    ref = rows["ref"]
+    for impl, name in (("ref", "transformers CLIPModel"), ("ours", "ours (scorers.PickScore)")):
+        r = rows[impl]
+        print(f"| {name} | {args.batch / r['seconds']:.2f} | {r['seconds'] / ref['seconds']:.2f}x | {r['load_peak_gib']:.2f} "
+              f"| {r['peak_gib']:.2f} | {r['forward_extra_gib']:.2f} | {r['peak_gib'] / ref['peak_gib']:.2f}x |", flush=True)
+    gap = max(abs(a - b) for a, b in zip(rows["ours"]["scores"], ref["scores"]))
+    print(f"\nlargest score difference, ours vs transformers: {gap:.2e}")
+
+
+# `bench.py _KIND ARGS...`: one measurement in a fresh process (see run_child), printed as JSON.
+CHILDREN = {
+    "_one": lambda a: measure_one(a[0], a[1], *map(int, a[2:6])),
+    "_sampling": lambda a: sampling_one(a[0], *map(int, a[1:4])),
+    "_train": lambda a: (train_recipe if a[0].startswith("recipe") else train_ours)(a[0], *map(int, a[1:4])),
+    "_reward": lambda a: reward_one(*map(int, a[0:4])),
+    "_scorer": lambda a: scorer_one(a[0], a[1], *map(int, a[2:5])),
+}
+
+
+def add_models_command(sub):
     p = sub.add_parser("models", help="UNet / VAE / text encoder forward: ours vs diffusers / transformers")
     p.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[32, 64], help="UNet latent sizes")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per measurement (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.set_defaults(func=cmd_models)
+
+
+def add_sampling_command(sub):
     p = sub.add_parser("sampling", help="one guided denoising step: plain CFG vs batched NPO vs two merged UNets")
     p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per way (median reported)")
@@ -508,6 +582,9 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(SAMPLING_VARIANTS),
                    help=f"comma-separated subset of {','.join(SAMPLING_VARIANTS)}")
     p.set_defaults(func=cmd_sampling)
+
+
+def add_train_command(sub):
     p = sub.add_parser("train", help="one Diffusion-DPO step: ours vs the diffusers recipe, with and without checkpointing")
     p.add_argument("--size", type=int, default=32, help="latent side (default 32: 256 px images)")
     p.add_argument("--steps", type=int, default=6, help="steps per run; the median of steps 2.. (3.. for ours) is reported")
@@ -515,6 +592,9 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(TRAIN_VARIANTS),
                    help=f"comma-separated subset of {','.join(TRAIN_VARIANTS)}")
     p.set_defaults(func=cmd_train)
+
+
+def add_gpu_command(sub):
     p = sub.add_parser("gpu", help="on a CUDA machine: UNet fp16/bf16/compile, NPO vs plain CFG, DPO step vs recipe")
     p.add_argument("--size", type=int, default=64, help="latent side (default 64: 512 px)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
@@ -524,10 +604,32 @@ def main():
     p.add_argument("--skip-train", action="store_true", help="leave out the DPO step rows")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.set_defaults(func=cmd_gpu)
+
+
+def add_reward_command(sub):
     p = sub.add_parser("reward", help="reward training (DRaFT-K): time and peak memory against K and sampling steps")
     p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.set_defaults(func=cmd_reward)
+
+
+def add_scorers_command(sub):
+    p = sub.add_parser("scorers", help="PickScore scoring throughput and memory: ours vs transformers' CLIPModel")
+    p.add_argument("--shape", choices=list(CLIP_SHAPES), default="clip-h", help="clip-h (PickScore's) or tiny (a check)")
+    p.add_argument("--batch", type=int, default=4, help="images (and prompts) per scoring call (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_scorers)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] in CHILDREN:
+        print(json.dumps(CHILDREN[sys.argv[1]](sys.argv[2:])))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_models_command, add_sampling_command, add_train_command, add_gpu_command, add_reward_command, add_scorers_command):
+        add(sub)
     args = parser.parse_args()
     args.func(args)
 

@@ -78,6 +78,25 @@ def read_safetensors(path, device="cpu"):
         raise UserError(f"{path} is not a readable safetensors file ({e}); download or convert it again.")
 
 
+def read_weights(path, device="cpu"):
+    """The tensors of one weights file: safetensors, or a PyTorch file (.pt / .pth / .bin) read with
+    `torch.load(weights_only=True)`, which builds tensors and plain containers only and runs no code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist; pass the weights file.")
+    if path.lower().endswith(".safetensors"):
+        return read_safetensors(path, device)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as e:  # pickle errors, zip errors, and the refusal of anything but tensors and containers
+        raise UserError(f"{path} is not a PyTorch weights file that loads with weights_only=True ({e}); "
+                        "pass a safetensors file or a plain state dict saved with torch.save.")
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict; pass a file of named tensors.")
+    return state
+
+
 def read_safetensors_metadata(path):
     try:
         with safe_open(path, framework="pt") as f:
@@ -92,8 +111,9 @@ def _few(keys, n=5):
     return ", ".join(keys[:n]) + more
 
 
-def load_strict(model, state_dict, where, dtype=None):
-    """Fill `model` (built on the meta device) from `state_dict`, strictly.
+def load_strict(model, state_dict, where, dtype=None,
+                hint="check that the weights and config.json come from the same model."):
+    """Fill `model` (built on the meta device) from `state_dict`, strictly; a mismatch is a UserError ending in `hint`.
 
     The tensors of `state_dict` become the parameters (`assign=True`), cast to `dtype` one at a time, so
     loading holds at most the file's tensors plus one converted tensor: never a second copy of the model."""
@@ -110,8 +130,7 @@ def load_strict(model, state_dict, where, dtype=None):
     if misshaped:
         problems.append(f"{len(misshaped)} misshaped keys ({_few(misshaped, 3)})")
     if problems:
-        raise UserError(f"{where} does not fit its config: {'; '.join(problems)}; "
-                        "check that the weights and config.json come from the same model.")
+        raise UserError(f"{where} does not fit its config: {'; '.join(problems)}; {hint}")
     for k in list(state_dict):
         if dtype is not None and state_dict[k].is_floating_point() and state_dict[k].dtype != dtype:
             state_dict[k] = state_dict[k].to(dtype)

@@ -84,9 +84,13 @@ class PairDataset:
 
 
 def read_prompts(path):
-    """The prompts of a prompts file: a .txt with one prompt per line, or a .jsonl with a "prompt" per row.
+    """The prompts of a prompts file: a .txt with one prompt per line, a .jsonl with a "prompt" per row, or a
+    Pick-a-Pic .parquet file, whose `caption` column gives its unique captions in order of first appearance (the
+    paper's prompts are the 500 of Pick-a-Pic's test split; one caption there has several image pairs).
 
     Blank lines are skipped; an empty file, an unreadable one or a JSONL row without a "prompt" is a UserError."""
+    if str(path).lower().endswith(".parquet"):
+        return _read_captions(path)
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]
@@ -104,6 +108,17 @@ def read_prompts(path):
         prompts = [line for _, line in numbered]
     if not prompts:
         raise UserError(f"the prompts file {path} holds no prompts; write one prompt per line.")
+    return prompts
+
+
+def _read_captions(path):
+    captions = _parquet_columns(path, ["caption"], "pass a Pick-a-Pic parquet file, or a .txt with a prompt per line.")
+    for r, caption in enumerate(captions["caption"]):
+        if not isinstance(caption, str):
+            raise UserError(f"row {r} of {path} has the caption {caption!r}, not text; fix or drop that row.")
+    prompts = list(dict.fromkeys(c.strip() for c in captions["caption"] if c.strip()))
+    if not prompts:
+        raise UserError(f"{path} holds no captions; pass a Pick-a-Pic parquet file with a caption column.")
     return prompts
 
 
@@ -219,8 +234,8 @@ def _read_folder(path, skip_bad_rows):
     return PairDataset(path, "folder", rows, "pair {!r}", skipped)
 
 
-def _read_parquet(path, skip_bad_rows, ties_mode="drop"):
-    """One parquet file, read whole (a small one; a folder of shards streams instead: shards.py)."""
+def _parquet_columns(path, columns, hint):
+    """The named columns of a parquet file, as Python lists (with the optional pyarrow)."""
     try:
         import pyarrow.parquet as pq  # optional: only this input format needs it
     except ImportError:
@@ -228,17 +243,21 @@ def _read_parquet(path, skip_bad_rows, ties_mode="drop"):
                         "run `pip install pyarrow` (or `pip install npo[parquet]`).")
     try:
         names = pq.read_schema(path).names
-        missing = [c for c in PICKAPIC_COLUMNS if c not in names]
+        missing = [c for c in columns if c not in names]
         if missing:
-            raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; a Pick-a-Pic parquet file has "
-                            f"the columns {', '.join(PICKAPIC_COLUMNS)}.")
-        table = pq.read_table(path, columns=list(PICKAPIC_COLUMNS))
+            raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; {hint}")
+        table = pq.read_table(path, columns=list(columns))
     except UserError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for files that are not parquet
         raise UserError(f"{path} is not a readable parquet file ({e}); download or export it again.")
-    columns = {c: table.column(c).to_pylist() for c in PICKAPIC_COLUMNS}
-    del table  # from here the images live once, as Python bytes
+    return {c: table.column(c).to_pylist() for c in columns}  # from here the images live once, as Python bytes
+
+
+def _read_parquet(path, skip_bad_rows, ties_mode="drop"):
+    """One parquet file, read whole (a small one; a folder of shards streams instead: shards.py)."""
+    columns = _parquet_columns(path, PICKAPIC_COLUMNS,
+                               f"a Pick-a-Pic parquet file has the columns {', '.join(PICKAPIC_COLUMNS)}.")
     rows, skipped, ties = [], 0, 0
     for r, (caption, jpg_0, jpg_1, label_0) in enumerate(zip(*(columns[c] for c in PICKAPIC_COLUMNS))):
         if label_0 == 0.5 and ties_mode == "drop":

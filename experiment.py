@@ -24,7 +24,6 @@ its last checkpoint); change a setting and only the work it affects is redone. E
 """
 import hashlib
 import json
-import math
 import os
 import time
 
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import checkpoint
+import evaluate
 import images
 import lora
 import pipeline
@@ -159,16 +159,10 @@ def evaluated(out, name, settings, compute):
     return scores
 
 
-def interval(r):
-    """Mean and the half-width of its 95% confidence interval (normal approximation)."""
-    r = r.double()
-    return r.mean().item(), 1.96 * r.std().item() / math.sqrt(len(r))
-
-
 def win_rate(a, b, higher=True):
-    """How often a scores better than b at the same prompt and seed (ties count half)."""
-    better = (a > b) if higher else (a < b)
-    return (better.double() + 0.5 * (a == b).double()).mean().item()
+    """How often a scores better than b at the same prompt and seed, ties counting half (evaluate.win_rate, for
+    judges where lower is better too)."""
+    return (evaluate.win_rate(a, b) if higher else evaluate.win_rate(-a, -b))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,7 +328,7 @@ def table_judges(per_seed, rows):
              + " | reward, held-out prompts |", "|---|" + "---|" * (len(names) + 1)]
     held = torch.cat([per_seed[s]["held out"] for s in per_seed])
     for row in rows:
-        cells = [f"{m:.4f} ± {h:.4f}" for m, h in (interval(pooled(per_seed, row, j)) for j in names)]
+        cells = [f"{m:.4f} ± {h:.4f}" for m, h in (evaluate.interval(pooled(per_seed, row, j)) for j in names)]
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {pooled(per_seed, row, 'reward')[held].mean():.4f} |")
     return lines
 

@@ -2,11 +2,13 @@
 
     python npo.py sample --prompt "a red circle" --lora dpo.safetensors --npo npo.safetensors
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
+    python npo.py evaluate out/base out/npo --scorer pickscore:PickScore_v1 --out report   # tables 1-3, fig. 7
     python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
     python npo.py info --model PATH        # what a model folder holds, loaded strictly
 
 This file is the command line only: one argparse with subcommands, each a thin shell over functions the tests call
-directly (pipeline.py: loading and eq. 10; train.py: training; experiment.py: the experiment).
+directly (pipeline.py: loading and eq. 10; train.py: training; evaluate.py: scoring samples; experiment.py: the
+experiment).
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ import time
 import torch
 
 import data
+import evaluate
 import experiment
 import images
 import lora
@@ -233,6 +236,11 @@ def cmd_train(args):
     return train.main(args)
 
 
+def cmd_evaluate(args):
+    evaluate.evaluate(args.folders, args.scorer, args.out, args.batch_size, args.device)
+    print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="npo.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,7 +251,8 @@ def build_parser():
     p = sub.add_parser("sample", help="generate images with NPO guidance (eq. 10 of the paper)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
     p.add_argument("--prompt", default="a red circle", help="the prompt (ignored with --prompts-file)")
-    p.add_argument("--prompts-file", help="a .txt file with one prompt per line, or a .jsonl file with a \"prompt\" per row")
+    p.add_argument("--prompts-file", help="a .txt file with one prompt per line, a .jsonl file with a \"prompt\" per row, or a "
+                        "Pick-a-Pic .parquet file (its unique captions)")
     p.add_argument("--negative-prompt", default="", help="the negative prompt c' of the unconditional branch (default: empty)")
     p.add_argument("--lora", help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft format)")
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
@@ -273,6 +282,18 @@ def build_parser():
     p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT or a reward)")
     train.add_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "
+                                        "identical prompt and seed (the paper's tables 1-3, fig. 7)")
+    p.add_argument("folders", nargs="+", metavar="DIR",
+                   help="two or more folders written by npo.py sample, with the same prompts and seeds")
+    p.add_argument("--scorer", action="append", required=True, metavar="SPEC",
+                   help="pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, clipscore:PATH, or a module:function "
+                        "reward; repeat for several (the PATH is all after the first ':')")
+    p.add_argument("--out", required=True, help="report folder: results.json and results.md")
+    p.add_argument("--batch-size", type=int, default=8, help="images per scorer forward (default 8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
     experiment.add_arguments(p)

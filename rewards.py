@@ -11,13 +11,14 @@ image, and, where 1 − R is trained, each in [0, 1]. A reward may also state it
                             on every training prompt before any model loads
 
     r = rewards.load("rewards:brightness")             # a built-in, or "my_module:my_reward" of your own
+    r = rewards.load("pickscore:/models/PickScore_v1")  # a learned scorer on weights you give (scorers.py)
     r_npo = rewards.negate(r)                           # 1 − R: what the NPO offset δ is trained on
     r = rewards.affine(rewards.load("rewards:jpeg_incompressibility"), low=0, high=40)   # kB, mapped to [0, 1]
 
 Built-ins that need no downloaded weights: `brightness` and `saturation` (differentiable, bounded, for
 demonstrations and tests), `jpeg_compressibility` / `jpeg_incompressibility` (DDPO's: ∓ kB of the JPEG at quality
-95; not differentiable, unbounded until mapped), and `AestheticHead` (LAION-aesthetic style: a CLIP image
-embedding into an MLP, from weights you supply).
+95; not differentiable, unbounded until mapped). The paper's learned scorers (PickScore, HPSv2, LAION-aesthetic,
+CLIP score) load from weights you give, as `pickscore:PATH` and the like (scorers.py).
 """
 import importlib
 import io
@@ -26,10 +27,9 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 from PIL import Image
 
-import checkpoint
+import scorers
 from checkpoint import UserError
 
 RANGE_HINT = "give it a range (--reward-range LOW,HIGH) or a sigmoid scale (--reward-sigmoid SCALE)"
@@ -199,59 +199,28 @@ def jpeg_incompressibility(images, prompts):
     return _jpeg_kilobytes(images)
 
 
-class AestheticHead(nn.Module):
-    """LAION-aesthetic-style predictor: a CLIP image embedding, L2-normalized, through an MLP to a score (~1-10).
-
-    The MLP is the improved-aesthetic-predictor's: Linear(d, 1024) → Linear(1024, 128) → Linear(128, 64) →
-    Linear(64, 16) → Linear(16, 1), with dropout between the first three in training (none at inference) and no
-    nonlinearity, under the keys `layers.0/2/4/6/7.weight|bias` of that project's files (converted to
-    safetensors). `embed(images)` is the CLIP image tower, which you supply: any module that maps (B, 3, 224,
-    224) CLIP-normalized pixels to (B, d) embeddings. Unbounded: wrap it in `affine(head, 1, 10)` for `negate`."""
-
-    MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalization
-    STD = (0.26862954, 0.26130258, 0.27577711)
-
-    def __init__(self, embed, dim=768):
-        super().__init__()
-        self.embed = embed
-        self.layers = nn.Sequential(nn.Linear(dim, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-        self.differentiable, self.bounded = True, False
-        self.__name__ = "aesthetic"
-
-    @classmethod
-    def from_file(cls, path, embed, dim=768):
-        head = cls(embed, dim)
-        state = checkpoint.read_safetensors(path)
-        state = {k.removeprefix("layers."): v for k, v in state.items()}
-        expected = head.layers.state_dict()
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-        misshaped = [k for k in expected.keys() & state.keys() if state[k].shape != expected[k].shape]
-        if missing or unexpected or misshaped:
-            found = ", ".join(f"{what} {sorted(keys)[:3]}" for what, keys in
-                              (("missing", missing), ("unexpected", unexpected), ("misshaped", misshaped)) if keys)
-            raise UserError(f"{path} is not an aesthetic MLP for {dim}-dim embeddings ({found}); convert the "
-                            "improved-aesthetic-predictor weights to safetensors with keys layers.N.weight|bias.")
-        head.layers.load_state_dict(state)
-        return head.eval().requires_grad_(False)
-
-    def forward(self, images, prompts=None):
-        x = nn.functional.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False)
-        mean = torch.tensor(self.MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.STD, device=x.device).view(1, 3, 1, 1)
-        e = self.embed((x - mean) / std)
-        return self.layers(e / e.norm(dim=-1, keepdim=True)).squeeze(-1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Loading a reward by name.
 
 def load(spec):
-    """`module:function` → the callable. The module is imported by name (from the current folder or an installed
-    package): the only code run is code the user names. `rewards:NAME` gives a built-in."""
+    """A reward by name: `module:function`, or `SCORER:PATH`, a learned scorer on weights you give (scorers.py).
+
+    The text before the first ':' decides. One of scorers.SCORERS (pickscore, hpsv2, aesthetic, clipscore) makes all
+    after it the PATH, so a path may hold ':' itself (`pickscore:C:\\models\\PickScore_v1`); those four names are
+    taken, not Python modules, here. Anything else is `module:function`: the module is imported by name (from the
+    current folder or an installed package), so the only code run is code the user names; `rewards:NAME` gives a
+    built-in."""
     module_name, sep, attr = spec.partition(":")
+    if module_name in scorers.SCORERS:
+        if not attr:
+            raise UserError(f"--reward {spec!r} names no weights; pass {module_name}:PATH.")
+        return scorers.load(module_name, attr)
     if not sep or not module_name or not attr:
-        raise UserError(f"--reward {spec!r} is not module:function; pass e.g. rewards:brightness or my_rewards:score.")
+        raise UserError(f"--reward {spec!r} is not module:function; pass e.g. rewards:brightness or my_rewards:score, "
+                        f"or SCORER:PATH with SCORER one of {', '.join(scorers.SCORERS)}.")
+    if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
+        raise UserError(f"--reward {spec!r} is neither module:function ({module_name!r}, {attr!r} are not Python "
+                        f"names) nor SCORER:PATH; a path goes after a scorer name, e.g. pickscore:{spec}.")
     # `python npo.py` puts the script's folder on the path, not the current one: look there too, for this import only
     added = os.getcwd() not in sys.path
     if added:

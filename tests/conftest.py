@@ -88,3 +88,70 @@ def offsets(tiny_model, tmp_path_factory):
         files[name] = str(folder / f"{name}.safetensors")
         lora.save_lora(pipe.unet, name, files[name], role=name)
     return files
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tiny CLIP scorers: transformers' CLIPModel and open_clip's CLIP with random weights. 224 px input (patch 32) so
+# that preprocessing runs at the real size; towers of different widths so that no shape can be confused.
+
+TINY_CLIP_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=77, hidden_act="gelu", eos_token_id=2)
+TINY_CLIP_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=224,
+                        patch_size=32, hidden_act="gelu")
+
+
+def make_clip_dir(path, seed=0, projection_dim=16, text=TINY_CLIP_TEXT, vision=TINY_CLIP_VISION, tokenizer=True):
+    """A transformers CLIPModel with random weights (logit_scale included) saved into `path`, with the CLIP tokenizer
+    files beside it; returns the model."""
+    from transformers import CLIPConfig, CLIPModel
+    torch.manual_seed(seed)
+    ref = randomize(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)), seed)
+    ref.eval().save_pretrained(path)
+    if tokenizer:
+        shutil.copytree(TOKENIZER_DIR, path, dirs_exist_ok=True)
+    return ref
+
+
+def open_clip_modules():
+    """open_clip's `model` and `tokenizer` modules, or a skip when open_clip_torch is not installed.
+
+    open_clip's package __init__ imports torchvision (for its image transforms), and torchvision's wheels here are
+    CUDA builds that cannot load beside the CPU torch. So where `import open_clip` fails, its model and tokenizer
+    modules are imported on their own, with the one torchvision name they reach for (FrozenBatchNorm2d, used by
+    ResNet towers only) stubbed for the duration of the import."""
+    import importlib.util
+    import sys
+    import types
+    import transformers  # noqa: F401 -- imported first: it probes for torchvision, which must not see the stub
+    try:
+        import open_clip
+        return open_clip.model, open_clip.tokenizer
+    except ImportError:
+        pass
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch ftfy wcwidth)")
+    package = types.ModuleType("open_clip")
+    package.__path__ = list(spec.submodule_search_locations)
+    stubs = {name: types.ModuleType(name) for name in ("torchvision", "torchvision.ops", "torchvision.ops.misc")}
+    stubs["torchvision.ops.misc"].FrozenBatchNorm2d = type("FrozenBatchNorm2d", (torch.nn.Module,), {})
+    sys.modules["open_clip"] = package
+    sys.modules.update({k: v for k, v in stubs.items() if k not in sys.modules})
+    try:
+        import open_clip.model
+        import open_clip.tokenizer
+    finally:
+        for name, stub in stubs.items():
+            if sys.modules.get(name) is stub:
+                del sys.modules[name]
+    return open_clip.model, open_clip.tokenizer
+
+
+def make_open_clip(seed=0):
+    """open_clip's CLIP (the architecture of HPSv2's ViT-H-14 at toy size: GELU, argmax pooling) with random weights.
+    Heads of 64 as in OpenCLIP's published towers, so that `clip.openclip_configs` finds them from the widths."""
+    model, _ = open_clip_modules()
+    torch.manual_seed(seed)
+    vision = model.CLIPVisionCfg(layers=2, width=192, head_width=64, mlp_ratio=2, patch_size=32, image_size=224)
+    text = model.CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2, mlp_ratio=2)
+    return randomize(model.CLIP(16, vision, text), seed).eval()

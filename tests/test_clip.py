@@ -1,16 +1,19 @@
-"""clip.py against transformers: the same random weights give the same features, the same prompts the same ids."""
+"""clip.py against transformers and open_clip: the same random weights give the same features, the same prompts the
+same ids, the same images the same pixels."""
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import clip
 from checkpoint import UserError
-from conftest import TOKENIZER_DIR
+from conftest import TINY_CLIP_VISION, TOKENIZER_DIR, make_clip_dir, make_open_clip, open_clip_modules, randomize
 
 # Tiny versions of the two text towers. vocab_size stays 49408 so that the real BOS/EOS ids (49406/49407) exist.
 SD1_LIKE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -180,3 +183,174 @@ def test_text_encoder_names_bad_keys(tmp_path):
     for key in ("text_model.encoder.layers.1.mlp.fc2.bias", "text_model.encoder.layers.1.mlp.fc3.weight",
                 "text_model.final_layer_norm.weight"):
         assert key in msg, msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The image tower and the two-tower model, against transformers' CLIPModel and open_clip's CLIP
+
+def features(output):
+    """transformers 5 returns get_*_features as an output object whose pooler_output is the projected embedding."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def test_clip_model_matches_transformers(tmp_path):
+    ref = make_clip_dir(tmp_path)
+    ours = clip.load_clip(str(tmp_path))
+    assert isinstance(ours, clip.CLIPModel) and not ours.training
+    assert not any(p.requires_grad for p in ours.parameters())
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(3, 3, 224, 224, generator=g)
+    ids = random_prompt_ids(3, 2)
+    with torch.no_grad():
+        assert_close(ours.image_features(pixels), features(ref.get_image_features(pixel_values=pixels)))
+        assert_close(ours.text_features(ids), features(ref.get_text_features(input_ids=ids)))
+        assert_close(ours.vision_model(pixels), ref.vision_model(pixel_values=pixels).pooler_output)
+    assert ours.logit_scale.item() == ref.logit_scale.item()
+
+
+def test_vision_model_with_projection_matches_transformers(tmp_path):
+    torch.manual_seed(0)
+    ref = randomize(transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(projection_dim=16, **{**TINY_CLIP_VISION, "hidden_act": "quick_gelu"})), 3).eval()
+    ref.save_pretrained(tmp_path)
+    ours = clip.load_clip(str(tmp_path))
+    assert type(ours) is clip.CLIPVisionModelWithProjection
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert_close(ours.image_features(pixels), ref(pixel_values=pixels).image_embeds)
+
+
+def test_clip_folder_of_older_transformers(tmp_path):
+    # transformers 4 saved the position_ids buffers of both towers; big models come in shards with an index
+    ref = make_clip_dir(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["vision_model.embeddings.position_ids"] = torch.arange(50)[None]
+    keys = sorted(sd)
+    save_file({k: sd[k] for k in keys[:20]}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({k: sd[k] for k in keys[20:]}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f"model-0000{1 + (i >= 20)}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+    os.remove(tmp_path / "model.safetensors")
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert_close(clip.load_clip(str(tmp_path)).image_features(pixels),
+                     features(ref.get_image_features(pixel_values=pixels)))
+
+
+@pytest.mark.parametrize("form", ["pt", "safetensors"])
+def test_openclip_file_matches_open_clip(tmp_path, form):
+    ref = make_open_clip(seed=6)
+    path = str(tmp_path / f"hps.{form}")
+    if form == "pt":  # HPSv2's form: {"state_dict": ...}, read with weights_only=True
+        torch.save({"state_dict": ref.state_dict()}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+    ours = clip.load_clip(path)  # heads from the widths, as OpenCLIP's published configs have them
+    assert isinstance(ours, clip.CLIPModel) and ours.text_config.num_hidden_layers == 2
+    assert (ours.vision_config.num_attention_heads, ours.text_config.num_attention_heads) == (3, 2)
+    _, tokenizer = open_clip_modules()
+    ids = tokenizer.SimpleTokenizer()(["a photo of a cat", "two dogs playing chess in a sunny park, oil painting"])
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert_close(ours.image_features(pixels), ref.encode_image(pixels))
+        assert_close(ours.text_features(ids), ref.encode_text(ids))
+    assert ours.logit_scale.item() == ref.logit_scale.item()
+
+
+def test_openclip_rename_rules():
+    # one key of each kind, by hand: the rules, not a table, must produce transformers' names
+    w = torch.arange(12.0).view(6, 2)
+    out = clip.openclip_to_transformers({
+        "visual.class_embedding": torch.zeros(2), "visual.proj": torch.ones(2, 3), "text_projection": torch.ones(2, 5),
+        "visual.transformer.resblocks.11.attn.in_proj_weight": w, "transformer.resblocks.0.mlp.c_fc.bias": torch.zeros(4),
+        "visual.ln_post.weight": torch.ones(2), "ln_final.bias": torch.zeros(2), "positional_embedding": torch.zeros(7, 2),
+        "attn_mask": torch.zeros(7, 7), "logit_scale": torch.tensor(4.6)})
+    assert sorted(out) == sorted([
+        "vision_model.embeddings.class_embedding", "visual_projection.weight", "text_projection.weight",
+        "vision_model.encoder.layers.11.self_attn.q_proj.weight", "vision_model.encoder.layers.11.self_attn.k_proj.weight",
+        "vision_model.encoder.layers.11.self_attn.v_proj.weight", "text_model.encoder.layers.0.mlp.fc1.bias",
+        "vision_model.post_layernorm.weight", "text_model.final_layer_norm.bias",
+        "text_model.embeddings.position_embedding.weight", "logit_scale"])
+    assert out["visual_projection.weight"].shape == (3, 2) and out["text_projection.weight"].shape == (5, 2)
+    assert torch.equal(out["vision_model.encoder.layers.11.self_attn.k_proj.weight"], w[2:4])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pixels
+
+def pil_images():
+    """Odd sizes (both orientations, odd crop margins, smaller than 224) and a grey image, from random pixels."""
+    g = np.random.default_rng(0)
+    sizes = [(300, 400), (517, 333), (224, 224), (90, 100), (227, 300), (301, 227)]
+    images = [Image.fromarray((g.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in sizes]
+    return images + [Image.new("L", (64, 48), 128)]
+
+
+def test_pixels_from_pil_equal_clip_image_processor():
+    processor = transformers.CLIPImageProcessorPil()  # the processor PickScore and CLIP-L/14 ship (PIL backend)
+    for image in pil_images():
+        ref = processor(images=[image], return_tensors="pt").pixel_values
+        assert torch.equal(clip.pixels_from_pil([image]), ref), image.size
+
+
+def smooth_image(h, w):
+    y, x = np.mgrid[0:h, 0:w]
+    channels = [127 + 100 * np.sin(x / 17) * np.cos(y / 23), 127 + 120 * np.sin((x + y) / 31), 127 + 60 * np.cos(x / 9)]
+    return Image.fromarray(np.stack(channels, -1).round().astype(np.uint8))
+
+
+def test_pixels_from_tensor_is_the_pil_path_on_floats():
+    # torch's antialiased bicubic is PIL's filter; PIL rounds to 8 bits after each of its two passes. On a smooth
+    # image the differentiable path, stored as 8 bits, is within one grey level of the exact processor; without the
+    # antialiasing (plain torch bicubic: a = −0.75, no widening) it would be far off.
+    std, mean = torch.tensor(clip.CLIP_STD).view(3, 1, 1), torch.tensor(clip.CLIP_MEAN).view(3, 1, 1)
+    for h, w in ((300, 400), (517, 333), (224, 224)):
+        image = smooth_image(h, w)
+        unit = torch.tensor(np.array(image)).permute(2, 0, 1).float()[None] / 255
+        ours, exact = clip.pixels_from_tensor(unit), clip.pixels_from_pil([image])
+        levels = ((ours * std + mean) * 255).round() - ((exact * std + mean) * 255).round()
+        assert levels.abs().max() <= 1, (h, w)
+        if (h, w) == (224, 224):  # no resize: only the normalization, the same float ops
+            torch.testing.assert_close(ours, exact, rtol=0, atol=1e-6)
+        else:
+            assert levels.abs().float().mean() < 0.2  # most pixels agree exactly
+
+
+def test_pixels_from_tensor_pad_is_hpsv2_resize_max_size():
+    # HPSv2's ResizeMaxSize on a 100x60 (H x W) tensor: scale 224/100, new size (224, round(134.4) = 134), pad 90
+    # columns: 45 left, 45 right, value 0 before normalization
+    x = torch.rand(1, 3, 100, 60, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = clip.pixels_from_tensor(x, fit="pad")
+    unnorm = out * torch.tensor(clip.CLIP_STD).view(3, 1, 1) + torch.tensor(clip.CLIP_MEAN).view(3, 1, 1)
+    assert out.shape == (1, 3, 224, 224)
+    assert unnorm[..., :45].abs().max() < 1e-6 and unnorm[..., 179:].abs().max() < 1e-6
+    resized = torch.nn.functional.interpolate(x, size=(224, 134), mode="bicubic", antialias=True)
+    torch.testing.assert_close(unnorm[..., 45:179], resized, rtol=0, atol=1e-6)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad CLIP files
+
+def test_load_clip_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        clip.load_clip(str(tmp_path / "nothing"))
+    save_file({"token_embedding.weight": torch.zeros(3, 2)}, tmp_path / "text_only.safetensors")
+    with pytest.raises(UserError, match="not an OpenCLIP model"):
+        clip.load_clip(str(tmp_path / "text_only.safetensors"))
+    torch.save({"state_dict": {"visual.class_embedding": torch.zeros(64)}}, tmp_path / "partial.pt")
+    with pytest.raises(UserError, match="is missing"):
+        clip.load_clip(str(tmp_path / "partial.pt"))
+    torch.save({"fn": print}, tmp_path / "code.pt")  # weights_only refuses anything but tensors and containers
+    with pytest.raises(UserError, match="weights_only"):
+        clip.load_clip(str(tmp_path / "code.pt"))
+    make_clip_dir(tmp_path / "clip")
+    d = json.loads((tmp_path / "clip" / "config.json").read_text())
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({**d, "model_type": "siglip"}))
+    with pytest.raises(UserError, match="not a CLIP model"):
+        clip.load_clip(str(tmp_path / "clip"))
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({**d, "projection_dim": 8}))
+    with pytest.raises(UserError, match="misshaped keys.*visual_projection.weight"):
+        clip.load_clip(str(tmp_path / "clip"))

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from checkpoint import UserError
-from data import batches, open_pairs, preprocess_pair
+from data import batches, open_pairs, preprocess_pair, read_prompts
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -278,3 +278,14 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
 def test_dataset_smaller_than_a_batch(tmp_path):
     ds = open_pairs(jsonl_pairs(tmp_path, 3))
     expect_error("3 pairs, fewer than one batch of 4", batches, ds, 2, seed=0, resolution=8, world_size=2)
+
+
+def test_prompts_from_a_pick_a_pic_parquet(tmp_path):
+    image = encode(coord_image(0))
+    rows = [("a cat", image, image, 1.0), (" a dog ", image, image, 0.0), ("a cat", image, image, 0.5), ("", image, image, 1.0)]
+    path = write_parquet(tmp_path / "test.parquet", rows)
+    assert read_prompts(path) == ["a cat", "a dog"]  # unique captions in order, blank ones skipped
+    expect_error("lacks the column.* caption", read_prompts,
+                 write_parquet(tmp_path / "nocaption.parquet", rows, caption=None))
+    expect_error("row 1 .* not text", read_prompts,
+                 write_parquet(tmp_path / "null.parquet", rows, caption=pa.array(["a", None, "b", "c"])))

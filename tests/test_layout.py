@@ -11,9 +11,11 @@ LAYERS = {
     "npo": 0,                                                    # the command line
     "experiment": 1,
     "train": 2,                                                  # training
+    "evaluate": 2,                                               # scoring folders of samples
     "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "pipeline": 3,   # its parts; the pipeline
-    "images": 4, "unet": 4, "clip": 4, "lora": 4, "sampler": 4, "shards": 4,  # models, sampling; parquet shards
-    "checkpoint": 5,                                             # files and the one user-facing error
+    "scorers": 4,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
+    "images": 5, "unet": 5, "clip": 5, "lora": 5, "sampler": 5, "shards": 5,  # models, sampling; parquet shards
+    "checkpoint": 6,                                             # files and the one user-facing error
 }
 
 
@@ -36,6 +38,13 @@ def project_imports(name):
 def test_every_module_has_a_layer():
     modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))} - {"bench"}
     assert modules == LAYERS.keys()
+
+
+def test_the_wheel_ships_every_module():
+    with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
+        text = f.read()
+    listed = text[text.index("py-modules = [") + len("py-modules = ["):].split("]")[0]
+    assert {m.strip().strip('"') for m in listed.split(",") if m.strip()} == LAYERS.keys()
 
 
 def test_imports_point_down():

@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import lora
 import npo
@@ -64,34 +63,6 @@ def test_jpeg_rewards_are_kilobytes_at_quality_95():
     assert rewards.jpeg_compressibility(images, None).tolist() == pytest.approx([-e for e in expected])
     assert not rewards.is_differentiable(rewards.jpeg_compressibility)
     assert not rewards.is_bounded(rewards.jpeg_compressibility)
-
-
-def test_aesthetic_head_loads_a_file_and_scores_as_its_mlp(tmp_path):
-    embed = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 32))
-    g = torch.Generator().manual_seed(0)
-    shapes = {"0": (1024, 32), "2": (128, 1024), "4": (64, 128), "6": (16, 64), "7": (1, 16)}
-    state = {}
-    for i, (o, n) in shapes.items():
-        state[f"layers.{i}.weight"] = torch.randn(o, n, generator=g) / n ** 0.5
-        state[f"layers.{i}.bias"] = torch.randn(o, generator=g) * 0.1
-    save_file(state, str(tmp_path / "head.safetensors"))
-    head = rewards.AestheticHead.from_file(str(tmp_path / "head.safetensors"), embed, dim=32)
-    images = torch.rand(2, 3, 64, 48, generator=g)
-    x = torch.nn.functional.interpolate(images, size=(224, 224), mode="bicubic", align_corners=False)
-    x = (x - torch.tensor(head.MEAN).view(1, 3, 1, 1)) / torch.tensor(head.STD).view(1, 3, 1, 1)
-    e = embed(x)
-    h = e / e.norm(dim=-1, keepdim=True)
-    for i in ("0", "2", "4", "6", "7"):  # no nonlinearity, as in the improved-aesthetic-predictor
-        h = h @ state[f"layers.{i}.weight"].T + state[f"layers.{i}.bias"]
-    torch.testing.assert_close(head(images), h[:, 0])
-    save_file({"other.weight": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(UserError, match="not an aesthetic MLP"):
-        rewards.AestheticHead.from_file(str(tmp_path / "bad.safetensors"), embed, dim=32)
-    save_file({**state, "layers.9.weight": torch.zeros(1)}, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(UserError, match=r"unexpected \['9.weight'\]"):
-        rewards.AestheticHead.from_file(str(tmp_path / "extra.safetensors"), embed, dim=32)
-    with pytest.raises(UserError, match="misshaped"):  # a head for 32-dim embeddings read as one for 16
-        rewards.AestheticHead.from_file(str(tmp_path / "head.safetensors"), embed, dim=16)
 
 
 def test_load_by_name(tmp_path, monkeypatch):
