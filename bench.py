@@ -2,6 +2,7 @@
 
     python bench.py models [--sizes 32,64] [--repeats 3] [--threads 2]
     python bench.py sampling [--size 32] [--repeats 3]
+    python bench.py solvers [--size 64] [--steps 25]
     python bench.py train [--size 32] [--steps 6]
     python bench.py reward [--size 32]
 
@@ -204,6 +205,24 @@ def cmd_sampling(args):
         print(f"| {SAMPLING_VARIANTS[variant]} | {r['seconds']:.2f} | {ratio_t} | {r['peak_gib']:.2f} | {ratio_m} |", flush=True)
 
 
+def cmd_solvers(args):
+    """The samplers' own arithmetic per step (DDIM vs DPM-Solver++ 2M) at SD's latent shape, with a denoiser that
+    costs nothing, so what is timed is the update alone; compare it with a UNet step (`bench.py sampling`)."""
+    import sampler
+    torch.set_num_threads(args.threads)
+    x = torch.randn(2, 4, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    out = torch.randn_like(x) * 0.1
+    print(f"| sampler | ms / step (latent 2x4x{args.size}x{args.size}, {args.steps} steps, median of {args.repeats}) |")
+    print("|---|---|")
+    for name in sampler.SAMPLERS:
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            sampler.sample(name, lambda x_t, t: out, x, {}, args.steps)
+            times.append((time.perf_counter() - t0) / args.steps)
+        print(f"| {sampler.SAMPLERS[name]} | {1000 * statistics.median(times):.2f} |", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training: one Diffusion-DPO step (1 pair, rank 8) on the SD1.5-shaped weights, ours vs the diffusers recipe.
 
@@ -392,6 +411,12 @@ def main():
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(SAMPLING_VARIANTS),
                    help=f"comma-separated subset of {','.join(SAMPLING_VARIANTS)}")
     p.set_defaults(func=cmd_sampling)
+    p = sub.add_parser("solvers", help="the sampler update alone per step: DDIM vs DPM-Solver++ (2M)")
+    p.add_argument("--size", type=int, default=64, help="latent side (default 64: SD1.5's 512 px)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per sampler (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_solvers)
     p = sub.add_parser("train", help="one Diffusion-DPO step: ours vs the diffusers recipe, with and without checkpointing")
     p.add_argument("--size", type=int, default=32, help="latent side (default 32: 256 px images)")
     p.add_argument("--steps", type=int, default=6, help="steps per run; the median of steps 2.. (3.. for ours) is reported")

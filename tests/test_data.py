@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from checkpoint import UserError
-from data import batches, open_pairs, preprocess_pair
+from data import batches, open_pairs, preprocess_pair, read_prompts
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -278,3 +278,19 @@ def test_parquet_without_pyarrow(tmp_path, monkeypatch):
 def test_dataset_smaller_than_a_batch(tmp_path):
     ds = open_pairs(jsonl_pairs(tmp_path, 3))
     expect_error("3 pairs, fewer than one batch of 4", batches, ds, 2, seed=0, resolution=8, world_size=2)
+
+
+def test_prompts_files_with_negative_prompts(tmp_path):
+    """read_prompts: the prompts alone (what reward training reads), or (prompt, negative or None) per row."""
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "negative_prompt": "blurry"}\n\n{"prompt": "a dog"}\n'
+                     '{"prompt": "a cow", "negative_prompt": ""}\n')
+    assert read_prompts(str(jsonl)) == ["a cat", "a dog", "a cow"]
+    assert read_prompts(str(jsonl), negatives=True) == [("a cat", "blurry"), ("a dog", None), ("a cow", "")]
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\na dog\n")
+    assert read_prompts(str(txt), negatives=True) == [("a cat", None), ("a dog", None)]
+    jsonl.write_text('{"prompt": "a cat", "negative_prompt": ["blurry"]}\n')
+    expect_error("line 1: \"negative_prompt\" is not a string", read_prompts, str(jsonl), negatives=True)
+    jsonl.write_text('["a list"]\n')
+    expect_error("line 1 is not a JSON object", read_prompts, str(jsonl))
