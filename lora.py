@@ -492,7 +492,7 @@ def _check_kinds(path, tensors, parts):
             found = [k for k in tensors if _other_type(k) == kind]
             raise UserError(f"{path} is a LyCORIS / peft {kind} file ({_few(found)}), not a LoRA; npo reads LoRA "
                             "and LoCon offsets (ΔW = up · down): merge it into the model with another tool instead.")
-    for what, keys in (("SDXL", [k for k in tensors if k.startswith(SDXL_PREFIXES)]),
+    for what, keys in (("as an SDXL LoRA does", [k for k in tensors if k.startswith(SDXL_PREFIXES)]),
                        ("the original LDM way", [k for k in tensors if k.startswith(LDM_PREFIXES)])):
         if keys:
             raise UserError(f"{path} names layers {what} ({_few(keys)}); npo reads LoRAs for Stable Diffusion 1.x/2.x "
