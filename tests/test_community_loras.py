@@ -1,6 +1,8 @@
 """Community LoRAs as η: text-encoder keys (kohya `lora_te_`, diffusers `text_encoder.`), several files summed with
 weights, and the LyCORIS types we refuse. References: diffusers' `load_lora_weights` / `set_adapters` on the same
 files, and the two-pipeline reference of eq. 10 (test_sample.py) with the text encoder inside it."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,29 @@ def test_text_encoder_keys_refused_where_only_the_unet_takes_offsets(tiny_model,
     pipe = pipeline.load_pipeline(tiny_model[0])
     with pytest.raises(UserError, match="text-encoder LoRA keys"):
         lora.load_lora(pipe.unet, community["a"], "eta")
+
+
+def test_older_diffusers_text_encoder_names(tiny_model, community, tmp_path):
+    """diffusers' 2023 files name CLIP's projections `self_attn.to_q_lora.down` and its MLP `mlp.fc1.lora_linear_layer
+    .down`, under `text_encoder.text_model.`: they read as the same offsets as today's `q_proj.lora_A` names."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    def older(key):
+        if not key.startswith("text_encoder."):
+            return key
+        key = "text_encoder.text_model." + key.removeprefix("text_encoder.")
+        key = key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight")
+        key = re.sub(r"\.self_attn\.(q|k|v|out)_proj\.lora\.", r".self_attn.to_\1_lora.", key)
+        return re.sub(r"\.mlp\.(fc[12])\.lora\.", r".mlp.\1.lora_linear_layer.", key)
+    with safe_open(community["d"], framework="pt") as f:
+        metadata = f.metadata()
+    renamed = {older(k): v for k, v in load_file(community["d"]).items()}
+    assert any(".self_attn.to_out_lora.up.weight" in k for k in renamed)
+    assert any(".mlp.fc2.lora_linear_layer.down.weight" in k for k in renamed)
+    save_file(renamed, str(tmp_path / "older.safetensors"), metadata)
+    pipes = [pipeline.load_pipeline(tiny_model[0]) for _ in range(2)]
+    for pipe, f in zip(pipes, (community["d"], str(tmp_path / "older.safetensors"))):
+        pipeline.load_offset(pipe, [(f, 1.0)], "eta")
+    new, old = (lora.offset_state_dict(p.text_encoder, "eta") for p in pipes)
+    assert new.keys() == old.keys() and len(new) == 36 and all(torch.equal(new[k], old[k]) for k in new)
