@@ -2,6 +2,7 @@
 
     python bench.py models [--sizes 32,64] [--repeats 3] [--threads 2]
     python bench.py sampling [--size 32] [--repeats 3]
+    python bench.py solvers [--size 64] [--steps 25]
     python bench.py train [--size 32] [--steps 6]
     python bench.py reward [--size 32]
     python bench.py scorers [--shape clip-h] [--batch 4]
@@ -206,6 +207,24 @@ def cmd_sampling(args):
         ratio_t = f"{r['seconds'] / base['seconds']:.3f}x" if base else "-"
         ratio_m = f"{r['peak_gib'] / base['peak_gib']:.3f}x" if base else "-"
         print(f"| {SAMPLING_VARIANTS[variant]} | {r['seconds']:.2f} | {ratio_t} | {r['peak_gib']:.2f} | {ratio_m} |", flush=True)
+
+
+def cmd_solvers(args):
+    """The samplers' own arithmetic per step (DDIM vs DPM-Solver++ 2M) at SD's latent shape, with a denoiser that
+    costs nothing, so what is timed is the update alone; compare it with a UNet step (`bench.py sampling`)."""
+    import sampler
+    torch.set_num_threads(args.threads)
+    x = torch.randn(2, 4, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    out = torch.randn_like(x) * 0.1
+    print(f"| sampler | ms / step (latent 2x4x{args.size}x{args.size}, {args.steps} steps, median of {args.repeats}) |")
+    print("|---|---|")
+    for name in sampler.SAMPLERS:
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            sampler.sample(name, lambda x_t, t: out, x, {}, args.steps)
+            times.append((time.perf_counter() - t0) / args.steps)
+        print(f"| {sampler.SAMPLERS[name]} | {1000 * statistics.median(times):.2f} |", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,6 +603,15 @@ def add_sampling_command(sub):
     p.set_defaults(func=cmd_sampling)
 
 
+def add_solvers_command(sub):
+    p = sub.add_parser("solvers", help="the sampler update alone per step: DDIM vs DPM-Solver++ (2M)")
+    p.add_argument("--size", type=int, default=64, help="latent side (default 64: SD1.5's 512 px)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per sampler (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_solvers)
+
+
 def add_train_command(sub):
     p = sub.add_parser("train", help="one Diffusion-DPO step: ours vs the diffusers recipe, with and without checkpointing")
     p.add_argument("--size", type=int, default=32, help="latent side (default 32: 256 px images)")
@@ -628,7 +656,8 @@ def main():
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_models_command, add_sampling_command, add_train_command, add_gpu_command, add_reward_command, add_scorers_command):
+    for add in (add_models_command, add_sampling_command, add_solvers_command, add_train_command, add_gpu_command,
+                add_reward_command, add_scorers_command):
         add(sub)
     args = parser.parse_args()
     args.func(args)

@@ -83,14 +83,17 @@ class PairDataset:
                 f"{self.skipped} bad rows skipped, {self.ties} ties dropped)")
 
 
-def read_prompts(path):
+def read_prompts(path, negatives=False):
     """The prompts of a prompts file: a .txt with one prompt per line, a .jsonl with a "prompt" per row, or a
     Pick-a-Pic .parquet file, whose `caption` column gives its unique captions in order of first appearance (the
     paper's prompts are the 500 of Pick-a-Pic's test split; one caption there has several image pairs).
 
-    Blank lines are skipped; an empty file, an unreadable one or a JSONL row without a "prompt" is a UserError."""
+    With `negatives=True`, a list of (prompt, negative prompt or None) instead: a JSONL row may carry its own
+    "negative_prompt" (a .txt line or a caption never does). Blank lines are skipped; an empty file, an unreadable
+    one, a JSONL row without a "prompt" or with a "negative_prompt" that is not a string is a UserError."""
     if str(path).lower().endswith(".parquet"):
-        return _read_captions(path)
+        captions = _read_captions(path)
+        return [(c, None) for c in captions] if negatives else captions
     try:
         with open(path, encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]
@@ -98,17 +101,20 @@ def read_prompts(path):
         raise UserError(f"cannot read the prompts file {path} ({e}); pass a readable UTF-8 .txt or .jsonl file.")
     numbered = [(n, line) for n, line in enumerate(lines, 1) if line]
     if str(path).lower().endswith(".jsonl"):
-        prompts = []
+        rows = []
         for n, line in numbered:
             try:
-                prompts.append(str(json.loads(line)["prompt"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
+                row = json.loads(line)
+                rows.append((str(row["prompt"]), row.get("negative_prompt")))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{path} line {n} is not a JSON object with a \"prompt\"; fix or remove that line.")
+            if not isinstance(rows[-1][1], (str, type(None))):
+                raise UserError(f"{path} line {n}: \"negative_prompt\" is not a string; write it as text or leave it out.")
     else:
-        prompts = [line for _, line in numbered]
-    if not prompts:
+        rows = [(line, None) for _, line in numbered]
+    if not rows:
         raise UserError(f"the prompts file {path} holds no prompts; write one prompt per line.")
-    return prompts
+    return rows if negatives else [prompt for prompt, _ in rows]
 
 
 def _read_captions(path):

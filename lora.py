@@ -21,10 +21,15 @@ default whatever the base dtype: the offset is computed in the LoRA dtype and ca
 
 Files: we write kohya's format (A1111, ComfyUI and diffusers' `load_lora_weights` read it) and read it plus
 diffusers / peft's (`unet.<module>.lora_A.weight`, the older `.lora.down.weight`, and the first
-`processor.to_q_lora.down.weight`). Only UNet LoRAs are supported; text-encoder keys are refused.
+`processor.to_q_lora.down.weight`). A file may also hold text-encoder offsets (kohya `lora_te_<module>`, diffusers
+`text_encoder.<module>`): `load_loras` puts them on the CLIP text encoder, whose module names are transformers'
+(`text_model.encoder.layers.0.self_attn.q_proj`), so the same rule maps kohya's flat names. LoCon (kohya's LoRA on
+3x3 convs) is a LoRA; LyCORIS's LoHa, LoKr, OFT, DoRA... parametrise ΔW otherwise and are refused by name.
+Several files at weights w_k load as one offset, their weighted sum (`weighted_sum`).
 
     load_lora(unet, "dpo.safetensors", "eta")              # η, the preference offset
     load_lora(unet, "npo.safetensors", "delta")            # δ, the NPO offset
+    load_loras({"unet": unet, "text_encoder": te}, [("a.safetensors", 0.8), ("b.safetensors", 1.0)], "eta")
     with multipliers(unet, eta=[alpha, 1.0], delta=[beta, 0.0]):
         eps_neg, eps_pos = unet(torch.cat([x, x]), t, torch.cat([neg_embeds, pos_embeds])).chunk(2)
 """
@@ -375,8 +380,14 @@ def save_lora(model, name, path, role=None, base_model=None, metadata=None):
 KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
               "alpha": "alpha"}
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "text_encoder.", "text_encoder_2.")
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # kohya's flat names, per model
+SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 LDM_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+# LyCORIS's (and peft's) other parametrisations of ΔW, by the names of their tensors: not up · down, so refused
+OTHER_TYPES = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "boft_": "BOFT", "dora_scale": "DoRA",
+               "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon with a Tucker core", "ia3_l": "IA3",
+               "on_input": "IA3", "diff": "full-weight difference", "diff_b": "full-weight difference",
+               "w_norm": "norm-layer offset", "b_norm": "norm-layer offset"}
 
 
 def _few(keys, n=3):
@@ -384,39 +395,61 @@ def _few(keys, n=3):
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def _legacy_attn_procs_name(key):
-    """diffusers' first LoRA files (`save_attn_procs`) name the attention processor, not the layer:
-    `attn1.processor.to_q_lora.down.weight` is `attn1.to_q.lora.down.weight`, `to_out_lora` is `to_out.0`."""
-    key = key.replace(".processor.", ".")
+def _part(key):
+    """The model a LoRA key belongs to: kohya's `lora_te_` and diffusers' `text_encoder.` name the text encoder,
+    everything else (`lora_unet_`, `unet.`, peft's bare or `base_model.model.` names) the UNet."""
+    return "text_encoder" if key.startswith(("lora_te_", "text_encoder.")) else "unet"
+
+
+def _other_type(key):
+    """The LyCORIS / peft type a key belongs to when it is not a LoRA down/up/alpha (`….hada_w1_a` is LoHa), or None."""
+    for leaf in key.split(".")[1:]:
+        for marker, kind in OTHER_TYPES.items():
+            if leaf == marker or (marker.endswith("_") and leaf.startswith(marker)):
+                return kind
+    return None
+
+
+def _legacy_attn_procs_name(key, part):
+    """diffusers' first LoRA files (`save_attn_procs`, 2023) name the attention processor, not the layer:
+    `attn1.processor.to_q_lora.down.weight` is `attn1.to_q.lora.down.weight` (`to_out_lora` is `to_out.0`), and in
+    the text encoder `self_attn.to_q_lora.` is CLIP's `self_attn.q_proj.lora.`, `mlp.fc1.lora_linear_layer.` is
+    `mlp.fc1.lora.`."""
+    key = key.replace(".processor.", ".").replace(".lora_linear_layer.", ".lora.")
+    if part == "text_encoder":
+        return re.sub(r"\.to_(q|k|v|out)_lora\.", r".\1_proj.lora.", key)
     return re.sub(r"\.to_(q|k|v|out)_lora\.", lambda m: f".to_{m[1]}{'.0' if m[1] == 'out' else ''}.lora.", key)
 
 
-def _parse_key(key, layers, kohya_names):
-    """(layer name, "down" | "up" | "alpha") for a LoRA key, or None if it names no layer of the model."""
-    if key.startswith("lora_unet_"):
-        flat, _, part = key[len("lora_unet_"):].partition(".")
-        return (kohya_names[flat], KOHYA_PARTS[part]) if flat in kohya_names and part in KOHYA_PARTS else None
-    # diffusers / peft: `unet.` from a pipeline's save_lora_weights, `base_model.model.` from peft's save_pretrained
-    key = _legacy_attn_procs_name(key.removeprefix("unet.").removeprefix("base_model.model."))
-    for part, role in PEFT_PARTS.items():
-        layer = key.removesuffix("." + part)
+def _parse_key(key, part, layers, kohya_names):
+    """(layer name, "down" | "up" | "alpha") for a LoRA key of `part`, or None if it names no layer of the model."""
+    prefix = KOHYA_PREFIXES[part]
+    if key.startswith(prefix):  # kohya: the module name with "." as "_", then the tensor
+        flat, _, leaf = key[len(prefix):].partition(".")
+        return (kohya_names[flat], KOHYA_PARTS[leaf]) if flat in kohya_names and leaf in KOHYA_PARTS else None
+    # diffusers / peft: `unet.` / `text_encoder.` from a pipeline's save_lora_weights, `base_model.model.` from peft
+    key = _legacy_attn_procs_name(key.removeprefix(part + ".").removeprefix("base_model.model."), part)
+    for leaf, role in PEFT_PARTS.items():
+        layer = key.removesuffix("." + leaf)
         if layer != key:
+            # transformers ≥ 5 names CLIP's modules without the `text_model.` level that ours (and the files) keep
+            layer = layer if layer in layers else "text_model." + layer
             return (layer, role) if layer in layers else None
     return None
 
 
-def _peft_config(path, metadata):
-    """The LoraConfig fields saved with a diffusers / peft file, or {}.
+def _peft_config(path, metadata, part):
+    """The LoraConfig fields saved with a diffusers / peft file for `part`, or {}.
 
-    diffusers (≥0.33) stores them as JSON in the metadata string `lora_adapter_metadata` (keys prefixed `unet.`
-    when a pipeline saved them); peft's own save_pretrained writes `adapter_config.json` beside the weights."""
+    diffusers (≥0.33) stores them as JSON in the metadata string `lora_adapter_metadata` (keys prefixed `unet.` /
+    `text_encoder.` when a pipeline saved them); peft's own save_pretrained writes `adapter_config.json` beside."""
     if "lora_adapter_metadata" in metadata:
         try:
             cfg = json.loads(metadata["lora_adapter_metadata"])
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: its lora_adapter_metadata is not JSON ({e}); the file is damaged.")
-        unet_cfg = {k.removeprefix("unet."): v for k, v in cfg.items() if k.startswith("unet.")}
-        return unet_cfg or cfg
+        mine = {k.removeprefix(part + "."): v for k, v in cfg.items() if k.startswith(part + ".")}
+        return mine or {k: v for k, v in cfg.items() if "." not in k}
     beside = os.path.join(os.path.dirname(path), "adapter_config.json")
     if os.path.basename(path) == "adapter_model.safetensors" and os.path.isfile(beside):
         return checkpoint.read_json(beside)
@@ -451,44 +484,45 @@ def _lora_shapes(layer, rank):
     return (rank, layer.in_features), (layer.out_features, rank)
 
 
-def read_lora(path, model):
-    """The offsets in a LoRA file as {layer name: (lora_down, lora_up, alpha)}, checked against `model`'s layers.
+def _check_kinds(path, tensors, parts):
+    """Refuse what is not a LoRA for SD1.x/2.x's UNet and text encoder, or names a model not in `parts`."""
+    for key in tensors:
+        kind = _other_type(key)
+        if kind is not None:
+            found = [k for k in tensors if _other_type(k) == kind]
+            raise UserError(f"{path} is a LyCORIS / peft {kind} file ({_few(found)}), not a LoRA; npo reads LoRA "
+                            "and LoCon offsets (ΔW = up · down): merge it into the model with another tool instead.")
+    for what, keys in (("as an SDXL LoRA does", [k for k in tensors if k.startswith(SDXL_PREFIXES)]),
+                       ("the original LDM way", [k for k in tensors if k.startswith(LDM_PREFIXES)])):
+        if keys:
+            raise UserError(f"{path} names layers {what} ({_few(keys)}); npo reads LoRAs for Stable Diffusion 1.x/2.x "
+                            "named after diffusers' modules (lora_unet_down_blocks_..., lora_te_text_model_...).")
+    text = [k for k in tensors if _part(k) == "text_encoder"]
+    if text and "text_encoder" not in parts:
+        raise UserError(f"{path} has {len(text)} text-encoder LoRA keys ({_few(text)}); only sampling applies "
+                        "those (to the text encoder): use a UNet-only LoRA here.")
 
-    A key that names no Linear/Conv2d of the model, a down without its up, or a tensor of the wrong shape is a
-    UserError naming the keys. Missing alpha: kohya's rule (alpha = rank, so scale 1; alpha 0 counts as missing)."""
-    tensors = checkpoint.read_safetensors(path)
-    metadata = checkpoint.read_safetensors_metadata(path)
-    if not tensors:
-        raise UserError(f"{path} holds no tensors; it is not a LoRA file.")
-    text = [k for k in tensors if k.startswith(TEXT_ENCODER_PREFIXES)]
-    if text:
-        raise UserError(f"{path} has {len(text)} text-encoder LoRA keys ({_few(text)}); npo applies LoRA to the "
-                        "UNet only: use a UNet-only LoRA, or save the file again without the text-encoder keys.")
-    ldm = [k for k in tensors if k.startswith(LDM_PREFIXES)]
-    if ldm:
-        raise UserError(f"{path} names layers the original LDM way ({_few(ldm)}); npo reads LoRAs named after "
-                        "diffusers' modules (lora_unet_down_blocks_...): convert the file to diffusers names first.")
 
+def _read_part(path, tensors, model, part, cfg, total):
+    """{layer name: (lora_down, lora_up, alpha)} from the keys of one model, checked against its layers."""
     layers = targetable(model)
     kohya_names = {n.replace(".", "_"): n for n in layers}
     parts, unknown = {}, []
     for key, t in tensors.items():
-        parsed = _parse_key(key, layers, kohya_names)
+        parsed = _parse_key(key, part, layers, kohya_names)
         if parsed is None:
             unknown.append(key)
         else:
             parts.setdefault(parsed[0], {})[parsed[1]] = (key, t)
     if unknown:
-        raise UserError(f"{path}: {len(unknown)} of {len(tensors)} keys name no Linear/Conv2d layer of this UNet or "
-                        f"are not LoRA down/up/alpha weights ({_few(unknown)}); npo reads kohya "
-                        "(lora_unet_<layer>.lora_down.weight) and diffusers/peft (<layer>.lora_A.weight) LoRAs "
-                        "for a Stable Diffusion 1.x/2.x UNet.")
+        raise UserError(f"{path}: {len(unknown)} of {total} keys name no Linear/Conv2d layer of this model's "
+                        f"{part.replace('_', ' ')} or are not LoRA down/up/alpha weights ({_few(unknown)}); npo reads "
+                        "kohya (lora_unet_<layer>.lora_down.weight, lora_te_...) and diffusers/peft "
+                        "(<layer>.lora_A.weight) LoRAs for a Stable Diffusion 1.x/2.x model.")
     incomplete = [key for p in parts.values() if "down" not in p or "up" not in p for key, _ in p.values()]
     if incomplete:
         raise UserError(f"{path}: {len(incomplete)} keys lack their lora_down/lora_up partner ({_few(incomplete)}); "
                         "the file is incomplete.")
-
-    cfg = _peft_config(path, metadata)
     out, misshaped = {}, []
     for layer_name, p in parts.items():
         (down_key, down), (up_key, up) = p["down"], p["up"]
@@ -501,22 +535,73 @@ def read_lora(path, model):
         if "alpha" in p:
             alpha = float(p["alpha"][1]) or rank
         else:
-            alpha = rank if down_key.startswith("lora_unet_") else _peft_alpha(cfg, layer_name, rank)
+            alpha = rank if down_key.startswith(KOHYA_PREFIXES[part]) else _peft_alpha(cfg, layer_name, rank)
         out[layer_name] = (*fitted, alpha)
     if misshaped:
-        raise UserError(f"{path}: {len(misshaped)} LoRA tensors do not fit this UNet ({_few(misshaped)}); "
+        raise UserError(f"{path}: {len(misshaped)} LoRA tensors do not fit this model ({_few(misshaped)}); "
                         "was the LoRA made for another base model (e.g. SD1.x vs SD2.x)?")
     return out
 
 
-def load_lora(model, path, name, dtype=torch.float32):
-    """Add the LoRA file at `path` to `model` as the (frozen) offset `name`; return the file's metadata strings."""
-    _check_new_name(model, name)
-    entries = read_lora(path, model)
+def read_lora(path, models):
+    """The offsets in a LoRA file as {part: {layer name: (lora_down, lora_up, alpha)}}, for the parts of `models`
+    ({"unet": unet} or {"unet": unet, "text_encoder": text_encoder}) that the file has keys for.
+
+    A key that names no Linear/Conv2d of its model, a down without its up, a tensor of the wrong shape, a LyCORIS
+    type, or text-encoder keys when no text encoder is given is a UserError naming the keys. Missing alpha: kohya's
+    rule (alpha = rank, so scale 1; alpha 0 counts as missing), or peft's config where the file carries one."""
+    tensors = checkpoint.read_safetensors(path)
+    if not tensors:
+        raise UserError(f"{path} holds no tensors; it is not a LoRA file.")
+    _check_kinds(path, tensors, models)
+    metadata = checkpoint.read_safetensors_metadata(path)
+    out = {}
+    for part, model in models.items():
+        mine = {k: t for k, t in tensors.items() if _part(k) == part}
+        if mine:
+            out[part] = _read_part(path, mine, model, part, _peft_config(path, metadata, part), len(tensors))
+    return out
+
+
+def weighted_sum(loras, weights):
+    """Σ_k w_k ΔW_k of several LoRAs ({layer: (down, up, alpha)} each) as one LoRA. With s_k = alpha_k / r_k,
+
+        Σ_k w_k s_k up_k down_k = [w_1 s_1 up_1 | w_2 s_2 up_2 | …] · [down_1; down_2; …],
+
+    a LoRA of rank Σ r_k (of the LoRAs that touch the layer) with the factors side by side and scale 1, computed in
+    float32. So the sum is one offset, whose multipliers (eq. 10) act on every term alike. One LoRA at weight 1 is
+    returned as it is."""
+    if len(loras) == 1 and weights[0] == 1:
+        return loras[0]
+    out = {}
+    for layer in dict.fromkeys(layer for entries in loras for layer in entries):  # first-seen order
+        terms = [(entries[layer], w) for entries, w in zip(loras, weights) if layer in entries]
+        down = torch.cat([d.float() for (d, _, _), _ in terms])
+        up = torch.cat([u.float() * (w * alpha / d.shape[0]) for (d, u, alpha), w in terms], dim=1)
+        out[layer] = (down, up, down.shape[0])
+    return out
+
+
+def load_loras(models, files, name, dtype=torch.float32):
+    """Add the weighted sum of LoRA files, `files` = [(path, weight), ...], as the frozen offset `name` on each
+    model of `models` ({"unet": ..., "text_encoder": ...}) that the files touch. Every file is read and checked
+    before anything is attached. Returns each file's metadata strings."""
+    for model in models.values():
+        _check_new_name(model, name)
+    read = [read_lora(path, models) for path, _ in files]
     with torch.no_grad():
-        for layer_name, (down, up, alpha) in entries.items():
-            offset = _attach(model, layer_name, name, down.shape[0], alpha, dtype)
-            offset.lora_down.weight.copy_(down)
-            offset.lora_up.weight.copy_(up)
-            offset.requires_grad_(False)
-    return checkpoint.read_safetensors_metadata(path)
+        for part, model in models.items():
+            touching = [(r[part], w) for r, (_, w) in zip(read, files) if part in r]
+            if not touching:
+                continue
+            for layer_name, (down, up, alpha) in weighted_sum(*zip(*touching)).items():
+                offset = _attach(model, layer_name, name, down.shape[0], alpha, dtype)
+                offset.lora_down.weight.copy_(down)
+                offset.lora_up.weight.copy_(up)
+                offset.requires_grad_(False)
+    return [checkpoint.read_safetensors_metadata(path) for path, _ in files]
+
+
+def load_lora(model, path, name, dtype=torch.float32):
+    """Add the UNet LoRA file at `path` to `model` as the (frozen) offset `name`; return the file's metadata strings."""
+    return load_loras({"unet": model}, [(path, 1.0)], name, dtype)[0]

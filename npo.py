@@ -32,7 +32,7 @@ from pipeline import DEFAULT_MODEL
 # The command line.
 
 def cmd_info(args):
-    pipe = pipeline.load_pipeline(args.model)
+    pipe = pipeline.load_pipeline(args.model, variant=args.variant)
     for name in ("unet", "vae", "text_encoder"):
         print(f"{name:13s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
     print(f"scheduler     {pipe.scheduler_config or 'SD defaults'}")
@@ -88,17 +88,34 @@ class Progress:
 
 def a1111_parameters(args, job, size):
     """A1111's PNG `parameters` text: the prompt, the negative prompt, then `Key: value` settings."""
-    settings = {"Steps": args.steps, "Sampler": "DDIM", "CFG scale": args.guidance, "Seed": job["seed"],
-                "Size": f"{size[0]}x{size[1]}", "Model": os.path.basename(os.path.normpath(args.model)),
-                "DDIM eta": args.ddim_eta}
+    settings = {"Steps": args.steps, "Sampler": sampler.SAMPLERS[args.sampler], "CFG scale": args.guidance,
+                "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}",
+                "Model": os.path.basename(os.path.normpath(args.model))}
+    if args.sampler == "ddim":
+        settings["DDIM eta"] = args.ddim_eta
+    if args.clip_skip > 1:
+        settings["Clip skip"] = args.clip_skip
     if args.lora:
-        settings["Lora"] = os.path.basename(args.lora)
+        settings["Lora"] = "; ".join(f"{os.path.basename(path)}:{w:g}" for path, w in args.lora)
     if args.npo:
         settings["NPO"] = os.path.basename(args.npo)
     if args.lora or args.npo:
         settings.update({"NPO alpha": job["alpha"], "NPO beta": job["beta"]})
     settings["NPO mode"] = args.mode
-    return f"{job['prompt']}\nNegative prompt: {args.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
+    return f"{job['prompt']}\nNegative prompt: {job['negative']}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
+
+
+def parse_lora(text):
+    """`--lora PATH[:WEIGHT]` -> (path, weight). The weight is the text after the last ':' when that is a number
+    and the whole text is not an existing file; so `C:\\loras\\a.safetensors` and `my:lora.safetensors` are paths,
+    `a.safetensors:0.8` is weight 0.8, and `C:\\loras\\a.safetensors:0.8` both."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and not os.path.isfile(text):
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
 
 
 def check_sample_arguments(args):
@@ -110,16 +127,23 @@ def check_sample_arguments(args):
     for flag in ("n", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
-    for path, flag in ((args.lora, "--lora"), (args.npo, "--npo")):
+    args.lora = [parse_lora(text) for text in args.lora or []]
+    for path, flag in [(path, "--lora") for path, _ in args.lora] + [(args.npo, "--npo")]:
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{flag} {path} does not exist; pass a LoRA .safetensors file.")
+    if args.clip_skip < 1:
+        raise UserError(f"--clip-skip {args.clip_skip}: A1111's clip skip counts from 1 (the last layer, no skip); "
+                        "pass 1, or 2 for the penultimate layer.")
+    if args.sampler != "ddim" and args.ddim_eta:
+        raise UserError(f"--ddim-eta is DDIM's noise and does nothing with --sampler {args.sampler}; drop it or use "
+                        "--sampler ddim.")
     sweep_a = parse_floats(args.sweep_alpha, "--sweep-alpha") if args.sweep_alpha else None
     sweep_b = parse_floats(args.sweep_beta, "--sweep-beta") if args.sweep_beta else None
     # α weighs η and β weighs δ on the unconditional branch: without that offset they would do nothing
     for flag, value, offset, needs in (("--alpha", args.alpha, args.lora, "--lora"), ("--beta", args.beta, args.npo, "--npo"),
                                        ("--sweep-alpha", args.sweep_alpha, args.lora, "--lora"),
                                        ("--sweep-beta", args.sweep_beta, args.npo, "--npo")):
-        if value is not None and offset is None:
+        if value is not None and not offset:
             raise UserError(f"{flag} weighs the offset given with {needs}, and there is none; drop {flag} or "
                             f"pass {needs}.")
     if args.compare and not args.npo:
@@ -134,16 +158,17 @@ def check_sample_arguments(args):
     return sweep_a, sweep_b
 
 
-def plan_jobs(args, prompts, sweep_a, sweep_b):
-    """The images to make, in output order, each a dict(prompt, seed, alpha, beta)."""
+def plan_jobs(args, rows, sweep_a, sweep_b):
+    """The images to make, in output order, each a dict(prompt, negative, seed, alpha, beta); `rows` are the
+    (prompt, negative prompt) pairs."""
     if sweep_a is not None or sweep_b is not None:  # per prompt, an α × β grid at one seed
-        return [dict(prompt=p, seed=args.seed, alpha=a, beta=b)
-                for p in prompts for a in sweep_a or [args.alpha] for b in sweep_b or [args.beta]]
+        return [dict(prompt=p, negative=n, seed=args.seed, alpha=a, beta=b)
+                for p, n in rows for a in sweep_a or [args.alpha] for b in sweep_b or [args.beta]]
     if args.compare:  # per prompt, without δ (β = 0, α = 1: plain CFG with η) and with it
-        return [dict(prompt=p, seed=args.seed + k, alpha=a, beta=b)
-                for k, p in enumerate(prompts) for a, b in ((1.0, 0.0), (args.alpha, args.beta))]
-    return [dict(prompt=p, seed=args.seed + i, alpha=args.alpha, beta=args.beta)
-            for i, p in enumerate(q for q in prompts for _ in range(args.n))]
+        return [dict(prompt=p, negative=n, seed=args.seed + k, alpha=a, beta=b)
+                for k, (p, n) in enumerate(rows) for a, b in ((1.0, 0.0), (args.alpha, args.beta))]
+    return [dict(prompt=p, negative=n, seed=args.seed + i, alpha=args.alpha, beta=args.beta)
+            for i, (p, n) in enumerate(row for row in rows for _ in range(args.n))]
 
 
 def run_jobs(pipe, args, jobs, progress):
@@ -161,9 +186,11 @@ def run_jobs(pipe, args, jobs, progress):
             alpha, beta = alpha[0], beta[0]
             if unets_key != (alpha, beta):
                 unets, unets_key = pipeline.merged_unets(pipe.unet, alpha, beta), (alpha, beta)
-        out = pipeline.generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], args.negative_prompt,
-                                args.steps, args.guidance, args.ddim_eta, alpha, beta, args.height, args.width,
-                                args.mode, unets, callback=lambda i, n, t: progress.step(i, n, len(batch)))
+        out = pipeline.generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch],
+                                [j["negative"] for j in batch], args.steps, args.guidance, args.ddim_eta, alpha, beta,
+                                args.height, args.width, args.mode, unets,
+                                callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
+                                clip_skip=args.clip_skip - 1)  # A1111's N is diffusers' N − 1
         pictures += images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
@@ -196,18 +223,27 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
     return written
 
 
-def load_for_sampling(args, prompts):
-    """The pipeline with η (--lora) and δ (--npo) attached, checked against --steps and the prompts."""
+def load_for_sampling(args, texts):
+    """The pipeline with η (--lora, summed) and δ (--npo) attached, checked against --steps, --clip-skip and the
+    prompt and negative prompt `texts`."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    pipe = pipeline.load_pipeline(args.model, dtype, args.device)
-    if args.steps > sampler.DDIMConfig.from_dict(pipe.scheduler_config).num_train_timesteps:
-        raise UserError(f"--steps {args.steps} exceeds the model's {pipe.scheduler_config.get('num_train_timesteps', 1000)} "
-                        "training timesteps; use fewer steps.")
+    pipe = pipeline.load_pipeline(args.model, dtype, args.device, args.variant)
+    if args.scheduler_config:
+        pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
+    dpm = args.sampler == "dpmpp-2m"
+    cfg = (sampler.dpm_config if dpm else sampler.pipeline_config)(pipe.scheduler_config)
+    if args.steps > cfg.num_train_timesteps:
+        raise UserError(f"--steps {args.steps} exceeds the model's {cfg.num_train_timesteps} training timesteps; "
+                        "use fewer steps.")
+    sampler.timesteps(cfg, args.steps, dpm)  # the other ways a step count can fail, before any compute
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if args.clip_skip > layers:
+        raise UserError(f"--clip-skip {args.clip_skip} is more than this text encoder's {layers} layers; use 1 to {layers}.")
     if args.lora:
-        lora.load_lora(pipe.unet, args.lora, "eta")
+        pipeline.load_offset(pipe, args.lora, "eta")
     if args.npo:
-        lora.load_lora(pipe.unet, args.npo, "delta")
-    for p in set(prompts) | {args.negative_prompt}:
+        pipeline.load_offset(pipe, [(args.npo, 1.0)], "delta")
+    for p in set(texts):
         if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
     if args.compile:
@@ -217,11 +253,13 @@ def load_for_sampling(args, prompts):
 
 def cmd_sample(args):
     sweeps = check_sample_arguments(args)
-    prompts = data.read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
-    jobs = plan_jobs(args, prompts, *sweeps)
+    rows = data.read_prompts(args.prompts_file, negatives=True) if args.prompts_file else [(args.prompt, None)]
+    rows = [(p, args.negative_prompt if n is None else n) for p, n in rows]  # a row's own negative prompt wins
+    prompts = [p for p, _ in rows]
+    jobs = plan_jobs(args, rows, *sweeps)
     grids = sweeps != (None, None) or args.compare
     check_writable(args.out, len(prompts) if grids else len(jobs))
-    pipe = load_for_sampling(args, prompts)
+    pipe = load_for_sampling(args, [text for row in rows for text in row])
     progress = Progress(len(jobs))
     pictures = run_jobs(pipe, args, jobs, progress)
     if progress.tty:
@@ -246,21 +284,35 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="load a model folder strictly and print its parts")
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
+    p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("sample", help="generate images with NPO guidance (eq. 10 of the paper)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
+    p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
+    p.add_argument("--scheduler-config", help="a scheduler_config.json (or a folder with one) to use instead of the "
+                                              "model's scheduler/, e.g. to change timestep_spacing")
     p.add_argument("--prompt", default="a red circle", help="the prompt (ignored with --prompts-file)")
-    p.add_argument("--prompts-file", help="a .txt file with one prompt per line, a .jsonl file with a \"prompt\" per row, or a "
-                        "Pick-a-Pic .parquet file (its unique captions)")
-    p.add_argument("--negative-prompt", default="", help="the negative prompt c' of the unconditional branch (default: empty)")
-    p.add_argument("--lora", help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft format)")
+    p.add_argument("--prompts-file", help="a .txt file with one prompt per line, a .jsonl file with a \"prompt\" (and "
+                                          "optionally a \"negative_prompt\") per row, or a Pick-a-Pic .parquet "
+                                          "file (its unique captions)")
+    p.add_argument("--negative-prompt", default="", help="the negative prompt c' of the unconditional branch (default: "
+                                                         "empty; a JSONL row's own negative_prompt wins)")
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft, text-encoder keys "
+                        "included); repeat it to sum several, each times its weight (default 1). WEIGHT is what "
+                        "follows the last ':' when that is a number and PATH[:WEIGHT] is not itself a file")
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
     p.add_argument("--alpha", type=float, default=None, help="weight of η on the unconditional branch (eq. 10; default 1)")
     p.add_argument("--beta", type=float, default=None, help="weight of δ on the unconditional branch (eq. 10; default 1)")
     p.add_argument("--guidance", type=float, default=7.5, help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
+                   help="ddim, or dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, "
+                        "the paper's evaluation sampler (25 steps)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
+                                                          "layer, 2 on the penultimate (diffusers' clip_skip=1), ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")

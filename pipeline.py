@@ -2,8 +2,8 @@
 `generate`. This is the one place eq. 10 lives; sampling, reward training and the experiment all call it.
 
     pipe = pipeline.load_pipeline("path/to/sd15")               # or pipeline.DEFAULT_MODEL, the embedded one
-    lora.load_lora(pipe.unet, "dpo.safetensors", "eta")         # η, the preference offset
-    lora.load_lora(pipe.unet, "npo.safetensors", "delta")       # δ, the NPO offset
+    pipeline.load_offset(pipe, [("dpo.safetensors", 1.0)], "eta")   # η, the preference offset (UNet + text encoder)
+    pipeline.load_offset(pipe, [("npo.safetensors", 1.0)], "delta") # δ, the NPO offset
     images = pipeline.generate(pipe, ["a red circle"], seeds=[0], alpha=1.0, beta=1.0)   # (B, 3, H, W) in [-1, 1]
 
 NPO's guided prediction (sec. 3.2, eq. 10), with g the guidance scale in diffusers' convention:
@@ -12,7 +12,9 @@ NPO's guided prediction (sec. 3.2, eq. 10), with g the guidance scale in diffuse
 
 computed with one copy of θ: η and δ stay unmerged LoRA offsets whose multipliers differ per batch row, and each
 step is one forward of [x_t; x_t] (`npo_multipliers`, `guided_denoiser`). `merged_unets` builds the authors'
-two weight sets instead, as a reference.
+two weight sets instead, as a reference. A LoRA with text-encoder keys makes η (or δ) a pair of offsets, on the
+UNet and on the text encoder; the same multipliers apply to both, so c' is encoded by θ_te + α·η_te + β·δ_te and
+c by θ_te + η_te (eq. 10 read for the whole model). The sampler (DDIM or DPM-Solver++ 2M) only sees the denoiser.
 """
 import os
 from dataclasses import dataclass, field
@@ -40,10 +42,15 @@ class Pipeline:
     path: str = ""
 
     @torch.no_grad()
-    def encode_prompts(self, prompts):
-        """Text -> the text encoder's last hidden state (B, 77, D), the UNet's cross-attention context."""
+    def encode_prompts(self, prompts, weights=None, clip_skip=0):
+        """Text -> the text encoder's last hidden state (B, 77, D), the UNet's cross-attention context.
+
+        `weights` ({name: multiplier}, a float or one value per prompt) set the text encoder's LoRA offsets, those
+        it carries; `clip_skip` = k stops k layers early (diffusers' clip_skip; A1111's "Clip skip k + 1")."""
         ids = self.tokenizer(prompts).to(self.text_encoder_device)
-        return self.text_encoder(ids)
+        present = set(lora.offset_names(self.text_encoder))
+        with lora.multipliers(self.text_encoder, **{k: v for k, v in (weights or {}).items() if k in present}):
+            return self.text_encoder(ids, clip_skip)
 
     @property
     def text_encoder_device(self):
@@ -105,6 +112,18 @@ def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None):
     except (torch.OutOfMemoryError, MemoryError):
         raise UserError(f"ran out of {device.type.upper()} memory while loading {path} onto {device}; pass "
                         "--dtype bfloat16 (or float16 on CUDA), free memory, or use another --device.")
+
+
+def read_scheduler_config(path):
+    """A scheduler config to sample with instead of the model folder's: a scheduler_config.json file, or a folder
+    (such as another model's scheduler/) holding one. Its values are checked where a sampler reads them."""
+    file = os.path.join(path, "scheduler_config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise UserError(f"--scheduler-config {path} is not a file or a folder with scheduler_config.json; pass one.")
+    config = checkpoint.read_json(file)
+    if not isinstance(config, dict):
+        raise UserError(f"{file} is not a JSON object of scheduler fields; pass a diffusers scheduler_config.json.")
+    return config
 
 
 def count_parameters(module):
@@ -171,32 +190,56 @@ def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
     return denoise
 
 
-@torch.no_grad()
-def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, ddim_eta=0.0, alpha=1.0, beta=1.0,
-             height=None, width=None, mode="batched", unets=None, callback=None):
-    """Prompts -> images (B, 3, H, W) in [-1, 1], with NPO guidance from the offsets named "eta" / "delta" on the UNet.
+def load_offset(pipe, files, name):
+    """η or δ from LoRA files, `files` = [(path, weight), ...]: their weighted sum as the offset `name`, on the UNet
+    and, for files with text-encoder keys, on the text encoder (eq. 10 then weighs both parts alike)."""
+    return lora.load_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, files, name)
 
-    Image i starts from `initial_latents(seeds[i])`, as diffusers' pipeline with a list of seeded CPU generators.
-    mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
-    mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
-    guidance <= 1 runs the positive branch alone (θ+η), as diffusers does."""
-    height, width = height or pipe.image_size, width or pipe.image_size
-    cfg = sampler.pipeline_config(pipe.scheduler_config)
+
+def latents_and_sampler(pipe, seeds, height, width, sampler_name, steps, ddim_eta, callback):
+    """x_T for each seed (diffusers' draw from a seeded CPU generator per image), and `run(denoise)` -> x_0 with the
+    sampler `sampler_name` on the model's scheduler config (the generators go on feeding DDIM's noise when η > 0)."""
     dtype, device = next(pipe.unet.parameters()).dtype, next(pipe.unet.parameters()).device
-    pos = pipe.encode_prompts(list(prompts)).to(dtype)
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     latents = sampler.initial_latents(gens, height, width, pipe.unet.config.in_channels, device, dtype,
                                       pipe.vae.downscale)
+
+    def run(denoise):
+        return sampler.sample(sampler_name, denoise, latents, pipe.scheduler_config, steps, ddim_eta, gens, callback)
+    return run
+
+
+@torch.no_grad()
+def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, ddim_eta=0.0, alpha=1.0, beta=1.0,
+             height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0):
+    """Prompts -> images (B, 3, H, W) in [-1, 1], with NPO guidance from the offsets named "eta" / "delta" on the UNet
+    (and on the text encoder, for LoRAs with text-encoder keys).
+
+    Image i starts from `initial_latents(seeds[i])`, as diffusers' pipeline with a list of seeded CPU generators.
+    `negative_prompt`: one for all images or one per image. `sampler`: "ddim" or "dpmpp-2m" (sampler.SAMPLERS).
+    mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
+    mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
+    The text encoder's offsets follow eq. 10 in both: c' is encoded with α·η + β·δ, c with η.
+    guidance <= 1 runs the positive branch alone (θ+η), as diffusers does."""
+    height, width = height or pipe.image_size, width or pipe.image_size
+    dtype = next(pipe.unet.parameters()).dtype
+    prompts = list(prompts)
+    run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback)
     if guidance <= 1:
-        with lora.multipliers(pipe.unet, **{k: 1.0 if k == "eta" else 0.0 for k in lora.offset_names(pipe.unet)}):
-            denoise = lambda x, t: pipe.unet(x, t, pos)  # noqa: E731
-            latents = sampler.ddim_sample(denoise, latents, cfg, steps, ddim_eta, gens, callback)
+        positive = {"eta": 1.0, "delta": 0.0}  # θ + η, on the text encoder and the UNet (other UNet offsets off)
+        pos = pipe.encode_prompts(prompts, positive, clip_skip).to(dtype)
+        with lora.multipliers(pipe.unet, **{k: positive.get(k, 0.0) for k in lora.offset_names(pipe.unet)}):
+            latents = run(lambda x, t: pipe.unet(x, t, pos))
     else:
-        neg = pipe.encode_prompts([negative_prompt] * len(prompts)).to(dtype)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        weights = npo_multipliers(len(prompts), alpha, beta, pipe.text_encoder_device)
+        neg, pos = pipe.encode_prompts(negatives + prompts, weights, clip_skip).to(dtype).chunk(2)
         if mode == "merged":
             unet_neg, unet_pos = unets or merged_unets(pipe.unet, alpha, beta)
             denoise = merged_denoiser(unet_neg, unet_pos, neg, pos, guidance)
         else:
             denoise = npo_denoiser(pipe.unet, neg, pos, guidance, alpha, beta)
-        latents = sampler.ddim_sample(denoise, latents, cfg, steps, ddim_eta, gens, callback)
+        latents = run(denoise)
     return pipe.vae.decode(latents.to(next(pipe.vae.parameters()).dtype) / pipe.vae.scaling_factor)

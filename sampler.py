@@ -1,8 +1,9 @@
-"""DDIM sampling (Song et al. 2021) and the forward-noising helpers of training, as plain functions over tensors.
+"""DDIM (Song et al. 2021) and DPM-Solver++ (2M) (Lu et al. 2022) sampling, and the forward-noising helpers of
+training, as plain functions over tensors.
 
-Everything here reproduces diffusers' `DDIMScheduler` step for step: the same float32 ᾱ_t table, the same
-timestep lists, the same arithmetic in the same order, and the noise z drawn as diffusers draws it, so a
-seeded run gives the same latents. Notation: ᾱ_t = ∏_{s≤t}(1 − β_s), x̂_0 the predicted clean latent, ε̂ the
+Everything here reproduces diffusers' `DDIMScheduler` and `DPMSolverMultistepScheduler` (default configuration) step
+for step: the same float32 ᾱ_t table, the same timestep lists, the same arithmetic in the same order, and the noise
+z drawn as diffusers draws it, so a seeded run gives the same latents. Notation: ᾱ_t = ∏_{s≤t}(1 − β_s), x̂_0 the predicted clean latent, ε̂ the
 predicted noise, η the DDIM stochasticity (0: deterministic DDIM, 1: DDPM-like), σ_t the noise added per step.
 
 Two facts about diffusers' DDIM that this file keeps on purpose, because matching it is the point:
@@ -117,14 +118,17 @@ def final_alpha_cumprod(cfg, ac):
     return torch.tensor(1.0) if cfg.set_alpha_to_one else ac[0]
 
 
-def timesteps(cfg, steps):
+def timesteps(cfg, steps, dpm=False):
     """The n = `steps` timesteps of a run, descending (LongTensor), spaced as diffusers spaces them:
 
     leading:  t_i = i · (T // n) + steps_offset        (SD's; usually stops short of T − 1)
     trailing: t_i = round(T − i · T/n) − 1             (always starts at T − 1)
     linspace: t_i = round(i · (T − 1)/(n − 1))         (both ends; ignores steps_offset)
 
-    numpy computes them exactly as in diffusers, so the float rounding is the same."""
+    `dpm=True` gives DPMSolverMultistepScheduler's list: for leading and linspace, the n + 1 timesteps above
+    without the last (t = 0, or steps_offset), since DPM-Solver's last step goes on to σ = 0 instead of calling
+    the model near t = 0; trailing is DDIM's. numpy computes them exactly as in diffusers, so the float rounding
+    is the same."""
     T = cfg.num_train_timesteps
     try:
         n = operator.index(steps)
@@ -133,15 +137,21 @@ def timesteps(cfg, steps):
     if n is None or isinstance(steps, bool) or not 1 <= n <= T:
         raise UserError(f"steps = {steps!r} is not a whole number from 1 to {T} (the model's num_train_timesteps); "
                         "pick a step count in that range (SD usually uses 20 to 50).")
+    drop_last = dpm and cfg.timestep_spacing != "trailing"
+    if drop_last and n == T:
+        raise UserError(f"DPM-Solver with '{cfg.timestep_spacing}' spacing takes at most {T - 1} steps for this "
+                        f"model (the n + 1 point grid must fit in its {T} timesteps); use fewer steps.")
+    m = n + drop_last  # the number of grid points
     if cfg.timestep_spacing == "leading":
-        t = (np.arange(0, n) * (T // n))[::-1].astype(np.int64) + cfg.steps_offset
+        t = (np.arange(0, m) * (T // m))[::-1].astype(np.int64) + cfg.steps_offset
     elif cfg.timestep_spacing == "trailing":
         # np.arange with the float step T/n yields n + 1 values for some n (61, 103, ...), the extra one
         # being t = −1, which diffusers runs as a last step at ᾱ[−1] = ᾱ_{T−1} (pure noise). We keep the n
         # intended timesteps and drop that stray step.
-        t = (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1)[:n]
+        t = (np.round(np.arange(T, 0, -T / m)).astype(np.int64) - 1)[:m]
     else:
-        t = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+        t = np.linspace(0, T - 1, m).round()[::-1].astype(np.int64)
+    t = t[:n]
     if t.max() >= T or t.min() < 0:
         raise UserError(f"{n} '{cfg.timestep_spacing}' steps with steps_offset={cfg.steps_offset} give timesteps "
                         f"{t.max()} … {t.min()}, outside the model's 0 … {T - 1}; use fewer steps.")
@@ -256,6 +266,123 @@ def ddim_steps(cfg, steps):
         t_prev = t - cfg.num_train_timesteps // steps  # diffusers' rule, not ts[i + 1] (see the module docstring)
         result.append((t, ac[t], ac[t_prev] if t_prev >= 0 else a_final))
     return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPM-Solver++ (2M) (Lu et al. 2022, "DPM-Solver++", algorithm 2), as diffusers' DPMSolverMultistepScheduler runs it
+# with its default configuration: data prediction x̂_0, second order with the midpoint rule, first order on the
+# first step (no history yet) and on the last (it ends at σ = 0). In σ = √((1 − ᾱ_t)/ᾱ_t), the noise-to-signal
+# ratio, x_t = α_t x_0 + σ_t ε with α_t = 1/√(σ² + 1), σ_t = σ α_t, and λ = log α_t − log σ_t (half the log-SNR).
+
+# DPMSolverMultistepScheduler fields that would make it another solver, with the values at which it is DPM++ 2M
+# (diffusers maps UniPC's solver_type names, which from_config carries over, onto the midpoint rule; a DEIS
+# config's algorithm_type "deis" it refuses, and so do we). `lower_order_final` and
+# `euler_at_final` change nothing here: the last step, to σ = 0, is always first order.
+DPM_SOLVER_FIELDS = {
+    "solver_order": [2], "algorithm_type": ["dpmsolver++"], "solver_type": ["midpoint", "logrho", "bh1", "bh2"],
+    "final_sigmas_type": ["zero"], "use_karras_sigmas": [False], "use_exponential_sigmas": [False],
+    "use_beta_sigmas": [False], "use_lu_lambdas": [False], "use_flow_sigmas": [False], "lambda_min_clipped": [-math.inf],
+    "variance_type": [None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"],  # not "learned*"
+}
+
+
+def dpm_config(scheduler_config):
+    """The schedule DPMSolverMultistepScheduler.from_config(scheduler_config) runs in diffusers' pipeline: DDIM's
+    fields (βs, T, prediction type, steps_offset forced to 1), with DPM-Solver's own default spacing, "linspace",
+    when the config names none (SD1.5's file). A config asking for another DPM-Solver variant is refused."""
+    for key, allowed in DPM_SOLVER_FIELDS.items():
+        if key in scheduler_config and scheduler_config[key] not in allowed:
+            raise UserError(f"the scheduler config sets '{key}' = {scheduler_config[key]!r}, another DPM-Solver variant "
+                            "than npo's dpmpp-2m (DPM++ 2M with diffusers' defaults); pass --scheduler-config a "
+                            "config without it, or use --sampler ddim.")
+    cfg = pipeline_config(scheduler_config)
+    if "timestep_spacing" not in scheduler_config:
+        cfg.timestep_spacing = "linspace"
+    return cfg
+
+
+def dpm_sigmas(cfg, ts):
+    """σ at each timestep of `ts`, then the final σ = 0: n + 1 float32 values, bit-equal to diffusers' `sigmas`."""
+    ac = alphas_cumprod(cfg)
+    if cfg.rescale_betas_zero_snr:
+        ac[-1] = 2.0 ** -24  # diffusers' stand-in for ᾱ_{T−1} = 0, so that σ_{T−1} is finite
+    return torch.cat([(((1 - ac) / ac) ** 0.5)[ts], torch.zeros(1)])
+
+
+def vp(sigma):
+    """(α_t, σ_t) = (1/√(σ² + 1), σ/√(σ² + 1)): the signal and noise scales of x_t = α_t x_0 + σ_t ε."""
+    alpha = 1 / ((sigma ** 2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def dpm_predict_x0(x, model_output, sigma, prediction_type):
+    """x̂_0 from the model output at x_t = α_t x_0 + σ_t ε: (x_t − σ_t ε̂)/α_t, or α_t x_t − σ_t v̂ (predict_x0 in
+    terms of σ, computed as diffusers computes it, in the model output's dtype)."""
+    alpha, sigma_t = vp(sigma)
+    if prediction_type == "epsilon":
+        return (x - sigma_t * model_output) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma_t * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise UserError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon', 'v_prediction' or 'sample'.")
+
+
+def dpmpp_2m_step(x, x0, sigma, sigma_next, x0_prev=None, sigma_prev=None):
+    """x at σ → x at σ_next by DPM-Solver++(2M), with h = λ_next − λ (Lu et al. 2022, eqs. 8 and 10):
+
+        first order:   x_next = (σ_next/σ) x − α_next (e^{−h} − 1) x̂_0                       (DDIM in λ)
+        second order:  x_next −= ½ α_next (e^{−h} − 1) D1,   D1 = (x̂_0 − x̂_0^prev) / r,  r = h_prev / h
+
+    `x0_prev`, `sigma_prev` are the previous step's x̂_0 and σ (None on the first step: first order). The step to
+    σ_next = 0 is first order too, and returns x̂_0 exactly (e^{−h} = 0). The update runs in float32."""
+    alpha_t, sigma_t = vp(sigma_next)
+    alpha_s, sigma_s = vp(sigma)
+    lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+    h = torch.log(alpha_t) - torch.log(sigma_t) - lambda_s
+    scale = alpha_t * (torch.exp(-h) - 1.0)
+    x_next = (sigma_t / sigma_s) * x.float() - scale * x0
+    if x0_prev is None or sigma_next == 0:
+        return x_next
+    alpha_p, sigma_p = vp(sigma_prev)
+    r = (lambda_s - (torch.log(alpha_p) - torch.log(sigma_p))) / h
+    return x_next - 0.5 * scale * ((1.0 / r) * (x0 - x0_prev))
+
+
+def dpmpp_2m_sample(denoise, latents, cfg, steps, callback=None):
+    """Run DPM-Solver++(2M) from x_T = `latents` (σ_max's latents are x_T itself: DPM's initial noise sigma is 1)
+    to x_0, calling `denoise(x_t, t)` once per step, as `ddim_sample`; deterministic, no noise drawn."""
+    ts = timesteps(cfg, steps, dpm=True)
+    sigmas = dpm_sigmas(cfg, ts)
+    x, x0_prev = latents, None
+    for i, t in enumerate(ts):
+        out = denoise(x, t)
+        x0 = dpm_predict_x0(x, out, sigmas[i], cfg.prediction_type)
+        x = dpmpp_2m_step(x, x0, sigmas[i], sigmas[i + 1], x0_prev, sigmas[i - 1] if i else None).to(out.dtype)
+        x0_prev = x0
+        if callback is not None:
+            callback(i, len(ts), t)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The samplers by name (npo.py sample --sampler), each run as diffusers' StableDiffusionPipeline runs that scheduler
+# built from the model's scheduler config.
+
+SAMPLERS = {"ddim": "DDIM", "dpmpp-2m": "DPM++ 2M"}  # our name: A1111's name (the PNG's `Sampler:`)
+
+
+def sample(name, denoise, latents, scheduler_config, steps, ddim_eta=0.0, generator=None, callback=None):
+    """x_T → x_0 with the sampler `name`: "ddim" (DDIMScheduler) or "dpmpp-2m" (DPMSolverMultistepScheduler's
+    defaults), on the schedule of a scheduler_config.json dict. `ddim_eta` and `generator` are DDIM's noise."""
+    if name == "ddim":
+        return ddim_sample(denoise, latents, pipeline_config(scheduler_config), steps, ddim_eta, generator, callback)
+    if name == "dpmpp-2m":
+        if ddim_eta:
+            raise UserError(f"DDIM's eta ({ddim_eta}) does nothing with the dpmpp-2m sampler, which draws no noise; "
+                            "drop --ddim-eta or use --sampler ddim.")
+        return dpmpp_2m_sample(denoise, latents, dpm_config(scheduler_config), steps, callback)
+    raise UserError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}; pick one of those.")
 
 
 # ----------------------------------------------------------------------------------------------------------

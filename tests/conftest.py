@@ -51,10 +51,12 @@ def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs
 
 
 def diffusers_pipeline(path, refs):
-    """StableDiffusionPipeline on the reference modules (a private copy of the UNet, which tests load LoRAs into)."""
+    """StableDiffusionPipeline on the reference modules (private copies of the UNet and the text encoder, which tests
+    load LoRAs into)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
-    pipe = StableDiffusionPipeline(vae=refs["vae"], text_encoder=refs["text_encoder"], unet=copy.deepcopy(refs["unet"]),
+    pipe = StableDiffusionPipeline(vae=refs["vae"], text_encoder=copy.deepcopy(refs["text_encoder"]),
+                                   unet=copy.deepcopy(refs["unet"]),
                                    tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
                                    scheduler=DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)

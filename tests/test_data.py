@@ -289,3 +289,19 @@ def test_prompts_from_a_pick_a_pic_parquet(tmp_path):
                  write_parquet(tmp_path / "nocaption.parquet", rows, caption=None))
     expect_error("row 1 .* not text", read_prompts,
                  write_parquet(tmp_path / "null.parquet", rows, caption=pa.array(["a", None, "b", "c"])))
+
+
+def test_prompts_files_with_negative_prompts(tmp_path):
+    """read_prompts: the prompts alone (what reward training reads), or (prompt, negative or None) per row."""
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "negative_prompt": "blurry"}\n\n{"prompt": "a dog"}\n'
+                     '{"prompt": "a cow", "negative_prompt": ""}\n')
+    assert read_prompts(str(jsonl)) == ["a cat", "a dog", "a cow"]
+    assert read_prompts(str(jsonl), negatives=True) == [("a cat", "blurry"), ("a dog", None), ("a cow", "")]
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\na dog\n")
+    assert read_prompts(str(txt), negatives=True) == [("a cat", None), ("a dog", None)]
+    jsonl.write_text('{"prompt": "a cat", "negative_prompt": ["blurry"]}\n')
+    expect_error("line 1: \"negative_prompt\" is not a string", read_prompts, str(jsonl), negatives=True)
+    jsonl.write_text('["a list"]\n')
+    expect_error("line 1 is not a JSON object", read_prompts, str(jsonl))

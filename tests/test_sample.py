@@ -47,9 +47,10 @@ def test_lora_matches_diffusers_load_lora_weights(tiny_model, offsets):
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
-def two_unet_reference(path, refs, files, prompts, seeds, negative, steps, g, alpha, beta):
-    """Eq. 10 built independently from diffusers parts: two UNets with the offsets fused at (1, 0) and (α, β),
-    DDIMScheduler, transformers' text encoder, two passes per step."""
+def two_unet_reference(path, refs, files, prompts, seeds, negative, steps, g, alpha, beta, scheduler=None):
+    """Eq. 10 built independently from diffusers parts: two pipelines with the offsets at (1, 0) and (α, β) (on the
+    UNet and, for LoRAs with text-encoder keys, on transformers' text encoder, which encodes c' at (α, β) and c at
+    (1, 0)), DDIMScheduler or the given `scheduler`, two passes per step."""
     from diffusers import DDIMScheduler
     pipe_pos, pipe_neg = diffusers_pipeline(path, refs), diffusers_pipeline(path, refs)
     pipe_pos.load_lora_weights(files["eta"], adapter_name="eta")
@@ -57,11 +58,11 @@ def two_unet_reference(path, refs, files, prompts, seeds, negative, steps, g, al
     pipe_neg.load_lora_weights(files["eta"], adapter_name="eta")
     pipe_neg.load_lora_weights(files["delta"], adapter_name="delta")
     pipe_neg.set_adapters(["eta", "delta"], adapter_weights=[alpha, beta])
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    scheduler = scheduler or DDIMScheduler.from_pretrained(os.path.join(path, "scheduler"))
     scheduler.set_timesteps(steps)
     with torch.no_grad():
         pos, _ = pipe_pos.encode_prompt(prompts, "cpu", 1, False)
-        neg, _ = pipe_pos.encode_prompt([negative] * len(prompts), "cpu", 1, False)
+        neg, _ = pipe_neg.encode_prompt([negative] * len(prompts), "cpu", 1, False)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
         x = torch.cat([torch.randn((1, 4, 16, 16), generator=gen) for gen in gens])
         for t in scheduler.timesteps:
@@ -86,6 +87,61 @@ def test_npo_matches_two_unet_reference(tiny_model, offsets, alpha, beta):
     # and δ does something: the same run without it differs visibly
     plain = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=1.0, beta=0.0, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 10 / 255
+
+
+# stable-diffusion-v1-5's scheduler_config.json: it names no timestep_spacing, so DPM-Solver spaces by "linspace"
+SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+                  "clip_sample": False}
+
+
+def dpm_scheduler(config):
+    from diffusers import DPMSolverMultistepScheduler
+    return DPMSolverMultistepScheduler.from_config(config)
+
+
+@pytest.mark.parametrize("spacing, prediction, steps", [
+    (None, "epsilon", 7), ("leading", "epsilon", 16), (None, "v_prediction", 5), ("leading", "v_prediction", 9),
+    ("trailing", "epsilon", 4)])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_dpm_matches_stable_diffusion_pipeline(tiny_model, spacing, prediction, steps):
+    """DPM-Solver++ (2M) pixels against StableDiffusionPipeline with DPMSolverMultistepScheduler.from_config: the
+    SD1.5 config (linspace) or one naming its spacing, ε or v (the same random UNet read as a v-model), odd and
+    even step counts below and above lower_order_final's 15."""
+    path, refs = tiny_model
+    config = {**SD15_SCHEDULER, "prediction_type": prediction, **({"timestep_spacing": spacing} if spacing else {})}
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    ref_pipe = diffusers_pipeline(path, refs)
+    ref_pipe.scheduler = dpm_scheduler(config)
+    ref = ref_pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32,
+                   negative_prompt=["blurry"] * 2, output_type="pt",
+                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    pipe = pipeline.load_pipeline(path)
+    pipe.scheduler_config = config
+    ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
+                             sampler="dpmpp-2m")
+    assert (to01(ours) - ref).abs().max() <= ATOL
+    if spacing is None and prediction == "epsilon":  # and the reference tells the samplers apart
+        ddim = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32)
+        assert (to01(ddim) - ref).abs().max() > 100 * ATOL  # (measured 0.036: same model, near-converged paths)
+
+
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_npo_with_dpm_matches_two_unet_reference(tiny_model, offsets):
+    """NPO guidance is the sampler's denoiser: with DPM-Solver++ it equals the two-UNet reference stepped by
+    DPMSolverMultistepScheduler."""
+    path, refs = tiny_model
+    prompts, seeds = ["a red circle", "a yellow square"], [5, 9]
+    ref = two_unet_reference(path, refs, offsets, prompts, seeds, "ugly", 7, 6.0, 0.3, 0.7,
+                             scheduler=dpm_scheduler(SD15_SCHEDULER))
+    pipe = pipeline.load_pipeline(path)
+    pipe.scheduler_config = SD15_SCHEDULER
+    pipeline.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
+    pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
+    ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=7, guidance=6.0, alpha=0.3, beta=0.7, height=32,
+                             width=32, sampler="dpmpp-2m")
+    assert (to01(ours) - ref).abs().max() <= ATOL
 
 
 def test_npo_multipliers_are_eq_10():

@@ -285,3 +285,150 @@ def test_unsupported_config_values_name_the_field(field, value):
 def test_bad_image_size():
     with pytest.raises(UserError, match="multiple of 8"):
         sampler.initial_latents(0, 64, 60)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPM-Solver++ (2M) against DPMSolverMultistepScheduler.from_config(the same dict), with no tolerance either
+
+def dpm_configs(**changes):
+    d = {**SD, **changes}
+    return sampler.dpm_config(d), diffusers_schedulers.DPMSolverMultistepScheduler.from_config(d)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_dpm_timesteps_and_sigmas_equal(spacing):
+    cfg, ref = dpm_configs(timestep_spacing=spacing)
+    for n in [*range(1, 80), 103, 250, 500, 998, 999]:
+        if spacing == "leading" and n == 999:  # 999 · (1000 // 1000) + steps_offset = 1000: past the last timestep
+            with pytest.raises(UserError, match="outside the model's 0 … 999"):
+                sampler.timesteps(cfg, n, dpm=True)
+            continue
+        ref.set_timesteps(n)
+        ts = sampler.timesteps(cfg, n, dpm=True)
+        # diffusers' "trailing" has a stray extra step for some n (see the module docstring); we keep n
+        assert torch.equal(ts, ref.timesteps[:n]), n
+        assert torch.equal(sampler.dpm_sigmas(cfg, ts), torch.cat([ref.sigmas[:n], ref.sigmas[-1:]])), n
+    if spacing != "trailing":
+        with pytest.raises(UserError, match="at most 999 steps"):
+            sampler.timesteps(cfg, 1000, dpm=True)
+
+
+def run_dpm_ours(cfg, x, steps):
+    seen = []
+
+    def denoise(x_t, t):
+        seen.append((int(t), x_t))
+        return fake_model(x_t, t)
+    return seen, sampler.dpmpp_2m_sample(denoise, x, cfg, steps)
+
+
+def run_dpm_diffusers(sched, x, steps):
+    sched.set_timesteps(steps)
+    seen = []
+    for t in sched.timesteps[:steps]:
+        seen.append((int(t), x))
+        x = sched.step(fake_model(x, t), t, x).prev_sample
+    return seen, x
+
+
+DPM_LOOPS = {
+    "eps_linspace_25": dict(steps=25, timestep_spacing="linspace"),  # the paper's evaluation setting
+    "eps_leading_7": dict(steps=7),
+    "eps_linspace_14": dict(steps=14, timestep_spacing="linspace"),  # lower_order_final's last count (< 15)
+    "eps_linspace_15": dict(steps=15, timestep_spacing="linspace"),
+    "eps_leading_16": dict(steps=16),
+    "v_linspace_9": dict(steps=9, prediction_type="v_prediction", timestep_spacing="linspace"),
+    "v_leading_20": dict(steps=20, prediction_type="v_prediction"),
+    "v_trailing_zero_snr_cosine": dict(steps=12, prediction_type="v_prediction", timestep_spacing="trailing",
+                                       rescale_betas_zero_snr=True, beta_schedule="squaredcos_cap_v2"),
+    "sample_linear": dict(steps=10, prediction_type="sample", beta_schedule="linear"),
+    "one_step": dict(steps=1),
+    "two_steps": dict(steps=2, timestep_spacing="linspace"),
+    "bf16": dict(steps=11, dtype=torch.bfloat16),
+    "fp16_v": dict(steps=6, dtype=torch.float16, prediction_type="v_prediction"),
+}
+
+
+@pytest.mark.parametrize("name", DPM_LOOPS)
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_dpm_loop_matches_diffusers_step_for_step(name):
+    changes = dict(DPM_LOOPS[name])
+    steps, dtype = changes.pop("steps"), changes.pop("dtype", torch.float32)
+    cfg, ref = dpm_configs(**changes)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    seen_ours, out_ours = run_dpm_ours(cfg, x, steps)
+    seen_ref, out_ref = run_dpm_diffusers(ref, x, steps)
+    assert len(seen_ours) == len(seen_ref) == steps
+    for (t, a), (t_ref, b) in zip(seen_ours, seen_ref):
+        assert t == t_ref and torch.equal(a, b), f"x_t differs at t = {t}"
+    assert out_ours.dtype == dtype and torch.isfinite(out_ours).all() and torch.equal(out_ours, out_ref)
+
+
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_dpm_step_against_scheduler_step():
+    """One call of our step against one `scheduler.step`, at the first (first-order), a middle (second-order) and
+    the last step (to σ = 0, where the result is x̂_0 itself)."""
+    cfg, ref = dpm_configs(timestep_spacing="linspace")
+    steps = 6
+    ref.set_timesteps(steps)
+    ts = sampler.timesteps(cfg, steps, dpm=True)
+    sigmas = sampler.dpm_sigmas(cfg, ts)
+    g = torch.Generator().manual_seed(3)
+    x, x0_prev = torch.randn(1, 4, 8, 8, generator=g), None
+    for i, t in enumerate(ts):
+        out = torch.randn(1, 4, 8, 8, generator=g)
+        x0 = sampler.dpm_predict_x0(x, out, sigmas[i], "epsilon")
+        ours = sampler.dpmpp_2m_step(x, x0, sigmas[i], sigmas[i + 1], x0_prev, sigmas[i - 1] if i else None)
+        expected = ref.step(out, t, x).prev_sample
+        assert torch.equal(ours, expected), i
+        if i == steps - 1:
+            assert torch.equal(ours, x0)
+        x, x0_prev = expected, x0
+    # and the second-order term matters: a first-order middle step is another point
+    x0 = sampler.dpm_predict_x0(x, out, sigmas[2], "epsilon")
+    assert not torch.allclose(sampler.dpmpp_2m_step(x, x0, sigmas[2], sigmas[3]),
+                              sampler.dpmpp_2m_step(x, x0, sigmas[2], sigmas[3], x0 * 0.5, sigmas[1]))
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler",
+                                  "DPMSolverMultistepScheduler", "DDPMScheduler"])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_dpm_from_other_scheduler_configs(name):
+    """SD folders ship these; DPMSolverMultistepScheduler.from_config(theirs) is what our dpm_config reads. A field
+    the file leaves out means SD's value to us and to the pipeline (which forces steps_offset 1)."""
+    d = json.loads(getattr(diffusers_schedulers, name)(**SD_BETAS).to_json_string())
+    d["steps_offset"] = 1
+    cfg = sampler.dpm_config(d)
+    ref = diffusers_schedulers.DPMSolverMultistepScheduler.from_config(d)
+    assert cfg.timestep_spacing == ref.config.timestep_spacing
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(run_dpm_ours(cfg, x, 8)[1], run_dpm_diffusers(ref, x, 8)[1])
+
+
+def test_dpm_spacing_default_is_linspace_when_unnamed():
+    assert sampler.dpm_config(SD15_PNDM).timestep_spacing == "linspace"  # SD1.5's file names none
+    assert sampler.dpm_config({**SD15_PNDM, "timestep_spacing": "leading"}).timestep_spacing == "leading"
+    assert sampler.pipeline_config(SD15_PNDM).timestep_spacing == "leading"  # DDIM's own default
+
+
+@pytest.mark.parametrize("field, value", [("use_karras_sigmas", True), ("solver_order", 3),
+                                          ("algorithm_type", "sde-dpmsolver++"), ("algorithm_type", "deis"),
+                                          ("final_sigmas_type", "sigma_min"),
+                                          ("variance_type", "learned_range")])
+def test_dpm_variants_refused(field, value):
+    with pytest.raises(UserError, match=f"'{field}'"):
+        sampler.dpm_config({**SD15_PNDM, field: value})
+
+
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_sample_dispatch():
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = diffusers_schedulers.DPMSolverMultistepScheduler.from_config(SD15_PNDM)
+    assert torch.equal(sampler.sample("dpmpp-2m", fake_model, x, SD15_PNDM, 5), run_dpm_diffusers(ref, x, 5)[1])
+    assert torch.equal(sampler.sample("ddim", fake_model, x, SD15_PNDM, 5),
+                       run_diffusers(DDIMScheduler.from_config(SD15_PNDM), x, 5, 0.0, None)[1])
+    with pytest.raises(UserError, match="eta"):
+        sampler.sample("dpmpp-2m", fake_model, x, SD15_PNDM, 5, ddim_eta=1.0)
+    with pytest.raises(UserError, match="not one of"):
+        sampler.sample("euler", fake_model, x, SD15_PNDM, 5)
