@@ -279,15 +279,7 @@ def cmd_evaluate(args):
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="npo.py", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="load a model folder strictly and print its parts")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
-    p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
-    p.set_defaults(func=cmd_info)
-
-    p = sub.add_parser("sample", help="generate images with NPO guidance (eq. 10 of the paper)")
+def add_sample_arguments(p):
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
     p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
     p.add_argument("--scheduler-config", help="a scheduler_config.json (or a folder with one) to use instead of the "
@@ -329,14 +321,9 @@ def build_parser():
     p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
     p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
     p.add_argument("--out", default="out", help="a .png path for one image, or a folder (default: out/)")
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT or a reward)")
-    train.add_arguments(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "
-                                        "identical prompt and seed (the paper's tables 1-3, fig. 7)")
+def add_evaluate_arguments(p):
     p.add_argument("folders", nargs="+", metavar="DIR",
                    help="two or more folders written by npo.py sample, with the same prompts and seeds")
     p.add_argument("--scorer", action="append", required=True, metavar="SPEC",
@@ -345,6 +332,27 @@ def build_parser():
     p.add_argument("--out", required=True, help="report folder: results.json and results.md")
     p.add_argument("--batch-size", type=int, default=8, help="images per scorer forward (default 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="npo.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="load a model folder strictly and print its parts")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
+    p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("sample", help="generate images with NPO guidance (eq. 10 of the paper)")
+    add_sample_arguments(p)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT or a reward)")
+    train.add_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "
+                                        "identical prompt and seed (the paper's tables 1-3, fig. 7)")
+    add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
