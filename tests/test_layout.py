@@ -11,7 +11,7 @@ LAYERS = {
     "npo": 0,                                                    # the command line
     "experiment": 1,
     "train": 2,                                                  # training
-    "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "pipeline": 3,   # its parts; the pipeline
+    "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "ddpo": 3, "pipeline": 3,  # its parts; the pipeline
     "images": 4, "unet": 4, "clip": 4, "lora": 4, "sampler": 4,  # models and sampling
     "checkpoint": 5,                                             # files and the one user-facing error
 }
