@@ -1,9 +1,11 @@
 """Training the offsets: Diffusion-DPO (or SFT) on preference pairs, with every pair swapped for NPO's δ; or
-differentiable-reward fine-tuning through the sampler, with R or, for δ, 1 − R.
+differentiable-reward fine-tuning through the sampler, or RL (DDPO), with R or, for δ, 1 − R.
 
     python npo.py train --data pairs.jsonl --out runs/dpo            # η, the preference offset
     python npo.py train --data pairs.jsonl --out runs/npo --npo      # δ, the NPO offset (paper eq. 8)
     python npo.py train --method reward --reward shapes:reward --prompts-file p.txt --out runs/r --npo   # eq. 7
+    python npo.py train --method ddpo --reward rewards:jpeg_incompressibility --prompts-file p.txt --out runs/rl
+    python npo.py train --method reward ... --train-branch uncond --lora eta.safetensors   # δ on ε_neg only
     torchrun --nproc_per_node 8 npo.py train ...                     # data-parallel, same flags
     python npo.py train ... --resume latest                          # continue an interrupted run
 
@@ -20,14 +22,18 @@ to the pair's latents, so every image keeps its posterior sample and an NPO step
 sees, with the roles reversed: at a zero offset its first update is the DPO run's, negated.)
 
 The reward method (`reward_micro_step`) samples each example with DDIM + CFG and backpropagates −R through the
-decode and the last K denoising steps (DRaFT-K). Both methods share the loop below: one micro-step function per
-method, then the same gradient all-reduce, clipping, update, logging and checkpoints.
+decode and the last K denoising steps (DRaFT-K). DDPO (`ddpo_micro_step`) needs only R's scores: each epoch
+samples with DDIM at η_ddim = 1, keeps every step's latents and log-probability, and takes PPO steps on the
+per-prompt advantages (ddpo.py). All methods share the loop below: one micro-step function per method, then the
+same gradient all-reduce, clipping, update, logging and checkpoints. With --train-branch uncond (reward, ddpo) the
+trained offset is δ on the unconditional branch only, beside a frozen η (--lora): `branch_weights`.
 
-Every random number of training example i (its t, its ε, the two posterior noises n; for the reward method its
-prompt and starting noise) comes from a generator
+Every random number of training example i (its t, its ε, the two posterior noises n; for the reward method and
+DDPO its prompt and sampling noises) comes from a generator
 seeded by (seed, i), and data.batches makes the images and caption of example i a function of (seed, i) too.
-So the whole state of a run is its step, its LoRA and its optimizer: a checkpoint of those three resumes bit
-for bit, and 2 ranks with batch B compute what 1 rank computes with batch 2B.
+So the whole state of a run is its step, its LoRA and its optimizer (for DDPO also the LoRA that sampled the
+current epoch and the stat tracker's buffers): a checkpoint of those resumes bit for bit, and 2 ranks with batch B
+compute what 1 rank computes with batch 2B.
 
 Files in --out: `lora.safetensors` (the result, kohya format; `eta.safetensors` + `delta.safetensors` with
 --joint), `log.jsonl` (one line per logged step),
@@ -35,6 +41,7 @@ Files in --out: `lora.safetensors` (the result, kohya format; `eta.safetensors` 
 `validation/step-XXXXXX-K.png` when --validation-prompts is given.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -816,17 +823,14 @@ def ddpo_rollout(run, prompts, objective, steps, schedule, epoch):
     sees the same rollout, bit for bit, as the run it continues."""
     args, unet = run.args, run.pipe.unet
     saved = run.method_state
-    if saved is not None and saved["epoch"] == epoch:  # resumed inside this epoch
-        policy, tracker = saved["policy"], saved["tracker"]
-    else:  # a new epoch: the current LoRA samples; the tracker as the last epoch left it
-        policy, tracker = offset_values(unet, run.files), saved["tracker_after"] if saved else {}
+    resumed = saved is not None and saved["epoch"] == epoch  # a run resumed inside this epoch
+    policy = saved["policy"] if resumed else offset_values(unet, run.files)
+    tracker = saved["tracker"] if resumed else saved["tracker_after"] if saved else {}  # as the last epoch left it
     batches, size = args.sample_batches, args.batch_size * run.world_size
-    current = offset_values(unet, run.files)
-    set_offset_values(unet, policy)
-    samples = [ddpo_sample(run, prompts, objective, steps, schedule, ((epoch * batches + n) * run.world_size
-                                                                       + run.rank) * args.batch_size)
-               for n in range(batches)]
-    set_offset_values(unet, current)
+    with offsets_at(unet, policy):
+        samples = [ddpo_sample(run, prompts, objective, steps, schedule,
+                               ((epoch * batches + n) * run.world_size + run.rank) * args.batch_size)
+                   for n in range(batches)]
     latents, log_probs, embeds, scores = (torch.stack(v) for v in zip(*samples))
     # all ranks' scores in example order: batch n of rank r holds examples ((epoch · N + n) · W + r) · B + j
     everyone = gather(run, scores).permute(1, 0, 2).reshape(-1)
@@ -837,7 +841,8 @@ def ddpo_rollout(run, prompts, objective, steps, schedule, epoch):
     advantages = advantages.clamp(-args.adv_clip, args.adv_clip).view(batches, run.world_size, -1)[:, run.rank]
     run.method_state = {"epoch": epoch, "policy": policy, "tracker": tracker, "tracker_after": stats.state()}
     r = (1 - everyone) if args.npo else everyone  # the reward R itself is logged, also when training 1 − R
-    return Rollout(epoch, latents, log_probs, embeds, advantages.to(run.device), (r.mean().item(), r.std(correction=0).item()))
+    return Rollout(epoch, latents, log_probs, embeds, advantages.to(run.device),
+                   (r.mean().item(), r.std(correction=0).item()))
 
 
 @torch.no_grad()
@@ -860,7 +865,7 @@ def ddpo_sample(run, prompts, objective, steps, schedule, first):
         latents.append(x)
         log_probs.append(ddpo.step_log_prob(x, mean, sigma))
     pixels = pipe.vae.decode(x.to(next(pipe.vae.parameters()).dtype) / pipe.vae.scaling_factor)
-    scores = objective((pixels.float() / 2 + 0.5).clamp(0, 1), chosen).detach().float().to(device)
+    scores = objective((pixels.float() / 2 + 0.5).clamp(0, 1), chosen).float().to(device)
     return torch.stack(latents), torch.stack(log_probs), pos, scores
 
 
@@ -878,7 +883,18 @@ def offset_values(unet, roles):
     return {role: {k: v.detach().clone() for k, v in lora.offset_state_dict(unet, role).items()} for role in roles}
 
 
-def set_offset_values(unet, values):
+@contextlib.contextmanager
+def offsets_at(unet, values):
+    """The offsets hold `values` ({role: {key: tensor}}) inside the block and their own values again after it."""
+    own = offset_values(unet, values)
+    _copy_offsets(unet, values)
+    try:
+        yield
+    finally:
+        _copy_offsets(unet, own)
+
+
+def _copy_offsets(unet, values):
     with torch.no_grad():
         for role, tensors in values.items():
             for k, v in lora.offset_state_dict(unet, role).items():  # views of the parameters

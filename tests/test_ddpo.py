@@ -310,6 +310,23 @@ def test_a_reward_without_gradient_rises_with_ddpo_and_falls_with_npo(tiny_model
         assert {"reward", "reward_std", "approx_kl", "clipfrac"} <= line.keys() and 0.3 < line["reward"] < 0.7
 
 
+def test_compressibility_with_npo_trains_what_incompressibility_trains(tiny_model, prompts_file, tmp_path):
+    """DDPO's JPEG pair: δ trained on 1 − compressibility (mapped to [0, 1]) is the η of incompressibility, to the
+    +1e-6 in the std that the affine map rescales (a relative 1e-3 of the advantages)."""
+    model, _ = tiny_model
+    flags = ["--batch-size", "4", "--sample-batches", "1", "--steps", "2", "--lr", "1e-3"]
+    assert run(model, prompts_file, tmp_path / "inc", "--reward", "rewards:jpeg_incompressibility", *flags) == 0
+    assert run(model, prompts_file, tmp_path / "com", "--reward", "rewards:jpeg_compressibility",
+               "--reward-range=-5,0", "--npo", *flags) == 0
+    inc, com = read_lora(tmp_path / "inc" / "lora.safetensors"), read_lora(tmp_path / "com" / "lora.safetensors")
+    moved = max(inc[k].abs().max() for k in inc if k.endswith("lora_up.weight"))
+    assert moved > 1e-3  # two Adam steps of lr 1e-3 from lora_up = 0
+    assert all((inc[k] - com[k]).abs().max() < 0.05 * moved for k in inc)
+    for path, role in ((tmp_path / "inc", "eta"), (tmp_path / "com", "delta")):
+        with safe_open(str(path / "lora.safetensors"), "pt") as f:
+            assert f.metadata()["npo_role"] == role
+
+
 def test_uncond_branch_leaves_conditional_sampling_untouched(tiny_model, lora_files, prompts_file, tmp_path):
     model, _ = tiny_model
     eta = lora_files["eta"]
