@@ -476,8 +476,10 @@ def setup(run, state, resume_from):
     if args.lora:  # the frozen η beside δ (--train-branch uncond): loaded, never trained or saved
         lora.load_lora(unet, args.lora, "eta")
     run.settings = run_settings(run, fingerprint)
-    # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes; the lr is set by hand every step
-    run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes (wd 1e-4 as ddpo-pytorch's for DDPO); the lr
+    # is set by hand every step
+    decay = 1e-4 if args.method == "ddpo" else 1e-2
+    run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), weight_decay=decay)
     if state is not None:
         runs.check_resume(state["settings"], run.settings, resume_from, run.say)
         for role, name in run.files.items():
