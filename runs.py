@@ -180,10 +180,8 @@ def check_resume(saved, now, folder, say):
     if saved["model_fingerprint"] != now["model_fingerprint"]:
         raise UserError(f"{folder} was trained on the model {saved['model']}, and {now['model']} has other "
                         f"weights; resume with --model {saved['model']} or start a new run in another --out.")
-    if any(saved.get(k, "both") != now.get(k, "both") for k in ("role", "method", "train_branch")):
-        flags = lambda s: f"--method {s['method']}" + (" --train-branch uncond" if s.get("train_branch") == "uncond"
-                                                       else {"delta": " --npo", "eta+delta": " --joint"}.get(s["role"], ""))
-        raise UserError(f"{folder} was trained with {flags(saved)}, not {flags(now)}; "
+    if _method_flags(saved) != _method_flags(now):
+        raise UserError(f"{folder} was trained with {_method_flags(saved)}, not {_method_flags(now)}; "
                         "resume with the original flags or start a new run in another --out.")
     if any(saved[k] != now[k] for k in ("rank", "lora_alpha", "layers")):
         shape = lambda s: f"rank {s['rank']}, alpha {s['lora_alpha']:g} on {len(s['layers'])} layers"
@@ -193,6 +191,13 @@ def check_resume(saved, now, folder, say):
     if changed:
         say(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not replay an "
             "uninterrupted one exactly")
+
+
+def _method_flags(settings):
+    """What a run trains, as the flags that chose it: the method, and --npo, --joint or --train-branch uncond."""
+    if settings.get("train_branch", "both") == "uncond":  # (checkpoints older than the flag trained both branches)
+        return f"--method {settings['method']} --train-branch uncond"
+    return f"--method {settings['method']}" + {"delta": " --npo", "eta+delta": " --joint"}.get(settings["role"], "")
 
 
 def restore_lora(unet, role, path):

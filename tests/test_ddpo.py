@@ -19,6 +19,7 @@ import lora
 import npo
 import pipeline
 import rewards
+import runs
 import sampler
 import train
 from conftest import ROOT, diffusers_pipeline
@@ -444,3 +445,27 @@ def test_empty_prompts_file_and_defaults(tiny_model, prompts_file, tmp_path, cap
     args = train.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
     train.check_arguments(args)  # the other methods keep theirs
     assert (args.sample_steps, args.guidance, args.lr) == (20, 7.5, 5e-6)
+
+
+def test_resume_refuses_another_method_or_branch(tiny_model, lora_files, prompts_file, tmp_path, capsys):
+    model, _ = tiny_model
+    out = tmp_path / "run"
+    assert run(model, prompts_file, out, "--reward", "rewards:brightness", "--steps", "1", "--sample-batches", "1") == 0
+    capsys.readouterr()
+    for flags, words in ((["--train-branch", "uncond"], "not --method ddpo --train-branch uncond"),
+                         (["--npo"], "not --method ddpo --npo"), (["--method", "reward"], "not --method reward")):
+        assert run(model, prompts_file, out, "--reward", "rewards:brightness", "--steps", "2", "--resume", "latest",
+                   *flags) == 2
+        assert f"was trained with --method ddpo, {words}" in capsys.readouterr().err
+    assert runs.list_checkpoints(str(out / "checkpoints")) == [str(out / "checkpoints" / "step-000001")]
+
+
+def test_a_deterministic_last_step_is_refused(tiny_model, prompts_file, tmp_path, capsys):
+    """With set_alpha_to_one the last DDIM step goes to ᾱ = 1, σ_t = 0: no density, so no DDPO."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model[0], model)
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "set_alpha_to_one": True}))
+    assert run(str(model), prompts_file, tmp_path / "o", "--reward", "rewards:brightness") == 2
+    assert "set_alpha_to_one" in capsys.readouterr().err and not (tmp_path / "o").exists()
