@@ -6,6 +6,7 @@
     python bench.py train [--size 32] [--steps 6]
     python bench.py reward [--size 32]
     python bench.py scorers [--shape clip-h] [--batch 4]
+    python bench.py ddpo [--size 32] [--sample-steps 10,20,50]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -575,6 +576,56 @@ def cmd_scorers(args):
     print(f"\nlargest score difference, ours vs transformers: {gap:.2e}")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# DDPO: one epoch (sampling + PPO update) against its sampling alone, and peak memory against the sampling steps.
+
+def ddpo_one(sample_steps, size, threads):
+    """One DDPO epoch of `npo.py train --method ddpo` in this process (2 sampled batches of 1 prompt, 1 pass: 2
+    optimizer steps over every stored step). The epoch's time from its log; the sampling's (DDIM with log-probs,
+    decode, reward) by timing `train.ddpo_rollout`; the peak memory of the whole process and of the loop alone
+    (VmHWM reset when the loop starts, after the model has loaded)."""
+    import tempfile
+    torch.set_num_threads(threads)
+    import train
+    tmp = tempfile.mkdtemp()
+    with open(f"{tmp}/prompts.txt", "w") as f:
+        f.write("a photo of a cat\n")
+    sampling, rollout, loop = [], train.ddpo_rollout, train.train
+
+    def timed_rollout(*args):
+        t0 = time.perf_counter()
+        result = rollout(*args)
+        sampling.append(time.perf_counter() - t0)
+        return result
+
+    def loop_with_fresh_peak(*args):
+        reset_peak_rss()
+        return loop(*args)
+    train.ddpo_rollout, train.train = timed_rollout, loop_with_fresh_peak
+    start_peak = rss_kib("VmHWM")
+    flags = ["--method", "ddpo", "--reward", "rewards:jpeg_compressibility", "--model", WEIGHTS, "--prompts-file",
+             f"{tmp}/prompts.txt", "--out", f"{tmp}/run", "--steps", "2", "--resolution", str(8 * size),
+             "--sample-steps", str(sample_steps), "--log-every", "1", "--checkpoint-every", "0", "--device", "cpu"]
+    train.main(train.parse_args(flags))
+    with open(f"{tmp}/run/log.jsonl") as f:
+        epoch = sum(1 / line["it_per_s"] for line in map(json.loads, f) if "it_per_s" in line)
+    return dict(sample_steps=sample_steps, epoch_seconds=epoch, sampling_seconds=sum(sampling),
+                loop_peak_gib=rss_kib("VmHWM") / 2**20, load_peak_gib=start_peak / 2**20)
+
+
+def cmd_ddpo(args):
+    make_weights(WEIGHTS)
+    print(f"latent {args.size}x{args.size}, one epoch: 2 batches of 1 prompt (CFG: 2 rows per UNet call), 1 pass, "
+          f"every step trained, rank 8, fp32, {args.threads} threads\n")
+    print("| sampling steps | s / epoch | s sampling (DDIM + log p, decode, reward) | epoch / sampling | "
+          "peak GiB in the loop | peak GiB before it (load) |\n|---|---|---|---|---|---|")
+    for steps in args.sample_steps:
+        r = run_child("_ddpo", steps, args.size, args.threads)
+        print(f"| {steps} | {r['epoch_seconds']:.1f} | {r['sampling_seconds']:.1f} | "
+              f"{r['epoch_seconds'] / r['sampling_seconds']:.2f}x | {r['loop_peak_gib']:.2f} | "
+              f"{r['load_peak_gib']:.2f} |", flush=True)
+
+
 # `bench.py _KIND ARGS...`: one measurement in a fresh process (see run_child), printed as JSON.
 CHILDREN = {
     "_one": lambda a: measure_one(a[0], a[1], *map(int, a[2:6])),
@@ -582,6 +633,7 @@ CHILDREN = {
     "_train": lambda a: (train_recipe if a[0].startswith("recipe") else train_ours)(a[0], *map(int, a[1:4])),
     "_reward": lambda a: reward_one(*map(int, a[0:4])),
     "_scorer": lambda a: scorer_one(a[0], a[1], *map(int, a[2:5])),
+    "_ddpo": lambda a: ddpo_one(*map(int, a[0:3])),
 }
 
 
@@ -641,6 +693,15 @@ def add_reward_command(sub):
     p.set_defaults(func=cmd_reward)
 
 
+def add_ddpo_command(sub):
+    p = sub.add_parser("ddpo", help="DDPO: one epoch (sampling + update) against its sampling; peak memory against steps")
+    p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
+    p.add_argument("--sample-steps", type=lambda s: [int(v) for v in s.split(",")], default=[10, 20, 50],
+                   help="comma-separated sampling step counts, one epoch each (default 10,20,50)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_ddpo)
+
+
 def add_scorers_command(sub):
     p = sub.add_parser("scorers", help="PickScore scoring throughput and memory: ours vs transformers' CLIPModel")
     p.add_argument("--shape", choices=list(CLIP_SHAPES), default="clip-h", help="clip-h (PickScore's) or tiny (a check)")
@@ -657,7 +718,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_models_command, add_sampling_command, add_solvers_command, add_train_command, add_gpu_command,
-                add_reward_command, add_scorers_command):
+                add_reward_command, add_ddpo_command, add_scorers_command):
         add(sub)
     args = parser.parse_args()
     args.func(args)

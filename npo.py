@@ -346,7 +346,7 @@ def build_parser():
     add_sample_arguments(p)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT or a reward)")
+    p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT, a reward, or RL: DDPO)")
     train.add_arguments(p)
     p.set_defaults(func=cmd_train)
 

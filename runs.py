@@ -21,7 +21,7 @@ from checkpoint import UserError
 CHECKPOINT_FORMAT = "npo-train-checkpoint-1"
 # Settings that make a checkpoint a different run: resuming with another value is an error. The others
 # (lr, β, batch size, ...) may change on resume, with a warning, since the run no longer replays exactly.
-IDENTITY = ("model_fingerprint", "role", "method", "rank", "lora_alpha", "layers")
+IDENTITY = ("model_fingerprint", "role", "method", "train_branch", "rank", "lora_alpha", "layers")
 
 
 def file_metadata(settings, step):
@@ -29,10 +29,19 @@ def file_metadata(settings, step):
     meta = {"npo_method": settings["method"], "npo_steps": str(step), "npo_lr": f"{settings['lr']:g}",
             "npo_global_batch": str(settings["global_batch"]), "npo_resolution": str(settings["resolution"]),
             "npo_seed": str(settings["seed"])}
-    if settings["method"] == "reward":
-        meta.update(npo_reward=settings["reward"], npo_grad_steps=str(settings["grad_steps"]),
-                    npo_sample_steps=str(settings["sample_steps"]), npo_guidance=f"{settings['guidance']:g}",
-                    npo_objective="1 - R" if settings["role"] == "delta" else "R")
+    if settings["method"] in ("reward", "ddpo"):
+        uncond = settings["train_branch"] == "uncond"  # δ trained from R itself, on the unconditional branch
+        meta.update(npo_reward=settings["reward"], npo_sample_steps=str(settings["sample_steps"]),
+                    npo_guidance=f"{settings['guidance']:g}", npo_train_branch=settings["train_branch"],
+                    npo_objective="1 - R" if settings["role"] == "delta" and not uncond else "R")
+        if uncond:
+            meta.update(npo_alpha=f"{settings['alpha']:g}",
+                        npo_eta=os.path.basename(settings["lora"]) if settings["lora"] else "none")
+        if settings["method"] == "reward":
+            meta.update(npo_grad_steps=str(settings["grad_steps"]))
+        else:
+            meta.update(npo_clip_range=f"{settings['clip_range']:g}", npo_inner_epochs=str(settings["inner_epochs"]),
+                        npo_timestep_fraction=f"{settings['timestep_fraction']:g}")
     else:
         meta.update(npo_beta_dpo=f"{settings['beta_dpo']:g}", npo_pairs_swapped=str(settings["role"] == "delta").lower())
     return meta
@@ -99,11 +108,13 @@ def _fsync(path):
         os.close(fd)
 
 
-def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, streams=None, scaler=None):
+def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, streams=None, scaler=None,
+                    method_state=None):
     """Write checkpoints/step-XXXXXX/ with the run's LoRA files (`files`: {role: name}, usable as they are) and
     `state.pt` (a plain dict of tensors and Python values, readable with torch.load(weights_only=True)), then keep
     the last `keep`. `streams`: each rank's (epoch, position) in a streamed dataset (parquet shards), whose place,
     unlike an in-memory dataset's, does not follow from the step. `scaler`: fp16's loss-scale state.
+    `method_state`: what the method carries between steps (DDPO's epoch policy and tracker).
 
     The folder appears only complete: it is written under a temporary name, fsynced, then renamed."""
     final = checkpoint_path(ckpt_dir, step)
@@ -119,6 +130,7 @@ def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, stre
             "settings": settings,
             "scaler": scaler,
             "files": dict(files),
+            "method_state": method_state,
         }
         torch.save(state, os.path.join(tmp, "state.pt"))
         for name in os.listdir(tmp):
@@ -172,9 +184,8 @@ def check_resume(saved, now, folder, say):
     if saved["model_fingerprint"] != now["model_fingerprint"]:
         raise UserError(f"{folder} was trained on the model {saved['model']}, and {now['model']} has other "
                         f"weights; resume with --model {saved['model']} or start a new run in another --out.")
-    if saved["role"] != now["role"] or saved["method"] != now["method"]:
-        flags = lambda s: f"--method {s['method']}" + {"delta": " --npo", "eta+delta": " --joint"}.get(s["role"], "")
-        raise UserError(f"{folder} was trained with {flags(saved)}, not {flags(now)}; "
+    if _method_flags(saved) != _method_flags(now):
+        raise UserError(f"{folder} was trained with {_method_flags(saved)}, not {_method_flags(now)}; "
                         "resume with the original flags or start a new run in another --out.")
     if any(saved[k] != now[k] for k in ("rank", "lora_alpha", "layers")):
         shape = lambda s: f"rank {s['rank']}, alpha {s['lora_alpha']:g} on {len(s['layers'])} layers"
@@ -184,6 +195,13 @@ def check_resume(saved, now, folder, say):
     if changed:
         say(f"warning: resuming with changed settings ({'; '.join(changed)}): the run will not replay an "
             "uninterrupted one exactly")
+
+
+def _method_flags(settings):
+    """What a run trains, as the flags that chose it: the method, and --npo, --joint or --train-branch uncond."""
+    if settings.get("train_branch", "both") == "uncond":  # (checkpoints older than the flag trained both branches)
+        return f"--method {settings['method']} --train-branch uncond"
+    return f"--method {settings['method']}" + {"delta": " --npo", "eta+delta": " --joint"}.get(settings["role"], "")
 
 
 def restore_lora(unet, role, path):

@@ -191,17 +191,26 @@ def predict_x0(x, model_output, a_t, prediction_type):
     return x0, eps
 
 
-def ddim_step(x, model_output, a_t, a_prev, cfg, eta=0.0, z=None):
-    """x_t → x_prev = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε̂ + σ_t z (DDIM eq. 12, σ_t of eq. 16).
+def ddim_posterior(x, model_output, a_t, a_prev, cfg, eta=0.0):
+    """The DDIM step from x_t as a Gaussian N(μ, σ_t²) (DDIM eq. 12, σ_t of eq. 16): returns (μ, σ_t) with
 
-    `a_t`, `a_prev` are ᾱ_t and ᾱ_prev as 0-dim float32 tensors (entries of `alphas_cumprod`), `z` ~ N(0, I)
-    is needed only when η > 0."""
+        μ   = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε̂
+        σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)          (η = 1: the DDPM posterior's standard deviation)
+
+    `a_t`, `a_prev` are ᾱ_t and ᾱ_prev as 0-dim float32 tensors (entries of `alphas_cumprod`). DDPO scores the
+    step taken by its log-density under this Gaussian (ddpo.step_log_prob)."""
     x0, eps = predict_x0(x, model_output, a_t, cfg.prediction_type)
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-    # σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev): η = 1 is the DDPM posterior's standard deviation
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-    x_prev = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps
+    return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps, sigma
+
+
+def ddim_step(x, model_output, a_t, a_prev, cfg, eta=0.0, z=None):
+    """x_t → x_prev = μ + σ_t z = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε̂ + σ_t z (DDIM eq. 12; `ddim_posterior`).
+
+    `z` ~ N(0, I) is needed only when η > 0."""
+    x_prev, sigma = ddim_posterior(x, model_output, a_t, a_prev, cfg, eta)
     if eta > 0:
         if z is None:
             raise ValueError("ddim_step with eta > 0 needs the noise z")

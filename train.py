@@ -1,9 +1,11 @@
 """Training the offsets: Diffusion-DPO (or SFT) on preference pairs, with every pair swapped for NPO's δ; or
-differentiable-reward fine-tuning through the sampler, with R or, for δ, 1 − R.
+differentiable-reward fine-tuning through the sampler, or RL (DDPO), with R or, for δ, 1 − R.
 
     python npo.py train --data pairs.jsonl --out runs/dpo            # η, the preference offset
     python npo.py train --data pairs.jsonl --out runs/npo --npo      # δ, the NPO offset (paper eq. 8)
     python npo.py train --method reward --reward shapes:reward --prompts-file p.txt --out runs/r --npo   # eq. 7
+    python npo.py train --method ddpo --reward rewards:jpeg_incompressibility --prompts-file p.txt --out runs/rl
+    python npo.py train --method reward ... --train-branch uncond --lora eta.safetensors   # δ on ε_neg only
     torchrun --nproc_per_node 8 npo.py train ...                     # data-parallel, same flags
     python npo.py train ... --resume latest                          # continue an interrupted run
 
@@ -20,14 +22,18 @@ to the pair's latents, so every image keeps its posterior sample and an NPO step
 sees, with the roles reversed: at a zero offset its first update is the DPO run's, negated.)
 
 The reward method (`reward_micro_step`) samples each example with DDIM + CFG and backpropagates −R through the
-decode and the last K denoising steps (DRaFT-K). Both methods share the loop below: one micro-step function per
-method, then the same gradient all-reduce, clipping, update, logging and checkpoints.
+decode and the last K denoising steps (DRaFT-K). DDPO (`ddpo_micro_step`) needs only R's scores: each epoch
+samples with DDIM at η_ddim = 1, keeps every step's latents and log-probability, and takes PPO steps on the
+per-prompt advantages (ddpo.py). All methods share the loop below: one micro-step function per method, then the
+same gradient all-reduce, clipping, update, logging and checkpoints. With --train-branch uncond (reward, ddpo) the
+trained offset is δ on the unconditional branch only, beside a frozen η (--lora): `branch_weights`.
 
-Every random number of training example i (its t, its ε, the two posterior noises n; for the reward method its
-prompt and starting noise) comes from a generator
+Every random number of training example i (its t, its ε, the two posterior noises n; for the reward method and
+DDPO its prompt and sampling noises) comes from a generator
 seeded by (seed, i), and data.batches makes the images and caption of example i a function of (seed, i) too.
-So the whole state of a run is its step, its LoRA and its optimizer: a checkpoint of those three resumes bit
-for bit, and 2 ranks with batch B compute what 1 rank computes with batch 2B.
+So the whole state of a run is its step, its LoRA and its optimizer (for DDPO also the LoRA that sampled the
+current epoch and the stat tracker's buffers): a checkpoint of those resumes bit for bit, and 2 ranks with batch B
+compute what 1 rank computes with batch 2B.
 
 Files in --out: `lora.safetensors` (the result, kohya format; `eta.safetensors` + `delta.safetensors` with
 --joint), `log.jsonl` (one line per logged step),
@@ -53,6 +59,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 import data
+import ddpo
 import images
 import lora
 import losses
@@ -66,20 +73,27 @@ from checkpoint import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # data.py's epoch generators use the spawn keys (epoch,); ours are (NOISE_STREAM, example), a separate stream
 NOISE_STREAM = 0x6E6F697365
+DDPO_STREAM = 0x6464706F  # DDPO's shuffles: (DDPO_STREAM, epoch, inner epoch) and (…, batch)
 
 # Flags that only some methods read, and the values they take when not given. Given to another method, a flag
 # would silently do nothing, so `check_arguments` refuses it (their argparse default is None or False: "not given").
-PAIR_METHODS, REWARD_METHODS = ("dpo", "sft"), ("reward",)
+# A flag's default is DEFAULTS' unless METHOD_DEFAULTS gives its method another (DDPO keeps ddpo-pytorch's).
+PAIR_METHODS, SAMPLING_METHODS = ("dpo", "sft"), ("reward", "ddpo")
 METHOD_FLAGS = {
     "data": PAIR_METHODS, "beta_dpo": ("dpo",), "cache_latents": PAIR_METHODS, "random_crop": PAIR_METHODS,
     "caption_dropout": PAIR_METHODS, "skip_bad_rows": PAIR_METHODS, "num_workers": PAIR_METHODS,
     "ties": PAIR_METHODS, "shuffle_buffer": PAIR_METHODS,
-    "reward": REWARD_METHODS, "reward_range": REWARD_METHODS, "reward_sigmoid": REWARD_METHODS,
-    "prompts_file": REWARD_METHODS, "sample_steps": REWARD_METHODS, "grad_steps": REWARD_METHODS,
-    "guidance": REWARD_METHODS, "joint": REWARD_METHODS,
+    "reward": SAMPLING_METHODS, "reward_range": SAMPLING_METHODS, "reward_sigmoid": SAMPLING_METHODS,
+    "prompts_file": SAMPLING_METHODS, "sample_steps": SAMPLING_METHODS, "guidance": SAMPLING_METHODS,
+    "joint": SAMPLING_METHODS, "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
+    "ddim_eta": ("ddpo",), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
+    "adv_clip": ("ddpo",), "timestep_fraction": ("ddpo",),
 }
-DEFAULTS = {"beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "ties": "drop", "shuffle_buffer": 2, "sample_steps": 20, "grad_steps": 1,
-            "guidance": 7.5, "alpha": 1.0, "beta": 1.0}
+DEFAULTS = {"lr": 5e-6, "beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "ties": "drop", "shuffle_buffer": 2,
+            "sample_steps": 20, "grad_steps": 1, "guidance": 7.5, "alpha": 1.0, "beta": 1.0, "train_branch": "both",
+            "ddim_eta": 1.0, "sample_batches": 2, "inner_epochs": 1, "clip_range": 1e-4, "adv_clip": 5.0,
+            "timestep_fraction": 1.0}
+METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0}}  # ddpo-pytorch's config/base.py
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -99,7 +113,8 @@ def add_arguments(p):
                         "puts rank r on cuda:LOCAL_RANK)")
     _add_offset_arguments(p.add_argument_group("the offset (a LoRA on the frozen UNet)"))
     _add_objective_arguments(p.add_argument_group("the objective"))
-    _add_reward_arguments(p.add_argument_group("reward training (--method reward)"))
+    _add_reward_arguments(p.add_argument_group("training through the sampler (--method reward, ddpo)"))
+    _add_ddpo_arguments(p.add_argument_group("RL (--method ddpo)"))
     _add_optimizer_arguments(p.add_argument_group("the optimizer"))
     _add_data_arguments(p.add_argument_group("preference pairs (--method dpo, sft)"))
     _add_bookkeeping_arguments(p.add_argument_group("checkpoints, logs and validation"))
@@ -118,11 +133,12 @@ def _add_offset_arguments(g):
 
 def _add_objective_arguments(g):
     g.add_argument("--npo", action="store_true",
-                   help="train the NPO offset δ (role 'delta'): dpo/sft swap every pair (eq. 8), reward maximizes "
-                        "1 − R (eq. 7); without it the run trains the preference offset η (role 'eta')")
-    g.add_argument("--method", choices=["dpo", "sft", "reward"], default="dpo",
+                   help="train the NPO offset δ (role 'delta'): dpo/sft swap every pair (eq. 8), reward and ddpo "
+                        "maximize 1 − R (eq. 7); without it the run trains the preference offset η (role 'eta')")
+    g.add_argument("--method", choices=["dpo", "sft", "reward", "ddpo"], default="dpo",
                    help="dpo: Diffusion-DPO; sft: plain denoising loss on the preferred image (for comparison); "
-                        "reward: differentiable-reward fine-tuning through the sampler (DRaFT-K / AlignProp)")
+                        "reward: differentiable-reward fine-tuning through the sampler (DRaFT-K / AlignProp); "
+                        "ddpo: RL (DDPO-IS with PPO clipping), for rewards with or without a gradient")
     g.add_argument("--beta-dpo", type=float, default=None,
                    help="β of L = −log σ(β (d_ref − d_θ)), diffusers' convention (Salesforce's β is twice this); "
                         "default 500, the authors' NPO value for SD1.5")
@@ -138,23 +154,50 @@ def _add_reward_arguments(g):
     g.add_argument("--reward-sigmoid", type=float, default=None,
                    help="map an unbounded reward to [0, 1] by σ(R / SCALE) instead")
     g.add_argument("--prompts-file", default=None,
-                   help="prompts of reward training: a .txt with one per line, or a .jsonl with a \"prompt\" per row")
-    g.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of each training sample (default 20)")
+                   help="training prompts: a .txt with one per line, or a .jsonl with a \"prompt\" per row")
+    g.add_argument("--sample-steps", type=int, default=None,
+                   help="DDIM steps of each training sample (default 20; ddpo 50)")
     g.add_argument("--grad-steps", type=int, default=None,
-                   help="K: gradients flow through the last K denoising steps only (DRaFT-K; default 1)")
-    g.add_argument("--guidance", type=float, default=None, help="CFG scale of the training samples (default 7.5)")
+                   help="reward: K, gradients flow through the last K denoising steps only (DRaFT-K; default 1)")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale of the training samples (default 7.5; ddpo 5)")
     g.add_argument("--joint", action="store_true",
                    help="train η (conditional branch) and δ (unconditional branch) at once in the eq. 10 "
                         "sampler, into OUT/eta.safetensors and OUT/delta.safetensors")
-    g.add_argument("--alpha", type=float, default=None, help="--joint: weight of η on the unconditional branch (default 1)")
+    g.add_argument("--train-branch", choices=["both", "uncond"], default=None,
+                   help="both (default): the offset runs on both CFG branches, as a fine-tuned model; uncond: train δ "
+                        "only where eq. 10 puts it, on the unconditional branch inside CFG, from R (the authors' "
+                        "SPO-NPO / VADER-NPO arrangement: δ learns through the (1 − g) of CFG); with --lora ETA")
+    g.add_argument("--lora", default=None,
+                   help="--train-branch uncond: the preference offset η (a LoRA file), frozen, on the conditional "
+                        "branch and at --alpha on the unconditional one (default: none, base + δ)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="--joint, or --train-branch uncond with --lora: weight of η on the unconditional branch (default 1)")
     g.add_argument("--beta", type=float, default=None, help="--joint: weight of δ on the unconditional branch (default 1)")
 
 
+def _add_ddpo_arguments(g):
+    g.add_argument("--ddim-eta", type=float, default=None,
+                   help="η_ddim of the training samples (default 1): above 0, so that every step has a log-probability")
+    g.add_argument("--sample-batches", type=int, default=None,
+                   help="batches of --batch-size prompts each rank samples per epoch (default 2), a multiple of "
+                        "--grad-accum; an epoch then makes --inner-epochs passes over them, one optimizer step per "
+                        "--grad-accum batches")
+    g.add_argument("--inner-epochs", type=int, default=None, help="passes over each epoch's samples (default 1)")
+    g.add_argument("--clip-range", type=float, default=None,
+                   help="PPO's ε: the ratio p_θ/p_old is clipped to [1 − ε, 1 + ε] (default 1e-4, small because "
+                        "log p is a mean over the latent)")
+    g.add_argument("--adv-clip", type=float, default=None, help="clip the advantages to ±this (default 5)")
+    g.add_argument("--timestep-fraction", type=float, default=None,
+                   help="fraction of the sampling steps trained on, a random subset per batch (default 1: all)")
+
+
 def _add_optimizer_arguments(g):
-    g.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate, constant after the warmup (default 5e-6)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate, constant after the warmup (default 5e-6; ddpo 3e-4)")
     g.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warmup over this many steps")
     g.add_argument("--batch-size", type=int, default=1,
-                   help="pairs per rank per micro-step; pairs per optimizer step = batch size × grad accum × ranks")
+                   help="pairs (or prompts) per rank per micro-step; pairs per optimizer step = batch size × grad accum × ranks")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps whose gradients add up to one optimizer step")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient's global norm to this (0: no clipping)")
     g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
@@ -226,35 +269,70 @@ def check_arguments(args):
         if getattr(args, name) not in (None, False) and args.method not in methods:
             raise UserError(f"{_flag(name)} does nothing with --method {args.method} (it is for --method "
                             f"{' or '.join(methods)}); drop it.")
-    for name in ("alpha", "beta"):
-        if getattr(args, name) is not None and not args.joint:
-            raise UserError(f"{_flag(name)} weighs an offset on the unconditional branch, which only --joint "
-                            "trains; drop it or add --joint.")
+    _check_branches(args)
     for name, value in DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, METHOD_DEFAULTS.get(args.method, {}).get(name, value))
     _check_numbers(args)
     if args.cache_latents and args.random_crop:
         raise UserError("--cache-latents needs center crops (every random crop is a new image to encode); "
                         "drop --random-crop or --cache-latents.")
-    if args.method == "reward":
+    if args.method in SAMPLING_METHODS:
         if not args.reward or not args.prompts_file:
-            raise UserError("--method reward needs --reward module:function and --prompts-file; "
+            raise UserError(f"--method {args.method} needs --reward module:function and --prompts-file; "
                             "e.g. --reward rewards:brightness --prompts-file prompts.txt.")
-        if args.grad_steps > args.sample_steps:
+        if args.method == "reward" and args.grad_steps > args.sample_steps:
             raise UserError(f"--grad-steps {args.grad_steps} exceeds --sample-steps {args.sample_steps}; "
                             "K counts the last of the sampling steps.")
-        if args.joint and args.npo:
-            raise UserError("--joint trains η and δ from the same reward R; drop --npo.")
     elif not args.data:
         raise UserError(f"--method {args.method} trains on preference pairs; pass --data pairs.jsonl "
                         "(or a w/+l/ folder, or a .parquet file).")
+    if args.method == "ddpo":
+        _check_ddpo(args)
+
+
+def _check_branches(args):
+    """Which offsets train on which CFG branch: one offset on both, --joint (η and δ), or δ alone on the
+    unconditional branch beside a frozen η (--train-branch uncond --lora ETA)."""
+    uncond = args.train_branch == "uncond"
+    if args.joint and args.npo:
+        raise UserError("--joint trains η and δ from the same reward R; drop --npo.")
+    if uncond and (args.joint or args.npo):
+        raise UserError(f"--train-branch uncond trains δ from R itself (it learns through the (1 − g) of CFG); "
+                        f"drop {'--joint' if args.joint else '--npo'}.")
+    if args.lora is not None and not uncond:
+        raise UserError("--lora is the frozen η beside a δ trained on the unconditional branch; add "
+                        "--train-branch uncond, or drop --lora (--init-lora starts the trained offset from a file).")
+    if args.lora is not None and not os.path.isfile(args.lora):
+        raise UserError(f"--lora {args.lora} does not exist; pass the η LoRA .safetensors file.")
+    if args.alpha is not None and not (args.joint or args.lora is not None):
+        raise UserError("--alpha weighs η on the unconditional branch, and this run has no η there; drop it, or add "
+                        "--joint, or --train-branch uncond with --lora ETA.")
+    if args.beta is not None and not args.joint:
+        raise UserError("--beta weighs an offset on the unconditional branch, which only --joint "
+                        "trains; drop it or add --joint.")
+
+
+def _check_ddpo(args):
+    for flag, value in (("--clip-range", args.clip_range), ("--adv-clip", args.adv_clip), ("--ddim-eta", args.ddim_eta)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive finite number (got {value}).")
+    if not 0 < args.timestep_fraction <= 1:
+        raise UserError(f"--timestep-fraction must lie in (0, 1] (got {args.timestep_fraction}); it is the share of "
+                        "the sampling steps trained on, 1 for all.")
+    if int(args.sample_steps * args.timestep_fraction) < 1:
+        raise UserError(f"--timestep-fraction {args.timestep_fraction} of {args.sample_steps} sampling steps trains "
+                        "on no step; raise it.")
+    if args.sample_batches % args.grad_accum:
+        raise UserError(f"--sample-batches {args.sample_batches} is not a multiple of --grad-accum "
+                        f"{args.grad_accum}; each optimizer step takes --grad-accum of an epoch's sampled batches.")
 
 
 def _check_numbers(args):
     positive = {"--rank": args.rank, "--batch-size": args.batch_size, "--grad-accum": args.grad_accum,
                 "--steps": args.steps, "--log-every": args.log_every, "--validation-steps": args.validation_steps,
-                "--sample-steps": args.sample_steps, "--grad-steps": args.grad_steps}
+                "--sample-steps": args.sample_steps, "--grad-steps": args.grad_steps,
+                "--sample-batches": args.sample_batches, "--inner-epochs": args.inner_epochs}
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value}).")
@@ -274,17 +352,19 @@ def _check_numbers(args):
 
 
 def reward_for(args, prompts):
-    """The objective reward training maximizes: --reward, bounded by --reward-range / --reward-sigmoid when given,
-    negated for NPO (1 − R), and checked at every call. It is probed first (one call on random images): a reward
-    with no gradient, or one that cannot score the training prompts, is refused before any model loads."""
+    """The objective reward and DDPO training maximize: --reward, bounded by --reward-range / --reward-sigmoid when
+    given, negated for NPO (1 − R), and checked at every call. It is probed first (one call on random images): a
+    reward that cannot score the training prompts, or (for --method reward, which backpropagates through it) one
+    with no gradient, is refused before any model loads. DDPO needs only the scores."""
     r = rewards.load(args.reward)
     if args.reward_range and args.reward_sigmoid is not None:
         raise UserError("pass one of --reward-range and --reward-sigmoid, not both.")
     rewards.check_prompts(r, prompts)
-    if not rewards.probe(r, prompts, args.resolution or 64):
+    differentiable = rewards.probe(r, prompts, args.resolution or 64)
+    if args.method == "reward" and not differentiable:
         raise UserError(f"--method reward backpropagates through the reward, and {args.reward} is not "
                         "differentiable (its scores do not depend on the pixels through autograd); use a "
-                        "differentiable reward.")
+                        "differentiable reward, or --method ddpo, which needs only the scores.")
     if args.reward_range:
         try:
             low, high = (float(v) for v in args.reward_range.split(","))
@@ -320,6 +400,9 @@ class Run:
     streams: list = None  # each rank's (epoch, position) in a streamed dataset, from the checkpoint resumed
     stream_state: object = None  # () -> this rank's (epoch, position) now, for a streamed dataset; else None
     amp: object = None  # the Amp of --mixed-precision
+    # what a method carries from step to step beyond the LoRA and the optimizer, saved with them (DDPO: the
+    # policy that sampled the current epoch and the stat tracker's buffers, `ddpo_rollout`); None for the others
+    method_state: dict = None
 
     @property
     def master(self):
@@ -342,7 +425,7 @@ def main(args):
     out = os.path.abspath(args.out)
     rank, world_size, local_rank = (int(os.environ.get(k, d)) for k, d in
                                     (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if args.method == "reward":
+    if args.method in SAMPLING_METHODS:
         source = data.read_prompts(args.prompts_file)
         reward_for(args, source)  # probed and checked now, minutes before the model has loaded
     else:
@@ -390,10 +473,11 @@ def find_start(args, out, say):
 
 
 def result_files(args):
-    """The offsets a run trains and the file each ends in: η or δ in lora.safetensors; both with --joint."""
+    """The offsets a run trains and the file each ends in: η or δ in lora.safetensors; both with --joint. δ trained
+    on the unconditional branch (--train-branch uncond) is δ, from R itself."""
     if args.joint:
         return {"eta": "eta.safetensors", "delta": "delta.safetensors"}
-    return {"delta" if args.npo else "eta": "lora.safetensors"}
+    return {"delta" if args.npo or args.train_branch == "uncond" else "eta": "lora.safetensors"}
 
 
 def setup(run, state, resume_from):
@@ -410,10 +494,14 @@ def setup(run, state, resume_from):
             run.params += [p.requires_grad_(True) for p in lora.parameters(unet, role)]
         else:
             run.params += lora.add_offset(unet, role, args.rank, args.lora_alpha, args.targets)
+    if args.lora:  # the frozen η beside δ (--train-branch uncond): loaded, never trained or saved
+        lora.load_lora(unet, args.lora, "eta")
     run.settings = run_settings(run, fingerprint)
     run.amp = Amp(args.mixed_precision, run.device)
-    # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes; the lr is set by hand every step
-    run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2)
+    # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes (wd 1e-4 as ddpo-pytorch's for DDPO); the lr
+    # is set by hand every step
+    decay = 1e-4 if args.method == "ddpo" else 1e-2
+    run.optimizer = torch.optim.AdamW(run.params, lr=args.lr, betas=(0.9, 0.999), weight_decay=decay)
     if state is not None:
         runs.check_resume(state["settings"], run.settings, resume_from, run.say)
         for role, name in run.files.items():
@@ -425,6 +513,7 @@ def setup(run, state, resume_from):
         run.streams = state["data"].get("streams")
         if run.amp.scaler and state.get("scaler"):
             run.amp.scaler.load_state_dict(state["scaler"])
+        run.method_state = state.get("method_state")
         run.say(f"resuming from {resume_from} at step {run.step}")
 
 
@@ -442,7 +531,10 @@ def run_settings(run, fingerprint):
         seed=args.seed, resolution=args.resolution, random_crop=args.random_crop,
         caption_dropout=args.caption_dropout, max_grad_norm=args.max_grad_norm, dtype=args.dtype,
         data=os.path.abspath(args.data) if args.data else None, reward=args.reward, grad_steps=args.grad_steps,
-        sample_steps=args.sample_steps, guidance=args.guidance,
+        sample_steps=args.sample_steps, guidance=args.guidance, train_branch=args.train_branch,
+        lora=os.path.abspath(args.lora) if args.lora else None, alpha=args.alpha, beta=args.beta,
+        ddim_eta=args.ddim_eta, sample_batches=args.sample_batches, inner_epochs=args.inner_epochs,
+        clip_range=args.clip_range, adv_clip=args.adv_clip, timestep_fraction=args.timestep_fraction,
         init_lora=os.path.abspath(args.init_lora) if args.init_lora else None)
 
 
@@ -452,6 +544,9 @@ def train(run, source):
     if args.method == "reward":
         micro_step = reward_micro_step(args, run.pipe, source, run.files, run.device, run.amp)
         what = f"{len(source)} prompts, reward {args.reward}"
+    elif args.method == "ddpo":
+        micro_step = ddpo_micro_step(run, source)
+        what = f"{len(source)} prompts, reward {args.reward}, {args.sample_batches} sampled batches per epoch"
     else:
         micro_step = dpo_micro_step(args, run.pipe, source, run.files, run.step, run.rank, run.world_size, run.device,
                                     stream_start(run, source), run.amp)
@@ -552,7 +647,7 @@ def save(run):
     if run.master:
         scaler = run.amp.scaler.state_dict() if run.amp.scaler else None
         runs.save_checkpoint(run.ckpt_dir, run.step, run.pipe.unet, run.files, run.optimizer, run.settings,
-                             run.args.keep_checkpoints, streams, scaler)
+                             run.args.keep_checkpoints, streams, scaler, run.method_state)
     run.last_saved = run.step
     if run.world_size > 1:
         dist.barrier()  # no rank exits (and makes torchrun kill rank 0) while the checkpoint is written
@@ -639,7 +734,8 @@ class Log:
         it_s = len(self.window) / (time.perf_counter() - self.start)
         line = {k: sum(w[k] for w in self.window) / len(self.window) for k in self.window[0]}
         line.update(lr=lr, it_per_s=it_s, eta_s=(args.steps - run.step) / it_s, time=time.time())
-        shown = ("reward",) if args.method == "reward" else ("implicit_acc", "reward_margin")
+        shown = {"reward": ("reward",), "ddpo": ("reward", "reward_std", "approx_kl", "clipfrac")}.get(
+            args.method, ("implicit_acc", "reward_margin"))
         shown += ("skipped",) * bool(line.get("skipped"))  # fp16 steps whose gradients overflowed
         run.say(f"step {run.step}/{args.steps} | loss {line['loss']:.4f} | "
                 + "".join(f"{k} {line[k]:.4g} | " for k in shown)
@@ -718,8 +814,7 @@ def reward_micro_step(args, pipe, prompts, files, device, amp=None):
     """Sample each example from noise with DDIM and CFG, the offsets on; gradients flow only through the last K
     (--grad-steps) denoising steps, each UNet call of which is checkpointed; decode; loss = −R (δ: −(1 − R)).
 
-    One offset: θ + offset on both CFG branches, as the sampler of the fine-tuned model. --joint: eq. 10, η on
-    both branches and δ on the unconditional one only (pipeline.npo_multipliers), both learning from R."""
+    The offsets run on the CFG branches that `branch_weights` gives."""
     unet, vae, dtype, amp = pipe.unet, pipe.vae, DTYPES[args.dtype], amp or Amp("no", device)
     schedule = sampler.pipeline_config(pipe.scheduler_config)
     steps = sampler.ddim_steps(schedule, args.sample_steps)
@@ -728,14 +823,10 @@ def reward_micro_step(args, pipe, prompts, files, device, amp=None):
 
     def micro_step(first, weight):
         gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
-        chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
+        chosen = [draw_prompt(prompts, g) for g in gens]
         x = sampler.initial_latents(gens, size, size, channels, device, dtype, vae.downscale)
         neg, pos = (pipe.encode_prompts(p).to(dtype) for p in ([""] * len(chosen), chosen))
-        if args.joint:
-            weights = pipeline.npo_multipliers(len(chosen), args.alpha, args.beta, device)
-        else:
-            weights = {role: 1.0 for role in files}
-        guided = pipeline.guided_denoiser(unet, neg, pos, args.guidance, weights)
+        guided = pipeline.guided_denoiser(unet, neg, pos, args.guidance, branch_weights(args, files, len(chosen), device))
 
         def denoise(x, t):  # the UNet under autocast (--mixed-precision); the DDIM update in x's dtype
             with amp.autocast():
@@ -757,13 +848,189 @@ def reward_micro_step(args, pipe, prompts, files, device, amp=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# DDPO (Black et al. 2024), RL for rewards with or without a gradient; ddpo.py holds its math. An epoch samples
+# --sample-batches batches per rank with DDIM (η_ddim > 0) and CFG, keeping each step's latents and log-probability,
+# scores the decoded images, standardises the rewards per prompt, then makes --inner-epochs passes over the batches
+# in a shuffled order, one PPO update per --grad-accum batches. The steps stay latents, never graphs: memory is
+# that of one UNet forward and backward, whatever the number of sampling steps.
+
+@dataclass
+class Rollout:
+    """One epoch's samples on this rank, per batch n: latents x_T … x_0 (n, steps + 1, B, C, h, w), in float32 as
+    the sampler computed them; the log-probability of each step taken (n, steps, B); the prompt embeddings
+    (n, B, 77, D); the clipped advantages (n, B); and the epoch's reward R over all ranks (mean, std)."""
+    epoch: int
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    embeds: torch.Tensor
+    advantages: torch.Tensor
+    reward: tuple
+
+
+def ddpo_micro_step(run, prompts):
+    """One micro-step of DDPO: the PPO loss of one sampled batch over its trained steps, backward. The epoch's
+    rollout is sampled at its first micro-step (also the first after a resume, from the checkpointed policy)."""
+    args, pipe, device = run.args, run.pipe, run.device
+    schedule = sampler.pipeline_config(pipe.scheduler_config)
+    steps = sampler.ddim_steps(schedule, args.sample_steps)
+    if any(a_prev == 1 for _, _, a_prev in steps):  # σ_t = 0: a deterministic step has no log-probability
+        raise UserError("this model's last DDIM step is deterministic (set_alpha_to_one in its scheduler config), "
+                        "so DDPO cannot score it; train with a scheduler config whose set_alpha_to_one is false.")
+    objective = reward_for(args, prompts)
+    updates = args.sample_batches // args.grad_accum  # optimizer steps per pass over an epoch's batches
+    trained = int(len(steps) * args.timestep_fraction)  # ddpo-pytorch's num_train_timesteps
+    if args.gradient_checkpointing:
+        checkpoint_unet_blocks(pipe.unet)
+    neg = pipe.encode_prompts([""] * args.batch_size).to(DTYPES[args.dtype])
+    rollout = None
+
+    def micro_step(first, weight):
+        nonlocal rollout
+        index = first // (args.batch_size * run.world_size)  # accumulate's micro-step number, step · A + micro
+        step, micro = divmod(index, args.grad_accum)
+        epoch, k = divmod(step, updates * args.inner_epochs)
+        inner, update = divmod(k, updates)
+        if rollout is None or rollout.epoch != epoch:
+            rollout = ddpo_rollout(run, prompts, objective, steps, schedule, epoch)
+        # the batches of a pass in a shuffled order, and a subset of the steps of each: seeded by the epoch and the
+        # batch, not the rank, so that W ranks with batch B train exactly as one with batch W·B
+        n = int(torch.randperm(args.sample_batches, generator=stream_generator(args.seed, DDPO_STREAM, epoch, inner))
+                [update * args.grad_accum + micro])
+        chosen = torch.randperm(len(steps), generator=stream_generator(args.seed, DDPO_STREAM, epoch, inner, n))
+        denoise = pipeline.guided_denoiser(pipe.unet, neg, rollout.embeds[n], args.guidance,
+                                           branch_weights(args, run.files, args.batch_size, device))
+        totals = Counter()
+        for j in chosen[:trained].tolist():
+            t, a_t, a_prev = steps[j]
+            x = rollout.latents[n, j]
+            mean, sigma = sampler.ddim_posterior(x, denoise(x.to(DTYPES[args.dtype]), t).float(), a_t, a_prev,
+                                                 schedule, args.ddim_eta)
+            log_prob = ddpo.step_log_prob(rollout.latents[n, j + 1], mean, sigma)
+            loss, metrics = ddpo.ppo_loss(log_prob, rollout.log_probs[n, j], rollout.advantages[n], args.clip_range)
+            (loss * weight / trained).backward()
+            totals.update(loss=loss.item() / trained, **{k: v.item() / trained for k, v in metrics.items()})
+        return dict(totals, reward=rollout.reward[0], reward_std=rollout.reward[1])
+    return micro_step
+
+
+def ddpo_rollout(run, prompts, objective, steps, schedule, epoch):
+    """Sample, decode and score this rank's batches of `epoch`; the advantages from all ranks' rewards.
+
+    The policy that samples is the LoRA at the epoch's start. A run resumed inside the epoch samples with that
+    policy again (kept in the checkpoint's method state, with the stat tracker as the epoch found it), so it
+    sees the same rollout, bit for bit, as the run it continues."""
+    args, unet = run.args, run.pipe.unet
+    saved = run.method_state
+    resumed = saved is not None and saved["epoch"] == epoch  # a run resumed inside this epoch
+    policy = saved["policy"] if resumed else offset_values(unet, run.files)
+    tracker = saved["tracker"] if resumed else saved["tracker_after"] if saved else {}  # as the last epoch left it
+    batches, size = args.sample_batches, args.batch_size * run.world_size
+    with offsets_at(unet, policy):
+        samples = [ddpo_sample(run, prompts, objective, steps, schedule,
+                               ((epoch * batches + n) * run.world_size + run.rank) * args.batch_size)
+                   for n in range(batches)]
+    latents, log_probs, embeds, scores = (torch.stack(v) for v in zip(*samples))
+    # all ranks' scores in example order: batch n of rank r holds examples ((epoch · N + n) · W + r) · B + j
+    everyone = gather(run, scores).permute(1, 0, 2).reshape(-1)
+    first = epoch * batches * size
+    chosen = [draw_prompt(prompts, example_generator(args.seed, first + i)) for i in range(batches * size)]
+    stats = ddpo.PerPromptStatTracker(state=tracker)
+    advantages = torch.as_tensor(stats.update(chosen, everyone.double().cpu().numpy()), dtype=torch.float32)
+    advantages = advantages.clamp(-args.adv_clip, args.adv_clip).view(batches, run.world_size, -1)[:, run.rank]
+    run.method_state = {"epoch": epoch, "policy": policy, "tracker": tracker, "tracker_after": stats.state()}
+    r = (1 - everyone) if args.npo else everyone  # the reward R itself is logged, also when training 1 − R
+    return Rollout(epoch, latents, log_probs, embeds, advantages.to(run.device),
+                   (r.mean().item(), r.std(correction=0).item()))
+
+
+@torch.no_grad()
+def ddpo_sample(run, prompts, objective, steps, schedule, first):
+    """One batch of examples first, first + 1, …: DDIM + CFG from x_T with η_ddim = --ddim-eta, each step
+    x_{t−1} = μ + σ_t z and its log-probability under N(μ, σ_t²); then decode and score. Prompt, x_T and every z of
+    an example come from its own generator. Returns (latents, log-probs, prompt embeddings, scores)."""
+    args, pipe, device, dtype = run.args, run.pipe, run.device, DTYPES[run.args.dtype]
+    gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
+    chosen = [draw_prompt(prompts, g) for g in gens]
+    x = sampler.initial_latents(gens, args.resolution, args.resolution, pipe.unet.config.in_channels, device,
+                                torch.float32, pipe.vae.downscale)
+    neg, pos = (pipe.encode_prompts(p).to(dtype) for p in ([""] * len(chosen), chosen))
+    denoise = pipeline.guided_denoiser(pipe.unet, neg, pos, args.guidance,
+                                       branch_weights(args, run.files, len(chosen), device))
+    latents, log_probs = [x], []
+    for t, a_t, a_prev in steps:
+        mean, sigma = sampler.ddim_posterior(x, denoise(x.to(dtype), t).float(), a_t, a_prev, schedule, args.ddim_eta)
+        x = mean + sigma * sampler.randn(x.shape, gens, device)
+        latents.append(x)
+        log_probs.append(ddpo.step_log_prob(x, mean, sigma))
+    pixels = pipe.vae.decode(x.to(next(pipe.vae.parameters()).dtype) / pipe.vae.scaling_factor)
+    scores = objective((pixels.float() / 2 + 0.5).clamp(0, 1), chosen).float().to(device)
+    return torch.stack(latents), torch.stack(log_probs), pos, scores
+
+
+def gather(run, x):
+    """`x` of every rank, stacked in rank order (W, ...): one all_gather (x itself on one rank)."""
+    if run.world_size == 1:
+        return x[None]
+    parts = [torch.empty_like(x) for _ in range(run.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.stack(parts)
+
+
+def offset_values(unet, roles):
+    """{role: {key: tensor}}, a copy of the trained offsets' values (the policy of a DDPO epoch)."""
+    return {role: {k: v.detach().clone() for k, v in lora.offset_state_dict(unet, role).items()} for role in roles}
+
+
+@contextlib.contextmanager
+def offsets_at(unet, values):
+    """The offsets hold `values` ({role: {key: tensor}}) inside the block and their own values again after it."""
+    own = offset_values(unet, values)
+    _copy_offsets(unet, values)
+    try:
+        yield
+    finally:
+        _copy_offsets(unet, own)
+
+
+def _copy_offsets(unet, values):
+    with torch.no_grad():
+        for role, tensors in values.items():
+            for k, v in lora.offset_state_dict(unet, role).items():  # views of the parameters
+                v.copy_(tensors[k])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The pieces of one step.
 
 def example_generator(seed, index):
-    """The generator of training example `index` (its t, ε and posterior noises): a function of (seed, index)
-    only, so a resumed run and any number of ranks draw the same numbers for the same example."""
-    state = np.random.SeedSequence(seed, spawn_key=(NOISE_STREAM, index)).generate_state(1, np.uint64)[0]
+    """The generator of training example `index` (its t, ε and posterior noises; its prompt and sampling noises):
+    a function of (seed, index) only, so a resumed run and any number of ranks draw the same numbers for the same
+    example."""
+    return stream_generator(seed, NOISE_STREAM, index)
+
+
+def stream_generator(seed, *key):
+    """A torch generator seeded by (seed, key): numpy's SeedSequence keeps the streams of different keys apart."""
+    state = np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
+
+
+def draw_prompt(prompts, generator):
+    """A training prompt of reward or DDPO training, uniformly, from the example's generator (its first draw)."""
+    return prompts[int(torch.randint(len(prompts), (1,), generator=generator))]
+
+
+def branch_weights(args, files, batch, device):
+    """The LoRA multipliers of the [unconditional; conditional] rows of the training sampler's CFG:
+    one offset: θ + offset on both branches, as the fine-tuned model samples;
+    --joint: eq. 10, η at [α, 1] and δ at [β, 0] (pipeline.npo_multipliers), both trained;
+    --train-branch uncond: eq. 10 with η frozen at [α, 1] and δ at [1, 0], so δ is trained only where it runs, on
+    the unconditional branch, and its gradient reaches it only through the (1 − g) of ε_neg + g·(ε_pos − ε_neg)."""
+    if args.joint:
+        return pipeline.npo_multipliers(batch, args.alpha, args.beta, device)
+    if args.train_branch == "uncond":
+        return pipeline.npo_multipliers(batch, args.alpha, 1.0, device)
+    return {role: 1.0 for role in files}
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import npo
 import pipeline
 from checkpoint import UserError
 from conftest import diffusers_pipeline
-from test_sample import ATOL, offsets, to01, two_unet_reference  # noqa: F401 (offsets is a fixture)
+from test_sample import ATOL, to01, two_unet_reference
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2")  # attention and LoCon's 3x3 convs
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # every Linear of CLIP's layers

@@ -369,13 +369,16 @@ def test_bad_output_folders_and_resumes(tiny_model, pairs, tmp_path, capsys):
     ("dpo", ["--sample-steps", "4"], "--sample-steps does nothing"),
     ("dpo", ["--guidance", "5"], "--guidance does nothing"),
     ("sft", ["--beta-dpo", "100"], "--beta-dpo does nothing with --method sft"),
-    ("reward", ["--alpha", "0.5"], "only --joint trains"),
+    ("reward", ["--alpha", "0.5"], "this run has no η there"),
+    ("reward", ["--beta", "0.5"], "only --joint trains"),
+    ("ddpo", ["--grad-steps", "2"], "--grad-steps does nothing with --method ddpo"),
 ])
 def test_flags_that_would_do_nothing_are_refused(tiny_model, pairs, tmp_path, capsys, method, flags, words):
     model, _ = tiny_model
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\n")
-    needed = ["--data", pairs] if method != "reward" else ["--reward", "rewards:brightness", "--prompts-file", str(prompts)]
+    needed = ["--data", pairs] if method in ("dpo", "sft") else ["--reward", "rewards:brightness", "--prompts-file",
+                                                                 str(prompts)]
     argv = ["train", "--model", model, "--method", method, "--out", str(tmp_path / "o"), *needed, *flags]
     assert npo.main(argv) == 2
     err = capsys.readouterr().err
