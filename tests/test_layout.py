@@ -13,6 +13,7 @@ LAYERS = {
     "train": 2,                                                  # training
     "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "pipeline": 3,   # its parts; the pipeline
     "images": 4, "unet": 4, "clip": 4, "lora": 4, "sampler": 4,  # models and sampling
+    "singlefile": 4,                                             # single-file checkpoints unpacked to diffusers' layout
     "checkpoint": 5,                                             # files and the one user-facing error
 }
 
