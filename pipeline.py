@@ -349,7 +349,7 @@ def attach_eta_model(pipe, path, alpha):
 
 def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
     """Two passes per step: ε_neg from θ + α·η (pipe.unet) with δ at β per row, ε_pos from θ_ft (pipe.eta_unet)."""
-    if any(a != pipe.eta_alpha for a in torch.as_tensor(alpha, dtype=torch.float32).flatten().tolist()):
+    if any(a != pipe.eta_alpha for a in torch.as_tensor(alpha, dtype=torch.float64).flatten().tolist()):
         raise UserError(f"the base weights hold θ + α·η for α = {pipe.eta_alpha:g} (--eta-model); sample at that α, "
                         "or load the model again for another.")
     weights = {"delta": beta} if "delta" in lora.offset_names(pipe.unet) else {}
