@@ -22,6 +22,7 @@ default whatever the base dtype: the offset is computed in the LoRA dtype and ca
 Files: we write kohya's format (A1111, ComfyUI and diffusers' `load_lora_weights` read it) and read it plus
 diffusers / peft's (`unet.<module>.lora_A.weight`, the older `.lora.down.weight`, and the first
 `processor.to_q_lora.down.weight`). Only UNet LoRAs are supported; text-encoder keys are refused.
+`extract_offset` makes an offset from a full fine-tune: per layer the truncated SVD of θ_ft − θ (Eckart–Young).
 
     load_lora(unet, "dpo.safetensors", "eta")              # η, the preference offset
     load_lora(unet, "npo.safetensors", "delta")            # δ, the NPO offset

@@ -12,7 +12,11 @@ NPO's guided prediction (sec. 3.2, eq. 10), with g the guidance scale in diffuse
 
 computed with one copy of θ: η and δ stay unmerged LoRA offsets whose multipliers differ per batch row, and each
 step is one forward of [x_t; x_t] (`npo_multipliers`, `guided_denoiser`). `merged_unets` builds the authors'
-two weight sets instead, as a reference.
+two weight sets instead, as a reference. A fully fine-tuned model as η (η = θ_ft − θ, dense) runs two weight sets
+too, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`).
+
+A model is a diffusers folder or a single-file checkpoint (singlefile.py unpacks it into the same configs and
+state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora.
 """
 import os
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ import unet
 from checkpoint import UserError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the embedded shapes model
+TOKENIZER = os.path.join(DEFAULT_MODEL, "tokenizer")  # CLIP's BPE vocabulary, for single files (they have none)
 
 
 @dataclass
@@ -178,10 +183,9 @@ def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, predi
     missing = [p for p in needed if p not in sf.parts]
     if missing:
         names = {"vae": "VAE (first_stage_model.*)", "text_encoder": "text encoder (cond_stage_model.*)"}
-        flags = {"vae": "--vae", "text_encoder": "--text-encoder"}
+        flags = {"vae": "--vae FOLDER", "text_encoder": "--text-encoder FOLDER"}
         raise UserError(f"{name} holds no {' and no '.join(names[p] for p in missing)}; pass "
-                        f"{' and '.join(f'{flags[p]} FOLDER' for p in missing)} (e.g. the {' and '.join(f'{p}/' for p in missing)} "
-                        "folder of its base model).")
+                        f"{' and '.join(flags[p] for p in missing)} (the vae/ or text_encoder/ folder of its base model).")
     config, state = sf.parts["unet"]
     model = unet.build_unet(unet.unet_config(config, path), state, path, dtype)
     if "vae" in sf.parts:
@@ -197,7 +201,7 @@ def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, predi
     if sf.family == singlefile.SD2 and prediction == "v_prediction":
         model.config.sample_size = 96  # SD2.x v-models are 768-px models (SD2.1's config); the ε base is 512 px
     return Pipeline(unet=model, vae=vae_model, text_encoder=text,
-                    tokenizer=clip.load_tokenizer(os.path.join(DEFAULT_MODEL, "tokenizer"), singlefile.PAD_TOKEN[sf.family]),
+                    tokenizer=clip.load_tokenizer(TOKENIZER, singlefile.PAD_TOKEN[sf.family]),
                     scheduler_config={**singlefile.SCHEDULER, "prediction_type": prediction}, path=path,
                     origin=f"single file {name}: {sf.family}{', EMA UNet' if ema else ''}, {prediction} ({why})")
 
@@ -212,7 +216,8 @@ def prediction_type_of(model, sf, override=None):
     if sf.family == singlefile.SD1:
         return "epsilon", "SD1 family"
     is_v, value = probe_v_prediction(model)
-    return ("v_prediction" if is_v else "epsilon"), f"A1111's probe: mean(ε(x=0.5, t=999) − x) = {value:.2f}, v below −1"
+    why = f"A1111's probe: mean(ε(x=0.5, t=999) − x) = {value:.2f}, v below −1"
+    return ("v_prediction" if is_v else "epsilon"), why
 
 
 @torch.no_grad()
@@ -232,7 +237,8 @@ def load_unet(path, dtype=torch.float32, device="cpu", ema=False):
     """The UNet alone of a diffusers model folder, a `unet/` folder, or a single-file checkpoint (--eta-model,
     extract-lora); of a single file only the UNet's tensors are read."""
     if not os.path.exists(path):
-        raise UserError(f"{path} does not exist; pass a diffusers model folder, a unet/ folder or a single-file checkpoint.")
+        raise UserError(f"{path} does not exist; pass a diffusers model folder, a unet/ folder or a single-file "
+                        "checkpoint.")
     if os.path.isfile(path):
         config, state = singlefile.read(path, device, ema, ("unet",)).parts["unet"]
         return unet.build_unet(unet.unet_config(config, path), state, path, dtype)
@@ -339,7 +345,8 @@ def attach_eta_model(pipe, path, alpha):
     """Make the fully fine-tuned model at `path` (a diffusers folder, a `unet/` folder or a single file) the
     preference model: pipe.eta_unet = θ_ft and pipe.unet = θ + α·η (`dense_eta`), for `generate`."""
     if "eta" in lora.offset_names(pipe.unet):
-        raise UserError("the model already carries a LoRA η; a fine-tuned --eta-model is η itself, so pass one of the two.")
+        raise UserError("the model already carries a LoRA η; a fine-tuned --eta-model is η itself, so pass one of "
+                        "the two.")
     p = next(pipe.unet.parameters())
     tuned = load_unet(path, p.dtype, p.device)
     check_same_architecture(pipe.unet, tuned, f"--eta-model {path}")

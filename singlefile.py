@@ -45,11 +45,12 @@ PAD_TOKEN = {SD1: "<|endoftext|>", SD2: "!"}
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon")
 HEAD_DIM = 64  # SD2's UNet heads and both text encoders' heads are 64 wide; SD1's UNet has 8 heads per block
+OPEN_CLIP_H_LAYERS = 24  # OpenCLIP ViT-H/14's text tower; SD2 uses the first 23
 
 
 @dataclass
 class SingleFile:
-    """The parts of a single-file checkpoint, as a diffusers folder would hold them: {part: (config dict, state dict)}."""
+    """The parts of a single-file checkpoint as a diffusers folder holds them: {part: (config dict, state dict)}."""
     path: str
     family: str
     parts: dict = field(default_factory=dict)
@@ -98,9 +99,15 @@ def _flat_ema_key(key):
     return "model_ema." + "".join(key.split(".")[1:])
 
 
-def _last_resblock(keys):
-    blocks = {int(m[1]) for k in keys if (m := re.match(re.escape(OPEN_CLIP_TEXT) + r"transformer\.resblocks\.(\d+)\.", k))}
-    return f"{OPEN_CLIP_TEXT}transformer.resblocks.{max(blocks)}." if blocks else None
+def unused_resblock(keys):
+    """The prefix of the OpenCLIP layer SD2 does not use, or None. SD2 conditions on the penultimate layer, so the
+    last of OpenCLIP ViT-H's 24 resblocks is unused; a file converted back from a diffusers folder holds only the
+    23 used ones (then nothing is dropped). At other depths (the tests' tiny towers) the last one is unused."""
+    pattern = re.escape(OPEN_CLIP_TEXT) + r"transformer\.resblocks\.(\d+)\."
+    blocks = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
+    if not blocks or len(blocks) == OPEN_CLIP_H_LAYERS - 1:
+        return None
+    return f"{OPEN_CLIP_TEXT}transformer.resblocks.{max(blocks)}."
 
 
 def choose_keys(keys, parts, ema, path):
@@ -123,9 +130,9 @@ def choose_keys(keys, parts, ema, path):
     if "vae" in parts:
         chosen["vae"] = {k: k for k in keys if k.startswith(VAE) and k[len(VAE):].startswith(VAE_PARTS)}
     if "text_encoder" in parts:
-        last = _last_resblock(keys)
-        chosen["text_encoder"] = {k: k for k in keys if k.startswith(CLIP_TEXT) or (
-            k.startswith(OPEN_CLIP_TEXT) and not k.startswith(last) and k[len(OPEN_CLIP_TEXT):] not in OPEN_CLIP_UNUSED)}
+        unused = unused_resblock(keys) or "\0"  # "\0" starts no key
+        chosen["text_encoder"] = {k: k for k in keys if k.startswith(CLIP_TEXT) or (k.startswith(OPEN_CLIP_TEXT)
+                                  and not k.startswith(unused) and k[len(OPEN_CLIP_TEXT):] not in OPEN_CLIP_UNUSED)}
     return {part: names for part, names in chosen.items() if names}
 
 
@@ -178,7 +185,8 @@ def unet_key(key, L):
             return ours + key[len(ldm):]
     m = re.fullmatch(r"middle_block\.([012])\.(.+)", key)
     if m:  # resnet, transformer, resnet
-        return f"mid_block.{['resnets.0', 'attentions.0', 'resnets.1'][int(m[1])]}.{m[2] if m[1] == '1' else _resnet(m[2])}"
+        slot = ["resnets.0", "attentions.0", "resnets.1"][int(m[1])]
+        return f"mid_block.{slot}.{m[2] if m[1] == '1' else _resnet(m[2])}"
     m = re.fullmatch(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)", key)
     if m is None:
         return key  # not a UNet layer of SD1/2: strict loading names it
@@ -275,7 +283,8 @@ def rename_vae(sd):
 
 def vae_config(sd):
     levels = _count(sd, r"encoder\.down_blocks\.(\d+)\.")
-    return dict(block_out_channels=[sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)],
+    channels = [sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(levels)]
+    return dict(block_out_channels=channels,
                 layers_per_block=_count(sd, r"encoder\.down_blocks\.0\.resnets\.(\d+)\."),
                 latent_channels=sd["decoder.conv_in.weight"].shape[1],
                 down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import ldm
 import npo
@@ -20,6 +20,7 @@ import pipeline
 import singlefile
 from checkpoint import UserError
 from conftest import ROOT
+from test_train import pairs  # noqa: F401 (a fixture: six preference pairs)
 
 KW = dict(steps=2, guidance=6.0, height=16, width=16)  # latents 8x8 (the tiny VAE halves once)
 
@@ -155,6 +156,15 @@ def test_full_size_configs_are_the_published_ones():
                               hidden_act="quick_gelu" if fam == "SD1" else "gelu")
 
 
+def test_sd2_drops_only_the_unused_last_layer():
+    """SD2 files hold OpenCLIP ViT-H's 24 layers and use 23; files converted back from diffusers hold the 23 only."""
+    keys = lambda n: {f"cond_stage_model.model.transformer.resblocks.{i}.ln_1.weight" for i in range(n)}  # noqa: E731
+    assert singlefile.unused_resblock(keys(24)) == "cond_stage_model.model.transformer.resblocks.23."
+    assert singlefile.unused_resblock(keys(23)) is None
+    assert singlefile.unused_resblock(keys(3)) == "cond_stage_model.model.transformer.resblocks.2."
+    assert singlefile.unused_resblock(set()) is None
+
+
 # ---- bad input ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
@@ -219,3 +229,13 @@ def test_cli_sample_and_info_take_a_file(family, tmp_path, capsys):
     assert "single file model.safetensors" in capsys.readouterr().err
     assert npo.main(["sample", "--model", path, "--ema", "--out", str(tmp_path / "b.png")]) == 2
     assert "no EMA weights" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+
+
+def test_cli_train_takes_a_file(family, pairs, tmp_path):
+    """One DPO step from the single file trains the offset the same step from the folder trains."""
+    name, folder, ref, path = family
+    for model, out in ((folder, "from_folder"), (path, "from_file")):
+        assert npo.main(["train", "--model", model, "--data", pairs, "--out", str(tmp_path / out), "--steps", "1",
+                         "--resolution", "16", "--device", "cpu"]) == 0
+    a, b = (load_file(str(tmp_path / out / "lora.safetensors")) for out in ("from_folder", "from_file"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
