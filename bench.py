@@ -7,6 +7,8 @@
     python bench.py reward [--size 32]
     python bench.py scorers [--shape clip-h] [--batch 4]
     python bench.py ddpo [--size 32] [--sample-steps 10,20,50]
+    python bench.py singlefile [--variants folder,safetensors,ckpt] [--small]
+    python bench.py extract [--rank 64] [--conv-rank 32] [--targets ...] [--small]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -626,6 +628,103 @@ def cmd_ddpo(args):
               f"{r['load_peak_gib']:.2f} |", flush=True)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Single-file checkpoints: load time and peak memory against the same model as a folder; extract-lora's time.
+
+def single_file_of(folder, suffix):
+    """The model folder written once as an LDM single file (tests/ldm.py's converter, checked against diffusers'
+    from_single_file), straight from the folder's tensors: no modules built, nothing copied but the file."""
+    path = f"{folder}{suffix}"
+    if os.path.exists(path):
+        return path
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    from types import SimpleNamespace
+
+    import ldm
+    from safetensors.torch import load_file, save_file
+
+    def part(name, weights):
+        with open(f"{folder}/{name}/config.json") as f:
+            config = SimpleNamespace(**json.load(f))
+        tensors = load_file(f"{folder}/{name}/{weights}")
+        return SimpleNamespace(config=config, state_dict=lambda: tensors)
+    pipe = SimpleNamespace(unet=part("unet", "diffusion_pytorch_model.safetensors"),
+                           vae=part("vae", "diffusion_pytorch_model.safetensors"),
+                           text_encoder=part("text_encoder", "model.safetensors"))
+    sd = {k: v.contiguous() for k, v in ldm.to_ldm(pipe, "sd1").items()}
+    if suffix == ".safetensors":
+        save_file(sd, path)
+    else:
+        torch.save({"state_dict": sd}, path)
+    return path
+
+
+def load_one(path, threads):
+    """Seconds to load `path` (a folder or a single file) with pipeline.load_pipeline, and the peak resident memory
+    (VmHWM above the RSS just before) of the load and a first read of every weight, against the weights' bytes.
+    The read counts: a memory-mapped file's pages become resident only when touched, so the load alone shows none."""
+    torch.set_num_threads(threads)
+    import pipeline
+    reset_peak_rss()
+    base = rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    pipe = pipeline.load_pipeline(path)
+    seconds = time.perf_counter() - t0
+    params = [p for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()]
+    with torch.no_grad():
+        for p in params:
+            p.sum()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    return dict(seconds=seconds, extra_gib=(rss_kib("VmHWM") - base) / 2**20, weights_gib=weights / 2**30)
+
+
+def bench_folder(small):
+    """SD1.5-shaped random weights, or with --small a tiny SD1 model (to check the command quickly)."""
+    if not small:
+        make_weights(WEIGHTS)
+        return WEIGHTS
+    folder = os.path.join(os.path.dirname(WEIGHTS), "small-sd1")
+    if not os.path.exists(os.path.join(folder, "model_index.json")):
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+        import ldm
+        ldm.make_family_dir(folder, "sd1")
+    return folder
+
+
+def cmd_singlefile(args):
+    folder = bench_folder(args.small)
+    paths = {"folder": folder, **{v: single_file_of(folder, f".{v}") for v in args.variants if v != "folder"}}
+    print(f"pipeline.load_pipeline, fp32, {args.threads} threads, median of {args.repeats} fresh processes "
+          "(files in the page cache)\n")
+    print("| model | load s | vs folder | peak RSS above start (load + first read) GiB | weights GiB | RSS / weights |\n"
+          "|---|---|---|---|---|---|")
+    rows = {v: [run_child("_load", p, args.threads) for _ in range(args.repeats)] for v, p in paths.items()}
+    folder_s = statistics.median(r["seconds"] for r in rows["folder"])
+    for variant, runs in rows.items():
+        s, extra = statistics.median(r["seconds"] for r in runs), max(r["extra_gib"] for r in runs)
+        w = runs[0]["weights_gib"]
+        print(f"| {variant} | {s:.2f} | {s / folder_s:.2f}x | {extra:.2f} | {w:.2f} | {extra / w:.2f} |", flush=True)
+
+
+def cmd_extract(args):
+    """lora.extract_offset at SD1.5 shapes: the base UNet against a copy with every weight moved."""
+    torch.set_num_threads(args.threads)
+    import lora
+    import pipeline
+    folder = bench_folder(args.small)
+    base, tuned = pipeline.load_unet(folder), pipeline.load_unet(folder)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    t0 = time.perf_counter()
+    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets)
+    seconds = time.perf_counter() - t0
+    print(f"| targets | rank | conv rank | layers | s | overall relative error (random ΔW) |\n|---|---|---|---|---|---|")
+    print(f"| {args.targets} | {args.rank} | {args.conv_rank or args.rank} | {len(stats)} | {seconds:.1f} "
+          f"| {lora.relative_errors(stats)['overall']:.3f} |")
+
+
 # `bench.py _KIND ARGS...`: one measurement in a fresh process (see run_child), printed as JSON.
 CHILDREN = {
     "_one": lambda a: measure_one(a[0], a[1], *map(int, a[2:6])),
@@ -634,6 +733,7 @@ CHILDREN = {
     "_reward": lambda a: reward_one(*map(int, a[0:4])),
     "_scorer": lambda a: scorer_one(a[0], a[1], *map(int, a[2:5])),
     "_ddpo": lambda a: ddpo_one(*map(int, a[0:3])),
+    "_load": lambda a: load_one(a[0], int(a[1])),
 }
 
 
@@ -702,6 +802,26 @@ def add_ddpo_command(sub):
     p.set_defaults(func=cmd_ddpo)
 
 
+def add_singlefile_command(sub):
+    p = sub.add_parser("singlefile", help="load time and peak memory: a single-file checkpoint against its folder")
+    p.add_argument("--variants", type=lambda s: s.split(","), default=["folder", "safetensors"],
+                   help="comma-separated subset of folder,safetensors,ckpt")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per variant (median time, largest memory)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--small", action="store_true", help="a tiny SD1 model instead of SD1.5 shapes (a quick check)")
+    p.set_defaults(func=cmd_singlefile)
+
+
+def add_extract_command(sub):
+    p = sub.add_parser("extract", help="extract-lora's truncated SVD at SD1.5 shapes")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--conv-rank", type=int, default=None)
+    p.add_argument("--targets", default="to_q,to_k,to_v,to_out.0")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--small", action="store_true", help="a tiny SD1 model instead of SD1.5 shapes (a quick check)")
+    p.set_defaults(func=cmd_extract)
+
+
 def add_scorers_command(sub):
     p = sub.add_parser("scorers", help="PickScore scoring throughput and memory: ours vs transformers' CLIPModel")
     p.add_argument("--shape", choices=list(CLIP_SHAPES), default="clip-h", help="clip-h (PickScore's) or tiny (a check)")
@@ -718,7 +838,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_models_command, add_sampling_command, add_solvers_command, add_train_command, add_gpu_command,
-                add_reward_command, add_ddpo_command, add_scorers_command):
+                add_reward_command, add_ddpo_command, add_scorers_command, add_singlefile_command,
+                add_extract_command):
         add(sub)
     args = parser.parse_args()
     args.func(args)

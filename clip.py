@@ -67,12 +67,15 @@ def config_from(cls, d, where, hint):
 
 
 def read_text_config(path):
-    """The fields of `text_encoder/config.json` that the model uses.
+    return text_config(checkpoint.read_json(path), path)
+
+
+def text_config(d, path):
+    """The fields of a `text_encoder/config.json` dict that the model uses.
 
     transformers writes many generic fields (architectures, dtype, transformers_version, initializer_range,
     projection_dim, dropout, ...) that vary across its versions and change nothing at inference, so unlike the
     UNet config the rest is ignored; only what would make a different network is refused."""
-    d = checkpoint.read_json(path)
     if d.get("model_type", "clip_text_model") != "clip_text_model":
         raise UserError(f"{path}: 'model_type' = {d['model_type']!r} is not a CLIP text encoder (a full CLIP model has a "
                         "'text_config' and vision weights); use a Stable Diffusion text_encoder/ folder.")
@@ -189,12 +192,17 @@ def rename_legacy_clip_keys(state_dict):
     return out
 
 
+def build_text_encoder(cfg, state_dict, where, dtype=torch.float32):
+    """Our text encoder from its config and a state dict in transformers' names (a folder's, or singlefile.py's)."""
+    model = checkpoint.build_on_meta(lambda: CLIPTextModel(cfg))
+    checkpoint.load_strict(model, rename_legacy_clip_keys(state_dict), where, dtype)
+    return model.eval().requires_grad_(False)
+
+
 def load_text_encoder(folder, dtype=torch.float32, device="cpu", variant=None):
     cfg = read_text_config(os.path.join(folder, "config.json"))
     path = checkpoint.find_weights(folder, ["model"], variant)
-    model = checkpoint.build_on_meta(lambda: CLIPTextModel(cfg))
-    checkpoint.load_strict(model, rename_legacy_clip_keys(checkpoint.read_safetensors(path, device)), path, dtype)
-    return model.eval().requires_grad_(False)
+    return build_text_encoder(cfg, checkpoint.read_safetensors(path, device), path, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -479,11 +487,12 @@ def _special_token(value):
     return value["content"] if isinstance(value, dict) else value  # either "!" or {"content": "!", ...}
 
 
-def load_tokenizer(folder):
+def load_tokenizer(folder, pad_token=None):
     """The tokenizer of a model folder: vocab.json + merges.txt (SD's layout), else a tokenizers `tokenizer.json`.
 
     tokenizer_config.json and special_tokens_map.json (which wins, as in transformers) give the pad token
-    (SD1.x pads with "<|endoftext|>", SD2.x with "!") and `model_max_length` (77)."""
+    (SD1.x pads with "<|endoftext|>", SD2.x with "!") and `model_max_length` (77); `pad_token` overrides the
+    folder's (a single file has no tokenizer: it uses the shipped vocabulary with its family's pad token)."""
     vocab, merges, full = (os.path.join(folder, n) for n in ("vocab.json", "merges.txt", "tokenizer.json"))
     if os.path.isfile(vocab) and os.path.isfile(merges):
         tok = clip_bpe_tokenizer(vocab, merges)
@@ -505,7 +514,7 @@ def load_tokenizer(folder):
     max_length = settings.get("model_max_length", 77)
     if not isinstance(max_length, int) or max_length > 10**6:
         max_length = 77  # transformers writes 1e30 when the length was never set
-    return CLIPTokenizer(tok, pad_token=_special_token(settings.get("pad_token", "<|endoftext|>")),
+    return CLIPTokenizer(tok, pad_token=pad_token or _special_token(settings.get("pad_token", "<|endoftext|>")),
                          max_length=max_length,
                          bos_token=_special_token(settings.get("bos_token", "<|startoftext|>")),
                          eos_token=_special_token(settings.get("eos_token", "<|endoftext|>")))

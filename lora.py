@@ -26,6 +26,7 @@ diffusers / peft's (`unet.<module>.lora_A.weight`, the older `.lora.down.weight`
 (`text_model.encoder.layers.0.self_attn.q_proj`), so the same rule maps kohya's flat names. LoCon (kohya's LoRA on
 3x3 convs) is a LoRA; LyCORIS's LoHa, LoKr, OFT, DoRA... parametrise ΔW otherwise and are refused by name.
 Several files at weights w_k load as one offset, their weighted sum (`weighted_sum`).
+`extract_offset` makes an offset from a full fine-tune: per layer the truncated SVD of θ_ft − θ (Eckart–Young).
 
     load_lora(unet, "dpo.safetensors", "eta")              # η, the preference offset
     load_lora(unet, "npo.safetensors", "delta")            # δ, the NPO offset
@@ -199,22 +200,26 @@ def _suffix(layer_name):
     return ".".join(parts[last_index + 1:])
 
 
-def add_offset(model, name, rank=8, alpha=None, targets=DEFAULT_TARGETS, dtype=torch.float32):
-    """A fresh trainable offset `name` (ΔW = 0) on every layer whose name ends with one of `targets`.
-
-    `targets` are module-name suffixes (`to_q`, `attn2.to_k`, `conv1`, `proj_in`; a comma-separated string works);
-    `alpha` defaults to `rank` (scale 1). Returns the offset's parameters, for the optimizer."""
+def select_layers(model, targets):
+    """The names of the Linear / Conv2d layers whose names end with one of `targets`: module-name suffixes such as
+    `to_q`, `attn2.to_k`, `conv1`, `proj_in` (a comma-separated string works)."""
     targets = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
-    _check_new_name(model, name)
-    if rank < 1:
-        raise UserError(f"LoRA rank must be at least 1 (got {rank}).")
     layers = targetable(model)
     chosen = {t: [n for n in layers if n == t or n.endswith("." + t)] for t in targets}
     unmatched = [t for t, names in chosen.items() if not names]
     if unmatched or not targets:
         raise UserError(f"LoRA targets {unmatched or targets} match no Linear/Conv2d layer of the model; "
                         f"use suffixes such as {', '.join(DEFAULT_TARGETS)}, conv1, proj_in.")
-    for layer_name in sorted({n for names in chosen.values() for n in names}):
+    return sorted({n for names in chosen.values() for n in names})
+
+
+def add_offset(model, name, rank=8, alpha=None, targets=DEFAULT_TARGETS, dtype=torch.float32):
+    """A fresh trainable offset `name` (ΔW = 0) on every layer whose name ends with one of `targets`
+    (`select_layers`); `alpha` defaults to `rank` (scale 1). Returns the offset's parameters, for the optimizer."""
+    _check_new_name(model, name)
+    if rank < 1:
+        raise UserError(f"LoRA rank must be at least 1 (got {rank}).")
+    for layer_name in select_layers(model, targets):
         _attach(model, layer_name, name, rank, rank if alpha is None else alpha, dtype)
     return parameters(model, name)
 
@@ -605,3 +610,61 @@ def load_loras(models, files, name, dtype=torch.float32):
 def load_lora(model, path, name, dtype=torch.float32):
     """Add the UNet LoRA file at `path` to `model` as the (frozen) offset `name`; return the file's metadata strings."""
     return load_loras({"unet": model}, [(path, 1.0)], name, dtype)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Extracting an offset from a full fine-tune: the best low-rank approximation of η = θ_ft − θ, layer by layer.
+
+def truncated_svd(delta, rank):
+    """(up, down) whose product is the best rank-`rank` approximation of the matrix `delta` in the Frobenius norm
+    (Eckart–Young): the SVD delta = U S Vᵀ cut to its `rank` largest singular values, up = U_r S_r, down = V_rᵀ.
+    Its error is ‖delta − up·down‖²_F = Σ_{i>r} s_i², the smallest any rank-r matrix can reach."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return U[:, :rank] * S[:rank], Vh[:rank]
+
+
+@torch.no_grad()
+def extract_offset(model, tuned, name, rank, conv_rank=None, targets=DEFAULT_TARGETS):
+    """η = θ_ft − θ on the `targets` layers as the offset `name` on `model` (θ), each layer's ΔW cut to its best
+    rank-r approximation (`truncated_svd`), as kohya's extract_lora_from_models does, without its clamping of
+    outlying entries (which gives up the optimum). A conv weight (out, in, k, k) is the matrix (out, in·k·k); 3x3
+    convs get `conv_rank` (default `rank`); no layer gets more than min(out, in·k·k).
+
+    Every layer stores alpha = `rank`, one alpha for the whole file (what diffusers reads correctly); a layer of
+    lower rank r' carries r'/rank in its up factor, since ΔW = (alpha / r')·up·down. Layers with θ_ft = θ get no
+    offset. Returns {layer: (‖ΔW − ΔW_r‖²_F, ‖ΔW‖²_F)}, measured on the stored factors (`relative_errors`)."""
+    _check_new_name(model, name)
+    if rank < 1 or (conv_rank is not None and conv_rank < 1):
+        raise UserError(f"LoRA ranks must be at least 1 (got --rank {rank}, --conv-rank {conv_rank}).")
+    tuned_layers, stats = targetable(tuned), {}
+    for layer_name in select_layers(model, targets):
+        layer = model.get_submodule(layer_name)
+        delta = (tuned_layers[layer_name].weight.float() - layer.weight.float()).flatten(1)
+        if not delta.any():
+            continue
+        wide = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+        r = min((conv_rank or rank) if wide else rank, *delta.shape)
+        up, down = truncated_svd(delta, r)
+        offset = _attach(model, layer_name, name, r, rank, torch.float32)
+        offset.lora_up.weight.copy_((up * (r / rank)).view(offset.lora_up.weight.shape))
+        offset.lora_down.weight.copy_(down.view(offset.lora_down.weight.shape))
+        offset.requires_grad_(False)
+        residual = delta - offset.delta_weight().flatten(1)
+        stats[layer_name] = (residual.square().sum().item(), delta.square().sum().item())
+    if not stats:
+        raise UserError(f"the two models are identical on the target layers ({', '.join(map(str, targets))}); "
+                        "there is no offset to extract: check --tuned, or --targets.")
+    return stats
+
+
+def relative_errors(stats):
+    """‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of `extract_offset`'s layers, per block (down_blocks.0, mid_block, up_blocks.2, ...)
+    and "overall": over all the entries of a block's layers together, so a large layer weighs more."""
+    sums = {}
+    for layer_name, (residual, norm) in stats.items():
+        parts = layer_name.split(".")
+        block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
+        r, n = sums.get(block, (0.0, 0.0))
+        sums[block] = (r + residual, n + norm)
+    sums["overall"] = tuple(sum(v) for v in zip(*stats.values()))
+    return {key: (r / n) ** 0.5 for key, (r, n) in sums.items()}

@@ -4,13 +4,15 @@
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
     python npo.py evaluate out/base out/npo --scorer pickscore:PickScore_v1 --out report   # tables 1-3, fig. 7
     python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
-    python npo.py info --model PATH        # what a model folder holds, loaded strictly
+    python npo.py info --model PATH        # what a model folder or single file holds, loaded strictly
+    python npo.py extract-lora --base SD15 --tuned ft.safetensors --rank 64 --out eta.safetensors   # η as a LoRA
 
 This file is the command line only: one argparse with subcommands, each a thin shell over functions the tests call
 directly (pipeline.py: loading and eq. 10; train.py: training; evaluate.py: scoring samples; experiment.py: the
 experiment).
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -32,7 +34,8 @@ from pipeline import DEFAULT_MODEL
 # The command line.
 
 def cmd_info(args):
-    pipe = pipeline.load_pipeline(args.model, variant=args.variant)
+    pipe = pipeline.load_pipeline(args.model, variant=args.variant, **pipeline.source_options(args))
+    print(pipe.origin)
     for name in ("unet", "vae", "text_encoder"):
         print(f"{name:13s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
     print(f"scheduler     {pipe.scheduler_config or 'SD defaults'}")
@@ -97,11 +100,13 @@ def a1111_parameters(args, job, size):
         settings["Clip skip"] = args.clip_skip
     if args.lora:
         settings["Lora"] = "; ".join(f"{os.path.basename(path)}:{w:g}" for path, w in args.lora)
+    if args.eta_model:
+        settings["NPO eta model"] = os.path.basename(os.path.normpath(args.eta_model))
     if args.npo:
         settings["NPO"] = os.path.basename(args.npo)
-    if args.lora or args.npo:
+    if args.lora or args.npo or args.eta_model:
         settings.update({"NPO alpha": job["alpha"], "NPO beta": job["beta"]})
-    settings["NPO mode"] = args.mode
+    settings["NPO mode"] = "dense eta" if args.eta_model else args.mode
     return f"{job['prompt']}\nNegative prompt: {job['negative']}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
 
 
@@ -137,11 +142,13 @@ def check_sample_arguments(args):
     if args.sampler != "ddim" and args.ddim_eta:
         raise UserError(f"--ddim-eta is DDIM's noise and does nothing with --sampler {args.sampler}; drop it or use "
                         "--sampler ddim.")
+    check_eta_model_arguments(args)
     sweep_a = parse_floats(args.sweep_alpha, "--sweep-alpha") if args.sweep_alpha else None
     sweep_b = parse_floats(args.sweep_beta, "--sweep-beta") if args.sweep_beta else None
     # α weighs η and β weighs δ on the unconditional branch: without that offset they would do nothing
-    for flag, value, offset, needs in (("--alpha", args.alpha, args.lora, "--lora"), ("--beta", args.beta, args.npo, "--npo"),
-                                       ("--sweep-alpha", args.sweep_alpha, args.lora, "--lora"),
+    eta = args.lora or args.eta_model
+    for flag, value, offset, needs in (("--alpha", args.alpha, eta, "--lora"), ("--beta", args.beta, args.npo, "--npo"),
+                                       ("--sweep-alpha", args.sweep_alpha, eta, "--lora"),
                                        ("--sweep-beta", args.sweep_beta, args.npo, "--npo")):
         if value is not None and not offset:
             raise UserError(f"{flag} weighs the offset given with {needs}, and there is none; drop {flag} or "
@@ -156,6 +163,19 @@ def check_sample_arguments(args):
     if args.dtype == "float16" and args.device == "cpu":
         raise UserError("--dtype float16 is not supported on CPU; use bfloat16 or float32.")
     return sweep_a, sweep_b
+
+
+def check_eta_model_arguments(args):
+    """--eta-model (a fully fine-tuned η) excludes a LoRA η and the merged mode, which it is already."""
+    if args.eta_model is None:
+        return
+    if not os.path.exists(args.eta_model):
+        raise UserError(f"--eta-model {args.eta_model} does not exist; pass a fine-tuned model's folder, unet/ folder "
+                        "or single-file checkpoint.")
+    if args.lora:
+        raise UserError("--lora and --eta-model both give η; pass one of them.")
+    if args.mode == "merged":
+        raise UserError("--eta-model always runs two weight sets (θ_ft and θ + α·η), as --mode merged does; drop --mode.")
 
 
 def plan_jobs(args, rows, sweep_a, sweep_b):
@@ -223,11 +243,13 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
     return written
 
 
-def load_for_sampling(args, texts):
-    """The pipeline with η (--lora, summed) and δ (--npo) attached, checked against --steps, --clip-skip and the
-    prompt and negative prompt `texts`."""
+def load_for_sampling(args, texts, alpha):
+    """The pipeline with η (--lora, summed, or --eta-model, then at `alpha` on the negative branch) and δ (--npo)
+    attached, checked against --steps, --clip-skip and the prompt and negative prompt `texts`."""
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    pipe = pipeline.load_pipeline(args.model, dtype, args.device, args.variant)
+    pipe = pipeline.load_pipeline(args.model, dtype, args.device, args.variant, **pipeline.source_options(args))
+    if pipe.origin.startswith("single file"):
+        print(pipe.origin, file=sys.stderr)  # which family and prediction type were read, and how
     if args.scheduler_config:
         pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
     dpm = args.sampler == "dpmpp-2m"
@@ -243,11 +265,15 @@ def load_for_sampling(args, texts):
         pipeline.load_offset(pipe, args.lora, "eta")
     if args.npo:
         pipeline.load_offset(pipe, [(args.npo, 1.0)], "delta")
+    if args.eta_model:
+        pipeline.attach_eta_model(pipe, args.eta_model, alpha)
     for p in set(texts):
         if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
+        if pipe.eta_unet is not None:
+            pipe.eta_unet = torch.compile(pipe.eta_unet)
     return pipe
 
 
@@ -257,9 +283,12 @@ def cmd_sample(args):
     rows = [(p, args.negative_prompt if n is None else n) for p, n in rows]  # a row's own negative prompt wins
     prompts = [p for p, _ in rows]
     jobs = plan_jobs(args, rows, *sweeps)
+    if args.eta_model and len({j["alpha"] for j in jobs}) > 1:
+        raise UserError("with --eta-model every image must share one α, because the base weights become θ + α·η in "
+                        "place (one extra weight set, not one per α); drop --sweep-alpha, or --compare with α ≠ 1.")
     grids = sweeps != (None, None) or args.compare
     check_writable(args.out, len(prompts) if grids else len(jobs))
-    pipe = load_for_sampling(args, [text for row in rows for text in row])
+    pipe = load_for_sampling(args, [text for row in rows for text in row], jobs[0]["alpha"])
     progress = Progress(len(jobs))
     pictures = run_jobs(pipe, args, jobs, progress)
     if progress.tty:
@@ -279,8 +308,38 @@ def cmd_evaluate(args):
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
 
 
+def cmd_extract_lora(args):
+    """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (lora.extract_offset); prints the
+    relative error per block and overall, to choose r."""
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not args.out.endswith(".safetensors") or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"--out {args.out} must be a .safetensors file in a writable folder.")
+    if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
+        raise UserError(f"--rank and --conv-rank must be at least 1 (got {args.rank}, {args.conv_rank}).")
+    base = pipeline.load_unet(args.base)
+    tuned = pipeline.load_unet(args.tuned)
+    pipeline.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
+    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets)
+    errors = lora.relative_errors(stats)
+    per_layer = {name: round((r / n) ** 0.5, 6) for name, (r, n) in stats.items()}
+    lora.save_lora(base, "eta", args.out, role="eta", base_model=args.base, metadata={
+        "npo_source_base": args.base, "npo_source_tuned": args.tuned, "npo_rank": args.rank,
+        "npo_conv_rank": args.conv_rank or args.rank, "npo_relative_error": f"{errors['overall']:.6f}",
+        "npo_relative_errors": json.dumps(per_layer)})
+    print(f"relative error ‖ΔW − ΔW_r‖ / ‖ΔW‖ of {len(stats)} layers at rank {args.rank}:")
+    for block, error in errors.items():
+        print(f"  {block:14s} {error:.4f}")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return errors
+
+
+MODEL_HELP = ("a diffusers model folder, or a single-file SD1.x / SD2.x checkpoint (.safetensors, or .ckpt read "
+              "without running code) (default: the embedded model in weights/)")
+
+
 def add_sample_arguments(p):
-    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    pipeline.add_source_arguments(p)
     p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
     p.add_argument("--scheduler-config", help="a scheduler_config.json (or a folder with one) to use instead of the "
                                               "model's scheduler/, e.g. to change timestep_spacing")
@@ -294,6 +353,8 @@ def add_sample_arguments(p):
                    help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft, text-encoder keys "
                         "included); repeat it to sum several, each times its weight (default 1). WEIGHT is what "
                         "follows the last ':' when that is a number and PATH[:WEIGHT] is not itself a file")
+    p.add_argument("--eta-model", help="a fully fine-tuned model as η = θ_ft − θ (its folder, unet/ folder or single "
+                                       "file): ε_pos runs θ_ft, ε_neg θ + α·η + β·δ; without δ it is eq. 4's weight merge")
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
     p.add_argument("--alpha", type=float, default=None, help="weight of η on the unconditional branch (eq. 10; default 1)")
     p.add_argument("--beta", type=float, default=None, help="weight of δ on the unconditional branch (eq. 10; default 1)")
@@ -337,8 +398,9 @@ def add_evaluate_arguments(p):
 def build_parser():
     parser = argparse.ArgumentParser(prog="npo.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="load a model folder strictly and print its parts")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
+    p = sub.add_parser("info", help="load a model strictly and print its parts")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    pipeline.add_source_arguments(p)
     p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
     p.set_defaults(func=cmd_info)
 
@@ -354,6 +416,16 @@ def build_parser():
                                         "identical prompt and seed (the paper's tables 1-3, fig. 7)")
     add_evaluate_arguments(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("extract-lora", help="a full fine-tune's η = θ_ft − θ as a LoRA file (truncated SVD per layer)")
+    p.add_argument("--base", required=True, help="the base model θ: a diffusers folder, unet/ folder or single file")
+    p.add_argument("--tuned", required=True, help="the fine-tuned model θ_ft, of the same architecture")
+    p.add_argument("--rank", type=int, required=True, help="the rank r of each layer's offset")
+    p.add_argument("--conv-rank", type=int, help="the rank of 3x3 conv layers among --targets (default: --rank)")
+    p.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
+                   help=f"comma-separated layer-name suffixes, as in training (default {','.join(lora.DEFAULT_TARGETS)})")
+    p.add_argument("--out", required=True, help="the LoRA .safetensors file to write (kohya format)")
+    p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
     experiment.add_arguments(p)

@@ -14,10 +14,16 @@ computed with one copy of θ: η and δ stay unmerged LoRA offsets whose multipl
 step is one forward of [x_t; x_t] (`npo_multipliers`, `guided_denoiser`). `merged_unets` builds the authors'
 two weight sets instead, as a reference. A LoRA with text-encoder keys makes η (or δ) a pair of offsets, on the
 UNet and on the text encoder; the same multipliers apply to both, so c' is encoded by θ_te + α·η_te + β·δ_te and
-c by θ_te + η_te (eq. 10 read for the whole model). The sampler (DDIM or DPM-Solver++ 2M) only sees the denoiser.
+c by θ_te + η_te (eq. 10 read for the whole model). A fully fine-tuned model as η (η = θ_ft − θ, dense) runs two
+weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`). The sampler (DDIM or DPM-Solver++ 2M) only sees
+the denoiser.
+
+A model is a diffusers folder or a single-file checkpoint (singlefile.py unpacks it into the same configs and
+state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora.
 """
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -25,10 +31,12 @@ import checkpoint
 import clip
 import lora
 import sampler
+import singlefile
 import unet
 from checkpoint import UserError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the embedded shapes model
+TOKENIZER = os.path.join(DEFAULT_MODEL, "tokenizer")  # CLIP's BPE vocabulary, for single files (they have none)
 
 
 @dataclass
@@ -40,6 +48,9 @@ class Pipeline:
     tokenizer: clip.CLIPTokenizer
     scheduler_config: dict = field(default_factory=dict)
     path: str = ""
+    origin: str = ""  # what was read: a folder, or a single file with its family and prediction type (and why)
+    eta_unet: Optional[unet.UNet2DCondition] = None  # θ_ft of a dense η (attach_eta_model); then unet holds θ + α·η
+    eta_alpha: Optional[float] = None
 
     @torch.no_grad()
     def encode_prompts(self, prompts, weights=None, clip_skip=0):
@@ -85,33 +96,161 @@ def resolve_device(spec):
     return device
 
 
-def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None):
-    """Load a diffusers model folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-    Every part loads strictly into our modules; `variant="fp16"` reads `*.fp16.safetensors`."""
+
+def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None, vae=None, text_encoder=None,
+                  prediction_type=None, ema=False):
+    """Load a model: a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a single-file
+    checkpoint of SD1.x / SD2.x (.safetensors, or a .ckpt read with torch.load(weights_only=True)).
+
+    Every part loads strictly into our modules; `variant="fp16"` reads a folder's `*.fp16.safetensors`. `vae` and
+    `text_encoder` are folders that replace those parts (or supply them to a UNet-only file); `prediction_type`
+    ("epsilon" or "v_prediction") overrides the model's; `ema` takes a single file's EMA copy of the UNet."""
     if not os.path.exists(path):
-        raise UserError(f"model path {path} does not exist; pass --model a diffusers model folder.")
-    if not os.path.isdir(path):
-        raise UserError(f"model path {path} is a file; pass --model a diffusers model folder "
-                        "(with unet/, vae/, text_encoder/, tokenizer/).")
-    for part in ("unet", "vae", "text_encoder", "tokenizer"):
-        if not os.path.isdir(os.path.join(path, part)):
-            raise UserError(f"{path} has no {part}/ folder; pass --model a diffusers model folder "
-                            "(with unet/, vae/, text_encoder/, tokenizer/).")
+        raise UserError(f"model path {path} does not exist; pass --model a diffusers model folder or a "
+                        ".safetensors / .ckpt checkpoint.")
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"prediction type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}; "
+                        "pass epsilon (SD1.x, SD2.x-base) or v_prediction (SD2.x 768-px models).")
     device = resolve_device(device)
-    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
     try:
-        return Pipeline(
-            unet=unet.load_unet(os.path.join(path, "unet"), dtype, device, variant),
-            vae=unet.load_vae(os.path.join(path, "vae"), dtype, device, variant),
-            text_encoder=clip.load_text_encoder(os.path.join(path, "text_encoder"), dtype, device, variant),
-            tokenizer=clip.load_tokenizer(os.path.join(path, "tokenizer")),
-            scheduler_config=checkpoint.read_json(scheduler_path) if os.path.exists(scheduler_path) else {},
-            path=path,
-        )
+        load = load_single_file if os.path.isfile(path) else load_folder
+        pipe = load(path, dtype, device, variant, vae, text_encoder, ema, prediction_type)
     except (torch.OutOfMemoryError, MemoryError):
         raise UserError(f"ran out of {device.type.upper()} memory while loading {path} onto {device}; pass "
                         "--dtype bfloat16 (or float16 on CUDA), free memory, or use another --device.")
+    width, context = pipe.text_encoder.config.hidden_size, pipe.unet.config.per_block("cross_attention_dim")[0]
+    if width != context:
+        raise UserError(f"the text encoder is {width} wide but the UNet attends to {context}-wide text; pass a "
+                        "--text-encoder of the same model family (768: SD1.x, 1024: SD2.x).")
+    return pipe
+
+
+def add_source_arguments(g):
+    """The flags that say how to read --model (npo.py sample, train, info); `source_options` passes them on."""
+    g.add_argument("--vae", help="a vae/ folder (or a model folder with one) replacing the model's VAE, or supplying "
+                                 "it to a single file without one")
+    g.add_argument("--text-encoder", help="a text_encoder/ folder (or a model folder with one) replacing the model's, "
+                                          "or supplying it to a single file without one")
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES,
+                   help="what the UNet predicts, overriding the model's (a single file: its v_pred key, else "
+                        "A1111's probe for SD2, else epsilon)")
+    g.add_argument("--ema", action="store_true", help="use the EMA copy of the UNet in a single-file checkpoint")
+
+
+def source_options(args):
+    return dict(vae=args.vae, text_encoder=args.text_encoder, prediction_type=args.prediction_type, ema=args.ema)
+
+
+def part_folder(path, part, flag):
+    """A part's folder: `path` itself (config.json inside) or `path/<part>` (a model folder)."""
+    for folder in (path, os.path.join(path, part)):
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            return folder
+    raise UserError(f"{flag} {path} is neither a {part}/ folder (with config.json) nor a model folder holding one; "
+                    f"pass the {part}/ folder of a diffusers model.")
+
+
+def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction_type):
+    if ema:
+        raise UserError(f"--ema takes the EMA weights of a single-file checkpoint, and {path} is a diffusers folder "
+                        "(one set of weights); drop --ema.")
+    needed = ["unet", "tokenizer"] + [p for p, o in (("vae", vae), ("text_encoder", text_encoder)) if o is None]
+    for part in needed:
+        if not os.path.isdir(os.path.join(path, part)):
+            raise UserError(f"{path} has no {part}/ folder; pass --model a diffusers model folder "
+                            "(with unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint.")
+    vae = part_folder(vae, "vae", "--vae") if vae else os.path.join(path, "vae")
+    text_encoder = part_folder(text_encoder, "text_encoder", "--text-encoder") if text_encoder else \
+        os.path.join(path, "text_encoder")
+    scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
+    scheduler = checkpoint.read_json(scheduler_path) if os.path.exists(scheduler_path) else {}
+    if prediction_type:
+        scheduler["prediction_type"] = prediction_type
+    return Pipeline(
+        unet=unet.load_unet(os.path.join(path, "unet"), dtype, device, variant),
+        vae=unet.load_vae(vae, dtype, device, variant),
+        text_encoder=clip.load_text_encoder(text_encoder, dtype, device, variant),
+        tokenizer=clip.load_tokenizer(os.path.join(path, "tokenizer")),
+        scheduler_config=scheduler, path=path,
+        origin=f"diffusers folder {path}" + (f", {prediction_type} (--prediction-type)" if prediction_type else ""),
+    )
+
+
+def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, prediction_type):
+    """A single-file checkpoint (singlefile.py), with the parts it lacks taken from the `vae` / `text_encoder` folders.
+
+    It carries no tokenizer or scheduler: the shipped CLIP vocabulary (weights/tokenizer) with the family's padding
+    token, and SD's schedule with the prediction type decided by `prediction_type_of`."""
+    name = os.path.basename(path)
+    if variant:
+        raise UserError(f"--variant picks the files of a diffusers folder, and {name} is a single file; drop it.")
+    needed = ["unet"] + [p for p, o in (("vae", vae), ("text_encoder", text_encoder)) if o is None]
+    sf = singlefile.read(path, device, ema, needed)
+    missing = [p for p in needed if p not in sf.parts]
+    if missing:
+        names = {"vae": "VAE (first_stage_model.*)", "text_encoder": "text encoder (cond_stage_model.*)"}
+        flags = {"vae": "--vae FOLDER", "text_encoder": "--text-encoder FOLDER"}
+        raise UserError(f"{name} holds no {' and no '.join(names[p] for p in missing)}; pass "
+                        f"{' and '.join(flags[p] for p in missing)} (the vae/ or text_encoder/ folder of its base model).")
+    config, state = sf.parts["unet"]
+    model = unet.build_unet(unet.unet_config(config, path), state, path, dtype)
+    if "vae" in sf.parts:
+        vae_model = unet.build_vae(unet.vae_config(sf.parts["vae"][0], path), sf.parts["vae"][1], path, dtype)
+    else:
+        vae_model = unet.load_vae(part_folder(vae, "vae", "--vae"), dtype, device)
+    if "text_encoder" in sf.parts:
+        config, state = sf.parts["text_encoder"]
+        text = clip.build_text_encoder(clip.text_config(config, path), state, path, dtype)
+    else:
+        text = clip.load_text_encoder(part_folder(text_encoder, "text_encoder", "--text-encoder"), dtype, device)
+    prediction, why = prediction_type_of(model, sf, prediction_type)
+    if sf.family == singlefile.SD2 and prediction == "v_prediction":
+        model.config.sample_size = 96  # SD2.x v-models are 768-px models (SD2.1's config); the ε base is 512 px
+    return Pipeline(unet=model, vae=vae_model, text_encoder=text,
+                    tokenizer=clip.load_tokenizer(TOKENIZER, singlefile.PAD_TOKEN[sf.family]),
+                    scheduler_config={**singlefile.SCHEDULER, "prediction_type": prediction}, path=path,
+                    origin=f"single file {name}: {sf.family}{', EMA UNet' if ema else ''}, {prediction} ({why})")
+
+
+def prediction_type_of(model, sf, override=None):
+    """ε or v for a single file, which does not say in its weights, and how it was decided: --prediction-type, else a
+    `v_pred` marker key (ComfyUI's convention), else A1111's probe for SD2 (`probe_v_prediction`), else ε (SD1)."""
+    if override:
+        return override, "--prediction-type"
+    if sf.v_pred_marker:
+        return "v_prediction", "the file's v_pred key"
+    if sf.family == singlefile.SD1:
+        return "epsilon", "SD1 family"
+    is_v, value = probe_v_prediction(model)
+    why = f"A1111's probe: mean(ε(x=0.5, t=999) − x) = {value:.2f}, v below −1"
+    return ("v_prediction" if is_v else "epsilon"), why
+
+
+@torch.no_grad()
+def probe_v_prediction(model):
+    """A1111's test of an SD2 UNet (modules/sd_models_config.py): x = 0.5 everywhere (1, 4, 8, 8), a context of two
+    tokens at 0.5, t = 999; the model predicts v when mean(output − x) < −1. At t = 999 the input is nearly pure
+    noise, so an ε-model returns about x itself, while v = √ᾱ ε − √(1−ᾱ) x_0 ≈ −x̂_0 lies far from it.
+    Returns (is_v, the mean)."""
+    p = next(model.parameters())
+    x = torch.full((1, model.config.in_channels, 8, 8), 0.5, dtype=p.dtype, device=p.device)
+    context = torch.full((1, 2, model.config.per_block("cross_attention_dim")[0]), 0.5, dtype=p.dtype, device=p.device)
+    value = (model(x, 999, context) - x).float().mean().item()
+    return value < -1, value
+
+
+def load_unet(path, dtype=torch.float32, device="cpu", ema=False):
+    """The UNet alone of a diffusers model folder, a `unet/` folder, or a single-file checkpoint (--eta-model,
+    extract-lora); of a single file only the UNet's tensors are read."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist; pass a diffusers model folder, a unet/ folder or a single-file "
+                        "checkpoint.")
+    if os.path.isfile(path):
+        config, state = singlefile.read(path, device, ema, ("unet",)).parts["unet"]
+        return unet.build_unet(unet.unet_config(config, path), state, path, dtype)
+    return unet.load_unet(part_folder(path, "unet", "the model"), dtype, device)
 
 
 def read_scheduler_config(path):
@@ -190,6 +329,65 @@ def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
     return denoise
 
 
+# ----------------------------------------------------------------------------------------------------------
+# A fully fine-tuned model as η (the paper's DiffDPO and DreamShaper rows): η = θ_ft − θ is dense.
+
+def check_same_architecture(model, tuned, what):
+    """`tuned` must have `model`'s parameters, shapes and heads: a fine-tune of it, not another network."""
+    ours = {k: tuple(v.shape) for k, v in lora.merged_state_dict(model, {}).items()}
+    theirs = {k: tuple(v.shape) for k, v in tuned.state_dict().items()}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    heads = [m.config.per_block("attention_head_dim") for m in (model, tuned)]
+    if differ or heads[0] != heads[1]:
+        detail = f"{len(differ)} weights differ in name or shape ({', '.join(differ[:3])})" if differ else \
+            f"attention heads {heads[1]} vs {heads[0]}"
+        raise UserError(f"{what} is not a fine-tune of the base model: {detail}; pass a model of the same "
+                        "architecture (e.g. an SD1.5 fine-tune for an SD1.5 base).")
+
+
+@torch.no_grad()
+def dense_eta(model, tuned, alpha):
+    """Eq. 10 with a dense η = θ_ft − θ (a fully fine-tuned UNet `tuned` as the preference model):
+
+        ε_pos = ε(x_t, c; θ + η) = ε(x_t, c; θ_ft),   ε_neg = ε(x_t, c'; θ + α·η + β·δ)
+
+    θ + α·η = θ + α·(θ_ft − θ) is written into `model` in place (a lerp per tensor, in fp32), so the two branches
+    hold two weight sets, θ_ft and θ + α·η, and never a third: θ itself is not kept. δ stays `model`'s LoRA offset
+    "delta", run at β per row (`dense_eta_denoiser`). Without δ (or β = 0) ε_neg is the paper's weight merge
+    θ + γ·η (eq. 4, γ = α)."""
+    tuned_state = tuned.state_dict()
+    for key, weight in lora.merged_state_dict(model, {}).items():  # θ's own tensors, shared with `model`
+        if weight.is_floating_point():
+            weight.copy_(weight.float().lerp(tuned_state[key].float(), alpha))
+
+
+def attach_eta_model(pipe, path, alpha):
+    """Make the fully fine-tuned model at `path` (a diffusers folder, a `unet/` folder or a single file) the
+    preference model: pipe.eta_unet = θ_ft and pipe.unet = θ + α·η (`dense_eta`), for `generate`."""
+    if "eta" in lora.offset_names(pipe.unet):
+        raise UserError("the model already carries a LoRA η; a fine-tuned --eta-model is η itself, so pass one of "
+                        "the two.")
+    p = next(pipe.unet.parameters())
+    tuned = load_unet(path, p.dtype, p.device)
+    check_same_architecture(pipe.unet, tuned, f"--eta-model {path}")
+    dense_eta(pipe.unet, tuned, alpha)
+    pipe.eta_unet, pipe.eta_alpha = tuned, float(alpha)
+
+
+def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
+    """Two passes per step: ε_neg from θ + α·η (pipe.unet) with δ at β per row, ε_pos from θ_ft (pipe.eta_unet)."""
+    if any(a != pipe.eta_alpha for a in torch.as_tensor(alpha, dtype=torch.float64).flatten().tolist()):
+        raise UserError(f"the base weights hold θ + α·η for α = {pipe.eta_alpha:g} (--eta-model); sample at that α, "
+                        "or load the model again for another.")
+    weights = {"delta": beta} if "delta" in lora.offset_names(pipe.unet) else {}
+
+    def denoise(x, t):
+        with lora.multipliers(pipe.unet, **weights):
+            eps_neg = pipe.unet(x, t, neg_embeds)
+        return sampler.cfg_combine(eps_neg, pipe.eta_unet(x, t, pos_embeds), guidance)
+    return denoise
+
+
 def load_offset(pipe, files, name):
     """η or δ from LoRA files, `files` = [(path, weight), ...]: their weighted sum as the offset `name`, on the UNet
     and, for files with text-encoder keys, on the text encoder (eq. 10 then weighs both parts alike)."""
@@ -219,7 +417,8 @@ def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, d
     `negative_prompt`: one for all images or one per image. `sampler`: "ddim" or "dpmpp-2m" (sampler.SAMPLERS).
     mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
     mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
-    The text encoder's offsets follow eq. 10 in both: c' is encoded with α·η + β·δ, c with η.
+    The text encoder's offsets follow eq. 10 in both: c' is encoded with α·η + β·δ, c with η. With a fine-tuned η
+    attached (`attach_eta_model`) both modes run its two weight sets (`dense_eta_denoiser`).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does."""
     height, width = height or pipe.image_size, width or pipe.image_size
     dtype = next(pipe.unet.parameters()).dtype
@@ -228,15 +427,18 @@ def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, d
     if guidance <= 1:
         positive = {"eta": 1.0, "delta": 0.0}  # θ + η, on the text encoder and the UNet (other UNet offsets off)
         pos = pipe.encode_prompts(prompts, positive, clip_skip).to(dtype)
+        unet = pipe.eta_unet if pipe.eta_unet is not None else pipe.unet  # θ_ft, or θ with η as a LoRA
         with lora.multipliers(pipe.unet, **{k: positive.get(k, 0.0) for k in lora.offset_names(pipe.unet)}):
-            latents = run(lambda x, t: pipe.unet(x, t, pos))
+            latents = run(lambda x, t: unet(x, t, pos))
     else:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         weights = npo_multipliers(len(prompts), alpha, beta, pipe.text_encoder_device)
         neg, pos = pipe.encode_prompts(negatives + prompts, weights, clip_skip).to(dtype).chunk(2)
-        if mode == "merged":
+        if pipe.eta_unet is not None:
+            denoise = dense_eta_denoiser(pipe, neg, pos, guidance, alpha, beta)
+        elif mode == "merged":
             unet_neg, unet_pos = unets or merged_unets(pipe.unet, alpha, beta)
             denoise = merged_denoiser(unet_neg, unet_pos, neg, pos, guidance)
         else:

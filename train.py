@@ -102,7 +102,9 @@ METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0}}  #
 def add_arguments(p):
     g = p.add_argument_group("model and output")
     g.add_argument("--model", default=None,
-                   help="diffusers model folder of the frozen base model (default: the embedded model in weights/)")
+                   help="the frozen base model: a diffusers folder or a single-file .safetensors / .ckpt checkpoint "
+                        "(default: the embedded model in weights/)")
+    pipeline.add_source_arguments(g)
     g.add_argument("--out", required=True,
                    help="output folder: the LoRA goes to OUT/lora.safetensors, checkpoints to OUT/checkpoints/, "
                         "the log to OUT/log.jsonl")
@@ -445,7 +447,8 @@ def main(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        pipe = pipeline.load_pipeline(os.path.abspath(args.model or pipeline.DEFAULT_MODEL), DTYPES[args.dtype], device)
+        pipe = pipeline.load_pipeline(os.path.abspath(args.model or pipeline.DEFAULT_MODEL), DTYPES[args.dtype], device,
+                                      **pipeline.source_options(args))
         run = Run(args, pipe, out, rank, world_size, device)
         setup(run, state, resume_from)
         return train(run, source)

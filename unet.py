@@ -597,22 +597,37 @@ def rename_legacy_vae_keys(state_dict):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loading from a diffusers model folder (`unet/` or `vae/`: config.json + safetensors).
+# Loading: a config (diffusers' config.json fields) and a state dict in diffusers' names, from a model folder or
+# from a single file (singlefile.py).
+
+def unet_config(d, where):
+    return checkpoint.config_from_dict(UNetConfig, d, where, UNET_NOOP_FIELDS)
+
+
+def vae_config(d, where):
+    return checkpoint.config_from_dict(VAEConfig, d, where, VAE_NOOP_FIELDS)
+
+
+def build_unet(cfg, state_dict, where, dtype=torch.float32):
+    model = checkpoint.build_on_meta(lambda: UNet2DCondition(cfg))
+    checkpoint.load_strict(model, state_dict, where, dtype)
+    return model.eval().requires_grad_(False)
+
+
+def build_vae(cfg, state_dict, where, dtype=torch.float32):
+    model = checkpoint.build_on_meta(lambda: AutoencoderKL(cfg))
+    checkpoint.load_strict(model, rename_legacy_vae_keys(state_dict), where, dtype)
+    return model.eval().requires_grad_(False)
+
 
 def load_unet(folder, dtype=torch.float32, device="cpu", variant=None):
-    cfg = checkpoint.config_from_dict(UNetConfig, checkpoint.read_json(f"{folder}/config.json"),
-                                      f"{folder}/config.json", UNET_NOOP_FIELDS)
+    """The UNet of a diffusers `unet/` folder (config.json + safetensors)."""
+    cfg = unet_config(checkpoint.read_json(f"{folder}/config.json"), f"{folder}/config.json")
     path = checkpoint.find_weights(folder, ["diffusion_pytorch_model", "model"], variant)
-    model = checkpoint.build_on_meta(lambda: UNet2DCondition(cfg))
-    checkpoint.load_strict(model, checkpoint.read_safetensors(path, device), path, dtype)
-    return model.eval().requires_grad_(False)
+    return build_unet(cfg, checkpoint.read_safetensors(path, device), path, dtype)
 
 
 def load_vae(folder, dtype=torch.float32, device="cpu", variant=None):
-    cfg = checkpoint.config_from_dict(VAEConfig, checkpoint.read_json(f"{folder}/config.json"),
-                                      f"{folder}/config.json", VAE_NOOP_FIELDS)
+    cfg = vae_config(checkpoint.read_json(f"{folder}/config.json"), f"{folder}/config.json")
     path = checkpoint.find_weights(folder, ["diffusion_pytorch_model", "model"], variant)
-    model = checkpoint.build_on_meta(lambda: AutoencoderKL(cfg))
-    state_dict = rename_legacy_vae_keys(checkpoint.read_safetensors(path, device))
-    checkpoint.load_strict(model, state_dict, path, dtype)
-    return model.eval().requires_grad_(False)
+    return build_vae(cfg, checkpoint.read_safetensors(path, device), path, dtype)

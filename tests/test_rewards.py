@@ -178,8 +178,8 @@ def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, 
     calls = []
     load = pipeline.load_pipeline
 
-    def recording_pipeline(path, dtype, device):
-        pipe = load(path, dtype, device)
+    def recording_pipeline(path, dtype, device, **options):
+        pipe = load(path, dtype, device, **options)
         forward = pipe.unet.forward
 
         def recorded(x, t, context):

@@ -177,8 +177,8 @@ def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_p
     counts = []
     load = pipeline.load_pipeline
 
-    def counting_pipeline(path, dtype, device):
-        pipe = load(path, dtype, device)
+    def counting_pipeline(path, dtype, device, **options):
+        pipe = load(path, dtype, device, **options)
         encode = pipe.vae.encode
 
         def counted(x):
