@@ -7,6 +7,8 @@
     python bench.py reward [--size 32]
     python bench.py scorers [--shape clip-h] [--batch 4]
     python bench.py ddpo [--size 32] [--sample-steps 10,20,50]
+    python bench.py data [--shards 4] [--workers 0,2]
+    python bench.py gpu [--out gpu.md]
     python bench.py singlefile [--variants folder,safetensors,ckpt] [--small]
     python bench.py extract [--rank 64] [--conv-rank 32] [--targets ...] [--small]
 
@@ -725,6 +727,89 @@ def cmd_extract(args):
           f"| {lora.relative_errors(stats)['overall']:.3f} |")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Data: Pick-a-Pic-shaped parquet shards streamed by data.batches (decode, resize, crop, flip) against the step's
+# demand, and the peak memory of one epoch at 1x and 10x the shards.
+
+def write_fake_shards(folder, shards, rows, size, group_rows=8):
+    """`shards` parquet files of `rows` pairs of random `size`-px JPEGs each (Pick-a-Pic's columns; ~500 px photos
+    as the dataset holds), written once."""
+    if os.path.exists(os.path.join(folder, "done")):
+        return folder
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        jpgs = []
+        for _ in range(2 * rows):
+            buffer = io.BytesIO()
+            noise = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)  # smooth-ish content: JPEG-sized
+            Image.fromarray(noise).resize((size, size), Image.BICUBIC).save(buffer, format="JPEG", quality=90)
+            jpgs.append(buffer.getvalue())
+        table = pa.table({"caption": [f"a photo {s}-{i}" for i in range(rows)], "jpg_0": jpgs[::2], "jpg_1": jpgs[1::2],
+                          "label_0": [float(i % 2) for i in range(rows)], "label_1": [float(1 - i % 2) for i in range(rows)]})
+        pq.write_table(table, os.path.join(folder, f"train-{s:05d}.parquet"), row_group_size=group_rows)
+    open(os.path.join(folder, "done"), "w").close()
+    return folder
+
+
+def data_one(folder, resolution, batches, workers, threads):
+    """Pairs per second out of data.batches over `folder` (after one warm-up batch), and the process's peak RSS."""
+    torch.set_num_threads(threads)
+    import data
+    stream = data.batches(data.open_pairs(folder), 8, 0, resolution, random_crop=True, num_workers=workers)
+    next(stream)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    seconds = time.perf_counter() - t0
+    stream.close()
+    return dict(pairs_per_s=8 * batches / seconds, peak_gib=rss_kib("VmHWM") / 2**20)
+
+
+def epoch_peak(folder, threads):
+    """One whole epoch of rows (no decoding) over `folder`: the peak RSS, whatever the number of shards."""
+    torch.set_num_threads(threads)
+    import data
+    dataset = data.open_pairs(folder)
+    for (epoch, _), _ in dataset.rows(0):
+        if epoch:
+            break
+    return dict(peak_gib=rss_kib("VmHWM") / 2**20, rows=len(dataset))
+
+
+def cmd_data(args):
+    base = os.path.join(os.path.dirname(WEIGHTS), "shards")
+    one = write_fake_shards(f"{base}-x1", args.shards, 64, args.image_size)
+    ten = write_fake_shards(f"{base}-x10", 10 * args.shards, 64, args.image_size)
+    print(f"{args.image_size} px JPEG pairs, batches of 8 at --resolution {args.resolution}, random crop and flip, "
+          f"{args.threads} threads\n\n| workers | pairs / s | peak GiB |\n|---|---|---|")
+    for workers in args.workers:
+        r = run_child("_data", one, args.resolution, args.batches, workers, args.threads)
+        print(f"| {workers} | {r['pairs_per_s']:.1f} | {r['peak_gib']:.2f} |", flush=True)
+    print("\n| shards | rows | one epoch's peak GiB (rows only) |\n|---|---|---|")
+    for folder, count in ((one, args.shards), (ten, 10 * args.shards)):
+        r = run_child("_epoch", folder, args.threads)
+        print(f"| {count} | {r['rows']} | {r['peak_gib']:.3f} |", flush=True)
+
+
+def add_data_command(sub):
+    p = sub.add_parser("data", help="parquet shards: pairs/s decoded and cropped, and peak memory at 1x and 10x shards")
+    p.add_argument("--shards", type=int, default=4, help="shards at 1x (default 4; 10x writes ten times as many)")
+    p.add_argument("--image-size", type=int, default=512, help="side of the stored JPEGs (default 512)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (default 512)")
+    p.add_argument("--batches", type=int, default=8, help="timed batches of 8 (default 8)")
+    p.add_argument("--workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2],
+                   help="comma-separated --num-workers values (default 0,2)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_data)
+
+
 # `bench.py _KIND ARGS...`: one measurement in a fresh process (see run_child), printed as JSON.
 CHILDREN = {
     "_one": lambda a: measure_one(a[0], a[1], *map(int, a[2:6])),
@@ -734,6 +819,8 @@ CHILDREN = {
     "_scorer": lambda a: scorer_one(a[0], a[1], *map(int, a[2:5])),
     "_ddpo": lambda a: ddpo_one(*map(int, a[0:3])),
     "_load": lambda a: load_one(a[0], int(a[1])),
+    "_data": lambda a: data_one(a[0], *map(int, a[1:5])),
+    "_epoch": lambda a: epoch_peak(a[0], int(a[1])),
 }
 
 
@@ -839,7 +926,7 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_models_command, add_sampling_command, add_solvers_command, add_train_command, add_gpu_command,
                 add_reward_command, add_ddpo_command, add_scorers_command, add_singlefile_command,
-                add_extract_command):
+                add_extract_command, add_data_command):
         add(sub)
     args = parser.parse_args()
     args.func(args)
