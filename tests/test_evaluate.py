@@ -1,6 +1,5 @@
 """`npo.py evaluate` on synthetic folders: PNGs with A1111 `parameters`, scored by a reward of known values
 (`rewards:brightness` of flat grey images is grey / 255), so every mean, interval, win rate and pairing is known."""
-import argparse
 import json
 import math
 import os
@@ -21,10 +20,10 @@ SEEDS = [0, 1, 5, 2]  # "a red circle" twice, at two seeds: a pair is (prompt, s
 
 
 def parameters(prompt, seed):
-    """The text `npo.py sample` writes (its own function, with the settings of a plain run)."""
-    args = argparse.Namespace(steps=20, guidance=7.5, model="weights", ddim_eta=0.0, lora=None, npo=None,
-                              mode="batched", negative_prompt="blurry")
-    return npo.a1111_parameters(args, dict(prompt=prompt, seed=seed, alpha=1.0, beta=1.0), (32, 32))
+    """The text `npo.py sample` writes (its own function, with the settings of a plain run from the real parser)."""
+    args = npo.build_parser().parse_args(["sample", "--prompt", prompt, "--negative-prompt", "blurry"])
+    job = dict(prompt=prompt, negative="blurry", seed=seed, alpha=1.0, beta=1.0)
+    return npo.a1111_parameters(args, job, (32, 32))
 
 
 def write_folder(folder, greys, shuffle_names=None):

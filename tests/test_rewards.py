@@ -356,12 +356,12 @@ def test_joint_gradients_equal_the_two_branch_computation(tiny_model, offsets, p
     assert all(g.abs().max() > 0 for (role, _, _), g in ours.items() if role == "eta")
 
 
-def test_uncond_branch_gradients_equal_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
+def test_uncond_branch_gradients_equal_the_two_branch_computation(tiny_model, offsets, prompts_file, tmp_path):
     """--train-branch uncond --lora ETA: η at α on the unconditional branch and 1 on the conditional one, δ at 1 and
     0 (eq. 10 with β = 1). η is frozen in a real run; here both are given gradients, to check both multipliers."""
     model, refs = tiny_model
     flags = ["--sample-steps", "3", "--grad-steps", "2", "--guidance", "3", "--train-branch", "uncond",
-             "--lora", lora_files["eta"], "--alpha", "0.5"]
-    ours = our_gradients(model, lora_files, prompts_file, tmp_path, flags)
-    ref = reference_gradients(model, refs, lora_files, 3, 2, 3.0, {"eta": 0.5, "delta": 1.0}, {"eta": 1.0, "delta": 0.0})
+             "--lora", offsets["eta"], "--alpha", "0.5"]
+    ours = our_gradients(model, offsets, prompts_file, tmp_path, flags)
+    ref = reference_gradients(model, refs, offsets, 3, 2, 3.0, {"eta": 0.5, "delta": 1.0}, {"eta": 1.0, "delta": 0.0})
     assert_gradients_equal(ours, ref)
