@@ -1,9 +1,10 @@
-"""The CLIP text encoder and tokenizer of Stable Diffusion 1.x / 2.x, written by hand.
+"""The CLIP text encoders and tokenizer of Stable Diffusion 1.x / 2.x / XL, written by hand.
 
 Attribute names are the state-dict keys of transformers' `CLIPTextModel`
 (`text_model.encoder.layers.3.self_attn.q_proj`), so a diffusers `text_encoder/` folder loads with one strict
 `load_state_dict`. SD1.x uses OpenAI's CLIP ViT-L/14 text tower (768 wide, 12 layers, quick_gelu); SD2.x uses
-OpenCLIP's ViT-H/14 tower (1024 wide, 23 layers, gelu). Both share one BPE vocabulary (weights/tokenizer/).
+OpenCLIP's ViT-H/14 tower (1024 wide, 23 layers, gelu); SDXL uses ViT-L/14's and OpenCLIP's ViT-bigG/14 tower with
+its text projection (1280 wide, 32 layers, gelu). All share one BPE vocabulary (weights/tokenizer/).
 """
 import os
 from dataclasses import dataclass, fields
@@ -35,6 +36,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     # only used to find the pooled (EOS) token; SD checkpoints say 2, an old wrong value kept for compatibility
     eos_token_id: int = 49407
+    projection_dim: int = 512  # output of the text projection (SDXL's text_encoder_2: 1280); unused without one
 
     def __post_init__(self):
         if self.hidden_act not in ("quick_gelu", "gelu"):
@@ -57,7 +59,7 @@ def read_text_config(path):
     try:
         return CLIPTextConfig(**{k: v for k, v in d.items() if k in names})
     except (TypeError, ValueError) as e:
-        raise UserError(f"{path}: {e}; use a Stable Diffusion 1.x/2.x text encoder.")
+        raise UserError(f"{path}: {e}; use a Stable Diffusion 1.x/2.x/XL text encoder.")
 
 
 def quick_gelu(x):
@@ -128,19 +130,50 @@ class CLIPTextModel(nn.Module):
         m, n = self.text_model, self.config.num_hidden_layers
         if not 0 <= clip_skip < n:
             raise UserError(f"clip_skip = {clip_skip} is out of range; use 0 (off) to {n - 1}.")
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = m.embeddings.token_embedding(input_ids) + m.embeddings.position_embedding(pos)
+        x = self.embed(input_ids)
         for layer in m.encoder.layers[:n - clip_skip]:
             x = layer(x)
         return m.final_layer_norm(x)
 
+    def embed(self, input_ids):
+        """Token plus position embeddings (B, T, hidden): the input of the first layer."""
+        e = self.text_model.embeddings
+        return e.token_embedding(input_ids) + e.position_embedding(torch.arange(input_ids.shape[1], device=input_ids.device))
+
     def pooled(self, input_ids):
         """The feature of the EOS token (B, hidden): CLIP's sentence embedding, before its text projection."""
-        h = self(input_ids)
+        return self.at_eos(self(input_ids), input_ids)
+
+    def at_eos(self, h, input_ids):
+        """The rows of h (B, T, D) at each sequence's EOS token: (B, D)."""
         eos = self.config.eos_token_id
         # checkpoints with the old eos_token_id 2 find EOS as the largest id (49407); the others by its first position
         where = input_ids.argmax(-1) if eos == 2 else (input_ids == eos).int().argmax(-1)
         return h[torch.arange(len(h), device=h.device), where]
+
+    def penultimate_and_pooled(self, input_ids):
+        """What SDXL takes from each text encoder, in one pass: the hidden state after the second-to-last layer,
+        without the final layer norm (B, T, D) (transformers' `hidden_states[-2]`), and the pooled EOS feature of
+        the last layer after it (B, D)."""
+        layers = self.text_model.encoder.layers
+        x = self.embed(input_ids)
+        for layer in layers[:-1]:
+            x = layer(x)
+        return x, self.at_eos(self.text_model.final_layer_norm(layers[-1](x)), input_ids)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP ViT-bigG/14's text tower): CLIP plus `text_projection`, a bias-free
+    linear map of the pooled EOS feature (transformers' `text_embeds`)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def penultimate_and_pooled(self, input_ids):
+        """As CLIPTextModel's, with the pooled feature projected: SDXL's pooled text embedding (B, projection_dim)."""
+        hidden, pooled = super().penultimate_and_pooled(input_ids)
+        return hidden, self.text_projection(pooled)
 
 
 def rename_legacy_clip_keys(state_dict):
@@ -148,15 +181,16 @@ def rename_legacy_clip_keys(state_dict):
 
     transformers before v5 saved `text_model.`-prefixed keys (every SD1.x/2.x checkpoint), v5 saves them without;
     and older checkpoints also saved `text_model.embeddings.position_ids`, a constant arange buffer, not a weight."""
-    out = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
+    out = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in state_dict.items()}
     out.pop("text_model.embeddings.position_ids", None)
     return out
 
 
-def load_text_encoder(folder, dtype=torch.float32, device="cpu", variant=None):
+def load_text_encoder(folder, dtype=torch.float32, device="cpu", variant=None, projection=False):
+    """A `text_encoder/` folder; `projection=True` for a CLIPTextModelWithProjection (SDXL's `text_encoder_2/`)."""
     cfg = read_text_config(os.path.join(folder, "config.json"))
     path = checkpoint.find_weights(folder, ["model"], variant)
-    model = checkpoint.build_on_meta(lambda: CLIPTextModel(cfg))
+    model = checkpoint.build_on_meta(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg))
     checkpoint.load_strict(model, rename_legacy_clip_keys(checkpoint.read_safetensors(path, device)), path, dtype)
     return model.eval().requires_grad_(False)
 

@@ -30,7 +30,7 @@ from pipeline import DEFAULT_MODEL
 
 def cmd_info(args):
     pipe = pipeline.load_pipeline(args.model)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if pipe.is_sdxl else ()):
         print(f"{name:13s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
     print(f"scheduler     {pipe.scheduler_config or 'SD defaults'}")
 
@@ -95,7 +95,7 @@ def a1111_parameters(args, job, size):
     if args.lora or args.npo:
         settings.update({"NPO alpha": job["alpha"], "NPO beta": job["beta"]})
     settings["NPO mode"] = args.mode
-    return f"{job['prompt']}\nNegative prompt: {args.negative_prompt}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
+    return f"{job['prompt']}\nNegative prompt: {args.negative_prompt or ''}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
 
 
 def check_sample_arguments(args):
@@ -104,6 +104,10 @@ def check_sample_arguments(args):
         value = getattr(args, flag)
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"--{flag} {value} is not a positive multiple of 8; use e.g. 512.")
+    for flag in ("original_size", "target_size", "crop_top_left"):
+        value = getattr(args, flag)
+        if value is not None and min(value) < (0 if flag == "crop_top_left" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} {value[0]} {value[1]} is not a size in pixels; pass e.g. 1024 1024.")
     for flag in ("n", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
@@ -160,7 +164,9 @@ def run_jobs(pipe, args, jobs, progress):
                 unets, unets_key = pipeline.merged_unets(pipe.unet, alpha, beta), (alpha, beta)
         out = pipeline.generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch], args.negative_prompt,
                                 args.steps, args.guidance, args.ddim_eta, alpha, beta, args.height, args.width,
-                                args.mode, unets, callback=lambda i, n, t: progress.step(i, n, len(batch)))
+                                args.mode, unets, callback=lambda i, n, t: progress.step(i, n, len(batch)),
+                                original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
+                                target_size=args.target_size)
         pictures += images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
@@ -204,12 +210,23 @@ def load_for_sampling(args, prompts):
         lora.load_lora(pipe.unet, args.lora, "eta")
     if args.npo:
         lora.load_lora(pipe.unet, args.npo, "delta")
-    for p in set(prompts) | {args.negative_prompt}:
+    check_model_arguments(args, pipe)
+    for p in set(prompts) | {args.negative_prompt or ""}:
         if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
     return pipe
+
+
+def check_model_arguments(args, pipe):
+    """What depends on the model: the default CFG scale (7.5; SDXL 5), and SDXL's size flags, refused for SD1/2."""
+    if args.guidance is None:
+        args.guidance = pipe.default_guidance
+    sizes = [f for f in ("original_size", "crop_top_left", "target_size") if getattr(args, f) is not None]
+    if sizes and not pipe.is_sdxl:
+        raise UserError(f"--{sizes[0].replace('_', '-')} is SDXL's size conditioning and {args.model} is not an SDXL "
+                        "model; drop it.")
 
 
 def cmd_sample(args):
@@ -244,12 +261,15 @@ def build_parser():
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusers model folder (default: the embedded model in weights/)")
     p.add_argument("--prompt", default="a red circle", help="the prompt (ignored with --prompts-file)")
     p.add_argument("--prompts-file", help="a .txt file with one prompt per line, or a .jsonl file with a \"prompt\" per row")
-    p.add_argument("--negative-prompt", default="", help="the negative prompt c' of the unconditional branch (default: empty)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="the negative prompt c' of the unconditional branch (default: none, which is the empty prompt; "
+                        "for SDXL zeros, as diffusers, while --negative-prompt \"\" encodes the empty prompt)")
     p.add_argument("--lora", help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft format)")
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
     p.add_argument("--alpha", type=float, default=None, help="weight of η on the unconditional branch (eq. 10; default 1)")
     p.add_argument("--beta", type=float, default=None, help="weight of δ on the unconditional branch (eq. 10; default 1)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5; 5 for SDXL, as the authors)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
@@ -257,6 +277,12 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="SDXL's size conditioning: the original image size (default: --height --width)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                   help="SDXL's size conditioning: the crop's top-left corner (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="SDXL's size conditioning: the target image size (default: --height --width)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
