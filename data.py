@@ -257,28 +257,40 @@ def _read_parquet(path, skip_bad_rows):
 
 # ---- preprocessing -------------------------------------------------------------------------------------------
 
-def preprocess_pair(preferred, rejected, resolution, generator, random_crop=False, hflip=True):
+def preprocess_pair(preferred, rejected, resolution, generator, random_crop=False, hflip=True, sizes=False):
     """Both images of a pair → float tensors (3, R, R) in [-1, 1], with the *same* crop and flip.
 
     Each image is resized (bilinear, antialiased) so its short side is R, then cropped to R x R at the center or,
     with `random_crop`, at one random relative position shared by both images, then mirrored left-right with
-    probability 1/2 if `hflip`. Three numbers are drawn from `generator` whatever the options."""
+    probability 1/2 if `hflip`. Three numbers are drawn from `generator` whatever the options. With `sizes`, a
+    third item: the preferred image's (original H, W, crop top, crop left) as a LongTensor (4,), in the resized
+    image's pixels (what SDXL's size conditioning needs)."""
     crop_x, crop_y, coin = torch.rand(3, generator=generator).tolist()
     flip = hflip and coin < 0.5
     where = (crop_x, crop_y) if random_crop else None
-    return tuple(_resize_crop_flip(image, resolution, where, flip) for image in (preferred, rejected))
+    pixels = tuple(_resize_crop_flip(image, resolution, where, flip) for image in (preferred, rejected))
+    if not sizes:
+        return pixels
+    w, h = preferred.size
+    _, _, left, top = _crop_box(w, h, resolution, where)
+    return (*pixels, torch.tensor([h, w, top, left]))
+
+
+def _crop_box(w, h, size, where):
+    """(new_w, new_h, left, top): the image resized so its short side is `size`, and the crop's corner in it."""
+    # short side to `size`, long side scaled and rounded down (as torchvision's Resize(int) does)
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if where is None:  # center crop, rounded as torchvision's CenterCrop
+        return new_w, new_h, round((new_w - size) / 2), round((new_h - size) / 2)
+    # u ∈ [0, 1) → each of the new_w − size + 1 offsets equally likely
+    return new_w, new_h, math.floor(where[0] * (new_w - size + 1)), math.floor(where[1] * (new_h - size + 1))
 
 
 def _resize_crop_flip(image, size, where, flip):
     w, h = image.size
-    # short side to `size`, long side scaled and rounded down (as torchvision's Resize(int) does)
-    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    new_w, new_h, left, top = _crop_box(w, h, size, where)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    if where is None:  # center crop, rounded as torchvision's CenterCrop
-        left, top = round((new_w - size) / 2), round((new_h - size) / 2)
-    else:  # u ∈ [0, 1) → each of the new_w − size + 1 offsets equally likely
-        left, top = math.floor(where[0] * (new_w - size + 1)), math.floor(where[1] * (new_h - size + 1))
     image = image.crop((left, top, left + size, top + size))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -307,9 +319,10 @@ class _Stream(torch.utils.data.Dataset):
     Epoch `e` visits the pairs in the order `randperm(n)` drawn from `epoch_generator(seed, e)`, which also draws
     one seed per position for that example's caption dropout, crop and flip."""
 
-    def __init__(self, dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout):
+    def __init__(self, dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout, sizes=False):
         self.dataset, self.seed, self.global_batch = dataset, seed, global_batch
         self.resolution, self.random_crop, self.hflip, self.caption_dropout = resolution, random_crop, hflip, caption_dropout
+        self.sizes = sizes
         self.steps_per_epoch = steps_per_epoch(len(dataset), global_batch)
         self._plan = (None, None, None)  # (epoch, order, example seeds) of the last epoch used
 
@@ -329,7 +342,8 @@ class _Stream(torch.utils.data.Dataset):
         prompt, preferred, rejected = self.dataset[int(order[position])]
         if torch.rand((), generator=g).item() < self.caption_dropout:
             prompt = ""  # train the unconditional prediction too, as CFG needs
-        return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip))
+        return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip,
+                                         self.sizes))
 
 
 class _Positions:
@@ -348,13 +362,14 @@ class _Positions:
 
 
 def _collate(examples):
-    prompts, preferred, rejected = zip(*examples)
-    return list(prompts), torch.stack(preferred), torch.stack(rejected)
+    prompts, *tensors = zip(*examples)
+    return (list(prompts), *(torch.stack(t) for t in tensors))
 
 
 def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=False, hflip=True,
-            caption_dropout=0.0, rank=0, world_size=1, num_workers=0):
-    """Endless batches `(prompts: list[str], preferred: (B,3,R,R), rejected: (B,3,R,R))`, B = `batch_size` per rank.
+            caption_dropout=0.0, rank=0, world_size=1, num_workers=0, sizes=False):
+    """Endless batches `(prompts: list[str], preferred: (B,3,R,R), rejected: (B,3,R,R))`, B = `batch_size` per rank,
+    and with `sizes` a fourth item (B, 4): each pair's original size and crop corner (`preprocess_pair`).
 
     The k-th batch yielded is training step `start_step + k`; to resume, pass the number of batches already
     consumed (per rank; with gradient accumulation, micro-batches). Data-parallel ranks each take a contiguous
@@ -372,7 +387,7 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
     if len(dataset) < global_batch:
         raise UserError(f"{dataset.path} has {len(dataset)} pairs, fewer than one batch of {global_batch}; "
                         "lower the batch size or add pairs.")
-    stream = _Stream(dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout)
+    stream = _Stream(dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout, sizes)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=_collate, num_workers=num_workers,
                                          sampler=_Positions(start_step, batch_size, rank, world_size))
     return _closing(iter(loader))
