@@ -346,7 +346,8 @@ def offset_state_dict(model, name):
     found = offsets(model, name)
     if not found:
         raise UserError(f"the model has no LoRA offset named {name!r} (it has: {offset_names(model) or 'none'}).")
-    flat = (lambda n: "lora_unet_" + sgm_name(n, model)) if is_sdxl(model) else kohya_name
+    sgm = is_sdxl(model) and all(sgm_name(n, model) for n in found)  # one style per file: readers take one or the other
+    flat = (lambda n: "lora_unet_" + sgm_name(n, model)) if sgm else kohya_name
     return {f"{flat(layer_name)}.{k}": v for layer_name, offset in found.items() for k, v in offset.state_dict().items()}
 
 

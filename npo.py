@@ -31,8 +31,8 @@ from pipeline import DEFAULT_MODEL
 def cmd_info(args):
     pipe = pipeline.load_pipeline(args.model)
     for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if pipe.is_sdxl else ()):
-        print(f"{name:13s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
-    print(f"scheduler     {pipe.scheduler_config or 'SD defaults'}")
+        print(f"{name:15s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
+    print(f"scheduler       {pipe.scheduler_config or 'SD defaults'}")
 
 
 def warn(message):

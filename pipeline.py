@@ -211,7 +211,8 @@ def sdxl_vae_dtype(path, dtype):
 
 
 def load_sdxl_parts(path, dtype, device, variant):
-    """The Pipeline fields only SDXL has: text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt."""
+    """The Pipeline fields only SDXL has: text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt. (A loader of
+    other layouts, such as single-file checkpoints, fills the same fields and calls `check_sdxl`.)"""
     index_path = os.path.join(path, "model_index.json")
     index = checkpoint.read_json(index_path) if os.path.isfile(index_path) else {}
     return dict(
