@@ -366,14 +366,14 @@ SGM_OUTSIDE = {"conv_in": "input_blocks_0_0", "time_embedding.linear_1": "time_e
 
 def sgm_name(layer_name, unet):
     """The SGM name (underscored, as in kohya's keys) of a diffusers UNet layer, by the rules above; None for a
-    UNet whose levels differ in layers_per_block (no SGM counterpart)."""
+    layer outside them, or a UNet whose levels differ in layers_per_block (no SGM counterpart)."""
     if layer_name in SGM_OUTSIDE:
         return SGM_OUTSIDE[layer_name]
     per_level = set(unet.config.per_block("layers_per_block"))
-    if len(per_level) != 1:
+    block, *rest = layer_name.split(".")
+    if len(per_level) != 1 or block not in ("down_blocks", "mid_block", "up_blocks"):
         return None
     group = per_level.pop() + 1  # SGM blocks per level: L resnets (+ transformers) and the down/upsampler
-    block, *rest = layer_name.split(".")
     if block == "mid_block":
         kind, k, rest = rest[0], int(rest[1]), rest[2:]
         sgm = f"middle_block_{2 * k if kind == 'resnets' else 1}"

@@ -260,6 +260,13 @@ def as_kwargs(conditioning):
     return conditioning if isinstance(conditioning, dict) else {"encoder_hidden_states": conditioning}
 
 
+def run_unet(unet, x, t, conditioning):
+    """ε_θ(x_t, t, c) for one conditioning: `unet(x, t, context)` as for SD1/2, SDXL's pooled text and time ids
+    added as keyword arguments."""
+    c = as_kwargs(conditioning)
+    return unet(x, t, c["encoder_hidden_states"], **{k: v for k, v in c.items() if k != "encoder_hidden_states"})
+
+
 def cat_conditioning(*branches):
     """The conditionings of several branches stacked along the batch, for one forward over all their rows."""
     branches = [as_kwargs(b) for b in branches]
@@ -278,7 +285,7 @@ def guided_denoiser(unet, neg_embeds, pos_embeds, guidance, weights):
 
     def denoise(x, t):
         with lora.multipliers(unet, **weights):
-            eps_neg, eps_pos = unet(torch.cat([x, x]), t, **context).chunk(2)
+            eps_neg, eps_pos = run_unet(unet, torch.cat([x, x]), t, context).chunk(2)
         return sampler.cfg_combine(eps_neg, eps_pos, guidance)
     return denoise
 
@@ -308,10 +315,8 @@ def merged_unets(unet, alpha=1.0, beta=1.0):
 
 def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
     """Two passes per step, one per weight set (what the authors' code runs)."""
-    neg, pos = as_kwargs(neg_embeds), as_kwargs(pos_embeds)
-
     def denoise(x, t):
-        return sampler.cfg_combine(unet_neg(x, t, **neg), unet_pos(x, t, **pos), guidance)
+        return sampler.cfg_combine(run_unet(unet_neg, x, t, neg_embeds), run_unet(unet_pos, x, t, pos_embeds), guidance)
     return denoise
 
 
@@ -337,7 +342,7 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
                                       pipe.vae.downscale)
     if guidance <= 1:
         with lora.multipliers(pipe.unet, **{k: 1.0 if k == "eta" else 0.0 for k in lora.offset_names(pipe.unet)}):
-            denoise = lambda x, t: pipe.unet(x, t, **pos)  # noqa: E731
+            denoise = lambda x, t: run_unet(pipe.unet, x, t, pos)  # noqa: E731
             latents = sampler.ddim_sample(denoise, latents, cfg, steps, ddim_eta, gens, callback)
     else:
         neg = pipe.negative_conditioning(negative_prompt, pos)

@@ -614,11 +614,11 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device):
         c = pipe.conditioning(prompts, pair_time_ids(sizes[0], args.resolution) if sizes else None)
         context = pipeline.cat_conditioning(c, c)  # both images of a pair: its text, pooled text and time ids
 
-        model_pred = unet(z_t, t, **context)
+        model_pred = pipeline.run_unet(unet, z_t, t, context)
         # the reference: the same UNet with the offset switched off. (With gradient checkpointing the backward
         # recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
         with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
-            ref_pred = unet(z_t, t, **context)
+            ref_pred = pipeline.run_unet(unet, z_t, t, context)
         loss, metrics = losses.dpo_loss(model_pred, ref_pred, target, args.beta_dpo)
         if args.method == "sft":  # SFT logs the same DPO metrics, so the two runs read alike
             loss = losses.sft_loss(model_pred, target)

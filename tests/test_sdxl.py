@@ -24,7 +24,7 @@ import pipeline
 import train
 import unet
 from checkpoint import UserError
-from conftest import diffusers_sdxl_pipeline, randomize
+from conftest import diffusers_sdxl_pipeline
 
 # Images in [0, 1]: same reasoning as test_sample.py (fp32 reordering noise ~1e-6, a visible change 4e-3).
 ATOL = 1e-4
@@ -196,13 +196,15 @@ def unet_inputs(pipe):
 def test_written_sdxl_lora_loads_in_diffusers_in_both_key_styles(tiny_sdxl, tmp_path):
     path, refs = tiny_sdxl
     pipe = pipeline.load_pipeline(path)
-    targets = "to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1,conv_shortcut,time_emb_proj,downsamplers.0.conv,upsamplers.0.conv"
+    targets = ("to_q,to_k,to_v,to_out.0,proj_in,ff.net.2,conv1,conv_shortcut,time_emb_proj,"
+               "downsamplers.0.conv,upsamplers.0.conv")
     random_offset(pipe.unet, targets)
     file = str(tmp_path / "sgm.safetensors")
     lora.save_lora(pipe.unet, "eta", file, role="eta")
     with safe_open(file, "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
-    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["modelspec.architecture"].startswith("stable-diffusion-xl")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert {"lora_unet_input_blocks_3_0_op.alpha", "lora_unet_output_blocks_2_2_conv.alpha",
             "lora_unet_middle_block_2_in_layers_2.alpha", "lora_unet_output_blocks_3_0_skip_connection.alpha"} <= keys
@@ -279,7 +281,8 @@ def test_first_dpo_step_matches_diffusers_sdxl_script(tiny_sdxl, pairs, tmp_path
     prompts, x_w, x_l = next(data.batches(data.open_pairs(pairs), 1, seed=0, resolution=16))
     time_ids = script_time_ids(os.path.join(os.path.dirname(pairs), "0w.png"), 16).repeat(2, 1)  # all one size
     g = train.example_generator(0, 0)
-    t, eps, n = torch.randint(0, 1000, (1,), generator=g), torch.randn((1, 4, 8, 8), generator=g), torch.randn((2, 4, 8, 8), generator=g)
+    t = torch.randint(0, 1000, (1,), generator=g)
+    eps, n = torch.randn((1, 4, 8, 8), generator=g), torch.randn((2, 4, 8, 8), generator=g)
     with torch.no_grad():
         posterior = refs["vae"].float().encode(torch.cat([x_w, x_l])).latent_dist
         z = (posterior.mean + posterior.std * n) * refs["vae"].config.scaling_factor
@@ -294,7 +297,8 @@ def test_first_dpo_step_matches_diffusers_sdxl_script(tiny_sdxl, pairs, tmp_path
     ref_mse = F.mse_loss(ref_pred, eps.repeat(2, 1, 1, 1), reduction="none").mean(dim=(1, 2, 3))
     loss = -F.logsigmoid(-0.5 * 20 * ((mse[0] - mse[1]) - (ref_mse[0] - ref_mse[1])))
     assert ours["loss"] == pytest.approx(loss.item(), rel=1e-4)
-    assert ours["mse_w"] == pytest.approx(mse[0].item(), rel=1e-4) and ours["ref_mse_l"] == pytest.approx(ref_mse[1].item(), rel=1e-4)
+    assert ours["mse_w"] == pytest.approx(mse[0].item(), rel=1e-4)
+    assert ours["ref_mse_l"] == pytest.approx(ref_mse[1].item(), rel=1e-4)
     assert 0.05 < ours["loss"] < 5  # in the loss's sensitive range
 
 
@@ -448,7 +452,8 @@ def test_published_sdxl_configs_build_the_exact_keys_and_shapes(tmp_path):
                                                (SDXL_TEXT_2, CLIPTextModelWithProjection, True, 694_659_840)):
         (tmp_path / "config.json").write_text(json.dumps(config))
         text_cfg = clip.read_text_config(str(tmp_path / "config.json"))
-        ours = checkpoint.build_on_meta(lambda: (clip.CLIPTextModelWithProjection if projection else clip.CLIPTextModel)(text_cfg))
+        cls = clip.CLIPTextModelWithProjection if projection else clip.CLIPTextModel
+        ours = checkpoint.build_on_meta(lambda: cls(text_cfg))
         with torch.device("meta"):
             ref = ref_cls(CLIPTextConfig(**{k: v for k, v in config.items() if k != "architectures"}))
         expected = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
