@@ -11,6 +11,7 @@
     python bench.py gpu [--out gpu.md]
     python bench.py singlefile [--variants folder,safetensors,ckpt] [--small]
     python bench.py extract [--rank 64] [--conv-rank 32] [--targets ...] [--small]
+    python bench.py sdxl [--preset full|small] [--size 32] [--repeats 3]
 
 Builds SD1.5-shaped random weights once (diffusers / transformers modules saved with save_pretrained, so
 this needs the test extra), then times each model in a fresh process so that peak memory is that
@@ -810,6 +811,162 @@ def add_data_command(sub):
     p.set_defaults(func=cmd_data)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SDXL (issue 11): the UNet against diffusers, the NPO step against plain CFG, and the two text encoders.
+
+SDXL_PRESETS = {  # base channels, transformer depth per level, (width, layers, heads) of each text encoder
+    "full": dict(channels=320, depth=[1, 2, 10], text=(768, 12, 12), text_2=(1280, 32, 20)),  # SDXL base's shapes
+    "small": dict(channels=64, depth=[1, 1, 2], text=(64, 2, 2), text_2=(128, 2, 2)),  # to check the benchmark
+}
+
+
+def make_sdxl_weights(path, preset):
+    """SDXL-shaped random weights in a diffusers layout: unet/, text_encoder/, text_encoder_2/, the tokenizers."""
+    if os.path.exists(os.path.join(path, "done")):
+        return
+    import shutil
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    p = SDXL_PRESETS[preset]
+    c, (w1, l1, h1), (w2, l2, h2) = p["channels"], p["text"], p["text_2"]
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        sample_size=128, block_out_channels=(c, 2 * c, 4 * c), layers_per_block=2, cross_attention_dim=w1 + w2,
+        attention_head_dim=(c // 64, 2 * c // 64, 4 * c // 64), transformer_layers_per_block=p["depth"],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=w2 + 6 * 256).save_pretrained(f"{path}/unet")
+    ids = dict(vocab_size=49408, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(hidden_size=w1, intermediate_size=4 * w1, num_hidden_layers=l1, num_attention_heads=h1,
+                                 hidden_act="quick_gelu", **ids)).save_pretrained(f"{path}/text_encoder")
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=w2, intermediate_size=4 * w2, num_hidden_layers=l2,
+                                               num_attention_heads=h2, hidden_act="gelu", projection_dim=w2, **ids)
+                                ).save_pretrained(f"{path}/text_encoder_2")
+    tokenizer = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        shutil.copytree(tokenizer, f"{path}/{name}", dirs_exist_ok=True)
+    with open(f"{path}/tokenizer_2/special_tokens_map.json", "w") as f:
+        json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                   "pad_token": "!"}, f)  # SDXL's tokenizer_2 pads with "!"
+    open(os.path.join(path, "done"), "w").close()
+
+
+def timed_with_peak(fn, repeats):
+    """(median seconds of `repeats` calls after a warm-up, whole-process peak GiB, peak GiB above the start)."""
+    fn()
+    reset_peak_rss()
+    base = rss_kib("VmRSS")
+    times = [_timed(fn) for _ in range(repeats)]
+    peak = rss_kib("VmHWM")
+    return statistics.median(times), peak / 2**20, (peak - base) / 2**20
+
+
+def sdxl_unet_inputs(model_config, batch, size):
+    g = torch.Generator().manual_seed(0)
+    context = torch.randn(batch, 77, model_config.cross_attention_dim, generator=g)
+    pooled = torch.randn(batch, model_config.projection_class_embeddings_input_dim - 6 * 256, generator=g)
+    time_ids = torch.tensor([[8.0 * size, 8.0 * size, 0, 0, 8.0 * size, 8.0 * size]] * batch)
+    return torch.randn(batch, 4, size, size, generator=g), context, pooled, time_ids
+
+
+def sdxl_unet_fn(impl, path, size):
+    """One forward of the CFG batch (2 rows) through our UNet or diffusers'."""
+    if impl == "ours":
+        import unet
+        model = unet.load_unet(f"{path}/unet")
+        x, c, pooled, ids = sdxl_unet_inputs(model.config, 2, size)
+        return lambda: model(x, 500, c, text_embeds=pooled, time_ids=ids)
+    from diffusers import UNet2DConditionModel
+    model = UNet2DConditionModel.from_pretrained(f"{path}/unet").eval()
+    x, c, pooled, ids = sdxl_unet_inputs(model.config, 2, size)
+    return lambda: model(x, 500, c, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+
+
+def sdxl_text_fn(impl, path):
+    """Both text encoders on 2 prompts, as each pipeline encodes them (penultimate states, pooled projection)."""
+    prompts = ["a photo of a cat", "an astronaut riding a horse on the moon"]
+    if impl == "ours":
+        import clip
+        encoders = [clip.load_text_encoder(f"{path}/text_encoder"),
+                    clip.load_text_encoder(f"{path}/text_encoder_2", projection=True)]
+        tokenizers = [clip.load_tokenizer(f"{path}/tokenizer"), clip.load_tokenizer(f"{path}/tokenizer_2")]
+        return lambda: [e.penultimate_and_pooled(t(prompts)) for e, t in zip(encoders, tokenizers)]
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    pipe = StableDiffusionXLPipeline(
+        vae=None, unet=None, scheduler=None, add_watermarker=False,
+        text_encoder=CLIPTextModel.from_pretrained(f"{path}/text_encoder").eval(),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(f"{path}/text_encoder_2").eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(f"{path}/tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(f"{path}/tokenizer_2"))
+    return lambda: pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+
+
+def sdxl_guided_fn(variant, path, size):
+    """One guided denoising step (CFG 5) of ours: plain CFG, NPO with η and δ unmerged (rank 8), or two merged UNets."""
+    import lora
+    import pipeline
+    import unet
+    model = unet.load_unet(f"{path}/unet")
+    g = torch.Generator().manual_seed(0)
+    if variant != "plain":
+        for name in ("eta", "delta"):
+            lora.add_offset(model, name, rank=8)
+            with torch.no_grad():
+                for p in lora.parameters(model, name):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+    x, c, pooled, ids = sdxl_unet_inputs(model.config, 2, size)
+    neg, pos = ({"encoder_hidden_states": c[i:i + 1], "text_embeds": pooled[i:i + 1], "time_ids": ids[i:i + 1]}
+                for i in (0, 1))
+    if variant == "merged":
+        denoise = pipeline.merged_denoiser(*pipeline.merged_unets(model, 1.0, 1.0), neg, pos, 5.0)
+    else:
+        denoise = pipeline.npo_denoiser(model, neg, pos, 5.0, 1.0, 1.0)  # plain: no offsets, so plain CFG
+    return lambda: denoise(x[:1], torch.tensor(500))
+
+
+def sdxl_one(what, impl, path, size, repeats, threads):
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        if what == "unet":
+            fn = sdxl_unet_fn(impl, path, size)
+        elif what == "text":
+            fn = sdxl_text_fn(impl, path)
+        else:
+            fn = sdxl_guided_fn(impl, path, size)
+        seconds, peak, extra = timed_with_peak(fn, repeats)
+    return dict(what=what, impl=impl, seconds=seconds, peak_gib=peak, forward_extra_gib=extra)
+
+
+def cmd_sdxl(args):
+    path = os.path.join(os.path.dirname(WEIGHTS), f"sdxl-{args.preset}")
+    make_sdxl_weights(path, args.preset)
+
+    def run(what, impl):
+        return run_child("_sdxl", what, impl, path, args.size, args.repeats, args.threads)
+    print(f"SDXL-shaped random weights ({args.preset}), fp32, latent {args.size}x{args.size}, {args.threads} threads; "
+          "each row a fresh process (peak: whole process, weights included)\n")
+    print("| part | ours s | diffusers s | time ratio | ours peak GiB | diffusers peak GiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for what, label in (("unet", "UNet, CFG batch of 2"), ("text", "both text encoders, 2 prompts")):
+        ours, ref = run(what, "ours"), run(what, "ref")
+        print(f"| {label} | {ours['seconds']:.3f} | {ref['seconds']:.3f} | {ours['seconds'] / ref['seconds']:.2f}x | "
+              f"{ours['peak_gib']:.2f} | {ref['peak_gib']:.2f} | {ours['peak_gib'] / ref['peak_gib']:.2f}x |", flush=True)
+    rows = {v: run("guided", v) for v in ("plain", "npo", "merged")}
+    print("\n| guided step (CFG 5) | s / step | x plain | peak GiB | x plain |\n|---|---|---|---|---|")
+    for variant, label in (("plain", "plain CFG"), ("npo", "NPO, one copy of θ, η and δ unmerged (rank 8)"),
+                           ("merged", "authors' way: two merged UNets, two passes")):
+        r, base = rows[variant], rows["plain"]
+        print(f"| {label} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.3f}x | {r['peak_gib']:.2f} | "
+              f"{r['peak_gib'] / base['peak_gib']:.3f}x |", flush=True)
+    from safetensors import safe_open
+    with safe_open(f"{path}/unet/diffusion_pytorch_model.safetensors", "pt") as f:
+        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    print(f"\nUNet weights in fp16 ({n / 1e9:.2f}B parameters): {2 * n / 2**30:.2f} GiB for one copy of θ (NPO here, "
+          f"plus the fp32 LoRAs); {4 * n / 2**30:.2f} GiB for the authors' two fp16 UNets.")
+
+
 # `bench.py _KIND ARGS...`: one measurement in a fresh process (see run_child), printed as JSON.
 CHILDREN = {
     "_one": lambda a: measure_one(a[0], a[1], *map(int, a[2:6])),
@@ -821,6 +978,7 @@ CHILDREN = {
     "_load": lambda a: load_one(a[0], int(a[1])),
     "_data": lambda a: data_one(a[0], *map(int, a[1:5])),
     "_epoch": lambda a: epoch_peak(a[0], int(a[1])),
+    "_sdxl": lambda a: sdxl_one(a[0], a[1], a[2], *map(int, a[3:6])),
 }
 
 
@@ -918,6 +1076,16 @@ def add_scorers_command(sub):
     p.set_defaults(func=cmd_scorers)
 
 
+def add_sdxl_command(sub):
+    p = sub.add_parser("sdxl", help="SDXL: UNet and both text encoders vs diffusers; NPO step vs plain CFG")
+    p.add_argument("--preset", choices=sorted(SDXL_PRESETS), default="full",
+                   help="full: SDXL base's shapes (about 14 GiB of fp32 weights); small: the layout at toy size")
+    p.add_argument("--size", type=int, default=32, help="latent side (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.set_defaults(func=cmd_sdxl)
+
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] in CHILDREN:
         print(json.dumps(CHILDREN[sys.argv[1]](sys.argv[2:])))
@@ -926,7 +1094,7 @@ def main():
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (add_models_command, add_sampling_command, add_solvers_command, add_train_command, add_gpu_command,
                 add_reward_command, add_ddpo_command, add_scorers_command, add_singlefile_command,
-                add_extract_command, add_data_command):
+                add_extract_command, add_data_command, add_sdxl_command):
         add(sub)
     args = parser.parse_args()
     args.func(args)

@@ -47,13 +47,13 @@ def config_from_dict(cls, d, where, noop=None):
         elif key in noop:
             if value not in noop[key]:
                 raise UserError(f"{where}: '{key}' = {value!r} is not supported by npo "
-                                f"(supported: {', '.join(repr(v) for v in noop[key])}); use a Stable Diffusion 1.x/2.x model.")
+                                f"(supported: {', '.join(repr(v) for v in noop[key])}); use a Stable Diffusion 1.x/2.x/XL model.")
         else:
-            raise UserError(f"{where}: unknown config field '{key}'; npo supports Stable Diffusion 1.x/2.x configs only.")
+            raise UserError(f"{where}: unknown config field '{key}'; npo supports Stable Diffusion 1.x/2.x/XL configs only.")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e}; fix the config or use a Stable Diffusion 1.x/2.x model.")
+        raise UserError(f"{where}: {e}; fix the config or use a Stable Diffusion 1.x/2.x/XL model.")
 
 
 def find_weights(folder, stems, variant=None):

@@ -1,11 +1,12 @@
-"""CLIP, written by hand: the text encoder and tokenizer of Stable Diffusion 1.x / 2.x, and the image tower with
-the two projections that make CLIP a scorer (PickScore, HPSv2, CLIP score, the LAION-aesthetic embedding).
+"""CLIP, written by hand: the text encoders and tokenizer of Stable Diffusion 1.x / 2.x / XL, and the image tower
+with the two projections that make CLIP a scorer (PickScore, HPSv2, CLIP score, the LAION-aesthetic embedding).
 
 Attribute names are the state-dict keys of transformers' `CLIPModel` (`text_model.encoder.layers.3.self_attn.q_proj`,
 `vision_model.embeddings.patch_embedding`, `visual_projection`), so a diffusers `text_encoder/` folder or a
 transformers CLIP folder loads with one strict `load_state_dict`; OpenCLIP files (HPSv2's form) are renamed by a few
 rules first. SD1.x uses OpenAI's CLIP ViT-L/14 text tower (768 wide, 12 layers, quick_gelu); SD2.x uses OpenCLIP's
-ViT-H/14 tower (1024 wide, 23 layers, gelu). All share one BPE vocabulary (weights/tokenizer/).
+ViT-H/14 tower (1024 wide, 23 layers, gelu); SDXL uses ViT-L/14's and OpenCLIP's ViT-bigG/14 tower with its text
+projection (1280 wide, 32 layers, gelu). All share one BPE vocabulary (weights/tokenizer/).
 
     model = clip.load_clip("PickScore_v1")                      # transformers folder, or an OpenCLIP .pt / .safetensors
     pixels = clip.pixels_from_pil(pil_images)                    # = CLIPImageProcessor; pixels_from_tensor: differentiable
@@ -45,6 +46,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     # only used to find the pooled (EOS) token; SD checkpoints say 2, an old wrong value kept for compatibility
     eos_token_id: int = 49407
+    projection_dim: int = 512  # output of the text projection (SDXL's text_encoder_2: 1280); unused without one
 
     def __post_init__(self):
         check_tower(self)
@@ -79,7 +81,7 @@ def text_config(d, path):
     if d.get("model_type", "clip_text_model") != "clip_text_model":
         raise UserError(f"{path}: 'model_type' = {d['model_type']!r} is not a CLIP text encoder (a full CLIP model has a "
                         "'text_config' and vision weights); use a Stable Diffusion text_encoder/ folder.")
-    return config_from(CLIPTextConfig, d, path, "use a Stable Diffusion 1.x/2.x text encoder.")
+    return config_from(CLIPTextConfig, d, path, "use a Stable Diffusion 1.x/2.x/XL text encoder.")
 
 
 def quick_gelu(x):
@@ -144,22 +146,29 @@ class CLIPTextTransformer(nn.Module):
             CLIPEncoderLayer(cfg, causal=True) for _ in range(cfg.num_hidden_layers))))
         self.final_layer_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
+    def embed(self, input_ids):
+        """Token plus position embeddings (B, T, hidden): the input of the first layer."""
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding(pos)
+
     def forward(self, input_ids, clip_skip=0):
         n = self.config.num_hidden_layers
         if not 0 <= clip_skip < n:
             raise UserError(f"clip_skip = {clip_skip} is out of range; use 0 (off) to {n - 1}.")
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.embeddings.token_embedding(input_ids) + self.embeddings.position_embedding(pos)
+        x = self.embed(input_ids)
         for layer in self.encoder.layers[:n - clip_skip]:
             x = layer(x)
         return self.final_layer_norm(x)
 
-    def pooled(self, input_ids):
-        h = self(input_ids)
+    def at_eos(self, h, input_ids):
+        """The rows of h (B, T, D) at each sequence's EOS token: (B, D)."""
         eos = self.config.eos_token_id
         # checkpoints with the old eos_token_id 2 find EOS as the largest id (49407); the others by its first position
         where = input_ids.argmax(-1) if eos == 2 else (input_ids == eos).int().argmax(-1)
         return h[torch.arange(len(h), device=h.device), where]
+
+    def pooled(self, input_ids):
+        return self.at_eos(self(input_ids), input_ids)
 
 
 class CLIPTextModel(nn.Module):
@@ -181,28 +190,53 @@ class CLIPTextModel(nn.Module):
         """The feature of the EOS token (B, hidden): CLIP's sentence embedding, before its text projection."""
         return self.text_model.pooled(input_ids)
 
+    def penultimate_and_pooled(self, input_ids):
+        """What SDXL takes from each text encoder, in one pass: the hidden state after the second-to-last layer,
+        without the final layer norm (B, T, D) (transformers' `hidden_states[-2]`), and the pooled EOS feature of
+        the last layer after it (B, D)."""
+        m = self.text_model
+        x = m.embed(input_ids)
+        for layer in m.encoder.layers[:-1]:
+            x = layer(x)
+        return x, m.at_eos(m.final_layer_norm(m.encoder.layers[-1](x)), input_ids)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """SDXL's second text encoder (OpenCLIP ViT-bigG/14's text tower): CLIP plus `text_projection`, a bias-free
+    linear map of the pooled EOS feature (transformers' `text_embeds`)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, cfg.projection_dim, bias=False)
+
+    def penultimate_and_pooled(self, input_ids):
+        """As CLIPTextModel's, with the pooled feature projected: SDXL's pooled text embedding (B, projection_dim)."""
+        hidden, pooled = super().penultimate_and_pooled(input_ids)
+        return hidden, self.text_projection(pooled)
+
 
 def rename_legacy_clip_keys(state_dict):
     """The two differences between real text encoder files and our names.
 
     transformers before v5 saved `text_model.`-prefixed keys (every SD1.x/2.x checkpoint), v5 saves them without;
     and older checkpoints also saved `text_model.embeddings.position_ids`, a constant arange buffer, not a weight."""
-    out = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
+    out = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v for k, v in state_dict.items()}
     out.pop("text_model.embeddings.position_ids", None)
     return out
 
 
-def build_text_encoder(cfg, state_dict, where, dtype=torch.float32):
-    """Our text encoder from its config and a state dict in transformers' names (a folder's, or singlefile.py's)."""
-    model = checkpoint.build_on_meta(lambda: CLIPTextModel(cfg))
+def build_text_encoder(cfg, state_dict, where, dtype=torch.float32, projection=False):
+    """Our text encoder from its config and a state dict in transformers' names (a folder's, or singlefile.py's);
+    `projection=True` for a CLIPTextModelWithProjection (SDXL's `text_encoder_2/`)."""
+    model = checkpoint.build_on_meta(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg))
     checkpoint.load_strict(model, rename_legacy_clip_keys(state_dict), where, dtype)
     return model.eval().requires_grad_(False)
 
 
-def load_text_encoder(folder, dtype=torch.float32, device="cpu", variant=None):
+def load_text_encoder(folder, dtype=torch.float32, device="cpu", variant=None, projection=False):
     cfg = read_text_config(os.path.join(folder, "config.json"))
     path = checkpoint.find_weights(folder, ["model"], variant)
-    return build_text_encoder(cfg, checkpoint.read_safetensors(path, device), path, dtype)
+    return build_text_encoder(cfg, checkpoint.read_safetensors(path, device), path, dtype, projection)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -287,28 +287,40 @@ def _read_parquet(path, skip_bad_rows, ties_mode="drop"):
 
 # ---- preprocessing -------------------------------------------------------------------------------------------
 
-def preprocess_pair(preferred, rejected, resolution, generator, random_crop=False, hflip=True):
+def preprocess_pair(preferred, rejected, resolution, generator, random_crop=False, hflip=True, sizes=False):
     """Both images of a pair → float tensors (3, R, R) in [-1, 1], with the *same* crop and flip.
 
     Each image is resized (bilinear, antialiased) so its short side is R, then cropped to R x R at the center or,
     with `random_crop`, at one random relative position shared by both images, then mirrored left-right with
-    probability 1/2 if `hflip`. Three numbers are drawn from `generator` whatever the options."""
+    probability 1/2 if `hflip`. Three numbers are drawn from `generator` whatever the options. With `sizes`, a
+    third item: the preferred image's (original H, W, crop top, crop left) as a LongTensor (4,), in the resized
+    image's pixels (what SDXL's size conditioning needs)."""
     crop_x, crop_y, coin = torch.rand(3, generator=generator).tolist()
     flip = hflip and coin < 0.5
     where = (crop_x, crop_y) if random_crop else None
-    return tuple(_resize_crop_flip(image, resolution, where, flip) for image in (preferred, rejected))
+    pixels = tuple(_resize_crop_flip(image, resolution, where, flip) for image in (preferred, rejected))
+    if not sizes:
+        return pixels
+    w, h = preferred.size
+    _, _, left, top = _crop_box(w, h, resolution, where)
+    return (*pixels, torch.tensor([h, w, top, left]))
+
+
+def _crop_box(w, h, size, where):
+    """(new_w, new_h, left, top): the image resized so its short side is `size`, and the crop's corner in it."""
+    # short side to `size`, long side scaled and rounded down (as torchvision's Resize(int) does)
+    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if where is None:  # center crop, rounded as torchvision's CenterCrop
+        return new_w, new_h, round((new_w - size) / 2), round((new_h - size) / 2)
+    # u ∈ [0, 1) → each of the new_w − size + 1 offsets equally likely
+    return new_w, new_h, math.floor(where[0] * (new_w - size + 1)), math.floor(where[1] * (new_h - size + 1))
 
 
 def _resize_crop_flip(image, size, where, flip):
     w, h = image.size
-    # short side to `size`, long side scaled and rounded down (as torchvision's Resize(int) does)
-    new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    new_w, new_h, left, top = _crop_box(w, h, size, where)
     if (new_w, new_h) != (w, h):
         image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    if where is None:  # center crop, rounded as torchvision's CenterCrop
-        left, top = round((new_w - size) / 2), round((new_h - size) / 2)
-    else:  # u ∈ [0, 1) → each of the new_w − size + 1 offsets equally likely
-        left, top = math.floor(where[0] * (new_w - size + 1)), math.floor(where[1] * (new_h - size + 1))
     image = image.crop((left, top, left + size, top + size))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -337,9 +349,10 @@ class _Stream(torch.utils.data.Dataset):
     Epoch `e` visits the pairs in the order `randperm(n)` drawn from `epoch_generator(seed, e)`, which also draws
     one seed per position for that example's caption dropout, crop and flip."""
 
-    def __init__(self, dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout):
+    def __init__(self, dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout, sizes=False):
         self.dataset, self.seed, self.global_batch = dataset, seed, global_batch
         self.resolution, self.random_crop, self.hflip, self.caption_dropout = resolution, random_crop, hflip, caption_dropout
+        self.sizes = sizes
         self.steps_per_epoch = steps_per_epoch(len(dataset), global_batch)
         self._plan = (None, None, None)  # (epoch, order, example seeds) of the last epoch used
 
@@ -359,7 +372,8 @@ class _Stream(torch.utils.data.Dataset):
         prompt, preferred, rejected = self.dataset[int(order[position])]
         if torch.rand((), generator=g).item() < self.caption_dropout:
             prompt = ""  # train the unconditional prediction too, as CFG needs
-        return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip))
+        return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip,
+                                         self.sizes))
 
 
 class _Positions:
@@ -378,13 +392,14 @@ class _Positions:
 
 
 def _collate(examples):
-    prompts, preferred, rejected = zip(*examples)
-    return list(prompts), torch.stack(preferred), torch.stack(rejected)
+    prompts, *tensors = zip(*examples)
+    return (list(prompts), *(torch.stack(t) for t in tensors))
 
 
 def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=False, hflip=True,
-            caption_dropout=0.0, rank=0, world_size=1, num_workers=0, start_state=None):
-    """Endless batches `(prompts: list[str], preferred: (B,3,R,R), rejected: (B,3,R,R))`, B = `batch_size` per rank.
+            caption_dropout=0.0, rank=0, world_size=1, num_workers=0, start_state=None, sizes=False):
+    """Endless batches `(prompts: list[str], preferred: (B,3,R,R), rejected: (B,3,R,R))`, B = `batch_size` per rank,
+    and with `sizes` a fourth item (B, 4): each pair's original size and crop corner (`preprocess_pair`).
 
     The k-th batch yielded is training step `start_step + k`; to resume, pass the number of batches already
     consumed (per rank; with gradient accumulation, micro-batches). Data-parallel ranks each take a contiguous
@@ -400,13 +415,13 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
         raise UserError(f"caption dropout must be a probability in [0, 1], got {caption_dropout}; pass e.g. 0.1.")
     if isinstance(dataset, shards.Shards):  # streamed: the position is the stream's own (see ShardBatches)
         stream = _ShardStream(dataset, batch_size, seed, resolution, start_state or (0, 0), random_crop, hflip,
-                              caption_dropout, rank, world_size)
+                              caption_dropout, rank, world_size, sizes)
         return ShardBatches(stream, num_workers, start_state or (0, 0))
     global_batch = batch_size * world_size
     if len(dataset) < global_batch:
         raise UserError(f"{dataset.path} has {len(dataset)} pairs, fewer than one batch of {global_batch}; "
                         "lower the batch size or add pairs.")
-    stream = _Stream(dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout)
+    stream = _Stream(dataset, seed, global_batch, resolution, random_crop, hflip, caption_dropout, sizes)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=_collate, num_workers=num_workers,
                                          sampler=_Positions(start_step, batch_size, rank, world_size))
     return _closing(iter(loader))
@@ -431,10 +446,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
     not decoding), and the DataLoader hands them out in that round-robin order: the same batches as without."""
 
     def __init__(self, dataset, batch_size, seed, resolution, start, random_crop, hflip, caption_dropout, rank,
-                 world_size):
+                 world_size, sizes=False):
         self.dataset, self.batch_size, self.seed, self.resolution, self.start = dataset, batch_size, seed, resolution, start
         self.random_crop, self.hflip, self.caption_dropout = random_crop, hflip, caption_dropout
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.sizes = rank, world_size, sizes
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -449,7 +464,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 batch, index = [], index + 1
 
     def _decode(self, batch, state):
-        """(prompts, preferred (B,3,R,R), rejected, state, counts): crop, flip and caption dropout of each row drawn
+        """(prompts, preferred (B,3,R,R), rejected[, sizes], state, counts): crop, flip and caption dropout of each row drawn
         from a generator of (seed, epoch, rank, position): the same after a resume."""
         examples = []
         for (epoch, position), (caption, winner, loser) in batch:
@@ -463,13 +478,13 @@ class _ShardStream(torch.utils.data.IterableDataset):
                     raise UserError(f"row at position {position} of epoch {epoch} (rank {self.rank}) of "
                                     f"{self.dataset.path}: the {which} image could not be decoded ({e}); remove it.")
             prompt = "" if torch.rand((), generator=g).item() < self.caption_dropout else caption
-            examples.append((prompt, *preprocess_pair(*images, self.resolution, g, self.random_crop, self.hflip)))
-        prompts, preferred, rejected = _collate(examples)
-        return prompts, preferred, rejected, torch.tensor(state), dict(self.dataset.counts)
+            examples.append((prompt, *preprocess_pair(*images, self.resolution, g, self.random_crop, self.hflip,
+                                                      self.sizes)))
+        return (*_collate(examples), torch.tensor(state), dict(self.dataset.counts))
 
 
 class ShardBatches:
-    """The batches `(prompts, preferred, rejected)` of a sharded dataset; `state` is the stream position after the
+    """The batches `(prompts, preferred, rejected[, sizes])` of a sharded dataset; `state` is the stream position after the
     last one, (epoch, rows consumed in it), which a checkpoint stores; `counts` the ties dropped and rows skipped."""
 
     def __init__(self, stream, num_workers, start):
@@ -481,9 +496,9 @@ class ShardBatches:
         return self
 
     def __next__(self):
-        prompts, preferred, rejected, state, self.counts = next(self._batches)
+        *batch, state, self.counts = next(self._batches)
         self.state = tuple(state.tolist())
-        return prompts, preferred, rejected
+        return tuple(batch)
 
     def close(self):
         self._batches.close()

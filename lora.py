@@ -23,8 +23,11 @@ Files: we write kohya's format (A1111, ComfyUI and diffusers' `load_lora_weights
 diffusers / peft's (`unet.<module>.lora_A.weight`, the older `.lora.down.weight`, and the first
 `processor.to_q_lora.down.weight`). A file may also hold text-encoder offsets (kohya `lora_te_<module>`, diffusers
 `text_encoder.<module>`): `load_loras` puts them on the CLIP text encoder, whose module names are transformers'
-(`text_model.encoder.layers.0.self_attn.q_proj`), so the same rule maps kohya's flat names. LoCon (kohya's LoRA on
-3x3 convs) is a LoRA; LyCORIS's LoHa, LoKr, OFT, DoRA... parametrise ΔW otherwise and are refused by name.
+(`text_model.encoder.layers.0.self_attn.q_proj`), so the same rule maps kohya's flat names. kohya names SD1/2 UNet
+layers after diffusers' modules and SDXL's after Stability's UNet (`lora_unet_input_blocks_4_1_...`, `sgm_name`);
+both styles are read for any model, and SDXL files are written the SGM way with kohya's SDXL metadata (SDXL's
+text-encoder keys, `lora_te1_` / `lora_te2_`, are refused). LoCon (kohya's LoRA on 3x3 convs) is a LoRA; LyCORIS's
+LoHa, LoKr, OFT, DoRA... parametrise ΔW otherwise and are refused by name.
 Several files at weights w_k load as one offset, their weighted sum (`weighted_sum`).
 `extract_offset` makes an offset from a full fine-tune: per layer the truncated SVD of θ_ft − θ (Eckart–Young).
 
@@ -344,13 +347,61 @@ def kohya_name(layer_name):
     return "lora_unet_" + layer_name.replace(".", "_")
 
 
+def is_sdxl(model):
+    return getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time"
+
+
 def offset_state_dict(model, name):
-    """The offset `name` as kohya keys: `lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`."""
+    """The offset `name` as kohya keys: `lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the layer
+    named as diffusers names it (kohya's SD1/2 files), or for SDXL as Stability's UNet does (kohya's SDXL files)."""
     found = offsets(model, name)
     if not found:
         raise UserError(f"the model has no LoRA offset named {name!r} (it has: {offset_names(model) or 'none'}).")
-    return {f"{kohya_name(layer_name)}.{k}": v for layer_name, offset in found.items()
-            for k, v in offset.state_dict().items()}
+    sgm = is_sdxl(model) and all(sgm_name(n, model) for n in found)  # one style per file: readers take one or the other
+    flat = (lambda n: "lora_unet_" + sgm_name(n, model)) if sgm else kohya_name
+    return {f"{flat(layer_name)}.{k}": v for layer_name, offset in found.items() for k, v in offset.state_dict().items()}
+
+
+# kohya trains SDXL on Stability's own UNet (generative-models, the original LDM layout), so its SDXL files name
+# layers `input_blocks_4_1_transformer_blocks_0_attn1_to_q` where diffusers has `down_blocks.1.attentions.0...`.
+# With L = layers_per_block, a down level holds L resnets (+ transformers) and a downsampler: input_blocks.i is
+# down level (i−1)//(L+1), slot (i−1)%(L+1) (slot L the downsampler `op`), sub-module 0 the resnet, 1 the
+# transformer; middle_block.0/1/2 is resnet, transformer, resnet; output_blocks.i is up block i//(L+1), slot
+# i%(L+1), sub-module 0 resnet, 1 transformer, then the upsampler. Inside a resnet a few layers have other names.
+SGM_RESNET = {"conv1": "in_layers_2", "time_emb_proj": "emb_layers_1", "conv2": "out_layers_3",
+              "conv_shortcut": "skip_connection"}
+SGM_OUTSIDE = {"conv_in": "input_blocks_0_0", "time_embedding.linear_1": "time_embed_0",
+               "time_embedding.linear_2": "time_embed_2", "add_embedding.linear_1": "label_emb_0_0",
+               "add_embedding.linear_2": "label_emb_0_2", "conv_out": "out_2"}
+
+
+def sgm_name(layer_name, unet):
+    """The SGM name (underscored, as in kohya's keys) of a diffusers UNet layer, by the rules above; None for a
+    layer outside them, or a UNet whose levels differ in layers_per_block (no SGM counterpart)."""
+    if layer_name in SGM_OUTSIDE:
+        return SGM_OUTSIDE[layer_name]
+    per_level = set(unet.config.per_block("layers_per_block"))
+    block, *rest = layer_name.split(".")
+    if len(per_level) != 1 or block not in ("down_blocks", "mid_block", "up_blocks"):
+        return None
+    group = per_level.pop() + 1  # SGM blocks per level: L resnets (+ transformers) and the down/upsampler
+    if block == "mid_block":
+        kind, k, rest = rest[0], int(rest[1]), rest[2:]
+        sgm = f"middle_block_{2 * k if kind == 'resnets' else 1}"
+    else:
+        level, kind, k, rest = int(rest[0]), rest[1], int(rest[2]), rest[3:]
+        if block == "down_blocks":
+            i = 1 + level * group + (group - 1 if kind == "downsamplers" else k)
+            sub, rest = (0, ["op"]) if kind == "downsamplers" else ({"resnets": 0, "attentions": 1}[kind], rest)
+            sgm = f"input_blocks_{i}_{sub}"
+        else:  # up_blocks: the upsampler follows the last resnet (and its transformer, if the block has them)
+            i = level * group + (group - 1 if kind == "upsamplers" else k)
+            attn = unet.up_blocks[level].attentions is not None
+            sub = {"resnets": 0, "attentions": 1, "upsamplers": 1 + attn}[kind]
+            sgm = f"output_blocks_{i}_{sub}"
+    if kind == "resnets":
+        rest = [SGM_RESNET.get(rest[0], rest[0]), *rest[1:]]
+    return "_".join([sgm, *rest])
 
 
 def save_lora(model, name, path, role=None, base_model=None, metadata=None):
@@ -371,6 +422,10 @@ def save_lora(model, name, path, role=None, base_model=None, metadata=None):
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
             "npo_rank": str(rank), "npo_alpha": f"{alpha:g}",
             "npo_targets": ",".join(sorted({_suffix(n) for n in found}))}
+    if is_sdxl(model):  # what kohya's sd-scripts write for an SDXL LoRA (and its SAI model spec)
+        meta.update({"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "modelspec.sai_model_spec": "1.0.0",
+                     "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                     "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
     if role is not None:
         meta["npo_role"] = role
     if base_model is not None:
@@ -386,8 +441,7 @@ KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alp
 PEFT_PARTS = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
               "alpha": "alpha"}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}  # kohya's flat names, per model
-SDXL_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
-LDM_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+SDXL_TEXT_PREFIXES = ("lora_te1_", "lora_te2_", "text_encoder_2.")
 # LyCORIS's (and peft's) other parametrisations of ΔW, by the names of their tensors: not up · down, so refused
 OTHER_TYPES = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "boft_": "BOFT", "dora_scale": "DoRA",
                "lora_magnitude_vector": "DoRA", "lora_mid": "LoCon with a Tucker core", "ia3_l": "IA3",
@@ -490,18 +544,17 @@ def _lora_shapes(layer, rank):
 
 
 def _check_kinds(path, tensors, parts):
-    """Refuse what is not a LoRA for SD1.x/2.x's UNet and text encoder, or names a model not in `parts`."""
+    """Refuse what is not a LoRA for an SD UNet or SD1.x/2.x text encoder, or names a model not in `parts`."""
     for key in tensors:
         kind = _other_type(key)
         if kind is not None:
             found = [k for k in tensors if _other_type(k) == kind]
             raise UserError(f"{path} is a LyCORIS / peft {kind} file ({_few(found)}), not a LoRA; npo reads LoRA "
                             "and LoCon offsets (ΔW = up · down): merge it into the model with another tool instead.")
-    for what, keys in (("as an SDXL LoRA does", [k for k in tensors if k.startswith(SDXL_PREFIXES)]),
-                       ("the original LDM way", [k for k in tensors if k.startswith(LDM_PREFIXES)])):
-        if keys:
-            raise UserError(f"{path} names layers {what} ({_few(keys)}); npo reads LoRAs for Stable Diffusion 1.x/2.x "
-                            "named after diffusers' modules (lora_unet_down_blocks_..., lora_te_text_model_...).")
+    sdxl_text = [k for k in tensors if k.startswith(SDXL_TEXT_PREFIXES)]
+    if sdxl_text:
+        raise UserError(f"{path} has {len(sdxl_text)} SDXL text-encoder LoRA keys ({_few(sdxl_text)}); npo applies "
+                        "SDXL LoRAs to the UNet only: save the file again without the lora_te1_ / lora_te2_ keys.")
     text = [k for k in tensors if _part(k) == "text_encoder"]
     if text and "text_encoder" not in parts:
         raise UserError(f"{path} has {len(text)} text-encoder LoRA keys ({_few(text)}); only sampling applies "
@@ -511,7 +564,9 @@ def _check_kinds(path, tensors, parts):
 def _read_part(path, tensors, model, part, cfg, total):
     """{layer name: (lora_down, lora_up, alpha)} from the keys of one model, checked against its layers."""
     layers = targetable(model)
-    kohya_names = {n.replace(".", "_"): n for n in layers}
+    kohya_names = {n.replace(".", "_"): n for n in layers}  # kohya's flat names, diffusers-style and SGM-style
+    if hasattr(model, "up_blocks"):
+        kohya_names.update({flat: n for n, flat in ((n, sgm_name(n, model)) for n in layers) if flat})
     parts, unknown = {}, []
     for key, t in tensors.items():
         parsed = _parse_key(key, part, layers, kohya_names)
@@ -523,7 +578,7 @@ def _read_part(path, tensors, model, part, cfg, total):
         raise UserError(f"{path}: {len(unknown)} of {total} keys name no Linear/Conv2d layer of this model's "
                         f"{part.replace('_', ' ')} or are not LoRA down/up/alpha weights ({_few(unknown)}); npo reads "
                         "kohya (lora_unet_<layer>.lora_down.weight, lora_te_...) and diffusers/peft "
-                        "(<layer>.lora_A.weight) LoRAs for a Stable Diffusion 1.x/2.x model.")
+                        "(<layer>.lora_A.weight) LoRAs for a Stable Diffusion 1.x/2.x/XL model.")
     incomplete = [key for p in parts.values() if "down" not in p or "up" not in p for key, _ in p.values()]
     if incomplete:
         raise UserError(f"{path}: {len(incomplete)} keys lack their lora_down/lora_up partner ({_few(incomplete)}); "

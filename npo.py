@@ -36,9 +36,9 @@ from pipeline import DEFAULT_MODEL
 def cmd_info(args):
     pipe = pipeline.load_pipeline(args.model, variant=args.variant, **pipeline.source_options(args))
     print(pipe.origin)
-    for name in ("unet", "vae", "text_encoder"):
-        print(f"{name:13s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
-    print(f"scheduler     {pipe.scheduler_config or 'SD defaults'}")
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if pipe.is_sdxl else ()):
+        print(f"{name:15s} {pipeline.count_parameters(getattr(pipe, name)) / 1e6:8.1f}M parameters")
+    print(f"scheduler       {pipe.scheduler_config or 'SD defaults'}")
 
 
 def warn(message):
@@ -107,7 +107,7 @@ def a1111_parameters(args, job, size):
     if args.lora or args.npo or args.eta_model:
         settings.update({"NPO alpha": job["alpha"], "NPO beta": job["beta"]})
     settings["NPO mode"] = "dense eta" if args.eta_model else args.mode
-    return f"{job['prompt']}\nNegative prompt: {job['negative']}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
+    return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
 
 
 def parse_lora(text):
@@ -129,6 +129,10 @@ def check_sample_arguments(args):
         value = getattr(args, flag)
         if value is not None and (value <= 0 or value % 8):
             raise UserError(f"--{flag} {value} is not a positive multiple of 8; use e.g. 512.")
+    for flag in ("original_size", "target_size", "crop_top_left"):
+        value = getattr(args, flag)
+        if value is not None and min(value) < (0 if flag == "crop_top_left" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} {value[0]} {value[1]} is not a size in pixels; pass e.g. 1024 1024.")
     for flag in ("n", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
@@ -207,10 +211,12 @@ def run_jobs(pipe, args, jobs, progress):
             if unets_key != (alpha, beta):
                 unets, unets_key = pipeline.merged_unets(pipe.unet, alpha, beta), (alpha, beta)
         out = pipeline.generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch],
-                                [j["negative"] for j in batch], args.steps, args.guidance, args.ddim_eta, alpha, beta,
+                                negative_rows(batch), args.steps, args.guidance, args.ddim_eta, alpha, beta,
                                 args.height, args.width, args.mode, unets,
                                 callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
-                                clip_skip=args.clip_skip - 1)  # A1111's N is diffusers' N − 1
+                                clip_skip=args.clip_skip - 1,  # A1111's N is diffusers' N − 1
+                                original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
+                                target_size=args.target_size)
         pictures += images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
@@ -243,6 +249,12 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
     return written
 
 
+def negative_rows(batch):
+    """The batch's negative prompts for `pipeline.generate`: None when no image has one (SDXL's zeros), else one each."""
+    negatives = [j["negative"] for j in batch]
+    return None if all(n is None for n in negatives) else [n or "" for n in negatives]
+
+
 def load_for_sampling(args, texts, alpha):
     """The pipeline with η (--lora, summed, or --eta-model, then at `alpha` on the negative branch) and δ (--npo)
     attached, checked against --steps, --clip-skip and the prompt and negative prompt `texts`."""
@@ -253,7 +265,7 @@ def load_for_sampling(args, texts, alpha):
     if args.scheduler_config:
         pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
     dpm = args.sampler == "dpmpp-2m"
-    cfg = (sampler.dpm_config if dpm else sampler.pipeline_config)(pipe.scheduler_config)
+    cfg = (sampler.dpm_config if dpm else sampler.pipeline_config)(pipe.scheduler_config, not pipe.is_sdxl)
     if args.steps > cfg.num_train_timesteps:
         raise UserError(f"--steps {args.steps} exceeds the model's {cfg.num_train_timesteps} training timesteps; "
                         "use fewer steps.")
@@ -267,7 +279,8 @@ def load_for_sampling(args, texts, alpha):
         pipeline.load_offset(pipe, [(args.npo, 1.0)], "delta")
     if args.eta_model:
         pipeline.attach_eta_model(pipe, args.eta_model, alpha)
-    for p in set(texts):
+    check_model_arguments(args, pipe)
+    for p in set(texts) - {None}:
         if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
     if args.compile:
@@ -275,6 +288,19 @@ def load_for_sampling(args, texts, alpha):
         if pipe.eta_unet is not None:
             pipe.eta_unet = torch.compile(pipe.eta_unet)
     return pipe
+
+
+def check_model_arguments(args, pipe):
+    """What depends on the model: the default CFG scale (7.5; SDXL 5), and SDXL's size flags, refused for SD1/2."""
+    if args.guidance is None:
+        args.guidance = pipe.default_guidance
+    sizes = [f for f in ("original_size", "crop_top_left", "target_size") if getattr(args, f) is not None]
+    if sizes and not pipe.is_sdxl:
+        raise UserError(f"--{sizes[0].replace('_', '-')} is SDXL's size conditioning and {args.model} is not an SDXL "
+                        "model; drop it.")
+    if pipe.is_sdxl and args.clip_skip != 1:
+        raise UserError("--clip-skip is for SD1.x/2.x text encoders; SDXL already reads the penultimate layer, so "
+                        "drop it.")
 
 
 def cmd_sample(args):
@@ -347,8 +373,10 @@ def add_sample_arguments(p):
     p.add_argument("--prompts-file", help="a .txt file with one prompt per line, a .jsonl file with a \"prompt\" (and "
                                           "optionally a \"negative_prompt\") per row, or a Pick-a-Pic .parquet "
                                           "file (its unique captions)")
-    p.add_argument("--negative-prompt", default="", help="the negative prompt c' of the unconditional branch (default: "
-                                                         "empty; a JSONL row's own negative_prompt wins)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="the negative prompt c' of the unconditional branch (default: none, which is the empty prompt; "
+                        "for SDXL zeros, as diffusers, while --negative-prompt \"\" encodes the empty prompt; a JSONL "
+                        "row's own negative_prompt wins)")
     p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
                    help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft, text-encoder keys "
                         "included); repeat it to sum several, each times its weight (default 1). WEIGHT is what "
@@ -358,7 +386,8 @@ def add_sample_arguments(p):
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
     p.add_argument("--alpha", type=float, default=None, help="weight of η on the unconditional branch (eq. 10; default 1)")
     p.add_argument("--beta", type=float, default=None, help="weight of δ on the unconditional branch (eq. 10; default 1)")
-    p.add_argument("--guidance", type=float, default=7.5, help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5; 5 for SDXL, as the authors)")
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
                    help="ddim, or dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, "
                         "the paper's evaluation sampler (25 steps)")
@@ -371,6 +400,12 @@ def add_sample_arguments(p):
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="SDXL's size conditioning: the original image size (default: --height --width)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                   help="SDXL's size conditioning: the crop's top-left corner (default: 0 0)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="SDXL's size conditioning: the target image size (default: --height --width)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")

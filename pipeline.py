@@ -19,7 +19,10 @@ weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`). The sample
 the denoiser.
 
 A model is a diffusers folder or a single-file checkpoint (singlefile.py unpacks it into the same configs and
-state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora.
+state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora. An SDXL folder loads
+into the same Pipeline (plus `text_encoder_2`, `tokenizer_2`). Its UNet takes more than the text embeddings: a
+branch's conditioning is then a dict of the UNet's keyword arguments (`Pipeline.conditioning`: context, pooled text
+embedding, size time ids), and eq. 10 runs unchanged on it.
 """
 import os
 from dataclasses import dataclass, field
@@ -51,17 +54,68 @@ class Pipeline:
     origin: str = ""  # what was read: a folder, or a single file with its family and prediction type (and why)
     eta_unet: Optional[unet.UNet2DCondition] = None  # θ_ft of a dense η (attach_eta_model); then unet holds θ + α·η
     eta_alpha: Optional[float] = None
+    # SDXL only: the second text encoder (OpenCLIP bigG with its projection), its tokenizer (pad token "!"), and
+    # model_index.json's force_zeros_for_empty_prompt (the unconditional branch is zeros when no negative prompt is given)
+    text_encoder_2: Optional[clip.CLIPTextModelWithProjection] = None
+    tokenizer_2: Optional[clip.CLIPTokenizer] = None
+    force_zeros_for_empty_prompt: bool = False
 
     @torch.no_grad()
     def encode_prompts(self, prompts, weights=None, clip_skip=0):
-        """Text -> the text encoder's last hidden state (B, 77, D), the UNet's cross-attention context.
+        """Text -> the UNet's cross-attention context (B, 77, D): the text encoder's last hidden state (for SDXL the
+        two encoders' penultimate ones, `encode_sdxl`).
 
         `weights` ({name: multiplier}, a float or one value per prompt) set the text encoder's LoRA offsets, those
         it carries; `clip_skip` = k stops k layers early (diffusers' clip_skip; A1111's "Clip skip k + 1")."""
+        if self.is_sdxl:
+            return self.encode_sdxl(prompts)[0]
         ids = self.tokenizer(prompts).to(self.text_encoder_device)
         present = set(lora.offset_names(self.text_encoder))
         with lora.multipliers(self.text_encoder, **{k: v for k, v in (weights or {}).items() if k in present}):
             return self.text_encoder(ids, clip_skip)
+
+    @torch.no_grad()
+    def conditioning(self, prompts, time_ids=None, weights=None, clip_skip=0):
+        """The UNet's conditioning of `prompts`, as the keyword arguments of its call, in the UNet's dtype:
+        `encoder_hidden_states` (B, 77, D); for SDXL also `text_embeds` (B, 1280), the pooled embedding of encoder 2,
+        and `time_ids` (B, 6), the size conditioning (`time_ids`: one row for every prompt, or one row each).
+        `weights` and `clip_skip` as in `encode_prompts` (SD1/2 only)."""
+        dtype = next(self.unet.parameters()).dtype
+        if not self.is_sdxl:
+            return {"encoder_hidden_states": self.encode_prompts(prompts, weights, clip_skip).to(dtype)}
+        if clip_skip:
+            raise UserError("--clip-skip is for SD1.x/2.x text encoders; SDXL already reads the penultimate layer, "
+                            "so drop it.")
+        context, pooled = self.encode_sdxl(prompts)
+        if time_ids is None:
+            raise ValueError("SDXL's conditioning needs its time ids (Pipeline.time_ids)")
+        ids = torch.as_tensor(time_ids, dtype=dtype, device=context.device).reshape(-1, 6).expand(len(context), 6)
+        return {"encoder_hidden_states": context.to(dtype), "text_embeds": pooled.to(dtype), "time_ids": ids}
+
+    def negative_conditioning(self, negative_prompt, positive):
+        """The unconditional branch's conditioning beside `positive` (same rows and time ids), as diffusers' pipelines
+        build it: `negative_prompt` (one text, or one per row) encoded, "" when None; but zeros for SDXL when it is
+        None and the model says force_zeros_for_empty_prompt (StableDiffusionXLPipeline with negative_prompt=None)."""
+        if negative_prompt is None and self.is_sdxl and self.force_zeros_for_empty_prompt:
+            return {k: v if k == "time_ids" else torch.zeros_like(v) for k, v in positive.items()}
+        negatives = negative_rows(negative_prompt, len(positive["encoder_hidden_states"]))
+        return self.conditioning(negatives, positive.get("time_ids"))
+
+    @property
+    def is_sdxl(self):
+        return self.text_encoder_2 is not None
+
+    @property
+    def default_guidance(self):
+        """The CFG scale when none is given: 7.5, diffusers' SD default; 5 for SDXL, as the NPO authors' SDXL runs."""
+        return 5.0 if self.is_sdxl else 7.5
+
+    def ddim_config(self):
+        """The DDIM config that diffusers' pipeline for this model runs with `DDIMScheduler.from_config` of the
+        folder's scheduler config: StableDiffusionPipeline fixes old configs (sampler.pipeline_config);
+        StableDiffusionXLPipeline takes the config as it is, DDIMScheduler's defaults filling the fields it lacks
+        (an SDXL folder ships an EulerDiscreteScheduler config, with or without clip_sample, set_alpha_to_one)."""
+        return sampler.pipeline_config(self.scheduler_config, fix_old=not self.is_sdxl)
 
     @property
     def text_encoder_device(self):
@@ -69,8 +123,36 @@ class Pipeline:
 
     @property
     def image_size(self):
-        """The model's own image size in pixels (512 for SD1.5)."""
+        """The model's own image size in pixels (512 for SD1.5, 1024 for SDXL)."""
         return self.unet.config.sample_size * self.vae.downscale
+
+    # SDXL's text and size conditioning, as StableDiffusionXLPipeline builds them.
+
+    @torch.no_grad()
+    def encode_sdxl(self, prompts):
+        """(context (B, 77, 768 + 1280), pooled (B, 1280)): each encoder's penultimate hidden state, without the final
+        layer norm, concatenated along the features; and encoder 2's projected EOS feature. Each encoder reads the
+        prompt through its own tokenizer (the same BPE; tokenizer_2 pads with "!")."""
+        device = self.text_encoder_device
+        h1, _ = self.text_encoder.penultimate_and_pooled(self.tokenizer(prompts).to(device))
+        h2, pooled = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(device))
+        return torch.cat([h1, h2], dim=-1), pooled
+
+    def time_ids(self, height, width, original_size=None, crop_top_left=(0, 0), target_size=None):
+        """SDXL's size conditioning (Podell et al. 2023, sec. 2.2): original (H, W) + crop (top, left) + target (H, W),
+        by default the image's own size and no crop (diffusers' `_get_add_time_ids`); None for SD1/2."""
+        if not self.is_sdxl:
+            return None
+        return [*(original_size or (height, width)), *crop_top_left, *(target_size or (height, width))]
+
+
+def negative_rows(negative_prompt, rows):
+    """One negative prompt per row: None is "", a text is repeated, a list must have one per row."""
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return [negative_prompt or ""] * rows
+    if len(negative_prompt) != rows:
+        raise ValueError(f"{len(negative_prompt)} negative prompts for {rows} prompts")
+    return list(negative_prompt)
 
 
 def resolve_device(spec):
@@ -101,8 +183,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None, vae=None, text_encoder=None,
                   prediction_type=None, ema=False):
-    """Load a model: a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`) or a single-file
-    checkpoint of SD1.x / SD2.x (.safetensors, or a .ckpt read with torch.load(weights_only=True)).
+    """Load a model: a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; SDXL adds
+    `text_encoder_2/` and `tokenizer_2/`) or a single-file checkpoint of SD1.x / SD2.x (.safetensors, or a .ckpt read
+    with torch.load(weights_only=True)).
 
     Every part loads strictly into our modules; `variant="fp16"` reads a folder's `*.fp16.safetensors`. `vae` and
     `text_encoder` are folders that replace those parts (or supply them to a UNet-only file); `prediction_type`
@@ -120,6 +203,8 @@ def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None, vae=Non
     except (torch.OutOfMemoryError, MemoryError):
         raise UserError(f"ran out of {device.type.upper()} memory while loading {path} onto {device}; pass "
                         "--dtype bfloat16 (or float16 on CUDA), free memory, or use another --device.")
+    if pipe.is_sdxl:
+        return check_sdxl(pipe)
     width, context = pipe.text_encoder.config.hidden_size, pipe.unet.config.per_block("cross_attention_dim")[0]
     if width != context:
         raise UserError(f"the text encoder is {width} wide but the UNet attends to {context}-wide text; pass a "
@@ -161,6 +246,10 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
         if not os.path.isdir(os.path.join(path, part)):
             raise UserError(f"{path} has no {part}/ folder; pass --model a diffusers model folder "
                             "(with unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint.")
+    for part in ("text_encoder_2", "tokenizer_2") if is_sdxl_folder(path) else ():
+        if not os.path.isdir(os.path.join(path, part)):
+            raise UserError(f"{path} is an SDXL folder (its UNet has addition_embed_type 'text_time') without a {part}/ "
+                            "folder; pass --model a complete SDXL folder (with text_encoder_2/ and tokenizer_2/ too).")
     vae = part_folder(vae, "vae", "--vae") if vae else os.path.join(path, "vae")
     text_encoder = part_folder(text_encoder, "text_encoder", "--text-encoder") if text_encoder else \
         os.path.join(path, "text_encoder")
@@ -168,13 +257,16 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
     scheduler = checkpoint.read_json(scheduler_path) if os.path.exists(scheduler_path) else {}
     if prediction_type:
         scheduler["prediction_type"] = prediction_type
+    sdxl = is_sdxl_folder(path)
     return Pipeline(
         unet=unet.load_unet(os.path.join(path, "unet"), dtype, device, variant),
-        vae=unet.load_vae(vae, dtype, device, variant),
+        vae=unet.load_vae(vae, sdxl_vae_dtype(vae, dtype) if sdxl else dtype, device, variant),
         text_encoder=clip.load_text_encoder(text_encoder, dtype, device, variant),
         tokenizer=clip.load_tokenizer(os.path.join(path, "tokenizer")),
         scheduler_config=scheduler, path=path,
-        origin=f"diffusers folder {path}" + (f", {prediction_type} (--prediction-type)" if prediction_type else ""),
+        origin=f"diffusers {'SDXL ' if sdxl else ''}folder {path}" +
+               (f", {prediction_type} (--prediction-type)" if prediction_type else ""),
+        **(load_sdxl_parts(path, dtype, device, variant) if sdxl else {}),
     )
 
 
@@ -265,6 +357,48 @@ def read_scheduler_config(path):
     return config
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SDXL folders: text_encoder_2/ and tokenizer_2/ beside the SD parts, and a UNet with the "text_time" embedding.
+
+def is_sdxl_folder(path):
+    """An SDXL folder has text_encoder_2/, or a UNet config with addition_embed_type "text_time"."""
+    unet_config = os.path.join(path, "unet", "config.json")
+    return os.path.isdir(os.path.join(path, "text_encoder_2")) or (
+        os.path.isfile(unet_config) and checkpoint.read_json(unet_config).get("addition_embed_type") == "text_time")
+
+
+def sdxl_vae_dtype(vae_folder, dtype):
+    """float32 for a VAE whose config says force_upcast (SDXL's own, which overflows in fp16: diffusers' SDXL pipeline
+    upcasts it to decode, and its DPO script encodes in float32); `dtype` for one that does not (the fp16-fix VAE)."""
+    return torch.float32 if checkpoint.read_json(os.path.join(vae_folder, "config.json")).get("force_upcast", True) \
+        else dtype
+
+
+def load_sdxl_parts(path, dtype, device, variant):
+    """The Pipeline fields only SDXL has: text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt. (A loader of
+    other layouts, such as single-file checkpoints, fills the same fields and calls `check_sdxl`.)"""
+    index_path = os.path.join(path, "model_index.json")
+    index = checkpoint.read_json(index_path) if os.path.isfile(index_path) else {}
+    return dict(
+        text_encoder_2=clip.load_text_encoder(os.path.join(path, "text_encoder_2"), dtype, device, variant, projection=True),
+        tokenizer_2=clip.load_tokenizer(os.path.join(path, "tokenizer_2")),
+        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),  # the SDXL pipeline's default
+    )
+
+
+def check_sdxl(pipe):
+    """The parts must fit together: the encoders' widths add up to the UNet's context, and the pooled embedding plus
+    six time-id features to its added embedding (the SDXL refiner, with five ids, does not fit)."""
+    cfg, te1, te2 = pipe.unet.config, pipe.text_encoder.config, pipe.text_encoder_2.config
+    context = te1.hidden_size + te2.hidden_size
+    added = te2.projection_dim + 6 * (cfg.addition_time_embed_dim or 0)
+    if set(cfg.per_block("cross_attention_dim")) != {context} or cfg.projection_class_embeddings_input_dim != added:
+        raise UserError(f"{pipe.path}: the UNet expects a context of {cfg.cross_attention_dim} and an added embedding of "
+                        f"{cfg.projection_class_embeddings_input_dim}, the text encoders give {context} and {added}; "
+                        "npo samples SDXL base, whose parts come from one model.")
+    return pipe
+
+
 def count_parameters(module):
     return sum(p.numel() for p in module.parameters())
 
@@ -284,25 +418,46 @@ def npo_multipliers(batch, alpha, beta, device="cpu"):
     return {"eta": torch.cat([alpha, ones]), "delta": torch.cat([beta, 0 * ones])}
 
 
+def as_kwargs(conditioning):
+    """A branch's conditioning as the UNet's keyword arguments: text embeddings alone (SD1/2) are
+    `encoder_hidden_states`; a dict (`Pipeline.conditioning`, SDXL's with its pooled text and time ids) is one."""
+    return conditioning if isinstance(conditioning, dict) else {"encoder_hidden_states": conditioning}
+
+
+def run_unet(unet, x, t, conditioning):
+    """ε_θ(x_t, t, c) for one conditioning: `unet(x, t, context)` as for SD1/2, SDXL's pooled text and time ids
+    added as keyword arguments."""
+    c = as_kwargs(conditioning)
+    return unet(x, t, c["encoder_hidden_states"], **{k: v for k, v in c.items() if k != "encoder_hidden_states"})
+
+
+def cat_conditioning(*branches):
+    """The conditionings of several branches stacked along the batch, for one forward over all their rows."""
+    branches = [as_kwargs(b) for b in branches]
+    return {k: torch.cat([b[k] for b in branches]) for k in branches[0]}
+
+
 def guided_denoiser(unet, neg_embeds, pos_embeds, guidance, weights):
     """ε(x_t, t) of classifier-free guidance with one copy of θ: a batched forward of [x_t; x_t] whose LoRA offsets
     run at `weights` ({name: multiplier}, a float or one value per row of the doubled batch); offsets the UNet
     does not carry are skipped. The multipliers are set inside each call, so a checkpointed call recomputed in
-    the backward pass (reward training) sees them too."""
-    context = torch.cat([neg_embeds, pos_embeds])
+    the backward pass (reward training) sees them too. Each branch's conditioning is its text embeddings, or for
+    SDXL a `Pipeline.conditioning` dict that carries its own pooled embedding and time ids."""
+    context = cat_conditioning(neg_embeds, pos_embeds)
     present = set(lora.offset_names(unet))
     weights = {k: v for k, v in weights.items() if k in present}
 
     def denoise(x, t):
         with lora.multipliers(unet, **weights):
-            eps_neg, eps_pos = unet(torch.cat([x, x]), t, context).chunk(2)
+            eps_neg, eps_pos = run_unet(unet, torch.cat([x, x]), t, context).chunk(2)
         return sampler.cfg_combine(eps_neg, eps_pos, guidance)
     return denoise
 
 
 def npo_denoiser(unet, neg_embeds, pos_embeds, guidance, alpha=1.0, beta=1.0):
     """The guided ε of NPO (eq. 10): η at [α, 1] and δ at [β, 0] over the [negative; positive] rows."""
-    weights = npo_multipliers(len(pos_embeds), alpha, beta, pos_embeds.device)
+    context = as_kwargs(pos_embeds)["encoder_hidden_states"]
+    weights = npo_multipliers(len(context), alpha, beta, context.device)
     return guided_denoiser(unet, neg_embeds, pos_embeds, guidance, weights)
 
 
@@ -325,7 +480,7 @@ def merged_unets(unet, alpha=1.0, beta=1.0):
 def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
     """Two passes per step, one per weight set (what the authors' code runs)."""
     def denoise(x, t):
-        return sampler.cfg_combine(unet_neg(x, t, neg_embeds), unet_pos(x, t, pos_embeds), guidance)
+        return sampler.cfg_combine(run_unet(unet_neg, x, t, neg_embeds), run_unet(unet_pos, x, t, pos_embeds), guidance)
     return denoise
 
 
@@ -383,8 +538,8 @@ def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
 
     def denoise(x, t):
         with lora.multipliers(pipe.unet, **weights):
-            eps_neg = pipe.unet(x, t, neg_embeds)
-        return sampler.cfg_combine(eps_neg, pipe.eta_unet(x, t, pos_embeds), guidance)
+            eps_neg = run_unet(pipe.unet, x, t, neg_embeds)
+        return sampler.cfg_combine(eps_neg, run_unet(pipe.eta_unet, x, t, pos_embeds), guidance)
     return denoise
 
 
@@ -403,39 +558,53 @@ def latents_and_sampler(pipe, seeds, height, width, sampler_name, steps, ddim_et
                                       pipe.vae.downscale)
 
     def run(denoise):
-        return sampler.sample(sampler_name, denoise, latents, pipe.scheduler_config, steps, ddim_eta, gens, callback)
+        return sampler.sample(sampler_name, denoise, latents, pipe.scheduler_config, steps, ddim_eta, gens, callback,
+                              fix_old=not pipe.is_sdxl)
     return run
 
 
+def branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids):
+    """(c', c): the conditionings of the unconditional and the conditional branch. The text encoder's offsets follow
+    eq. 10 as the UNet's do, so both are encoded in one pass whose rows run [α·η + β·δ; η] (SD1/2; SDXL's text
+    encoders carry no offsets, and its negative branch may be zeros: `Pipeline.negative_conditioning`)."""
+    if pipe.is_sdxl:
+        pos = pipe.conditioning(prompts, time_ids)
+        return pipe.negative_conditioning(negative_prompt, pos), pos
+    negatives = negative_rows(negative_prompt, len(prompts))
+    weights = npo_multipliers(len(prompts), alpha, beta, pipe.text_encoder_device)
+    both = pipe.conditioning(negatives + prompts, None, weights, clip_skip)["encoder_hidden_states"]
+    return tuple({"encoder_hidden_states": c} for c in both.chunk(2))
+
+
 @torch.no_grad()
-def generate(pipe, prompts, seeds, negative_prompt="", steps=50, guidance=7.5, ddim_eta=0.0, alpha=1.0, beta=1.0,
-             height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0):
+def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
+             height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
+             original_size=None, crop_top_left=(0, 0), target_size=None):
     """Prompts -> images (B, 3, H, W) in [-1, 1], with NPO guidance from the offsets named "eta" / "delta" on the UNet
     (and on the text encoder, for LoRAs with text-encoder keys).
 
     Image i starts from `initial_latents(seeds[i])`, as diffusers' pipeline with a list of seeded CPU generators.
-    `negative_prompt`: one for all images or one per image. `sampler`: "ddim" or "dpmpp-2m" (sampler.SAMPLERS).
+    `negative_prompt`: one for all images or one per image; None is "", or zeros for SDXL. `sampler`: "ddim" or
+    "dpmpp-2m" (sampler.SAMPLERS). guidance None is the model's default (7.5, SDXL 5).
     mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
     mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
     The text encoder's offsets follow eq. 10 in both: c' is encoded with α·η + β·δ, c with η. With a fine-tuned η
     attached (`attach_eta_model`) both modes run its two weight sets (`dense_eta_denoiser`).
-    guidance <= 1 runs the positive branch alone (θ+η), as diffusers does."""
+    guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
+    (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0)."""
     height, width = height or pipe.image_size, width or pipe.image_size
-    dtype = next(pipe.unet.parameters()).dtype
+    guidance = pipe.default_guidance if guidance is None else guidance
     prompts = list(prompts)
+    time_ids = pipe.time_ids(height, width, original_size, crop_top_left, target_size)
     run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback)
     if guidance <= 1:
         positive = {"eta": 1.0, "delta": 0.0}  # θ + η, on the text encoder and the UNet (other UNet offsets off)
-        pos = pipe.encode_prompts(prompts, positive, clip_skip).to(dtype)
+        pos = pipe.conditioning(prompts, time_ids, positive, clip_skip)
         unet = pipe.eta_unet if pipe.eta_unet is not None else pipe.unet  # θ_ft, or θ with η as a LoRA
         with lora.multipliers(pipe.unet, **{k: positive.get(k, 0.0) for k in lora.offset_names(pipe.unet)}):
-            latents = run(lambda x, t: unet(x, t, pos))
+            latents = run(lambda x, t: run_unet(unet, x, t, pos))
     else:
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        weights = npo_multipliers(len(prompts), alpha, beta, pipe.text_encoder_device)
-        neg, pos = pipe.encode_prompts(negatives + prompts, weights, clip_skip).to(dtype).chunk(2)
+        neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
         if pipe.eta_unet is not None:
             denoise = dense_eta_denoiser(pipe, neg, pos, guidance, alpha, beta)
         elif mode == "merged":

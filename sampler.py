@@ -163,9 +163,19 @@ def cfg_combine(eps_neg, eps_pos, guidance):
     return eps_neg + guidance * (eps_pos - eps_neg)
 
 
-def pipeline_config(scheduler_config):
-    """The DDIM config diffusers' StableDiffusionPipeline would run: it forces steps_offset=1 and clip_sample=False
-    on old scheduler configs (with a deprecation warning), so we do too, to give the same images."""
+# diffusers' DDIMScheduler defaults, where they differ from DDIMConfig's (which are SD's schedule)
+DDIM_SCHEDULER_DEFAULTS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
+                               set_alpha_to_one=True, clip_sample=True)
+
+
+def pipeline_config(scheduler_config, fix_old=True):
+    """The DDIM config a diffusers pipeline runs with `DDIMScheduler.from_config(scheduler_config)`.
+
+    StableDiffusionPipeline (`fix_old`) forces steps_offset=1 and clip_sample=False on old scheduler configs (with a
+    deprecation warning), so we do too, to give the same images. StableDiffusionXLPipeline takes the config as it
+    is, DDIMScheduler's defaults filling the fields it lacks (an SDXL folder ships an EulerDiscreteScheduler config)."""
+    if not fix_old:
+        return DDIMConfig.from_dict({**DDIM_SCHEDULER_DEFAULTS, **scheduler_config})
     cfg = DDIMConfig.from_dict(scheduler_config)
     cfg.steps_offset, cfg.clip_sample = 1, False
     return cfg
@@ -295,7 +305,7 @@ DPM_SOLVER_FIELDS = {
 }
 
 
-def dpm_config(scheduler_config):
+def dpm_config(scheduler_config, fix_old=True):
     """The schedule DPMSolverMultistepScheduler.from_config(scheduler_config) runs in diffusers' pipeline: DDIM's
     fields (βs, T, prediction type, steps_offset forced to 1), with DPM-Solver's own default spacing, "linspace",
     when the config names none (SD1.5's file). A config asking for another DPM-Solver variant is refused."""
@@ -304,7 +314,7 @@ def dpm_config(scheduler_config):
             raise UserError(f"the scheduler config sets '{key}' = {scheduler_config[key]!r}, another DPM-Solver variant "
                             "than npo's dpmpp-2m (DPM++ 2M with diffusers' defaults); pass --scheduler-config a "
                             "config without it, or use --sampler ddim.")
-    cfg = pipeline_config(scheduler_config)
+    cfg = pipeline_config(scheduler_config, fix_old)
     if "timestep_spacing" not in scheduler_config:
         cfg.timestep_spacing = "linspace"
     return cfg
@@ -381,16 +391,19 @@ def dpmpp_2m_sample(denoise, latents, cfg, steps, callback=None):
 SAMPLERS = {"ddim": "DDIM", "dpmpp-2m": "DPM++ 2M"}  # our name: A1111's name (the PNG's `Sampler:`)
 
 
-def sample(name, denoise, latents, scheduler_config, steps, ddim_eta=0.0, generator=None, callback=None):
+def sample(name, denoise, latents, scheduler_config, steps, ddim_eta=0.0, generator=None, callback=None,
+           fix_old=True):
     """x_T → x_0 with the sampler `name`: "ddim" (DDIMScheduler) or "dpmpp-2m" (DPMSolverMultistepScheduler's
-    defaults), on the schedule of a scheduler_config.json dict. `ddim_eta` and `generator` are DDIM's noise."""
+    defaults), on the schedule of a scheduler_config.json dict (`fix_old`: see `pipeline_config`). `ddim_eta` and
+    `generator` are DDIM's noise."""
     if name == "ddim":
-        return ddim_sample(denoise, latents, pipeline_config(scheduler_config), steps, ddim_eta, generator, callback)
+        return ddim_sample(denoise, latents, pipeline_config(scheduler_config, fix_old), steps, ddim_eta, generator,
+                           callback)
     if name == "dpmpp-2m":
         if ddim_eta:
             raise UserError(f"DDIM's eta ({ddim_eta}) does nothing with the dpmpp-2m sampler, which draws no noise; "
                             "drop --ddim-eta or use --sampler ddim.")
-        return dpmpp_2m_sample(denoise, latents, dpm_config(scheduler_config), steps, callback)
+        return dpmpp_2m_sample(denoise, latents, dpm_config(scheduler_config, fix_old), steps, callback)
     raise UserError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}; pick one of those.")
 
 

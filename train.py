@@ -21,6 +21,11 @@ With --npo each pair is swapped, (x_l, x_w, c), and nothing else changes: the of
 to the pair's latents, so every image keeps its posterior sample and an NPO step sees exactly what the DPO step
 sees, with the roles reversed: at a zero offset its first update is the DPO run's, negated.)
 
+SDXL (Podell et al. 2023) conditions the UNet on more than c: its pooled text embedding and each pair's time ids
+(the image's original size, the crop's corner, the target size), built as diffusers' SDXL Diffusion-DPO script
+builds them (`pair_time_ids`); the VAE then encodes in float32. That script writes L = −log σ(−0.5·β' (d_θ −
+d_ref)), so β = β'/2: the authors' SDXL NPO runs (β' = 2000) are --beta-dpo 1000.
+
 The reward method (`reward_micro_step`) samples each example with DDIM + CFG and backpropagates −R through the
 decode and the last K denoising steps (DRaFT-K). DDPO (`ddpo_micro_step`) needs only R's scores: each epoch
 samples with DDIM at η_ddim = 1, keeps every step's latents and log-probability, and takes PPO steps on the
@@ -142,8 +147,9 @@ def _add_objective_arguments(g):
                         "reward: differentiable-reward fine-tuning through the sampler (DRaFT-K / AlignProp); "
                         "ddpo: RL (DDPO-IS with PPO clipping), for rewards with or without a gradient")
     g.add_argument("--beta-dpo", type=float, default=None,
-                   help="β of L = −log σ(β (d_ref − d_θ)), diffusers' convention (Salesforce's β is twice this); "
-                        "default 500, the authors' NPO value for SD1.5")
+                   help="β of L = −log σ(β (d_ref − d_θ)), diffusers' SD1.5 convention (Salesforce's β, and the β "
+                        "of the −0.5·β in diffusers' SDXL script, are twice this: the authors' SDXL NPO β 2000 is "
+                        "1000 here); default 500, the authors' NPO value for SD1.5")
 
 
 def _add_reward_arguments(g):
@@ -772,13 +778,16 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, s
     # the data: example i of the stream is micro-step i // (B·W), rank (i // B) % W, row i % B
     stream = data.batches(dataset, args.batch_size, args.seed, args.resolution, start_step=step * args.grad_accum,
                           random_crop=args.random_crop, caption_dropout=args.caption_dropout,
-                          rank=rank, world_size=world_size, num_workers=args.num_workers, start_state=start_state)
+                          rank=rank, world_size=world_size, num_workers=args.num_workers, start_state=start_state,
+                          sizes=pipe.is_sdxl)
     cache = {} if args.cache_latents else None
 
     def micro_step(first, weight):
-        prompts, preferred, rejected = next(stream)
+        prompts, preferred, rejected, *sizes = next(stream)
         gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
-        mean, std = posterior(vae, torch.cat([preferred, rejected]), device, dtype, cache)  # [x_w; x_l]
+        # the VAE in its own dtype: float32 for SDXL's (pipeline.sdxl_vae_dtype), as the SDXL DPO script encodes
+        vae_dtype = next(vae.parameters()).dtype
+        mean, std = posterior(vae, torch.cat([preferred, rejected]), device, vae_dtype, cache)  # [x_w; x_l]
         shape = mean.shape[1:]
         # from each pair's own generator, in this order: t, ε, then the posterior noises of x_w and x_l
         draws = [(torch.randint(0, len(ac), (1,), generator=g), torch.randn((1, *shape), generator=g),
@@ -791,14 +800,15 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, s
             z = losses.swap_halves(z)
         z_t = sampler.add_noise(z, eps, t, ac).to(dtype)
         target = sampler.target(z, eps, t, ac, schedule.prediction_type)  # ε, or v for v-prediction models
-        context = pipe.encode_prompts(prompts).repeat(2, 1, 1)
+        c = pipe.conditioning(prompts, pair_time_ids(sizes[0], args.resolution) if sizes else None)
+        context = pipeline.cat_conditioning(c, c)  # both images of a pair: its text, pooled text and time ids
 
         with amp.autocast():
-            model_pred = unet(z_t, t, context).float()
+            model_pred = pipeline.run_unet(unet, z_t, t, context).float()
             # the reference: the same UNet with the offset switched off. (With gradient checkpointing the backward
             # recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
             with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
-                ref_pred = unet(z_t, t, context).float()
+                ref_pred = pipeline.run_unet(unet, z_t, t, context).float()
         loss, metrics = losses.dpo_loss(model_pred, ref_pred, target, args.beta_dpo)
         if args.method == "sft":  # SFT logs the same DPO metrics, so the two runs read alike
             loss = losses.sft_loss(model_pred, target)
@@ -819,7 +829,7 @@ def reward_micro_step(args, pipe, prompts, files, device, amp=None):
 
     The offsets run on the CFG branches that `branch_weights` gives."""
     unet, vae, dtype, amp = pipe.unet, pipe.vae, DTYPES[args.dtype], amp or Amp("no", device)
-    schedule = sampler.pipeline_config(pipe.scheduler_config)
+    schedule = pipe.ddim_config()
     steps = sampler.ddim_steps(schedule, args.sample_steps)
     objective = reward_for(args, prompts)  # R, or 1 − R with --npo
     size, channels = args.resolution, unet.config.in_channels
@@ -828,7 +838,8 @@ def reward_micro_step(args, pipe, prompts, files, device, amp=None):
         gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
         chosen = [draw_prompt(prompts, g) for g in gens]
         x = sampler.initial_latents(gens, size, size, channels, device, dtype, vae.downscale)
-        neg, pos = (pipe.encode_prompts(p).to(dtype) for p in ([""] * len(chosen), chosen))
+        pos = pipe.conditioning(chosen, pipe.time_ids(size, size))
+        neg = pipe.negative_conditioning(None, pos)  # "", or SDXL's zeros: diffusers without a negative prompt
         guided = pipeline.guided_denoiser(unet, neg, pos, args.guidance, branch_weights(args, files, len(chosen), device))
 
         def denoise(x, t):  # the UNet under autocast (--mixed-precision); the DDIM update in x's dtype
@@ -1004,6 +1015,12 @@ def _copy_offsets(unet, values):
 
 # ----------------------------------------------------------------------------------------------------------
 # The pieces of one step.
+
+def pair_time_ids(sizes, resolution):
+    """SDXL's time ids of each pair (B, 6), as diffusers' SDXL Diffusion-DPO script builds them: the original (H, W)
+    of the image, the crop's (top, left) in the resized image, and the target (R, R). The script takes the first
+    image's size (it resizes the second to it); here the preferred image's, the same for pairs of one size."""
+    return torch.cat([sizes, torch.tensor([resolution, resolution]).expand(len(sizes), 2)], dim=1)
 
 def example_generator(seed, index):
     """The generator of training example `index` (its t, ε and posterior noises; its prompt and sampling noises):

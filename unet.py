@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x / 2.x UNet and its KL autoencoder (VAE), written by hand.
+"""The Stable Diffusion 1.x / 2.x / XL UNet and its KL autoencoder (VAE), written by hand.
 
 Attribute names are diffusers' state-dict keys (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_q`),
 so a diffusers checkpoint loads with one strict `load_state_dict`. Both models are built in loops from the
@@ -51,6 +51,11 @@ class UNetConfig:
     time_embedding_dim: Optional[int] = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # SDXL: "text_time" adds an embedding of [pooled text; sinusoidal features of the six size ids] to the time
+    # embedding; addition_time_embed_dim features per id (256), projection_class_embeddings_input_dim in all (2816)
+    addition_embed_type: Optional[str] = None
+    addition_time_embed_dim: Optional[int] = None
+    projection_class_embeddings_input_dim: Optional[int] = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -68,6 +73,11 @@ class UNetConfig:
             raise ValueError("num_attention_heads must be null for this UNet (heads come from attention_head_dim)")
         if self.act_fn not in ACTIVATIONS:
             raise ValueError(f"act_fn {self.act_fn!r} is not supported ({', '.join(ACTIVATIONS)})")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type {self.addition_embed_type!r} is not supported (null, or SDXL's 'text_time')")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample_padding {self.downsample_padding} is not supported (0 or 1)")
         for ch, heads in zip(self.block_out_channels, self.per_block("attention_head_dim")):
@@ -85,15 +95,14 @@ class UNetConfig:
 
 
 # Fields of diffusers' UNet2DConditionModel that npo does not implement, with the values at which they are
-# no-ops (the SD1.x/2.x values). Any other value is refused by checkpoint.config_from_dict.
+# no-ops (the SD1.x/2.x/XL values). Any other value is refused by checkpoint.config_from_dict.
 UNET_NOOP_FIELDS = {
     "center_input_sample": [False], "only_cross_attention": [False], "dual_cross_attention": [False],
-    "class_embed_type": [None], "addition_embed_type": [None], "addition_time_embed_dim": [None],
-    "num_class_embeds": [None], "encoder_hid_dim": [None], "encoder_hid_dim_type": [None],
+    "class_embed_type": [None], "num_class_embeds": [None], "encoder_hid_dim": [None], "encoder_hid_dim_type": [None],
     "reverse_transformer_layers_per_block": [None], "resnet_time_scale_shift": ["default"],
     "resnet_skip_time_act": [False], "resnet_out_scale_factor": [1.0], "time_embedding_type": ["positional"],
     "time_embedding_act_fn": [None], "timestep_post_act": [None], "time_cond_proj_dim": [None],
-    "projection_class_embeddings_input_dim": [None], "attention_type": ["default"],
+    "attention_type": ["default"],
     "class_embeddings_concat": [False], "mid_block_only_cross_attention": [None, False],
     "cross_attention_norm": [None], "addition_embed_type_num_heads": [64],
 }
@@ -115,6 +124,9 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # decode in float32 even when the model runs in float16: SDXL's VAE overflows in fp16 (diffusers' SDXL
+    # pipeline upcasts it; pipeline.load_pipeline keeps an SDXL VAE with this flag in float32)
+    force_upcast: bool = True
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -128,10 +140,7 @@ class VAEConfig:
             raise ValueError(f"block_out_channels {self.block_out_channels} must be divisible by norm_num_groups")
 
 
-VAE_NOOP_FIELDS = {
-    "shift_factor": [None, 0.0], "latents_mean": [None], "latents_std": [None],
-    "force_upcast": [True, False],  # fp32 decoding for fp16 models: a precision choice, not a different function
-}
+VAE_NOOP_FIELDS = {"shift_factor": [None, 0.0], "latents_mean": [None], "latents_std": [None]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,7 +387,10 @@ class TimestepEmbedding(nn.Module):
 
 
 class UNet2DCondition(nn.Module):
-    """ε_θ(x_t, t, c): the noise prediction of Stable Diffusion 1.x / 2.x (v-prediction for SD2.x-768)."""
+    """ε_θ(x_t, t, c): the noise prediction of Stable Diffusion 1.x / 2.x (v-prediction for SD2.x-768) and XL.
+
+    SDXL is the same network by config: no attention in the first down block, `transformer_layers_per_block`
+    [1, 2, 10] (up blocks reversed), and the "text_time" embedding added to the time embedding."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
@@ -393,6 +405,8 @@ class UNet2DCondition(nn.Module):
 
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], cfg.conv_in_kernel, padding=cfg.conv_in_kernel // 2)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch, cfg.act_fn)
+        if cfg.addition_embed_type == "text_time":  # SDXL (diffusers' add_time_proj has no weights: a function here)
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, temb_ch, "silu")
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
@@ -414,12 +428,16 @@ class UNet2DCondition(nn.Module):
         self.conv_act = ACTIVATIONS[cfg.act_fn]()
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, cfg.conv_out_kernel, padding=cfg.conv_out_kernel // 2)
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        """ε_θ(x_t, t, c). SDXL's UNet also takes `text_embeds`, the pooled text embedding (B, P), and `time_ids`,
+        its size conditioning (B, 6): diffusers' `added_cond_kwargs`."""
         cfg = self.config
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(sample.shape[0]) if t.ndim == 0 else t.reshape(-1).expand(sample.shape[0])
         t_feat = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = self.time_embedding(t_feat.to(sample.dtype))
+        if cfg.addition_embed_type == "text_time":
+            temb = temb + self.add_embedding(self.text_time_features(text_embeds, time_ids).to(temb.dtype))
         context = encoder_hidden_states
 
         x = self.conv_in(sample)
@@ -436,6 +454,15 @@ class UNet2DCondition(nn.Module):
             x = block(x, block_skips, temb, context, size)
 
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+    def text_time_features(self, text_embeds, time_ids):
+        """SDXL's added conditioning before its MLP: [pooled text (B, P); the sinusoidal features of each of the six
+        size ids (original H, W; crop top, left; target H, W), addition_time_embed_dim each] (Podell et al. 2023)."""
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this UNet is SDXL's (addition_embed_type 'text_time'): pass text_embeds and time_ids")
+        cfg = self.config
+        ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
+        return torch.cat([text_embeds.to(ids.dtype), ids.reshape(len(text_embeds), -1)], dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,6 +21,19 @@ TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hid
                  max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
                  pad_token_id=49407)
 
+# SDXL's shape at toy size: no attention in the first down block, transformer depth per block (the up blocks take
+# it reversed), linear projections, two text encoders (penultimate widths 32 + 48 = the UNet's context 80) and the
+# "text_time" embedding of [pooled (24); 6 time ids x 8 features] = 72.
+TINY_SDXL_UNET = dict(sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2, cross_attention_dim=80,
+                      attention_head_dim=(2, 4, 8), norm_num_groups=8, transformer_layers_per_block=[1, 1, 2],
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                      projection_class_embeddings_input_dim=24 + 6 * 8)
+TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
+TINY_SDXL_TEXT = dict(TINY_TEXT, num_hidden_layers=3, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SDXL's ids
+TINY_SDXL_TEXT_2 = dict(TINY_SDXL_TEXT, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=24)
+
 
 def randomize(model, seed):
     """diffusers zero-initialises some layers (conv_out, proj_out); give every weight a random value."""
@@ -50,6 +63,49 @@ def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs
     return dict(unet=ref_unet, vae=ref_vae, text_encoder=ref_text)
 
 
+def make_sdxl_dir(path, seed=0, scheduler=None):
+    """Write a tiny SDXL folder as diffusers lays it out (model_index.json with force_zeros_for_empty_prompt,
+    tokenizer_2 padding with "!", SDXL's EulerDiscreteScheduler config unless `scheduler` is given)."""
+    import json
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    refs = dict(unet=randomize(UNet2DConditionModel(**TINY_SDXL_UNET), seed + 1).eval(),
+                vae=randomize(AutoencoderKL(**TINY_SDXL_VAE), seed + 2).eval(),
+                text_encoder=randomize(CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT)), seed + 3).eval(),
+                text_encoder_2=randomize(CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2)), seed + 4).eval())
+    for name, model in refs.items():
+        model.save_pretrained(os.path.join(path, name))
+    shutil.copytree(TOKENIZER_DIR, os.path.join(path, "tokenizer"))
+    shutil.copytree(TOKENIZER_DIR, os.path.join(path, "tokenizer_2"))
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # SDXL's tokenizer_2 pads with "!"
+        f = os.path.join(path, "tokenizer_2", name)
+        with open(f) as fp:
+            settings = json.load(fp)
+        with open(f, "w") as fp:
+            json.dump(dict(settings, pad_token="!"), fp)
+    (scheduler or EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading")).save_pretrained(
+        os.path.join(path, "scheduler"))
+    with open(os.path.join(path, "model_index.json"), "w") as fp:
+        json.dump({"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True}, fp)
+    return refs
+
+
+def diffusers_sdxl_pipeline(path, refs, force_zeros=True):
+    """StableDiffusionXLPipeline with DDIMScheduler from the folder's scheduler config, on the reference modules."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+    pipe = StableDiffusionXLPipeline(
+        vae=refs["vae"], text_encoder=refs["text_encoder"], text_encoder_2=refs["text_encoder_2"],
+        unet=copy.deepcopy(refs["unet"]), tokenizer=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer_2")),
+        scheduler=DDIMScheduler.from_pretrained(os.path.join(path, "scheduler")),
+        force_zeros_for_empty_prompt=force_zeros, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def diffusers_pipeline(path, refs):
     """StableDiffusionPipeline on the reference modules (private copies of the UNet and the text encoder, which tests
     load LoRAs into)."""
@@ -70,6 +126,13 @@ def tiny_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_model"))
     refs = make_model_dir(path)
     return path, refs
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """(folder, reference modules) of a tiny SDXL-shaped model with random weights."""
+    path = str(tmp_path_factory.mktemp("tiny_sdxl"))
+    return path, make_sdxl_dir(path)
 
 
 @pytest.fixture(scope="session")

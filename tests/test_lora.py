@@ -367,8 +367,8 @@ BAD_EDITS = {
                                            torch.zeros(2, 32)}), "lora_te_text_model_encoder_layers_0_self_attn_q_proj"),
     "peft text encoder": (lambda sd: sd.update({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
                                                 torch.zeros(2, 32)}), "text_encoder.text_model.encoder.layers.0"),
-    "LDM names": (lambda sd: sd.update({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(2, 32)}),
-                  "lora_unet_input_blocks_1_1_proj_in"),
+    "SGM name of no layer": (lambda sd: sd.update({"lora_unet_input_blocks_9_1_proj_in.lora_down.weight":
+                                                   torch.zeros(2, 32)}), "lora_unet_input_blocks_9_1_proj_in"),
 }
 
 

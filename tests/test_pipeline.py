@@ -101,7 +101,7 @@ def test_unsupported_config_value(tiny_model, tmp_path):
     shutil.copytree(tiny_model[0], copy)
     cfg_path = copy / "unet" / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg["addition_embed_type"] = "text_time"  # SDXL's
+    cfg["addition_embed_type"] = "text_image"  # Kandinsky's (SDXL's "text_time" is supported)
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="addition_embed_type"):
         pipeline.load_pipeline(str(copy))
