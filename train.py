@@ -885,7 +885,9 @@ def ddpo_micro_step(run, prompts):
     """One micro-step of DDPO: the PPO loss of one sampled batch over its trained steps, backward. The epoch's
     rollout is sampled at its first micro-step (also the first after a resume, from the checkpointed policy)."""
     args, pipe, device = run.args, run.pipe, run.device
-    schedule = sampler.pipeline_config(pipe.scheduler_config)
+    if pipe.is_sdxl:
+        raise UserError("--method ddpo runs on SD1.x/2.x models; for SDXL train with --method dpo or reward.")
+    schedule = pipe.ddim_config()
     steps = sampler.ddim_steps(schedule, args.sample_steps)
     if any(a_prev == 1 for _, _, a_prev in steps):  # σ_t = 0: a deterministic step has no log-probability
         raise UserError("this model's last DDIM step is deterministic (set_alpha_to_one in its scheduler config), "
