@@ -381,6 +381,36 @@ def test_cli_sample_equals_generate_with_sdxl_defaults(tiny_sdxl, tmp_path):
     assert np.array_equal(np.array(image), np.array(images.to_pil(expected)[0]))
 
 
+def test_dpm_solver_matches_stable_diffusion_xl_pipeline(tiny_sdxl):
+    """--sampler dpmpp-2m on SDXL: DPMSolverMultistepScheduler.from_config of the folder's config, taken as it is
+    (StableDiffusionXLPipeline does not apply StableDiffusionPipeline's fixes of old configs)."""
+    from diffusers import DPMSolverMultistepScheduler
+    path, refs = tiny_sdxl
+    ref_pipe = diffusers_sdxl_pipeline(path, refs)
+    ref_pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(os.path.join(path, "scheduler"))
+    ref = reference_images(ref_pipe, "a red circle", 2, 6, height=32, width=32, negative_prompt="blurry")
+    ours = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"], [2], "blurry", steps=6, height=32,
+                             width=32, sampler="dpmpp-2m")
+    assert (to01(ours) - ref).abs().max() <= ATOL
+
+
+def test_cli_refuses_what_sdxl_does_not_run(tiny_sdxl, tmp_path, capsys):
+    """--clip-skip, DDPO and SDXL text-encoder LoRA keys: one sentence each, exit 2."""
+    path, _ = tiny_sdxl
+    assert npo.main(["sample", "--model", path, "--clip-skip", "2", "--steps", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "--clip-skip" in capsys.readouterr().err
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    assert npo.main(["train", "--model", path, "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file",
+                     str(prompts), "--out", str(tmp_path / "run"), "--steps", "1", "--resolution", "16"]) == 2
+    assert "ddpo" in capsys.readouterr().err
+    te = tmp_path / "te.safetensors"
+    save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)}, str(te))
+    assert npo.main(["sample", "--model", path, "--lora", str(te), "--steps", "2", "--out", str(tmp_path / "b")]) == 2
+    assert "lora_te1_" in capsys.readouterr().err
+
+
 def test_cli_refuses_size_flags_for_sd15(tiny_model, tmp_path, capsys):
     assert npo.main(["sample", "--model", tiny_model[0], "--target-size", "64", "64", "--out", str(tmp_path)]) == 2
     assert "SDXL" in capsys.readouterr().err
