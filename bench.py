@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 import torch
 
@@ -175,8 +176,18 @@ def sampling_one(variant, size, steps, threads):
                 for p in lora.parameters(model, name):
                     p.copy_(torch.randn(p.shape, generator=g) * 0.01)
     x = torch.randn(1, 4, size, size, generator=g).to(dtype)
-    neg, pos = (torch.randn(1, 77, 768, generator=g).to(dtype) for _ in range(2))
-    if variant.startswith("merged"):
+    width = model.config.per_block("cross_attention_dim")[0]
+    neg, pos = (torch.randn(1, 77, width, generator=g).to(dtype) for _ in range(2))
+    if variant == "eta-model":  # a dense η: θ_ft as a second UNet, θ + α·η in place of θ, δ a LoRA on it
+        tuned = unet.load_unet(f"{WEIGHTS}/unet", dtype=dtype)
+        with torch.no_grad():
+            for p in tuned.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(dtype) * 1e-3)
+        pipeline.dense_eta(model, tuned, 1.0)
+        lora.remove(model, "eta")
+        dense = types.SimpleNamespace(unet=model, eta_unet=tuned, eta_alpha=1.0)
+        denoise = pipeline.dense_eta_denoiser(dense, neg, pos, 7.5, 1.0, 1.0)
+    elif variant.startswith("merged"):
         denoise = pipeline.merged_denoiser(*pipeline.merged_unets(model, 1.0, 1.0), neg, pos, 7.5)
     else:
         if "compile" in variant:
@@ -199,6 +210,7 @@ SAMPLING_VARIANTS = {
     "merged": "(c) authors' way: two merged UNets, two passes",
     "npo-bf16": "(b) in bfloat16",
     "npo-compile": "(b) with torch.compile",
+    "eta-model": "(d) --eta-model: a dense η (θ_ft and θ + α·η, two passes), δ unmerged",
 }
 
 
