@@ -105,7 +105,8 @@ def read_safetensors_metadata(path):
         raise UserError(f"{path} is not a readable safetensors file ({e}); download or convert it again.")
 
 
-def _few(keys, n=5):
+def few(keys, n=5):
+    """The first n of `keys`, sorted, and how many more: for error messages that name what is wrong."""
     keys = sorted(keys)
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
@@ -124,11 +125,11 @@ def load_strict(model, state_dict, where, dtype=None,
                  if k in state_dict and state_dict[k].shape != v.shape]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+        problems.append(f"{len(missing)} missing keys ({few(missing)})")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+        problems.append(f"{len(unexpected)} unexpected keys ({few(unexpected)})")
     if misshaped:
-        problems.append(f"{len(misshaped)} misshaped keys ({_few(misshaped, 3)})")
+        problems.append(f"{len(misshaped)} misshaped keys ({few(misshaped, 3)})")
     if problems:
         raise UserError(f"{where} does not fit its config: {'; '.join(problems)}; {hint}")
     for k in list(state_dict):

@@ -49,7 +49,7 @@ import torch.nn as nn
 from safetensors.torch import save
 
 import checkpoint
-from checkpoint import UserError
+from checkpoint import UserError, few
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # both attn1 (self) and attn2 (cross), as the NPO authors
 ROLES = ("eta", "delta")
@@ -449,11 +449,6 @@ OTHER_TYPES = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "boft_": "BOFT",
                "w_norm": "norm-layer offset", "b_norm": "norm-layer offset"}
 
 
-def _few(keys, n=3):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
 def _part(key):
     """The model a LoRA key belongs to: kohya's `lora_te_` and diffusers' `text_encoder.` name the text encoder,
     everything else (`lora_unet_`, `unet.`, peft's bare or `base_model.model.` names) the UNet."""
@@ -549,15 +544,15 @@ def _check_kinds(path, tensors, parts):
         kind = _other_type(key)
         if kind is not None:
             found = [k for k in tensors if _other_type(k) == kind]
-            raise UserError(f"{path} is a LyCORIS / peft {kind} file ({_few(found)}), not a LoRA; npo reads LoRA "
+            raise UserError(f"{path} is a LyCORIS / peft {kind} file ({few(found, 3)}), not a LoRA; npo reads LoRA "
                             "and LoCon offsets (ΔW = up · down): merge it into the model with another tool instead.")
     sdxl_text = [k for k in tensors if k.startswith(SDXL_TEXT_PREFIXES)]
     if sdxl_text:
-        raise UserError(f"{path} has {len(sdxl_text)} SDXL text-encoder LoRA keys ({_few(sdxl_text)}); npo applies "
+        raise UserError(f"{path} has {len(sdxl_text)} SDXL text-encoder LoRA keys ({few(sdxl_text, 3)}); npo applies "
                         "SDXL LoRAs to the UNet only: save the file again without the lora_te1_ / lora_te2_ keys.")
     text = [k for k in tensors if _part(k) == "text_encoder"]
     if text and "text_encoder" not in parts:
-        raise UserError(f"{path} has {len(text)} text-encoder LoRA keys ({_few(text)}); only sampling applies "
+        raise UserError(f"{path} has {len(text)} text-encoder LoRA keys ({few(text, 3)}); only sampling applies "
                         "those (to the text encoder): use a UNet-only LoRA here.")
 
 
@@ -576,12 +571,12 @@ def _read_part(path, tensors, model, part, cfg, total):
             parts.setdefault(parsed[0], {})[parsed[1]] = (key, t)
     if unknown:
         raise UserError(f"{path}: {len(unknown)} of {total} keys name no Linear/Conv2d layer of this model's "
-                        f"{part.replace('_', ' ')} or are not LoRA down/up/alpha weights ({_few(unknown)}); npo reads "
+                        f"{part.replace('_', ' ')} or are not LoRA down/up/alpha weights ({few(unknown, 3)}); npo reads "
                         "kohya (lora_unet_<layer>.lora_down.weight, lora_te_...) and diffusers/peft "
                         "(<layer>.lora_A.weight) LoRAs for a Stable Diffusion 1.x/2.x/XL model.")
     incomplete = [key for p in parts.values() if "down" not in p or "up" not in p for key, _ in p.values()]
     if incomplete:
-        raise UserError(f"{path}: {len(incomplete)} keys lack their lora_down/lora_up partner ({_few(incomplete)}); "
+        raise UserError(f"{path}: {len(incomplete)} keys lack their lora_down/lora_up partner ({few(incomplete, 3)}); "
                         "the file is incomplete.")
     out, misshaped = {}, []
     for layer_name, p in parts.items():
@@ -598,7 +593,7 @@ def _read_part(path, tensors, model, part, cfg, total):
             alpha = rank if down_key.startswith(KOHYA_PREFIXES[part]) else _peft_alpha(cfg, layer_name, rank)
         out[layer_name] = (*fitted, alpha)
     if misshaped:
-        raise UserError(f"{path}: {len(misshaped)} LoRA tensors do not fit this model ({_few(misshaped)}); "
+        raise UserError(f"{path}: {len(misshaped)} LoRA tensors do not fit this model ({few(misshaped, 3)}); "
                         "was the LoRA made for another base model (e.g. SD1.x vs SD2.x)?")
     return out
 
