@@ -359,7 +359,7 @@ def cmd_extract_lora(args):
     return errors
 
 
-MODEL_HELP = ("a diffusers model folder, or a single-file SD1.x / SD2.x checkpoint (.safetensors, or .ckpt read "
+MODEL_HELP = ("a diffusers model folder, or a single-file SD1.x / SD2.x / SDXL checkpoint (.safetensors, or .ckpt read "
               "without running code) (default: the embedded model in weights/)")
 
 

@@ -19,7 +19,7 @@ weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`). The sample
 the denoiser.
 
 A model is a diffusers folder or a single-file checkpoint (singlefile.py unpacks it into the same configs and
-state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora. An SDXL folder loads
+state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora. An SDXL folder or file loads
 into the same Pipeline (plus `text_encoder_2`, `tokenizer_2`). Its UNet takes more than the text embeddings: a
 branch's conditioning is then a dict of the UNet's keyword arguments (`Pipeline.conditioning`: context, pooled text
 embedding, size time ids), and eq. 10 runs unchanged on it.
@@ -184,8 +184,8 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None, vae=None, text_encoder=None,
                   prediction_type=None, ema=False):
     """Load a model: a diffusers folder (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; SDXL adds
-    `text_encoder_2/` and `tokenizer_2/`) or a single-file checkpoint of SD1.x / SD2.x (.safetensors, or a .ckpt read
-    with torch.load(weights_only=True)).
+    `text_encoder_2/` and `tokenizer_2/`) or a single-file checkpoint of SD1.x / SD2.x / SDXL base (.safetensors, or a
+    .ckpt read with torch.load(weights_only=True)).
 
     Every part loads strictly into our modules; `variant="fp16"` reads a folder's `*.fp16.safetensors`. `vae` and
     `text_encoder` are folders that replace those parts (or supply them to a UNet-only file); `prediction_type`
@@ -260,7 +260,7 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
     sdxl = is_sdxl_folder(path)
     return Pipeline(
         unet=unet.load_unet(os.path.join(path, "unet"), dtype, device, variant),
-        vae=unet.load_vae(vae, sdxl_vae_dtype(vae, dtype) if sdxl else dtype, device, variant),
+        vae=load_vae_for(vae, dtype, device, variant, sdxl),
         text_encoder=clip.load_text_encoder(text_encoder, dtype, device, variant),
         tokenizer=clip.load_tokenizer(os.path.join(path, "tokenizer")),
         scheduler_config=scheduler, path=path,
@@ -274,24 +274,30 @@ def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, predi
     """A single-file checkpoint (singlefile.py), with the parts it lacks taken from the `vae` / `text_encoder` folders.
 
     It carries no tokenizer or scheduler: the shipped CLIP vocabulary (weights/tokenizer) with the family's padding
-    token, and SD's schedule with the prediction type decided by `prediction_type_of`."""
+    token, and the family's schedule with the prediction type decided by `prediction_type_of`."""
     name = os.path.basename(path)
     if variant:
         raise UserError(f"--variant picks the files of a diffusers folder, and {name} is a single file; drop it.")
     needed = ["unet"] + [p for p, o in (("vae", vae), ("text_encoder", text_encoder)) if o is None]
-    sf = singlefile.read(path, device, ema, needed)
+    sf = singlefile.read(path, device, ema, needed + ["text_encoder_2"])
     missing = [p for p in needed if p not in sf.parts]
     if missing:
-        names = {"vae": "VAE (first_stage_model.*)", "text_encoder": "text encoder (cond_stage_model.*)"}
+        names = {"vae": "VAE (first_stage_model.*)", "text_encoder": "text encoder (cond_stage_model.* or "
+                 "conditioner.embedders.0.*)"}
         flags = {"vae": "--vae FOLDER", "text_encoder": "--text-encoder FOLDER"}
         raise UserError(f"{name} holds no {' and no '.join(names[p] for p in missing)}; pass "
                         f"{' and '.join(flags[p] for p in missing)} (the vae/ or text_encoder/ folder of its base model).")
+    if sf.family == singlefile.SDXL and "text_encoder_2" not in sf.parts:
+        raise UserError(f"{name} holds an SDXL UNet without SDXL base's second text encoder (conditioner.embedders.1."
+                        "model.*, OpenCLIP bigG); npo loads SDXL base files with both encoders (not the refiner).")
+    sdxl = sf.family == singlefile.SDXL
     config, state = sf.parts["unet"]
     model = unet.build_unet(unet.unet_config(config, path), state, path, dtype)
     if "vae" in sf.parts:
-        vae_model = unet.build_vae(unet.vae_config(sf.parts["vae"][0], path), sf.parts["vae"][1], path, dtype)
+        vae_cfg = unet.vae_config(sf.parts["vae"][0], path)
+        vae_model = unet.build_vae(vae_cfg, sf.parts["vae"][1], path, vae_dtype(vae_cfg, dtype, sdxl))
     else:
-        vae_model = unet.load_vae(part_folder(vae, "vae", "--vae"), dtype, device)
+        vae_model = load_vae_for(part_folder(vae, "vae", "--vae"), dtype, device, None, sdxl)
     if "text_encoder" in sf.parts:
         config, state = sf.parts["text_encoder"]
         text = clip.build_text_encoder(clip.text_config(config, path), state, path, dtype)
@@ -300,21 +306,35 @@ def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, predi
     prediction, why = prediction_type_of(model, sf, prediction_type)
     if sf.family == singlefile.SD2 and prediction == "v_prediction":
         model.config.sample_size = 96  # SD2.x v-models are 768-px models (SD2.1's config); the ε base is 512 px
-    return Pipeline(unet=model, vae=vae_model, text_encoder=text,
+    scheduler = singlefile.SDXL_SCHEDULER if sdxl else singlefile.SCHEDULER
+    pipe = Pipeline(unet=model, vae=vae_model, text_encoder=text,
                     tokenizer=clip.load_tokenizer(TOKENIZER, singlefile.PAD_TOKEN[sf.family]),
-                    scheduler_config={**singlefile.SCHEDULER, "prediction_type": prediction}, path=path,
+                    scheduler_config={**scheduler, "prediction_type": prediction}, path=path,
                     origin=f"single file {name}: {sf.family}{', EMA UNet' if ema else ''}, {prediction} ({why})")
+    return add_sdxl_parts(pipe, sf, dtype) if sdxl else pipe
+
+
+def add_sdxl_parts(pipe, sf, dtype):
+    """The Pipeline fields only SDXL has, from a single file (load_sdxl_parts reads them from a folder): bigG with its
+    projection, a tokenizer padding with "!", and SDXL base's force_zeros_for_empty_prompt."""
+    config, state = sf.parts["text_encoder_2"]
+    pipe.text_encoder_2 = clip.build_text_encoder(clip.text_config(config, sf.path), state, sf.path, dtype,
+                                                  projection=True)
+    pipe.tokenizer_2 = clip.load_tokenizer(TOKENIZER, singlefile.PAD_TOKEN_2)
+    pipe.force_zeros_for_empty_prompt = True
+    return pipe
 
 
 def prediction_type_of(model, sf, override=None):
     """ε or v for a single file, which does not say in its weights, and how it was decided: --prediction-type, else a
-    `v_pred` marker key (ComfyUI's convention), else A1111's probe for SD2 (`probe_v_prediction`), else ε (SD1)."""
+    `v_pred` marker key (ComfyUI's convention), else A1111's probe for SD2 (`probe_v_prediction`), else ε (SD1, SDXL
+    base)."""
     if override:
         return override, "--prediction-type"
     if sf.v_pred_marker:
         return "v_prediction", "the file's v_pred key"
-    if sf.family == singlefile.SD1:
-        return "epsilon", "SD1 family"
+    if sf.family in (singlefile.SD1, singlefile.SDXL):
+        return "epsilon", f"{sf.family} family"
     is_v, value = probe_v_prediction(model)
     why = f"A1111's probe: mean(ε(x=0.5, t=999) − x) = {value:.2f}, v below −1"
     return ("v_prediction" if is_v else "epsilon"), why
@@ -367,11 +387,17 @@ def is_sdxl_folder(path):
         os.path.isfile(unet_config) and checkpoint.read_json(unet_config).get("addition_embed_type") == "text_time")
 
 
-def sdxl_vae_dtype(vae_folder, dtype):
-    """float32 for a VAE whose config says force_upcast (SDXL's own, which overflows in fp16: diffusers' SDXL pipeline
-    upcasts it to decode, and its DPO script encodes in float32); `dtype` for one that does not (the fp16-fix VAE)."""
-    return torch.float32 if checkpoint.read_json(os.path.join(vae_folder, "config.json")).get("force_upcast", True) \
-        else dtype
+def vae_dtype(vae_config, dtype, sdxl):
+    """The VAE's dtype: float32 for an SDXL VAE whose config says force_upcast (SDXL's own, which overflows in fp16:
+    diffusers' SDXL pipeline upcasts it to decode, and its DPO script encodes in float32); else `dtype` (the
+    fp16-fix VAE, and SD1/2's, which diffusers' SD pipeline runs in the pipeline's dtype)."""
+    return torch.float32 if sdxl and vae_config.force_upcast else dtype
+
+
+def load_vae_for(folder, dtype, device, variant, sdxl):
+    """The VAE of a vae/ folder, in `vae_dtype`."""
+    cfg = unet.vae_config(checkpoint.read_json(os.path.join(folder, "config.json")), folder)
+    return unet.load_vae(folder, vae_dtype(cfg, dtype, sdxl), device, variant)
 
 
 def load_sdxl_parts(path, dtype, device, variant):

@@ -785,7 +785,7 @@ def dpo_micro_step(args, pipe, dataset, files, step, rank, world_size, device, s
     def micro_step(first, weight):
         prompts, preferred, rejected, *sizes = next(stream)
         gens = [example_generator(args.seed, first + j) for j in range(args.batch_size)]
-        # the VAE in its own dtype: float32 for SDXL's (pipeline.sdxl_vae_dtype), as the SDXL DPO script encodes
+        # the VAE in its own dtype: float32 for SDXL's (pipeline.vae_dtype), as the SDXL DPO script encodes
         vae_dtype = next(vae.parameters()).dtype
         mean, std = posterior(vae, torch.cat([preferred, rejected]), device, vae_dtype, cache)  # [x_w; x_l]
         shape = mean.shape[1:]

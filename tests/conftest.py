@@ -63,17 +63,18 @@ def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs
     return dict(unet=ref_unet, vae=ref_vae, text_encoder=ref_text)
 
 
-def make_sdxl_dir(path, seed=0, scheduler=None):
+def make_sdxl_dir(path, seed=0, scheduler=None, unet_kwargs=TINY_SDXL_UNET, vae_kwargs=TINY_SDXL_VAE,
+                  text_kwargs=TINY_SDXL_TEXT, text_2_kwargs=TINY_SDXL_TEXT_2):
     """Write a tiny SDXL folder as diffusers lays it out (model_index.json with force_zeros_for_empty_prompt,
     tokenizer_2 padding with "!", SDXL's EulerDiscreteScheduler config unless `scheduler` is given)."""
     import json
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
-    refs = dict(unet=randomize(UNet2DConditionModel(**TINY_SDXL_UNET), seed + 1).eval(),
-                vae=randomize(AutoencoderKL(**TINY_SDXL_VAE), seed + 2).eval(),
-                text_encoder=randomize(CLIPTextModel(CLIPTextConfig(**TINY_SDXL_TEXT)), seed + 3).eval(),
-                text_encoder_2=randomize(CLIPTextModelWithProjection(CLIPTextConfig(**TINY_SDXL_TEXT_2)), seed + 4).eval())
+    refs = dict(unet=randomize(UNet2DConditionModel(**unet_kwargs), seed + 1).eval(),
+                vae=randomize(AutoencoderKL(**vae_kwargs), seed + 2).eval(),
+                text_encoder=randomize(CLIPTextModel(CLIPTextConfig(**text_kwargs)), seed + 3).eval(),
+                text_encoder_2=randomize(CLIPTextModelWithProjection(CLIPTextConfig(**text_2_kwargs)), seed + 4).eval())
     for name, model in refs.items():
         model.save_pretrained(os.path.join(path, name))
     shutil.copytree(TOKENIZER_DIR, os.path.join(path, "tokenizer"))

@@ -1,10 +1,13 @@
-"""Tiny SD1 / SD2 models as diffusers folders, and a converter of ours from such a folder to the original LDM
-single-file layout (what civitai / A1111 users hold). The converter is checked against diffusers'
-`from_single_file` in test_singlefile.py; the loader under test (singlefile.py) never sees this code.
+"""Tiny SD1 / SD2 / SDXL models as diffusers folders, and a converter of ours from such a folder to the original LDM
+single-file layout (what civitai / A1111 users hold; SDXL's is Stability's sgm layout). The converter is checked
+against diffusers' `from_single_file` in test_singlefile.py; the loader under test (singlefile.py) never sees this
+code.
 
 The tiny configs keep each family's rules, so a loader that knows only the rules can rebuild them from shapes:
-SD1 has 8 heads per attention block and 1x1-conv projections, SD2 64-dim heads and Linear projections; both text
-encoders have 64-dim heads (CLIP ViT-L: 12 x 64, OpenCLIP ViT-H: 16 x 64); GroupNorm has 32 groups.
+SD1 has 8 heads per attention block and 1x1-conv projections, SD2 and SDXL 64-dim heads and Linear projections;
+all text encoders have 64-dim heads (CLIP ViT-L: 12 x 64, OpenCLIP ViT-H: 16 x 64, bigG: 20 x 64); GroupNorm has
+32 groups; SDXL's size ids have 256 features each. (conftest.TINY_SDXL_* has 8-dim groups and heads: a loader
+cannot rebuild it from shapes.)
 """
 import os
 import re
@@ -32,6 +35,34 @@ FAMILIES = {
 }
 VAE = dict(block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2)
+# SDXL: no attention on the first level, a transformer depth per level ([1, 2, 10] in SDXL base; 1 where a level does
+# not attend; the mid block has the last level's), a context of both encoders' widths (128 + 192), the added
+# embedding of [pooled (96); 6 ids x 256]; bigG's projection is narrower than its width, so that a projection read
+# untransposed cannot load.
+XL_TEXT = dict(TEXT, num_hidden_layers=3, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SDXL's ids
+SDXL = dict(unet=dict(sample_size=8, block_out_channels=(64, 64, 128), layers_per_block=2, cross_attention_dim=320,
+                      attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 2, 1], use_linear_projection=True,
+                      down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=96 + 6 * 256),
+            vae=dict(VAE, scaling_factor=0.13025, force_upcast=True),
+            text=dict(XL_TEXT, hidden_act="quick_gelu"),
+            text_2=dict(XL_TEXT, hidden_size=192, intermediate_size=384, num_attention_heads=3, hidden_act="gelu",
+                        projection_dim=96))
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler/scheduler_config.json
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                  "set_alpha_to_one": False,
+                  "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+                  "use_karras_sigmas": False}
+SDXL_INDEX = {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+              "feature_extractor": [None, None], "image_encoder": [None, None],
+              "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
 
 
 def make_family_dir(path, family, seed=0, prediction_type="epsilon"):
@@ -53,13 +84,29 @@ def make_family_dir(path, family, seed=0, prediction_type="epsilon"):
     return pipe
 
 
+def make_sdxl_family_dir(path, seed=0):
+    """A diffusers SDXL folder of the tiny SDXL family (conftest.make_sdxl_dir's layout) with SDXL base's published
+    scheduler config and model_index.json (which diffusers' from_single_file reads for the components); returns the
+    reference modules as a namespace (unet, vae, text_encoder, text_encoder_2)."""
+    import json
+    from types import SimpleNamespace
+    from conftest import make_sdxl_dir
+    refs = make_sdxl_dir(path, seed, unet_kwargs=SDXL["unet"], vae_kwargs=SDXL["vae"], text_kwargs=SDXL["text"],
+                         text_2_kwargs=SDXL["text_2"])
+    for name, content in (("scheduler/scheduler_config.json", SDXL_SCHEDULER), ("model_index.json", SDXL_INDEX)):
+        with open(os.path.join(path, name), "w") as f:
+            json.dump(content, f)
+    return SimpleNamespace(**refs)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # diffusers names -> LDM names (the inverse of what singlefile.py does, written independently)
 
 RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-            "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+            "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+            "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _resnet(rest):
@@ -114,24 +161,27 @@ def ldm_vae(vae):
     return out
 
 
-def ldm_clip(text_encoder):
-    """SD1: transformers' CLIP under cond_stage_model.transformer., with a float position_ids as merges leave it."""
+def ldm_clip(text_encoder, prefix="cond_stage_model.transformer."):
+    """SD1 (and SDXL's first encoder under `conditioner.embedders.0.transformer.`): transformers' CLIP, with a float
+    position_ids as merges leave it."""
     sd = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in text_encoder.state_dict().items()}
     sd["text_model.embeddings.position_ids"] = torch.arange(77, dtype=torch.float32)[None] + 0.4  # damaged, unused
-    return {f"cond_stage_model.transformer.{k}": v for k, v in sd.items()}
+    return {f"{prefix}{k}": v for k, v in sd.items()}
 
 
-def ldm_open_clip(text_encoder, seed=0):
+def ldm_open_clip(text_encoder, seed=0, prefix="cond_stage_model.model.", unused_layer=True):
     """SD2: OpenCLIP's names, q/k/v fused into in_proj, plus the final resblock SD2 does not use (random here: the
-    diffusers folder never had it), a text projection and a logit scale."""
+    diffusers folder never had it), a text projection and a logit scale. SDXL's bigG (`unused_layer=False`) has all
+    its layers, and its text projection is the folder's, stored as OpenCLIP applies it: x @ P, P (width, proj)."""
     sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
     n, d = text_encoder.config.num_hidden_layers, text_encoder.config.hidden_size
     g = torch.Generator().manual_seed(seed)
+    projection = sd["text_projection.weight"].T if "text_projection.weight" in sd else torch.randn(d, d, generator=g)
     out = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
            "positional_embedding": sd["embeddings.position_embedding.weight"],
            "ln_final.weight": sd["final_layer_norm.weight"], "ln_final.bias": sd["final_layer_norm.bias"],
-           "text_projection": torch.randn(d, d, generator=g), "logit_scale": torch.tensor(4.6)}
-    for i in range(n + 1):
+           "text_projection": projection, "logit_scale": torch.tensor(4.6)}
+    for i in range(n + 1 if unused_layer else n):
         def get(name):
             key = f"encoder.layers.{i}.{name}"
             return sd[key] if i < n else torch.randn(sd[f"encoder.layers.0.{name}"].shape, generator=g)
@@ -141,20 +191,30 @@ def ldm_open_clip(text_encoder, seed=0):
             for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
                                  ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
                 out[r + f"{theirs}.{part}"] = get(f"{ours}.{part}")
-    return {f"cond_stage_model.model.{k}": v for k, v in out.items()}
+    return {f"{prefix}{k}": v for k, v in out.items()}
+
+
+def ldm_text(pipe, family):
+    if family == "sd1":
+        return ldm_clip(pipe.text_encoder)
+    if family == "sd2":
+        return ldm_open_clip(pipe.text_encoder)
+    return {**ldm_clip(pipe.text_encoder, "conditioner.embedders.0.transformer."),
+            **ldm_open_clip(pipe.text_encoder_2, prefix="conditioner.embedders.1.model.", unused_layer=False)}
 
 
 def to_ldm(pipe, family, parts=("unet", "vae", "text_encoder"), ema_unet=None, v_pred_marker=False):
-    """The LDM state dict of a diffusers pipeline: `model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.`,
-    plus what real files carry beside the weights (the DDPM schedule buffers; EMA copies under `model_ema.` with
-    the dots of the key removed, when `ema_unet` is given; a `v_pred` marker)."""
+    """The LDM state dict of a diffusers pipeline: `model.diffusion_model.`, `first_stage_model.`, `cond_stage_model.`
+    (SDXL: both encoders under `conditioner.embedders.`), plus what real files carry beside the weights (the DDPM
+    schedule buffers; EMA copies under `model_ema.` with the dots of the key removed, when `ema_unet` is given; a
+    `v_pred` marker)."""
     sd = {}
     if "unet" in parts:
         sd.update({f"model.diffusion_model.{k}": v for k, v in ldm_unet(pipe.unet).items()})
     if "vae" in parts:
         sd.update({f"first_stage_model.{k}": v for k, v in ldm_vae(pipe.vae).items()})
     if "text_encoder" in parts:
-        sd.update(ldm_clip(pipe.text_encoder) if family == "sd1" else ldm_open_clip(pipe.text_encoder))
+        sd.update(ldm_text(pipe, family))
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
     sd.update(betas=betas, alphas_cumprod=torch.cumprod(1 - betas, 0))
     if ema_unet is not None:

@@ -1,4 +1,5 @@
-"""Single-file checkpoints (the LDM layout of SD1.x / SD2.x) against the diffusers folder they were written from.
+"""Single-file checkpoints (the LDM layout of SD1.x / SD2.x, SDXL base's) against the diffusers folder they were
+written from.
 
 A tiny random model of each family is saved as a diffusers folder and converted to one file by tests/ldm.py, a
 converter of ours that diffusers' own `from_single_file` (pointed offline at the folder for its configs) reads back
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import ldm
@@ -183,11 +185,11 @@ def test_foreign_files(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, lora_like)
     with pytest.raises(UserError, match="holds no Stable Diffusion UNet"):
         pipeline.load_pipeline(lora_like)
-    sdxl = str(tmp_path / "xl.safetensors")
+    no_attention = str(tmp_path / "xl.safetensors")
     save_file({"model.diffusion_model.conv.weight": torch.zeros(1),
-               "conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, sdxl)
-    with pytest.raises(UserError, match="SDXL"):
-        pipeline.load_pipeline(sdxl)
+               "conditioner.embedders.0.transformer.text_model.x": torch.zeros(1)}, no_attention)
+    with pytest.raises(UserError, match="UNet without cross-attention; it is not an SD1.x / SD2.x / SDXL"):
+        pipeline.load_pipeline(no_attention)
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UserError, match="neither .safetensors nor .ckpt"):
         pipeline.load_pipeline(str(tmp_path / "notes.txt"))
@@ -239,3 +241,121 @@ def test_cli_train_takes_a_file(family, pairs, tmp_path):
                          "--resolution", "16", "--device", "cpu"]) == 0
     a, b = (load_file(str(tmp_path / out / "lora.safetensors")) for out in ("from_folder", "from_file"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- SDXL base (Stability's layout: conditioner.embedders.0 / .1 for the two text encoders, label_emb) ---------
+
+ATOL = 1e-4  # images in [0, 1], as test_sdxl.py: fp32 reordering noise is ~1e-6, a visible change 4e-3
+
+
+@pytest.fixture(scope="module")
+def sdxl_file(tmp_path_factory):
+    """(folder, its reference modules, the single file written from them) of the tiny SDXL family (tests/ldm.py):
+    64-dim heads, transformer depths [1, 2, 1] per level, bigG's projection 192 -> 96."""
+    folder = str(tmp_path_factory.mktemp("sdxl"))
+    ref = ldm.make_sdxl_family_dir(folder)
+    return folder, ref, ldm.save_ldm(ldm.to_ldm(ref, "sdxl"), os.path.join(folder, "model.safetensors"))
+
+
+def test_sdxl_converter_matches_diffusers_from_single_file(sdxl_file):
+    from diffusers import StableDiffusionXLPipeline
+    folder, ref, path = sdxl_file
+    theirs = StableDiffusionXLPipeline.from_single_file(path, config=folder, local_files_only=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(ref, part).state_dict(), getattr(theirs, part).state_dict()
+        assert want.keys() == got.keys()
+        assert all(torch.equal(want[k], got[k]) for k in want), part
+
+
+def test_sdxl_file_loads_as_its_folder(sdxl_file):
+    """The same configs (but the image size: the file's is SDXL base's 1024 px), the same weights, tokenizers and
+    scheduler: a missed transpose of bigG's projection or a wrong depth per level cannot load at these shapes."""
+    folder, ref, path = sdxl_file
+    ours, expected = pipeline.load_pipeline(path), pipeline.load_pipeline(folder)
+    assert ours.origin == "single file model.safetensors: SDXL, epsilon (SDXL family)"
+    assert ours.is_sdxl and ours.force_zeros_for_empty_prompt and ours.unet.config.sample_size == 128
+    assert ours.unet.config.transformer_layers_per_block == [1, 2, 1]
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(ours, part), getattr(expected, part)
+        assert without_size(a.config) == without_size(b.config), part
+        want = b.state_dict()
+        assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in a.state_dict().items()), part
+    assert ours.vae.scaling_factor == 0.13025 and ours.ddim_config() == expected.ddim_config()
+    for tok in ("tokenizer", "tokenizer_2"):  # tokenizer 1 pads with EOS, tokenizer 2 with "!"
+        assert torch.equal(getattr(ours, tok)(["wow!! a cat"]), getattr(expected, tok)(["wow!! a cat"]))
+    half = pipeline.load_pipeline(path, dtype=torch.bfloat16)  # the force_upcast VAE stays in float32
+    assert next(half.vae.parameters()).dtype == torch.float32 and next(half.unet.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("negative", [None, "ugly"])
+def test_sdxl_file_gives_the_folders_and_diffusers_images(sdxl_file, negative):
+    """DDIM from SDXL's scheduler config; no negative prompt is zeros (force_zeros_for_empty_prompt). The file's
+    images equal the folder's up to fp32 noise (the weights are equal, but memory-mapped at other offsets, which
+    changes the summation order of some CPU kernels) and StableDiffusionXLPipeline's on the reference modules."""
+    from conftest import diffusers_sdxl_pipeline
+    folder, ref, path = sdxl_file
+    kw = dict(steps=2, guidance=5.0, height=16, width=16)
+    ours = pipeline.generate(pipeline.load_pipeline(path), ["a red circle", "a cat"], [1, 2], negative, **kw)
+    folders = pipeline.generate(pipeline.load_pipeline(folder), ["a red circle", "a cat"], [1, 2], negative, **kw)
+    assert (ours - folders).abs().max() / 2 <= ATOL
+    theirs = diffusers_sdxl_pipeline(folder, vars(ref))(
+        "a cat", negative_prompt=negative, num_inference_steps=2, guidance_scale=5.0, height=16, width=16,
+        output_type="pt", generator=torch.Generator().manual_seed(2)).images
+    assert (ours[1:] / 2 + 0.5).clamp(0, 1).sub(theirs).abs().max() <= ATOL
+
+
+def test_sdxl_published_configs(tmp_path):
+    """At SDXL base's shapes (meta tensors: no memory) the family and the UNet, VAE and text encoder configs read from
+    a single file are the published ones (stabilityai/stable-diffusion-xl-base-1.0), and every part loads strictly
+    into our modules: transformer depths [1, 2, 10], 2816 = 1280 + 6 x 256, bigG's 1280 x 1280 projection."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import clip
+    import unet
+    from test_sdxl import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET
+    vae_kw = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.13025,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text = lambda cfg: CLIPTextConfig(**{k: v for k, v in cfg.items() if k != "architectures"})  # noqa: E731
+    with torch.device("meta"):
+        ref = SimpleNamespace(unet=UNet2DConditionModel.from_config(SDXL_UNET), vae=AutoencoderKL(**vae_kw),
+                              text_encoder=CLIPTextModel(text(SDXL_TEXT)),
+                              text_encoder_2=CLIPTextModelWithProjection(text(SDXL_TEXT_2)))
+    sd = ldm.to_ldm(ref, "sdxl")
+    chosen = singlefile.choose_keys(set(sd), singlefile.PARTS, False, "xl")
+    sf = singlefile.unpack("xl", {part: {k: sd[k] for k in names} for part, names in chosen.items()})
+    assert sf.family == singlefile.SDXL
+    config, state = sf.parts["unet"]
+    published = dict(SDXL_UNET, upcast_attention=False)  # diffusers reads null as false
+    assert config == {k: published[k] for k in config}
+    unet.build_unet(unet.unet_config(config, "xl"), state, "xl")
+    config, state = sf.parts["vae"]
+    assert config["block_out_channels"] == [128, 256, 512, 512] and config["scaling_factor"] == 0.13025
+    unet.build_vae(unet.vae_config(config, "xl"), state, "xl")
+    for part, published, projection in (("text_encoder", SDXL_TEXT, False), ("text_encoder_2", SDXL_TEXT_2, True)):
+        config, state = sf.parts[part]
+        assert config == {k: published[k] for k in config}
+        clip.build_text_encoder(clip.text_config(config, "xl"), state, "xl", projection=projection)
+
+
+def test_sdxl_bad_files(sdxl_file, tmp_path):
+    folder, ref, path = sdxl_file
+    sd = load_file(path)
+    no_big_g = str(tmp_path / "half.safetensors")  # as the SDXL refiner, which has bigG alone (as embedders.0)
+    save_file({k: v for k, v in sd.items() if not k.startswith("conditioner.embedders.1.")}, no_big_g)
+    with pytest.raises(UserError, match="without SDXL base's second text encoder"):
+        pipeline.load_pipeline(no_big_g)
+    with pytest.raises(UserError, match="no EMA weights"):
+        pipeline.load_pipeline(path, ema=True)
+    unet_only = str(tmp_path / "unet.safetensors")  # the UNet alone serves --eta-model / extract-lora
+    save_file({k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}, unet_only)
+    want = ref.unet.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in pipeline.load_unet(unet_only).state_dict().items())
+
+
+def test_cli_samples_an_sdxl_file(sdxl_file, tmp_path, capsys):
+    folder, ref, path = sdxl_file
+    assert npo.main(["info", "--model", path]) == 0
+    assert "single file model.safetensors: SDXL, epsilon" in capsys.readouterr().out
+    assert npo.main(["sample", "--model", path, "--steps", "1", "--height", "16", "--width", "16",
+                     "--out", str(tmp_path / "a.png")]) == 0
+    assert "CFG scale: 5.0" in Image.open(tmp_path / "a.png").text["parameters"]  # SDXL's default guidance
