@@ -226,12 +226,18 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
     return lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad
 
 
+# DDPO's log-probability is −‖x_prev − μ_θ‖² / 2σ_t² averaged: its gradient carries 1/σ_t², which magnifies fp32
+# rounding. The same computation in another summation order (1 vs 2 torch threads) differs by up to 1.1e-4 of a
+# layer's largest gradient; a wrong multiplier, branch or sign differs by order 1.
+RTOL = 1e-3
+
+
 def assert_gradients_equal(ours, ref):
     assert ours
     for (role, layer, part), g in ours.items():
         r = ref(role, layer, part).view_as(g)
         assert r.abs().max() > 0, (role, layer, part)
-        assert (g - r).abs().max() <= 1e-4 * r.abs().max() + 1e-12, (role, layer, part)
+        assert (g - r).abs().max() <= RTOL * r.abs().max() + 1e-12, (role, layer, part)
 
 
 def test_one_ddpo_update_equals_ddpo_pytorchs_on_diffusers(tiny_model, lora_files, prompts_file, tmp_path):
