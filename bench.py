@@ -494,6 +494,39 @@ def gpu_train_rows(device, weights, size):
             ("DPO step, diffusers recipe, fp32", recipe["seconds"], float("nan"), (recipe["seconds"], 0))]
 
 
+def gpu_sdxl_rows(device, weights, preset, size, repeats):
+    """SDXL (latent 128: 1024 px): one UNet forward (batch 2), ours vs diffusers, and a guided step, NPO (η and δ
+    unmerged, rank 8) vs plain CFG; fp16 (bf16 on the CPU). `preset` "small" is SDXL's layout at toy size."""
+    import lora
+    import pipeline
+    import unet as ours_unet
+    from diffusers import UNet2DConditionModel
+    path = os.path.join(os.path.dirname(os.path.abspath(weights)), f"sdxl-{preset}")  # beside the SD1.5 weights
+    make_sdxl_weights(path, preset)
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    ours = ours_unet.load_unet(f"{path}/unet", dtype=dtype, device=device)
+    ref = UNet2DConditionModel.from_pretrained(f"{path}/unet", torch_dtype=dtype).to(device).eval()
+    x, c, pooled, ids = (v.to(device, dtype) for v in sdxl_unet_inputs(ours.config, 2, size))
+    name, t = str(dtype).removeprefix("torch."), torch.tensor(500, device=device)
+    neg, pos = ({"encoder_hidden_states": c[i:i + 1], "text_embeds": pooled[i:i + 1], "time_ids": ids[i:i + 1]}
+                for i in (0, 1))
+    with torch.inference_mode():
+        fns = {"ours": lambda: ours(x, 500, c, text_embeds=pooled, time_ids=ids),
+               "diffusers": lambda: ref(x, 500, c, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample}
+        unet_rows = {k: (_synchronized(device, f, repeats), _peak_gib(device, f)) for k, f in fns.items()}
+        del ref, fns
+        plain = pipeline.npo_denoiser(ours, neg, pos, 5.0)
+        steps = {"plain CFG": (_synchronized(device, lambda: plain(x[:1], t), repeats),
+                               _peak_gib(device, lambda: plain(x[:1], t)))}
+        for offset in ("eta", "delta"):
+            lora.add_offset(ours, offset, rank=8)
+        npo = pipeline.npo_denoiser(ours, neg, pos, 5.0, 1.0, 1.0)
+        steps["NPO (η, δ unmerged)"] = (_synchronized(device, lambda: npo(x[:1], t), repeats),
+                                        _peak_gib(device, lambda: npo(x[:1], t)))
+    return ([(f"SDXL UNet forward, {name}, {k}", tm, m, unet_rows["diffusers"]) for k, (tm, m) in unet_rows.items()]
+            + [(f"SDXL guided step, {name}, {k}", tm, m, steps["plain CFG"]) for k, (tm, m) in steps.items()])
+
+
 def cmd_gpu(args):
     """The GPU table: UNet fp16 / bf16 / compile, NPO against plain CFG, the DPO step against the recipe."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -506,6 +539,9 @@ def cmd_gpu(args):
     rows = gpu_unet_rows(device, weights, args.size, args.repeats) + gpu_sampling_rows(device, weights, args.size, args.repeats)
     if not args.skip_train:
         rows += gpu_train_rows(device, weights, args.size)
+    if args.sdxl != "none":
+        lines[0] += f"; SDXL-shaped ({args.sdxl}) at latent {args.sdxl_size}x{args.sdxl_size} ({8 * args.sdxl_size} px)"
+        rows += gpu_sdxl_rows(device, weights, args.sdxl, args.sdxl_size, args.repeats)
     for what, seconds, memory, (ref_seconds, _) in rows:
         lines.append(f"| {what} | {seconds:.4f} | {seconds / ref_seconds:.2f}x | {memory:.2f} |")
     print("\n".join(lines), flush=True)
@@ -1032,13 +1068,17 @@ def add_train_command(sub):
 
 
 def add_gpu_command(sub):
-    p = sub.add_parser("gpu", help="on a CUDA machine: UNet fp16/bf16/compile, NPO vs plain CFG, DPO step vs recipe")
+    p = sub.add_parser("gpu", help="on a CUDA machine: UNet fp16/bf16/compile, NPO vs plain CFG, DPO step vs recipe; "
+                                   "SDXL's UNet and NPO step")
     p.add_argument("--size", type=int, default=64, help="latent side (default 64: 512 px)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is there (a check that it runs)")
     p.add_argument("--tiny", action="store_true", help="tiny random weights instead of SD1.5-shaped ones (a quick check)")
     p.add_argument("--weights", default=None, help="folder for the random weights (default: NPO_BENCH_DIR)")
     p.add_argument("--skip-train", action="store_true", help="leave out the DPO step rows")
+    p.add_argument("--sdxl", choices=["full", "small", "none"], default="full",
+                   help="SDXL rows: SDXL base's shapes (full, default), its layout at toy size (small), or none")
+    p.add_argument("--sdxl-size", type=int, default=128, help="SDXL latent side (default 128: 1024 px)")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     p.set_defaults(func=cmd_gpu)
 
