@@ -1,6 +1,6 @@
 """The paper's experiment in miniature, on the embedded shapes model: does NPO improve preference-aligned sampling?
 
-    python npo.py experiment --out results            # about 25 minutes on 2 CPU cores; seeded
+    python npo.py experiment --out results            # 55 minutes on one thread here (EXPERIMENT.md); seeded
     python npo.py experiment --out results --quick    # a small version (one seed, fewer steps and images)
 
 For each training seed (three by default):
