@@ -121,6 +121,24 @@ def diffusers_pipeline(path, refs):
     return pipe
 
 
+def write_random_pairs(folder, n, seed):
+    """A JSONL dataset of n pairs of random 24x20 (H x W) images, so the resize and crop do something; its path."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        for side in "wl":
+            Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}{side}.png"))
+        rows.append({"prompt": f"pair number {i}", "chosen": f"{i}w.png", "rejected": f"{i}l.png"})
+    path = os.path.join(folder, "pairs.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """(folder, reference modules) of a tiny SD1-shaped model with random weights."""

@@ -24,7 +24,7 @@ import pipeline
 import train
 import unet
 from checkpoint import UserError
-from conftest import diffusers_sdxl_pipeline
+from conftest import diffusers_sdxl_pipeline, write_random_pairs
 
 # Images in [0, 1]: same reasoning as test_sample.py (fp32 reordering noise ~1e-6, a visible change 4e-3).
 ATOL = 1e-4
@@ -237,15 +237,7 @@ def test_written_sdxl_lora_loads_in_diffusers_in_both_key_styles(tiny_sdxl, tmp_
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """Two pairs of random 20x24 (W x H) images: resized to 16x19, center-cropped at top 2."""
-    folder = tmp_path_factory.mktemp("sdxl_pairs")
-    rng = np.random.default_rng(1)
-    rows = []
-    for i in range(2):
-        for side in "wl":
-            Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}{side}.png")
-        rows.append({"prompt": f"pair number {i}", "chosen": f"{i}w.png", "rejected": f"{i}l.png"})
-    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return str(folder / "pairs.jsonl")
+    return write_random_pairs(tmp_path_factory.mktemp("sdxl_pairs"), 2, seed=1)
 
 
 def train_run(model, pairs, out, *flags):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
@@ -21,7 +20,7 @@ import npo
 import pipeline
 import runs
 import train
-from conftest import ROOT, diffusers_pipeline, make_model_dir
+from conftest import ROOT, diffusers_pipeline, make_model_dir, write_random_pairs
 
 # tiny model: the VAE downsamples by 2, so 16 px images are 8x8 latents, the UNet's sample size
 FAST = ["--resolution", "16", "--log-every", "1", "--lr", "1e-3", "--device", "cpu"]
@@ -30,16 +29,7 @@ FAST = ["--resolution", "16", "--log-every", "1", "--lr", "1e-3", "--device", "c
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     """A JSONL dataset of 6 pairs of random images (24x20, so the resize and crop do something)."""
-    folder = tmp_path_factory.mktemp("pairs")
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(6):
-        for side in "wl":
-            Image.fromarray(rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(folder / f"{i}{side}.png")
-        rows.append({"prompt": f"pair number {i}", "chosen": f"{i}w.png", "rejected": f"{i}l.png"})
-    path = folder / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
+    return write_random_pairs(tmp_path_factory.mktemp("pairs"), 6, seed=0)
 
 
 def run(model, pairs, out, *flags):
