@@ -154,24 +154,29 @@ def tiny_sdxl(tmp_path_factory):
     return path, make_sdxl_dir(path)
 
 
-@pytest.fixture(scope="session")
-def offsets(tiny_model, tmp_path_factory):
-    """Two random LoRA files for the tiny model, made by our writer: η on attention, δ on to_q, to_v and a conv,
-    with non-zero up weights (a fresh offset is zero)."""
+def random_lora_files(model, folder, specs, seed):
+    """LoRA files made by our writer with random, non-zero up weights (a fresh offset is zero): {name: path}, one per
+    (name, add_offset keyword arguments) in `specs`, the k-th drawn from a generator seeded seed + k."""
     import lora
     import pipeline
-    folder = tmp_path_factory.mktemp("loras")
-    pipe = pipeline.load_pipeline(tiny_model[0])
+    pipe = pipeline.load_pipeline(model)
     files = {}
-    for seed, (name, targets) in enumerate((("eta", lora.DEFAULT_TARGETS), ("delta", ("to_q", "to_v", "conv1")))):
-        lora.add_offset(pipe.unet, name, rank=4, alpha=2, targets=targets)
-        g = torch.Generator().manual_seed(10 + seed)
+    for k, (name, kwargs) in enumerate(specs):
+        lora.add_offset(pipe.unet, name, rank=4, **kwargs)
+        g = torch.Generator().manual_seed(seed + k)
         with torch.no_grad():
             for p in lora.parameters(pipe.unet, name):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        files[name] = str(folder / f"{name}.safetensors")
+        files[name] = os.path.join(folder, f"{name}.safetensors")
         lora.save_lora(pipe.unet, name, files[name], role=name)
     return files
+
+
+@pytest.fixture(scope="session")
+def offsets(tiny_model, tmp_path_factory):
+    """Two random LoRA files for the tiny model: η on attention, δ on to_q, to_v and a conv."""
+    specs = [("eta", dict(alpha=2)), ("delta", dict(alpha=2, targets=("to_q", "to_v", "conv1")))]
+    return random_lora_files(tiny_model[0], str(tmp_path_factory.mktemp("loras")), specs, seed=10)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import rewards
 import runs
 import sampler
 import train
-from conftest import ROOT, diffusers_pipeline
+from conftest import ROOT, diffusers_pipeline, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
 FAST = ["--method", "ddpo", "--resolution", "16", "--sample-steps", "2", "--guidance", "3", "--log-every", "1",
@@ -40,18 +40,8 @@ def prompts_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lora_files(tiny_model, tmp_path_factory):
     """Random η and δ LoRA files (attention layers) with non-zero up weights."""
-    folder = tmp_path_factory.mktemp("ddpo_loras")
-    pipe = pipeline.load_pipeline(tiny_model[0])
-    files = {}
-    for seed, name in enumerate(("eta", "delta")):
-        lora.add_offset(pipe.unet, name, rank=4)
-        g = torch.Generator().manual_seed(30 + seed)
-        with torch.no_grad():
-            for p in lora.parameters(pipe.unet, name):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        files[name] = str(folder / f"{name}.safetensors")
-        lora.save_lora(pipe.unet, name, files[name], role=name)
-    return files
+    return random_lora_files(tiny_model[0], str(tmp_path_factory.mktemp("ddpo_loras")), [("eta", {}), ("delta", {})],
+                             seed=30)
 
 
 def run(model, prompts_file, out, *flags):
