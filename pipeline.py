@@ -1,5 +1,6 @@
-"""The Stable Diffusion pipeline with NPO guidance: a model folder loaded into our modules, eq. 10 of the paper, and
-`generate`. This is the one place eq. 10 lives; sampling, reward training and the experiment all call it.
+"""The Stable Diffusion pipeline with NPO guidance: a model folder loaded into our modules, eq. 10 of the paper applied
+to them, and `generate`. Eq. 10's weights of the two CFG branches are `sampler.npo_weights`, beside `cfg_combine`;
+every guided path here (and in reward training) takes them from there.
 
     pipe = pipeline.load_pipeline("path/to/sd15")               # or pipeline.DEFAULT_MODEL, the embedded one
     pipeline.load_offset(pipe, [("dpo.safetensors", 1.0)], "eta")   # η, the preference offset (UNet + text encoder)
@@ -433,15 +434,15 @@ def count_parameters(module):
 # NPO guidance (sec. 3.2 of the paper): one small function per idea.
 
 def npo_multipliers(batch, alpha, beta, device="cpu"):
-    """Eq. 10 as LoRA multipliers for one batched forward of [x_t (negative rows); x_t (positive rows)].
+    """Eq. 10's branch weights (`sampler.npo_weights`) as LoRA multipliers per row of one batched forward of
+    [x_t (negative rows); x_t (positive rows)]: the negative rows run θ + α·η + β·δ, the positive rows θ + η,
 
-    The negative / unconditional rows run θ + α·η + β·δ, the positive rows θ + η:
         η: [α]*B + [1]*B,   δ: [β]*B + [0]*B.
-    α = β = 1 is the authors' default; β = 0 is the weight-merge baseline (eq. 4); α = 1, δ absent is plain CFG.
+
     α and β may also hold one value per image (a sweep over α × β in one batch)."""
-    ones = torch.ones(batch, device=device)
-    alpha, beta = (torch.as_tensor(v, dtype=torch.float32, device=device).expand(batch) for v in (alpha, beta))
-    return {"eta": torch.cat([alpha, ones]), "delta": torch.cat([beta, 0 * ones])}
+    def rows(value):
+        return torch.as_tensor(value, dtype=torch.float32, device=device).expand(batch)
+    return {name: torch.cat([rows(neg), rows(pos)]) for name, (neg, pos) in sampler.npo_weights(alpha, beta).items()}
 
 
 def as_kwargs(conditioning):
@@ -481,26 +482,30 @@ def guided_denoiser(unet, neg_embeds, pos_embeds, guidance, weights):
 
 
 def npo_denoiser(unet, neg_embeds, pos_embeds, guidance, alpha=1.0, beta=1.0):
-    """The guided ε of NPO (eq. 10): η at [α, 1] and δ at [β, 0] over the [negative; positive] rows."""
+    """The guided ε of NPO (eq. 10, `sampler.npo_weights`): η at [α, 1] and δ at [β, 0] over the [negative; positive]
+    rows."""
     context = as_kwargs(pos_embeds)["encoder_hidden_states"]
     weights = npo_multipliers(len(context), alpha, beta, context.device)
     return guided_denoiser(unet, neg_embeds, pos_embeds, guidance, weights)
 
 
 def merged_unets(unet, alpha=1.0, beta=1.0):
-    """The authors' way, kept as a reference: two full weight sets, θ+α·η+β·δ for ε_neg and θ+η for ε_pos.
+    """The authors' way, kept as a reference: two full weight sets, θ+α·η+β·δ for ε_neg and θ+η for ε_pos (the two
+    branches of `sampler.npo_weights`).
 
     A `torch.compile`d UNet is merged from the module inside it, and the two weight sets are compiled too."""
     base = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper keeps the module as _orig_mod
     present = set(lora.offset_names(base))
 
     def build(weights):
-        state = lora.merged_state_dict(base, {k: v for k, v in weights.items() if k in present})
+        # an offset at 0 is left out, so that the layers only it touches stay shared with θ
+        state = lora.merged_state_dict(base, {k: v for k, v in weights.items() if k in present and v != 0})
         model = checkpoint.build_on_meta(lambda: type(base)(base.config))
         model.load_state_dict(state, strict=True, assign=True)
         model = model.eval().requires_grad_(False)
         return torch.compile(model) if base is not unet else model
-    return build({"eta": alpha, "delta": beta}), build({"eta": 1.0})
+    weights = sampler.npo_weights(alpha, beta)
+    return build(sampler.npo_branch(weights, 0)), build(sampler.npo_branch(weights, 1))
 
 
 def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
@@ -560,7 +565,10 @@ def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
     if any(a != pipe.eta_alpha for a in torch.as_tensor(alpha, dtype=torch.float64).flatten().tolist()):
         raise UserError(f"the base weights hold θ + α·η for α = {pipe.eta_alpha:g} (--eta-model); sample at that α, "
                         "or load the model again for another.")
-    weights = {"delta": beta} if "delta" in lora.offset_names(pipe.unet) else {}
+    # eq. 10's branches: η's α is in pipe.unet's weights (dense_eta) and its 1 is θ_ft; δ runs at β on ε_neg, and
+    # not at all on ε_pos (θ_ft carries no δ, δ's 0)
+    neg = sampler.npo_branch(sampler.npo_weights(alpha, beta), 0)
+    weights = {"delta": neg["delta"]} if "delta" in lora.offset_names(pipe.unet) else {}
 
     def denoise(x, t):
         with lora.multipliers(pipe.unet, **weights):
@@ -602,6 +610,21 @@ def branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, 
     return tuple({"encoder_hidden_states": c} for c in both.chunk(2))
 
 
+def conditional_denoiser(pipe, prompts, time_ids, clip_skip):
+    """ε(x_t, t) of guidance g ≤ 1, which runs the conditional branch alone, as diffusers does: ε(x_t, c; θ + η), with
+    that branch's weights of eq. 10 (`sampler.npo_weights`: η at 1, δ at 0) on the text encoder and the UNet, other
+    UNet offsets off; θ_ft itself for a fine-tuned η."""
+    positive = sampler.npo_branch(sampler.npo_weights(), 1)  # α and β weigh the unconditional branch only
+    pos = pipe.conditioning(prompts, time_ids, positive, clip_skip)
+    unet = pipe.eta_unet if pipe.eta_unet is not None else pipe.unet  # θ_ft, or θ with η as a LoRA
+    weights = {k: positive.get(k, 0.0) for k in lora.offset_names(pipe.unet)}
+
+    def denoise(x, t):
+        with lora.multipliers(pipe.unet, **weights):
+            return run_unet(unet, x, t, pos)
+    return denoise
+
+
 @torch.no_grad()
 def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
              height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
@@ -624,11 +647,7 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     time_ids = pipe.time_ids(height, width, original_size, crop_top_left, target_size)
     run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback)
     if guidance <= 1:
-        positive = {"eta": 1.0, "delta": 0.0}  # θ + η, on the text encoder and the UNet (other UNet offsets off)
-        pos = pipe.conditioning(prompts, time_ids, positive, clip_skip)
-        unet = pipe.eta_unet if pipe.eta_unet is not None else pipe.unet  # θ_ft, or θ with η as a LoRA
-        with lora.multipliers(pipe.unet, **{k: positive.get(k, 0.0) for k in lora.offset_names(pipe.unet)}):
-            latents = run(lambda x, t: run_unet(unet, x, t, pos))
+        latents = run(conditional_denoiser(pipe, prompts, time_ids, clip_skip))
     else:
         neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
         if pipe.eta_unet is not None:

@@ -1,4 +1,5 @@
-"""DDIM (Song et al. 2021) and DPM-Solver++ (2M) (Lu et al. 2022) sampling, and the forward-noising helpers of
+"""DDIM (Song et al. 2021) and DPM-Solver++ (2M) (Lu et al. 2022) sampling, classifier-free guidance with NPO's
+weights of its two branches (eq. 10 of the paper: `cfg_combine`, `npo_weights`), and the forward-noising helpers of
 training, as plain functions over tensors.
 
 Everything here reproduces diffusers' `DDIMScheduler` and `DPMSolverMultistepScheduler` (default configuration) step
@@ -158,11 +159,6 @@ def timesteps(cfg, steps, dpm=False):
     return torch.from_numpy(t.copy())
 
 
-def cfg_combine(eps_neg, eps_pos, guidance):
-    """Classifier-free guidance, diffusers' convention (g = ω + 1 in the paper's eq. 3): ε = ε_neg + g·(ε_pos − ε_neg)."""
-    return eps_neg + guidance * (eps_pos - eps_neg)
-
-
 # diffusers' DDIMScheduler defaults, where they differ from DDIMConfig's (which are SD's schedule)
 DDIM_SCHEDULER_DEFAULTS = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", steps_offset=0,
                                set_alpha_to_one=True, clip_sample=True)
@@ -179,6 +175,37 @@ def pipeline_config(scheduler_config, fix_old=True):
     cfg = DDIMConfig.from_dict(scheduler_config)
     cfg.steps_offset, cfg.clip_sample = 1, False
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guidance: classifier-free guidance, and NPO's weights of its two branches (eq. 10 of the paper).
+
+def cfg_combine(eps_neg, eps_pos, guidance):
+    """Classifier-free guidance, diffusers' convention (g = ω + 1 in the paper's eq. 3): ε = ε_neg + g·(ε_pos − ε_neg).
+
+    With NPO the two predictions come from different weights, θ + α·η + β·δ and θ + η: `npo_weights` (eq. 10)."""
+    return eps_neg + guidance * (eps_pos - eps_neg)
+
+
+def npo_weights(alpha=1.0, beta=1.0):
+    """NPO's guided prediction (Diffusion-NPO, sec. 3.2, eq. 10) as the multipliers of the offsets η and δ per branch:
+
+        ε = ε_neg + g·(ε_pos − ε_neg),   ε_neg = ε(x_t, c'; θ + α·η + β·δ),   ε_pos = ε(x_t, c; θ + η)
+
+    returns {"eta": (α, 1), "delta": (β, 0)}, each pair (unconditional, conditional), the order of diffusers' CFG
+    batch [c'; c]. η is the preference offset, δ the NPO offset, trained with the preference reversed: δ runs only
+    where CFG pushes away, on the unconditional branch. α = β = 1 is the authors' default; β = 0, α = γ is the
+    weight-merge baseline θ + γ·η (eq. 4); δ absent (or β = 0) with α = 1 is plain CFG of the model θ + η.
+    α and β may be one value per image (an α × β sweep in one batch). Every path of npo takes its weights from
+    here: the batched LoRA rows (pipeline.npo_multipliers), the two merged weight sets (pipeline.merged_unets),
+    a fully fine-tuned η (pipeline.dense_eta_denoiser), the text encoder's offsets, and guidance g ≤ 1, which
+    runs the conditional branch alone."""
+    return {"eta": (alpha, 1.0), "delta": (beta, 0.0)}
+
+
+def npo_branch(weights, branch):
+    """One branch's multipliers from `npo_weights`: branch 0 is the unconditional one (c'), 1 the conditional (c)."""
+    return {name: pair[branch] for name, pair in weights.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

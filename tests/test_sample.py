@@ -12,6 +12,7 @@ import images
 import lora
 import npo
 import pipeline
+import sampler
 from conftest import ROOT, diffusers_pipeline
 
 # Images in [0, 1]. Ours and diffusers' agree to ~1e-6 (same fp32 ops; batching the two CFG branches in one
@@ -149,6 +150,42 @@ def test_npo_multipliers_are_eq_10():
     assert m["eta"].tolist() == [0.25, 0.25, 1.0, 1.0] and m["delta"].tolist() == [0.75, 0.75, 0.0, 0.0]
     m = pipeline.npo_multipliers(2, [0.0, 1.0], [0.5, 1.0])  # one (α, β) per image: a sweep in one batch
     assert m["eta"].tolist() == [0.0, 1.0, 1.0, 1.0] and m["delta"].tolist() == [0.5, 1.0, 0.0, 0.0]
+
+
+def test_npo_weights_are_eq_10():
+    """ε_neg = ε(x_t, c'; θ + α·η + β·δ), ε_pos = ε(x_t, c; θ + η): per offset, (unconditional, conditional)."""
+    w = sampler.npo_weights(0.25, 0.75)
+    assert w == {"eta": (0.25, 1.0), "delta": (0.75, 0.0)}
+    assert sampler.npo_branch(w, 0) == {"eta": 0.25, "delta": 0.75} and sampler.npo_branch(w, 1) == {"eta": 1, "delta": 0}
+    assert sampler.npo_weights() == {"eta": (1.0, 1.0), "delta": (1.0, 0.0)}  # the authors' default α = β = 1
+
+
+def test_every_guided_path_takes_its_weights_from_npo_weights(tiny_model, offsets, monkeypatch):
+    """sampler.npo_weights is the one statement of eq. 10: with the rule changed (here its branches swapped), the
+    batched rows, the two merged weight sets, guidance g <= 1 (the conditional branch alone) and a fine-tuned η all
+    change with it, and batched and merged still agree."""
+    pipe = pipeline.load_pipeline(tiny_model[0])
+    pipeline.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
+    pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
+    dense = pipeline.load_pipeline(tiny_model[0])
+    pipeline.load_offset(dense, [(offsets["delta"], 1.0)], "delta")
+    pipeline.attach_eta_model(dense, tiny_model[0], 0.5)  # θ_ft = θ: what matters here is where δ runs
+    kw = dict(steps=2, height=16, width=16, alpha=0.5, beta=0.8)
+
+    def every_path():
+        return [pipeline.generate(pipe, ["a circle"], [1], guidance=5.0, mode="batched", **kw),
+                pipeline.generate(pipe, ["a circle"], [1], guidance=5.0, mode="merged", **kw),
+                pipeline.generate(pipe, ["a circle"], [1], guidance=1.0, **kw),
+                pipeline.generate(dense, ["a circle"], [1], guidance=5.0, **kw)]
+    eq_10 = every_path()
+    rule = sampler.npo_weights
+    monkeypatch.setattr(sampler, "npo_weights", lambda alpha=1.0, beta=1.0: {
+        name: (cond, uncond) for name, (uncond, cond) in rule(alpha, beta).items()})
+    swapped = every_path()
+    for images in (eq_10, swapped):
+        assert (images[0] - images[1]).abs().max() <= 2 * ATOL
+    for before, after in zip(eq_10, swapped):
+        assert (before - after).abs().max() > 100 * ATOL
 
 
 def test_sweep_rows_equal_single_runs(tiny_model, offsets):
