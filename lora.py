@@ -351,6 +351,14 @@ def is_sdxl(model):
     return getattr(getattr(model, "config", None), "addition_embed_type", None) == "text_time"
 
 
+def is_sd2(model):
+    """An SD2.x UNet (not SDXL): a 1024-wide text context (OpenCLIP ViT-H; SD1's CLIP ViT-L is 768), or at other
+    widths (small test models) Linear projections in and out of the transformers, as singlefile.family decides."""
+    cfg = model.config
+    context = cfg.per_block("cross_attention_dim")[0]
+    return context == 1024 or (context != 768 and bool(cfg.use_linear_projection))
+
+
 def offset_state_dict(model, name):
     """The offset `name` as kohya keys: `lora_unet_<layer>.lora_down.weight`, `.lora_up.weight`, `.alpha`; the layer
     named as diffusers names it (kohya's SD1/2 files), or for SDXL as Stability's UNet does (kohya's SDXL files)."""
@@ -404,12 +412,13 @@ def sgm_name(layer_name, unet):
     return "_".join([sgm, *rest])
 
 
-def save_lora(model, name, path, role=None, base_model=None, metadata=None):
+def save_lora(model, name, path, role=None, base_model=None, metadata=None, prediction_type=None):
     """Write the offset `name` as a kohya LoRA safetensors file, atomically (temporary file, then os.replace).
 
     The metadata strings say what it is: `npo_role` ("eta": the preference offset η, "delta": the NPO offset δ),
-    rank, alpha, targets, base model, plus kohya's `ss_network_*` fields so other tools recognise the file.
-    `metadata` adds more strings (e.g. suggested α / β).
+    rank, alpha, targets, base model, plus kohya's `ss_network_*` and `ss_base_model_version` fields so other tools
+    recognise the file (`prediction_type` "v_prediction" marks an SD1/2 v-model as kohya does). `metadata` adds more
+    strings (e.g. suggested α / β).
 
     Offsets made by `add_offset` have one alpha. diffusers 0.42 would misread a file whose alphas differ between
     attention layers: its per-layer alphas never match those layers, which all get the most common alpha."""
@@ -426,6 +435,10 @@ def save_lora(model, name, path, role=None, base_model=None, metadata=None):
         meta.update({"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "modelspec.sai_model_spec": "1.0.0",
                      "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                      "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})
+    else:  # kohya's SD1/2 names: sd_v1, sd_v2, and "_v" appended for v-prediction (sd_v2_v); A1111 reads ss_v2
+        v2 = is_sd2(model)
+        meta.update({"ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + "_v" * (prediction_type == "v_prediction"),
+                     "ss_v2": str(v2)})
     if role is not None:
         meta["npo_role"] = role
     if base_model is not None:

@@ -394,3 +394,22 @@ def test_not_a_safetensors_file(unet_dir, tmp_path):
     path.write_bytes(b"PK\x03\x04 this is a pickle-in-zip .ckpt renamed")
     with pytest.raises(UserError, match="not a readable safetensors"):
         lora.load_lora(unet.load_unet(unet_dir), str(path), "eta")
+
+
+@pytest.mark.parametrize("changes, prediction_type, version, v2", [
+    (dict(cross_attention_dim=768), None, "sd_v1", "False"),  # SD1.x: CLIP ViT-L's 768-wide text
+    (dict(cross_attention_dim=1024, use_linear_projection=True), None, "sd_v2", "True"),  # SD2.x: OpenCLIP ViT-H's
+    (dict(cross_attention_dim=1024, use_linear_projection=True), "v_prediction", "sd_v2_v", "True"),  # SD2.x-768
+    (dict(), None, "sd_v1", "False"),  # a small width: SD1's 1x1-conv projections
+    (dict(use_linear_projection=True), None, "sd_v2", "True"),  # a small width: SD2's Linear projections
+])
+def test_sd1_and_sd2_files_name_their_base_model_as_kohya_does(tmp_path, changes, prediction_type, version, v2):
+    """kohya sd-scripts' ss_base_model_version for SD1/2 LoRAs (model_util.get_model_version_str_for_sd1_sd2: "sd",
+    then "_v1" or "_v2", then "_v" for v-parameterization) and ss_v2, which A1111 reads to tell SD2 LoRAs apart."""
+    model = unet.UNet2DCondition(unet.unet_config(dict(TINY_UNET, **changes), "test"))
+    lora.add_offset(model, "eta", rank=2)
+    path = str(tmp_path / "eta.safetensors")
+    lora.save_lora(model, "eta", path, role="eta", prediction_type=prediction_type)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == version and meta["ss_v2"] == v2
