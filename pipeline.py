@@ -204,6 +204,7 @@ def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None, vae=Non
     except (torch.OutOfMemoryError, MemoryError):
         raise UserError(f"ran out of {device.type.upper()} memory while loading {path} onto {device}; pass "
                         "--dtype bfloat16 (or float16 on CUDA), free memory, or use another --device.")
+    check_latent_channels(pipe)
     if pipe.is_sdxl:
         return check_sdxl(pipe)
     width, context = pipe.text_encoder.config.hidden_size, pipe.unet.config.per_block("cross_attention_dim")[0]
@@ -211,6 +212,16 @@ def load_pipeline(path, dtype=torch.float32, device="cpu", variant=None, vae=Non
         raise UserError(f"the text encoder is {width} wide but the UNet attends to {context}-wide text; pass a "
                         "--text-encoder of the same model family (768: SD1.x, 1024: SD2.x).")
     return pipe
+
+
+def check_latent_channels(pipe):
+    """The UNet must denoise the VAE's latents alone: in and out channels = latent_channels (4). An inpainting UNet
+    also takes the masked image's latents and the mask (9 channels), an instruct-pix2pix one the image's (8)."""
+    cfg, latent = pipe.unet.config, pipe.vae.config.latent_channels
+    if cfg.in_channels != latent or cfg.out_channels != latent:
+        raise UserError(f"{pipe.path} has a UNet of {cfg.in_channels} input channels for {latent}-channel latents, an "
+                        "inpainting or image-conditioned model, which npo does not sample; pass a text-to-image model "
+                        "(e.g. SD1.5 itself, not sd-v1-5-inpainting).")
 
 
 def add_source_arguments(g):

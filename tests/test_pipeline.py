@@ -215,3 +215,24 @@ def test_atomic_write_has_normal_permissions_and_leaves_the_umask_alone(tmp_path
     with pytest.raises(RuntimeError):
         checkpoint.atomic_write(str(tmp_path / "g.bin"), broken)
     assert os.listdir(tmp_path) == ["f.bin"]  # no half-written file, no temporary left behind
+
+
+def test_inpainting_unet_is_refused_at_load(tmp_path, capsys):
+    """A 9-channel UNet (sd-v1-5-inpainting: noisy latents, masked-image latents and the mask) is refused in one
+    sentence when the model loads, as a folder and as a single file, instead of failing at the first step."""
+    from diffusers import UNet2DConditionModel
+    import ldm
+    from conftest import TINY_UNET, make_model_dir, randomize
+    folder = str(tmp_path / "inpaint")
+    make_model_dir(folder, unet_kwargs=dict(TINY_UNET, in_channels=9))
+    with pytest.raises(UserError, match="9 input channels"):
+        pipeline.load_pipeline(folder)
+    ref = ldm.make_family_dir(str(tmp_path / "sd1"), "sd1")
+    ref.unet = randomize(UNet2DConditionModel(**dict(ldm.FAMILIES["sd1"]["unet"], in_channels=9)), 1)
+    single = ldm.save_ldm(ldm.to_ldm(ref, "sd1"), str(tmp_path / "sd-v1-5-inpainting.safetensors"))
+    capsys.readouterr()  # diffusers' saving progress
+    for model in (folder, single):
+        assert npo.main(["sample", "--model", model, "--steps", "1", "--out", str(tmp_path / "o.png")]) == 2
+        err = capsys.readouterr().err
+        assert "9 input channels" in err and "inpainting" in err and err.count("\n") == 1
+    assert not (tmp_path / "o.png").exists()
