@@ -4,8 +4,10 @@ error users see.
 Every model in npo (UNet, VAE, CLIP text encoder) is built from its `config.json` and filled by one strict
 `load_state_dict`: a missing, unexpected or misshaped key is an error that names the keys.
 """
+import argparse
 import dataclasses
 import json
+import math
 import os
 import secrets
 
@@ -18,6 +20,14 @@ class UserError(Exception):
     """Bad user input: the message is one sentence saying what is wrong and what to do.
 
     The CLI prints it without a traceback and exits with code 2."""
+
+
+def finite_float(text):
+    """argparse type for float flags: a number that is neither nan nor infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def read_json(path):

@@ -13,6 +13,7 @@ experiment).
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ import lora
 import pipeline
 import sampler
 import train
-from checkpoint import UserError
+from checkpoint import UserError, finite_float
 from pipeline import DEFAULT_MODEL
 
 # ----------------------------------------------------------------------------------------------------------
@@ -62,10 +63,14 @@ def check_writable(out, pictures):
 
 
 def parse_floats(text, flag):
+    """A comma list of finite numbers (--sweep-alpha 0,0.5,1)."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers such as 0,0.5,1, not {text!r}.")
+        values = [math.nan]
+    if not values or not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag} takes comma-separated finite numbers such as 0,0.5,1, not {text!r}.")
+    return values
 
 
 class Progress:
@@ -110,6 +115,16 @@ def a1111_parameters(args, job, size):
     return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
 
 
+def sweep_parameters(args, job, size, alphas, betas):
+    """An α × β grid's PNG `parameters`, as A1111's X/Y/Z plot writes a grid's: the first cell's settings, then the
+    axes, X the columns (β), Y the rows (α); cell (i, j) is that image at α = Y value i, β = X value j (one seed)."""
+    def listed(values):  # quoted, as A1111 quotes a value with commas, so that its parser reads it as one value
+        return json.dumps(", ".join(f"{v:g}" for v in values))
+    axes = {"Script": "X/Y/Z plot", "X Type": "NPO beta", "X Values": listed(betas),
+            "Y Type": "NPO alpha", "Y Values": listed(alphas)}
+    return a1111_parameters(args, job, size) + "".join(f", {k}: {v}" for k, v in axes.items())
+
+
 def parse_lora(text):
     """`--lora PATH[:WEIGHT]` -> (path, weight). The weight is the text after the last ':' when that is a number
     and the whole text is not an existing file; so `C:\\loras\\a.safetensors` and `my:lora.safetensors` are paths,
@@ -117,9 +132,12 @@ def parse_lora(text):
     path, sep, weight = text.rpartition(":")
     if sep and path and not os.path.isfile(text):
         try:
-            return path, float(weight)
+            value = float(weight)
         except ValueError:
-            pass
+            return text, 1.0
+        if not math.isfinite(value):
+            raise UserError(f"--lora {text}: the weight {weight} is not a finite number; pass e.g. {path}:0.8.")
+        return path, value
     return text, 1.0
 
 
@@ -136,6 +154,9 @@ def check_sample_arguments(args):
     for flag in ("n", "batch_size", "steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
+    if args.guidance is not None and args.guidance < 0:
+        raise UserError(f"--guidance {args.guidance:g} is negative, which would push images away from the prompt; "
+                        "pass 0 or more (7.5 is SD's usual scale; 1 or less samples the prompt's branch alone).")
     args.lora = [parse_lora(text) for text in args.lora or []]
     for path, flag in [(path, "--lora") for path, _ in args.lora] + [(args.npo, "--npo")]:
         if path is not None and not os.path.isfile(path):
@@ -235,7 +256,7 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
             grid = images.labelled_grid(pictures[k * per:(k + 1) * per], len(alphas), len(betas),
                                         [f"α={a:g}" for a in alphas], [f"β={b:g}" for b in betas], title=p[:80])
             written.append(destination(f"sweep-{k:04d}.png"))
-            images.save_png(grid, written[-1], a1111_parameters(args, jobs[k * per], size))
+            images.save_png(grid, written[-1], sweep_parameters(args, jobs[k * per], size, alphas, betas))
     elif args.compare:
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[2 * k:2 * k + 2], 1, 2, (),
@@ -305,7 +326,9 @@ def check_model_arguments(args, pipe):
 
 def cmd_sample(args):
     sweeps = check_sample_arguments(args)
-    rows = data.read_prompts(args.prompts_file, negatives=True) if args.prompts_file else [(args.prompt, None)]
+    default_prompt = args.prompt is None and not args.prompts_file
+    rows = data.read_prompts(args.prompts_file, negatives=True) if args.prompts_file else \
+        [(DEFAULT_PROMPT if default_prompt else args.prompt, None)]
     rows = [(p, args.negative_prompt if n is None else n) for p, n in rows]  # a row's own negative prompt wins
     prompts = [p for p, _ in rows]
     jobs = plan_jobs(args, rows, *sweeps)
@@ -315,6 +338,9 @@ def cmd_sample(args):
     grids = sweeps != (None, None) or args.compare
     check_writable(args.out, len(prompts) if grids else len(jobs))
     pipe = load_for_sampling(args, [text for row in rows for text in row], jobs[0]["alpha"])
+    if default_prompt:  # said once the run is sure to start, so that an error stays the one line printed
+        print(f"no --prompt given: sampling the default prompt {DEFAULT_PROMPT!r} (pass --prompt TEXT or "
+              "--prompts-file FILE)", file=sys.stderr)
     progress = Progress(len(jobs))
     pictures = run_jobs(pipe, args, jobs, progress)
     if progress.tty:
@@ -359,6 +385,7 @@ def cmd_extract_lora(args):
     return errors
 
 
+DEFAULT_PROMPT = "a red circle"  # one of the embedded model's captions (weights/README.md)
 MODEL_HELP = ("a diffusers model folder, or a single-file SD1.x / SD2.x / SDXL checkpoint (.safetensors, or .ckpt read "
               "without running code) (default: the embedded model in weights/)")
 
@@ -369,7 +396,8 @@ def add_sample_arguments(p):
     p.add_argument("--variant", help="read the weight files of a variant, e.g. fp16: *.fp16.safetensors")
     p.add_argument("--scheduler-config", help="a scheduler_config.json (or a folder with one) to use instead of the "
                                               "model's scheduler/, e.g. to change timestep_spacing")
-    p.add_argument("--prompt", default="a red circle", help="the prompt (ignored with --prompts-file)")
+    p.add_argument("--prompt", help=f"the prompt (ignored with --prompts-file; without either, {DEFAULT_PROMPT!r}, "
+                                    "which the command says it uses)")
     p.add_argument("--prompts-file", help="a .txt file with one prompt per line, a .jsonl file with a \"prompt\" (and "
                                           "optionally a \"negative_prompt\") per row, or a Pick-a-Pic .parquet "
                                           "file (its unique captions)")
@@ -384,15 +412,18 @@ def add_sample_arguments(p):
     p.add_argument("--eta-model", help="a fully fine-tuned model as η = θ_ft − θ (its folder, unet/ folder or single "
                                        "file): ε_pos runs θ_ft, ε_neg θ + α·η + β·δ; without δ it is eq. 4's weight merge")
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
-    p.add_argument("--alpha", type=float, default=None, help="weight of η on the unconditional branch (eq. 10; default 1)")
-    p.add_argument("--beta", type=float, default=None, help="weight of δ on the unconditional branch (eq. 10; default 1)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5; 5 for SDXL, as the authors)")
+    p.add_argument("--alpha", type=finite_float, default=None,
+                   help="weight of η on the unconditional branch (eq. 10; default 1)")
+    p.add_argument("--beta", type=finite_float, default=None,
+                   help="weight of δ on the unconditional branch (eq. 10; default 1)")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
+                        "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
                    help="ddim, or dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, "
                         "the paper's evaluation sampler (25 steps)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--ddim-eta", type=finite_float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
                                                           "layer, 2 on the penultimate (diffusers' clip_skip=1), ...")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")

@@ -2,8 +2,10 @@
 --clip-skip (StableDiffusionPipeline's clip_skip), --variant (from_pretrained(variant=...)), --scheduler-config
 (a scheduler built from that file), a JSONL row's negative_prompt (the pipeline's per-image negative_prompt).
 The command's PNG equals `pipeline.generate` with the same settings exactly; generate equals diffusers to ATOL."""
+import argparse
 import json
 import os
+import re
 import shutil
 from types import SimpleNamespace
 
@@ -13,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import images
 import npo
 import pipeline
@@ -173,3 +176,85 @@ def test_cli_negative_prompt_per_row(tiny_model, tmp_path):
         pixels, params = png(tmp_path / "o" / name)
         assert params.startswith(f"{prompts[k]}\nNegative prompt: {negative}\n")
         assert np.array_equal(pixels, np.asarray(images.to_pil(out)[k]))
+
+
+# ---- guidance, prompts, float flags -------------------------------------------------------------------------
+
+def test_finite_float():
+    assert checkpoint.finite_float("1.5") == 1.5 and checkpoint.finite_float("-0") == 0.0
+    for text in ("nan", "inf", "-inf", "1e999"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a finite number"):
+            checkpoint.finite_float(text)
+    with pytest.raises(ValueError):
+        checkpoint.finite_float("x")
+
+
+@pytest.mark.parametrize("flag, value", [("--guidance", "nan"), ("--guidance", "1e999"), ("--alpha", "inf"),
+                                         ("--beta", "-inf"), ("--ddim-eta", "nan")])
+def test_cli_non_finite_float_flags_exit_2(tiny_model, offsets, tmp_path, capsys, flag, value):
+    """--guidance nan once wrote a black image with exit 0: argparse refuses a non-finite number in one line."""
+    with pytest.raises(SystemExit) as e:
+        npo.main(["sample", "--model", tiny_model[0], "--steps", "1", "--height", "16", "--width", "16", "--lora",
+                  offsets["eta"], "--npo", offsets["delta"], f"{flag}={value}", "--out",
+                  str(tmp_path / "o.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: {value!r} is not a finite number" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--sweep-alpha", "0,nan"], "--sweep-alpha takes comma-separated finite numbers"),
+    (["--sweep-beta", "inf"], "--sweep-beta takes comma-separated finite numbers"),
+    (["--lora", "ETA:nan"], "is not a finite number"),
+    (["--guidance", "-3"], "--guidance -3 is negative"),
+])
+def test_cli_non_finite_lists_and_negative_guidance_exit_2(tiny_model, offsets, tmp_path, capsys, flags, words):
+    flags = [offsets["eta"] + ":nan" if f == "ETA:nan" else f for f in flags]
+    assert npo.main(["sample", "--model", tiny_model[0], "--steps", "1", "--height", "16", "--width", "16", "--lora",
+                     offsets["eta"], "--npo", offsets["delta"], *flags, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_cli_guidance_0_samples_the_prompt_alone(tiny_model, tmp_path):
+    """g = 0 is allowed: like any g <= 1 it runs the conditional branch alone, as diffusers' pipeline does."""
+    path, refs = tiny_model
+    assert npo.main(["sample", "--model", path, *SMALL, "--guidance", "0", "--seed", "2",
+                     "--out", str(tmp_path / "g0.png")]) == 0
+    ref = diffusers_pipeline(path, refs)(["a red circle"], num_inference_steps=3, guidance_scale=0.0, height=32,
+                                         width=32, output_type="pt", generator=[torch.Generator().manual_seed(2)]).images
+    picture, params = png(tmp_path / "g0.png")
+    assert np.abs(picture.astype(int) - np.asarray(images.to_pil(ref * 2 - 1)[0]).astype(int)).max() <= 1
+    assert "CFG scale: 0.0" in params
+
+
+def test_cli_says_which_default_prompt_it_samples(tiny_model, tmp_path, capsys):
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / "d.png")]) == 0
+    assert "no --prompt given: sampling the default prompt 'a red circle'" in capsys.readouterr().err
+    assert png(tmp_path / "d.png")[1].startswith("a red circle\n")
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--prompt", "a blue square",
+                     "--out", str(tmp_path / "e.png")]) == 0
+    assert "default prompt" not in capsys.readouterr().err
+
+
+def a1111_settings(line):
+    """The `Key: value` pairs of an A1111 settings line, read as A1111's parse_generation_parameters reads them (a
+    value may be quoted, with commas inside)."""
+    pairs = re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', line)
+    return {k: json.loads(v) if v.startswith('"') else v for k, v in pairs}
+
+
+def test_cli_sweep_grid_records_every_cell(tiny_model, offsets, tmp_path):
+    """An α × β grid's `parameters` give every cell's settings, in A1111's X/Y/Z plot convention: the first cell's
+    settings line, then X (columns, β) and Y (rows, α) with their values."""
+    assert npo.main(["sample", "--model", tiny_model[0], "--steps", "1", "--height", "16", "--width", "16", "--lora",
+                     offsets["eta"], "--npo", offsets["delta"], "--sweep-alpha", "0,0.5,1", "--sweep-beta", "0.25,1",
+                     "--seed", "3", "--out", str(tmp_path / "sw")]) == 0
+    text = Image.open(tmp_path / "sw" / "sweep-0000.png").text["parameters"]
+    prompt, negative, line = text.split("\n")
+    settings = a1111_settings(line)
+    assert settings["Script"] == "X/Y/Z plot" and settings["Seed"] == "3"
+    assert (settings["X Type"], settings["Y Type"]) == ("NPO beta", "NPO alpha")
+    assert (settings["NPO alpha"], settings["NPO beta"]) == ("0.0", "0.25")  # the first cell
+    cells = [(float(a), float(b)) for a in settings["Y Values"].split(",") for b in settings["X Values"].split(",")]
+    assert cells == [(a, b) for a in (0.0, 0.5, 1.0) for b in (0.25, 1.0)]
