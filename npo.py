@@ -412,10 +412,8 @@ def add_sample_arguments(p):
     p.add_argument("--eta-model", help="a fully fine-tuned model as η = θ_ft − θ (its folder, unet/ folder or single "
                                        "file): ε_pos runs θ_ft, ε_neg θ + α·η + β·δ; without δ it is eq. 4's weight merge")
     p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
-    p.add_argument("--alpha", type=finite_float, default=None,
-                   help="weight of η on the unconditional branch (eq. 10; default 1)")
-    p.add_argument("--beta", type=finite_float, default=None,
-                   help="weight of δ on the unconditional branch (eq. 10; default 1)")
+    p.add_argument("--alpha", type=finite_float, help="weight of η on the unconditional branch (eq. 10; default 1)")
+    p.add_argument("--beta", type=finite_float, help="weight of δ on the unconditional branch (eq. 10; default 1)")
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
