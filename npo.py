@@ -264,12 +264,11 @@ def load_for_sampling(args, texts, alpha):
         print(pipe.origin, file=sys.stderr)  # which family and prediction type were read, and how
     if args.scheduler_config:
         pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
-    dpm = args.sampler == "dpmpp-2m"
-    cfg = (sampler.dpm_config if dpm else sampler.pipeline_config)(pipe.scheduler_config, not pipe.is_sdxl)
+    cfg = sampler.sampler_config(args.sampler, pipe.scheduler_config, not pipe.is_sdxl)
     if args.steps > cfg.num_train_timesteps:
         raise UserError(f"--steps {args.steps} exceeds the model's {cfg.num_train_timesteps} training timesteps; "
                         "use fewer steps.")
-    sampler.timesteps(cfg, args.steps, dpm)  # the other ways a step count can fail, before any compute
+    sampler.check_steps(args.sampler, pipe.scheduler_config, args.steps, not pipe.is_sdxl)  # before any compute
     layers = pipe.text_encoder.config.num_hidden_layers
     if args.clip_skip > layers:
         raise UserError(f"--clip-skip {args.clip_skip} is more than this text encoder's {layers} layers; use 1 to {layers}.")
@@ -389,8 +388,10 @@ def add_sample_arguments(p):
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale g: ε = ε_neg + g·(ε_pos − ε_neg) (default 7.5; 5 for SDXL, as the authors)")
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
-                   help="ddim, or dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, "
-                        "the paper's evaluation sampler (25 steps)")
+                   help="ddim; dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, the "
+                        "paper's evaluation sampler (25 steps); dpmpp-2m-karras: the same on Karras sigmas (A1111's "
+                        "\"DPM++ 2M Karras\"); euler-a: Euler ancestral (\"Euler a\"); euler. Each runs as its diffusers "
+                        "scheduler built from the model's scheduler config (default: ddim)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
