@@ -255,7 +255,7 @@ def test_cli_writes_pngs_equal_to_generate(tiny_model, offsets, tmp_path):
     image = Image.open(tmp_path / "00001-seed8.png")
     params = image.text["parameters"]
     assert params.startswith("a red circle\nNegative prompt: \nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 32x32")
-    assert "Lora: eta.safetensors" in params and "NPO: delta.safetensors" in params and "NPO alpha: 0.5" in params
+    assert 'Lora: "eta.safetensors:1"' in params and "NPO: delta.safetensors" in params and "NPO alpha: 0.5" in params
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
