@@ -123,9 +123,10 @@ def a1111_parameters(args, job, size):
     `a1111_hashes`, which `load_for_sampling` puts in args.hashes)."""
     hashes = args.hashes
     settings = {"Steps": args.steps, "Sampler": sampler.SAMPLERS[args.sampler], "CFG scale": args.guidance,
-                "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}",
-                **{k: hashes[k] for k in ("Model hash",) if k in hashes},
-                "Model": os.path.basename(os.path.normpath(args.model))}
+                "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}"}
+    if "Model hash" in hashes:  # before the name, in A1111's order
+        settings["Model hash"] = hashes["Model hash"]
+    settings["Model"] = os.path.basename(os.path.normpath(args.model))
     if args.sampler == "ddim":
         settings["DDIM eta"] = args.ddim_eta
     if args.clip_skip > 1:
