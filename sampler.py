@@ -412,7 +412,8 @@ def dpmpp_2m_sample(denoise, latents, cfg, steps, callback=None, schedule=None):
 # ----------------------------------------------------------------------------------------------------------
 # Karras sigmas (Karras et al. 2022, "Elucidating the design space", eq. 5), for "DPM++ 2M Karras": the n noise
 # levels are spaced evenly in σ^(1/ρ), which puts more steps at low noise than the timestep spacings do, and each is
-# mapped back to the (fractional) timestep of that σ for the UNet. Computed in float64 numpy as diffusers does.
+# mapped back to the timestep of that σ (interpolated, then rounded) for the UNet. Computed in float64 numpy as
+# diffusers does, so the float32 σs and the timesteps are bit-equal to its.
 
 def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
     """σ_i = (σ_max^(1/ρ) + i/(n−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ for i = 0 … n−1 (eq. 5; ρ = 7 in the paper)."""
@@ -434,7 +435,7 @@ def sigma_to_t(sigmas, table):
 
 def karras_schedule(cfg, steps, sigma_min=None, sigma_max=None):
     """(timesteps, σs) of DPMSolverMultistepScheduler with use_karras_sigmas: n Karras σs from σ_max = σ_{T−1} down to
-    σ_min = σ_0 (or the config's sigma_min / sigma_max), then σ = 0; the timesteps are σ_to_t rounded to integers
+    σ_min = σ_0 (or the config's sigma_min / sigma_max), then σ = 0; the timesteps are `sigma_to_t` rounded to integers
     (truncated for the cosine schedule, a quirk of diffusers we keep). The timestep spacing plays no part."""
     n = step_count(steps, cfg.num_train_timesteps)
     table = sigma_table(cfg)
