@@ -1,11 +1,12 @@
-"""Reading model folders: configs, safetensors files, strict state-dict loading; writing files atomically; and the
-error users see.
+"""Reading model folders: configs, safetensors files, strict state-dict loading; hashing files; writing files
+atomically; and the error users see.
 
 Every model in npo (UNet, VAE, CLIP text encoder) is built from its `config.json` and filled by one strict
 `load_state_dict`: a missing, unexpected or misshaped key is an error that names the keys.
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -113,6 +114,22 @@ def read_safetensors_metadata(path):
             return f.metadata() or {}
     except Exception as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); download or convert it again.")
+
+
+def sha256_file(path, tensor_data_only=False, chunk=1 << 20):
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks. `tensor_data_only`: of a safetensors file's tensor
+    data alone, after its header (8 bytes of little-endian length n, then n bytes of JSON), which is kohya's
+    "addnet" hash: it does not change when only the metadata does."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            if tensor_data_only:
+                f.seek(8 + int.from_bytes(f.read(8), "little"))
+            for block in iter(lambda: f.read(chunk), b""):
+                digest.update(block)
+    except OSError as e:
+        raise UserError(f"cannot read {path} to hash it ({e.strerror or e}); check that the file exists and is readable.")
+    return digest.hexdigest()
 
 
 def few(keys, n=5):

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+import checkpoint
 import data
 import evaluate
 import experiment
@@ -94,11 +95,43 @@ class Progress:
         self.done += k
 
 
+def a1111_hashes(args):
+    """A1111's `Model hash` and `Lora hashes`, by which civitai recognises the files a picture was made with:
+
+        Model hash:  the first 10 hex digits of the SHA-256 of the model file (civitai's "AutoV2"); none for a
+                     diffusers folder, which is not one file and which civitai does not list
+        Lora hashes: "name: hash, ..." for each LoRA (η's and δ's), hash the first 12 hex digits of the SHA-256 of
+                     the safetensors tensor data, after the header (kohya's "addnet" hash, civitai's "AutoV3"; of the
+                     whole file for another format), name the file's stem without ':' and ',' (as A1111 writes it)
+
+    Each file is read once per run, here (a checkpoint takes seconds), never once per image."""
+    hashes = {}
+    if os.path.isfile(args.model):
+        hashes["Model hash"] = checkpoint.sha256_file(args.model)[:10]
+    loras = dict.fromkeys([path for path, _ in args.lora] + ([args.npo] if args.npo else []))
+    if loras:
+        names = [os.path.splitext(os.path.basename(p))[0].replace(":", "").replace(",", "") for p in loras]
+        short = [checkpoint.sha256_file(p, tensor_data_only=p.lower().endswith(".safetensors"))[:12] for p in loras]
+        hashes["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in zip(names, short))
+    return hashes
+
+
+def a1111_quote(value):
+    """A setting's value as A1111 writes it: as is, or JSON-quoted when it holds ',', ':' or a newline, which would
+    otherwise end the value (or the settings line) for A1111's and civitai's parsers."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
 def a1111_parameters(args, job, size):
-    """A1111's PNG `parameters` text: the prompt, the negative prompt, then `Key: value` settings."""
+    """A1111's PNG `parameters` text: the prompt, the negative prompt, then `Key: value` settings (the hashes of
+    `a1111_hashes`, which `load_for_sampling` puts in args.hashes)."""
+    hashes = args.hashes
     settings = {"Steps": args.steps, "Sampler": sampler.SAMPLERS[args.sampler], "CFG scale": args.guidance,
-                "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}",
-                "Model": os.path.basename(os.path.normpath(args.model))}
+                "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}"}
+    if "Model hash" in hashes:  # before the name, in A1111's order
+        settings["Model hash"] = hashes["Model hash"]
+    settings["Model"] = os.path.basename(os.path.normpath(args.model))
     if args.sampler == "ddim":
         settings["DDIM eta"] = args.ddim_eta
     if args.clip_skip > 1:
@@ -111,8 +144,11 @@ def a1111_parameters(args, job, size):
         settings["NPO"] = os.path.basename(args.npo)
     if args.lora or args.npo or args.eta_model:
         settings.update({"NPO alpha": job["alpha"], "NPO beta": job["beta"]})
+    if "Lora hashes" in hashes:
+        settings["Lora hashes"] = hashes["Lora hashes"]
     settings["NPO mode"] = "dense eta" if args.eta_model else args.mode
-    return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + ", ".join(f"{k}: {v}" for k, v in settings.items())
+    return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + \
+        ", ".join(f"{k}: {a1111_quote(v)}" for k, v in settings.items())
 
 
 def sweep_parameters(args, job, size, alphas, betas):
@@ -285,12 +321,11 @@ def load_for_sampling(args, texts, alpha):
         print(pipe.origin, file=sys.stderr)  # which family and prediction type were read, and how
     if args.scheduler_config:
         pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
-    dpm = args.sampler == "dpmpp-2m"
-    cfg = (sampler.dpm_config if dpm else sampler.pipeline_config)(pipe.scheduler_config, not pipe.is_sdxl)
+    cfg = sampler.sampler_config(args.sampler, pipe.scheduler_config, not pipe.is_sdxl)
     if args.steps > cfg.num_train_timesteps:
         raise UserError(f"--steps {args.steps} exceeds the model's {cfg.num_train_timesteps} training timesteps; "
                         "use fewer steps.")
-    sampler.timesteps(cfg, args.steps, dpm)  # the other ways a step count can fail, before any compute
+    sampler.check_steps(args.sampler, pipe.scheduler_config, args.steps, not pipe.is_sdxl)  # before any compute
     layers = pipe.text_encoder.config.num_hidden_layers
     if args.clip_skip > layers:
         raise UserError(f"--clip-skip {args.clip_skip} is more than this text encoder's {layers} layers; use 1 to {layers}.")
@@ -304,6 +339,7 @@ def load_for_sampling(args, texts, alpha):
     for p in set(texts) - {None}:
         if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
+    args.hashes = a1111_hashes(args)  # once per run, for every picture's parameters
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
         if pipe.eta_unet is not None:
@@ -418,8 +454,10 @@ def add_sample_arguments(p):
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
-                   help="ddim, or dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, "
-                        "the paper's evaluation sampler (25 steps)")
+                   help="ddim; dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, the "
+                        "paper's evaluation sampler (25 steps); dpmpp-2m-karras: the same on Karras sigmas (A1111's "
+                        "\"DPM++ 2M Karras\"); euler-a: Euler ancestral (\"Euler a\"); euler. Each runs as its diffusers "
+                        "scheduler built from the model's scheduler config (default: ddim)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--ddim-eta", type=finite_float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
@@ -446,6 +484,7 @@ def add_sample_arguments(p):
     p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
     p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
     p.add_argument("--out", default="out", help="a .png path for one image, or a folder (default: out/)")
+    p.set_defaults(hashes={})  # the files' A1111 hashes for the PNG parameters, filled in by load_for_sampling
 
 
 def add_evaluate_arguments(p):

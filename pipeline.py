@@ -16,8 +16,8 @@ step is one forward of [x_t; x_t] (`npo_multipliers`, `guided_denoiser`). `merge
 two weight sets instead, as a reference. A LoRA with text-encoder keys makes η (or δ) a pair of offsets, on the
 UNet and on the text encoder; the same multipliers apply to both, so c' is encoded by θ_te + α·η_te + β·δ_te and
 c by θ_te + η_te (eq. 10 read for the whole model). A fully fine-tuned model as η (η = θ_ft − θ, dense) runs two
-weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`). The sampler (DDIM or DPM-Solver++ 2M) only sees
-the denoiser.
+weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`). The sampler (DDIM, DPM-Solver++ 2M, Euler, ...)
+only sees the denoiser.
 
 A model is a diffusers folder or a single-file checkpoint (singlefile.py unpacks it into the same configs and
 state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora. An SDXL folder or file loads
@@ -596,7 +596,8 @@ def load_offset(pipe, files, name):
 
 def latents_and_sampler(pipe, seeds, height, width, sampler_name, steps, ddim_eta, callback):
     """x_T for each seed (diffusers' draw from a seeded CPU generator per image), and `run(denoise)` -> x_0 with the
-    sampler `sampler_name` on the model's scheduler config (the generators go on feeding DDIM's noise when η > 0)."""
+    sampler `sampler_name` on the model's scheduler config (the generators go on feeding the noise of DDIM at η > 0
+    and of Euler ancestral, as diffusers' pipeline passes its generators to the scheduler's step)."""
     dtype, device = next(pipe.unet.parameters()).dtype, next(pipe.unet.parameters()).device
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     latents = sampler.initial_latents(gens, height, width, pipe.unet.config.in_channels, device, dtype,
@@ -644,8 +645,8 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     (and on the text encoder, for LoRAs with text-encoder keys).
 
     Image i starts from `initial_latents(seeds[i])`, as diffusers' pipeline with a list of seeded CPU generators.
-    `negative_prompt`: one for all images or one per image; None is "", or zeros for SDXL. `sampler`: "ddim" or
-    "dpmpp-2m" (sampler.SAMPLERS). guidance None is the model's default (7.5, SDXL 5).
+    `negative_prompt`: one for all images or one per image; None is "", or zeros for SDXL. `sampler`: "ddim",
+    "dpmpp-2m", "dpmpp-2m-karras", "euler" or "euler-a" (sampler.SAMPLERS). guidance None is the model's default (7.5, SDXL 5).
     mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
     mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
     The text encoder's offsets follow eq. 10 in both: c' is encoded with α·η + β·δ, c with η. With a fine-tuned η

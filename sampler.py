@@ -1,19 +1,23 @@
-"""DDIM (Song et al. 2021) and DPM-Solver++ (2M) (Lu et al. 2022) sampling, classifier-free guidance with NPO's
-weights of its two branches (eq. 10 of the paper: `cfg_combine`, `npo_weights`), and the forward-noising helpers of
-training, as plain functions over tensors.
+"""DDIM (Song et al. 2021), DPM-Solver++ (2M) (Lu et al. 2022), with Karras sigmas or not, Euler and Euler ancestral
+(Karras et al. 2022) sampling, classifier-free guidance with NPO's weights of its two branches (eq. 10 of the paper:
+`cfg_combine`, `npo_weights`), and the forward-noising helpers of training, as plain functions over tensors.
 
-Everything here reproduces diffusers' `DDIMScheduler` and `DPMSolverMultistepScheduler` (default configuration) step
-for step: the same float32 ᾱ_t table, the same timestep lists, the same arithmetic in the same order, and the noise
-z drawn as diffusers draws it, so a seeded run gives the same latents. Notation: ᾱ_t = ∏_{s≤t}(1 − β_s), x̂_0 the predicted clean latent, ε̂ the
-predicted noise, η the DDIM stochasticity (0: deterministic DDIM, 1: DDPM-like), σ_t the noise added per step.
+Everything here reproduces diffusers' `DDIMScheduler`, `DPMSolverMultistepScheduler` (default configuration, or with
+use_karras_sigmas), `EulerDiscreteScheduler` and `EulerAncestralDiscreteScheduler` step for step: the same float32
+ᾱ_t and σ tables, the same timestep lists, the same arithmetic in the same order, and the noise z drawn as diffusers
+draws it, so a seeded run gives the same latents. Notation: ᾱ_t = ∏_{s≤t}(1 − β_s), x̂_0 the predicted clean latent,
+ε̂ the predicted noise, η the DDIM stochasticity (0: deterministic DDIM, 1: DDPM-like), σ_t the noise added per
+step (DDIM), or σ = √((1 − ᾱ_t)/ᾱ_t) the noise-to-signal ratio (DPM-Solver, Euler).
 
 Two facts about diffusers' DDIM that this file keeps on purpose, because matching it is the point:
 - the step from t goes to t − T // steps (T = num_train_timesteps), *not* to the next entry of the timestep
   list; with "linspace" / "trailing" spacing the two differ (7 steps: 999 → 857, while the model is next
   called at 832);
 - the last step goes to ᾱ_prev = ᾱ_0 when `set_alpha_to_one` is False (SD), not to 1.
-The one place we differ on purpose: for 62 step counts (61, 103, ...) diffusers' "trailing" list gets a stray
-last step at t = −1, which indexes ᾱ_{T−1} (pure noise); `timesteps` drops it.
+Where we differ on purpose: for 62 step counts (61, 103, ...) diffusers' "trailing" list gets a stray last step at
+t = −1, which indexes ᾱ_{T−1} (pure noise); `timesteps` drops it (for every sampler). And where a Karras list starts
+with a repeated timestep (cosine schedules, whose σ_max is huge), diffusers' scheduler starts at its second σ and
+fails on its last step; we run the n steps.
 """
 import math
 import operator
@@ -119,6 +123,18 @@ def final_alpha_cumprod(cfg, ac):
     return torch.tensor(1.0) if cfg.set_alpha_to_one else ac[0]
 
 
+def step_count(steps, T):
+    """`steps` as an int, refused unless it is a whole number from 1 to T."""
+    try:
+        n = operator.index(steps)
+    except TypeError:
+        n = None
+    if n is None or isinstance(steps, bool) or not 1 <= n <= T:
+        raise UserError(f"steps = {steps!r} is not a whole number from 1 to {T} (the model's num_train_timesteps); "
+                        "pick a step count in that range (SD usually uses 20 to 50).")
+    return n
+
+
 def timesteps(cfg, steps, dpm=False):
     """The n = `steps` timesteps of a run, descending (LongTensor), spaced as diffusers spaces them:
 
@@ -131,13 +147,7 @@ def timesteps(cfg, steps, dpm=False):
     the model near t = 0; trailing is DDIM's. numpy computes them exactly as in diffusers, so the float rounding
     is the same."""
     T = cfg.num_train_timesteps
-    try:
-        n = operator.index(steps)
-    except TypeError:
-        n = None
-    if n is None or isinstance(steps, bool) or not 1 <= n <= T:
-        raise UserError(f"steps = {steps!r} is not a whole number from 1 to {T} (the model's num_train_timesteps); "
-                        "pick a step count in that range (SD usually uses 20 to 50).")
+    n = step_count(steps, T)
     drop_last = dpm and cfg.timestep_spacing != "trailing"
     if drop_last and n == T:
         raise UserError(f"DPM-Solver with '{cfg.timestep_spacing}' spacing takes at most {T - 1} steps for this "
@@ -332,27 +342,39 @@ DPM_SOLVER_FIELDS = {
 }
 
 
-def dpm_config(scheduler_config, fix_old=True):
+def refuse_variants(scheduler_config, fields, name, what):
+    """A scheduler config asking for another variant of the sampler `name` than npo runs is refused, naming the field."""
+    for key, allowed in fields.items():
+        if key in scheduler_config and scheduler_config[key] not in allowed:
+            raise UserError(f"the scheduler config sets '{key}' = {scheduler_config[key]!r}, another variant than npo's "
+                            f"{name} ({what}); pass --scheduler-config a config without it, or use another --sampler.")
+
+
+def dpm_config(scheduler_config, fix_old=True, karras=False):
     """The schedule DPMSolverMultistepScheduler.from_config(scheduler_config) runs in diffusers' pipeline: DDIM's
     fields (βs, T, prediction type, steps_offset forced to 1), with DPM-Solver's own default spacing, "linspace",
-    when the config names none (SD1.5's file). A config asking for another DPM-Solver variant is refused."""
-    for key, allowed in DPM_SOLVER_FIELDS.items():
-        if key in scheduler_config and scheduler_config[key] not in allowed:
-            raise UserError(f"the scheduler config sets '{key}' = {scheduler_config[key]!r}, another DPM-Solver variant "
-                            "than npo's dpmpp-2m (DPM++ 2M with diffusers' defaults); pass --scheduler-config a "
-                            "config without it, or use --sampler ddim.")
+    when the config names none (SD1.5's file). A config asking for another DPM-Solver variant is refused; `karras`
+    (dpmpp-2m-karras, use_karras_sigmas=True) takes the config's use_karras_sigmas, whatever it says, as on."""
+    fields = {k: v for k, v in DPM_SOLVER_FIELDS.items() if not (karras and k == "use_karras_sigmas")}
+    refuse_variants(scheduler_config, fields, "dpmpp-2m-karras" if karras else "dpmpp-2m",
+                    "DPM++ 2M with diffusers' defaults" + (" and Karras sigmas" if karras else ""))
     cfg = pipeline_config(scheduler_config, fix_old)
     if "timestep_spacing" not in scheduler_config:
         cfg.timestep_spacing = "linspace"
     return cfg
 
 
-def dpm_sigmas(cfg, ts):
-    """σ at each timestep of `ts`, then the final σ = 0: n + 1 float32 values, bit-equal to diffusers' `sigmas`."""
+def sigma_table(cfg):
+    """σ_t = √((1 − ᾱ_t)/ᾱ_t) for t = 0 … T−1 in float32, as diffusers' σ-based schedulers build it."""
     ac = alphas_cumprod(cfg)
     if cfg.rescale_betas_zero_snr:
         ac[-1] = 2.0 ** -24  # diffusers' stand-in for ᾱ_{T−1} = 0, so that σ_{T−1} is finite
-    return torch.cat([(((1 - ac) / ac) ** 0.5)[ts], torch.zeros(1)])
+    return ((1 - ac) / ac) ** 0.5
+
+
+def dpm_sigmas(cfg, ts):
+    """σ at each timestep of `ts`, then the final σ = 0: n + 1 float32 values, bit-equal to diffusers' `sigmas`."""
+    return torch.cat([sigma_table(cfg)[ts], torch.zeros(1)])
 
 
 def vp(sigma):
@@ -395,11 +417,14 @@ def dpmpp_2m_step(x, x0, sigma, sigma_next, x0_prev=None, sigma_prev=None):
     return x_next - 0.5 * scale * ((1.0 / r) * (x0 - x0_prev))
 
 
-def dpmpp_2m_sample(denoise, latents, cfg, steps, callback=None):
+def dpmpp_2m_sample(denoise, latents, cfg, steps, callback=None, schedule=None):
     """Run DPM-Solver++(2M) from x_T = `latents` (σ_max's latents are x_T itself: DPM's initial noise sigma is 1)
-    to x_0, calling `denoise(x_t, t)` once per step, as `ddim_sample`; deterministic, no noise drawn."""
-    ts = timesteps(cfg, steps, dpm=True)
-    sigmas = dpm_sigmas(cfg, ts)
+    to x_0, calling `denoise(x_t, t)` once per step, as `ddim_sample`; deterministic, no noise drawn. `schedule`:
+    the (timesteps, σs) to run, by default the config's spacing (`karras_schedule` gives Karras et al.'s)."""
+    if schedule is None:
+        ts = timesteps(cfg, steps, dpm=True)
+        schedule = ts, dpm_sigmas(cfg, ts)
+    ts, sigmas = schedule
     x, x0_prev = latents, None
     for i, t in enumerate(ts):
         out = denoise(x, t)
@@ -412,26 +437,189 @@ def dpmpp_2m_sample(denoise, latents, cfg, steps, callback=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Karras sigmas (Karras et al. 2022, "Elucidating the design space", eq. 5), for "DPM++ 2M Karras": the n noise
+# levels are spaced evenly in σ^(1/ρ), which puts more steps at low noise than the timestep spacings do, and each is
+# mapped back to the timestep of that σ (interpolated, then rounded) for the UNet. Computed in float64 numpy as
+# diffusers does, so the float32 σs and the timesteps are bit-equal to its.
+
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
+    """σ_i = (σ_max^(1/ρ) + i/(n−1) · (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ for i = 0 … n−1 (eq. 5; ρ = 7 in the paper)."""
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas, table):
+    """The timestep of each σ: linear interpolation of t in log σ between the two table entries around it, clamped
+    to 0 … T−1 (diffusers' `_sigma_to_t`). `table` is `sigma_table`, increasing in t."""
+    log_table = np.log(table.numpy())  # float32, as diffusers keeps it
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    # low: the last t with log σ_t ≤ log σ (the first when there is none), so that [low, low + 1] brackets σ
+    low = np.clip(np.searchsorted(log_table, log_sigma, side="right") - 1, 0, len(table) - 2)
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def karras_schedule(cfg, steps, sigma_min=None, sigma_max=None):
+    """(timesteps, σs) of DPMSolverMultistepScheduler with use_karras_sigmas: n Karras σs from σ_max = σ_{T−1} down to
+    σ_min = σ_0 (or the config's sigma_min / sigma_max), then σ = 0; the timesteps are `sigma_to_t` rounded to integers
+    (truncated for the cosine schedule, a quirk of diffusers we keep). The timestep spacing plays no part."""
+    n = step_count(steps, cfg.num_train_timesteps)
+    table = sigma_table(cfg)
+    sigmas = karras_sigmas(table[0].item() if sigma_min is None else sigma_min,
+                           table[-1].item() if sigma_max is None else sigma_max, n)
+    t = sigma_to_t(sigmas, table)
+    t = t if cfg.beta_schedule == "squaredcos_cap_v2" else t.round()
+    return torch.from_numpy(t).to(torch.int64), torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Euler and Euler ancestral (Karras et al. 2022, algorithm 1 with no churn; k-diffusion's `sample_euler_ancestral`),
+# as diffusers' EulerDiscreteScheduler and EulerAncestralDiscreteScheduler run them. They work in the variance-
+# exploding form x = x_0 + σ ε (x = x_t^VP · √(σ² + 1)): the sampler starts from x_T · init_noise_sigma, the UNet sees
+# x / √(σ² + 1) (which is x_t^VP again) at the timestep of σ, and a step follows the ODE dx/dσ = (x − x̂_0)/σ.
+
+# EulerDiscreteScheduler fields that would make it another sampler than plain Euler, with the values at which it is
+# plain Euler. (EulerAncestralDiscreteScheduler has none of them: from_config drops them.)
+EULER_FIELDS = {
+    "interpolation_type": ["linear"], "use_karras_sigmas": [False], "use_exponential_sigmas": [False],
+    "use_beta_sigmas": [False], "timestep_type": ["discrete"], "final_sigmas_type": ["zero"],
+}
+
+
+def euler_config(scheduler_config, fix_old=True, ancestral=False):
+    """The schedule Euler(Ancestral)DiscreteScheduler.from_config(scheduler_config) runs in diffusers' pipeline: DDIM's
+    fields, with Euler's default spacing, "linspace", when the config names none (SD1.5's file; SDXL's names
+    "leading"). Plain Euler refuses a config asking for another Euler variant (Karras σs, log-linear σs, ...)."""
+    if not ancestral:
+        refuse_variants(scheduler_config, EULER_FIELDS, "euler", "EulerDiscreteScheduler's defaults")
+    cfg = pipeline_config(scheduler_config, fix_old)
+    if "timestep_spacing" not in scheduler_config:
+        cfg.timestep_spacing = "linspace"
+    return cfg
+
+
+def euler_schedule(cfg, steps):
+    """(timesteps, σs) of the Euler schedulers: the n timesteps of the config's spacing, float32 and, for "linspace",
+    not rounded (t_i = i · (T − 1)/(n − 1)); σ at each by linear interpolation of the σ table in t, then σ = 0."""
+    n = step_count(steps, cfg.num_train_timesteps)
+    if cfg.timestep_spacing == "linspace":
+        t = np.linspace(0, cfg.num_train_timesteps - 1, n, dtype=np.float32)[::-1].copy()
+    else:
+        t = timesteps(cfg, n).numpy().astype(np.float32)  # leading, trailing: DDIM's integers
+    table = sigma_table(cfg).numpy()
+    sigmas = np.interp(t, np.arange(len(table)), table)
+    return torch.from_numpy(t), torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
+
+
+def init_noise_sigma(sigmas, spacing):
+    """The scale of x_T: σ_max for "linspace" / "trailing" spacing, √(σ_max² + 1) for "leading" (diffusers' rule)."""
+    return sigmas.max() if spacing in ("linspace", "trailing") else (sigmas.max() ** 2 + 1) ** 0.5
+
+
+def euler_predict_x0(x, model_output, sigma, prediction_type):
+    """x̂_0 at x = x_0 + σ ε (x in float32): x − σ ε̂; for v, x/(σ² + 1) − σ v̂/√(σ² + 1); or the output itself."""
+    if prediction_type == "epsilon":
+        return x - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
+    if prediction_type == "sample":
+        return model_output
+    raise UserError(f"prediction_type {prediction_type!r} is not supported; use 'epsilon', 'v_prediction' or 'sample'.")
+
+
+def euler_step(x, x0, sigma, sigma_next):
+    """x at σ → x at σ_next by one Euler step of dx/dσ = d = (x − x̂_0)/σ:  x_next = x + d · (σ_next − σ)."""
+    return x + (x - x0) / sigma * (sigma_next - sigma)
+
+
+def euler_ancestral_step(x, x0, sigma, sigma_next, z):
+    """x at σ → x at σ_next by Euler ancestral: an Euler step down to σ_down, then fresh noise σ_up · z, with
+    σ_up = √(σ_next² (σ² − σ_next²)/σ²) and σ_down = √(σ_next² − σ_up²), so that the variance at σ_next is right
+    (σ_down² + σ_up² = σ_next²). `z` ~ N(0, I)."""
+    sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5
+    sigma_down = (sigma_next ** 2 - sigma_up ** 2) ** 0.5
+    return x + (x - x0) / sigma * (sigma_down - sigma) + z * sigma_up
+
+
+def euler_sample(denoise, latents, cfg, steps, ancestral=False, generator=None, callback=None):
+    """Run Euler (or Euler ancestral) from x_T = `latents` (N(0, I), scaled here by `init_noise_sigma`) to x_0,
+    calling `denoise(x / √(σ² + 1), t)` once per step, t a 0-dim float32 timestep. `generator` (one, or one per
+    image) feeds the ancestral noise, drawn every step as diffusers draws it (also on the last, where σ_up = 0)."""
+    ts, sigmas = euler_schedule(cfg, steps)
+    x = latents * init_noise_sigma(sigmas, cfg.timestep_spacing)
+    for i, t in enumerate(ts):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        out = denoise(x / ((sigma ** 2 + 1) ** 0.5), t)
+        x32 = x.float()  # the update runs in float32, as diffusers upcasts it
+        x0 = euler_predict_x0(x32, out, sigma, cfg.prediction_type)
+        if ancestral:
+            z = randn(out.shape, generator, out.device, out.dtype)
+            x = euler_ancestral_step(x32, x0, sigma, sigma_next, z).to(out.dtype)
+        else:
+            x = euler_step(x32, x0, sigma, sigma_next).to(out.dtype)
+        if callback is not None:
+            callback(i, len(ts), t)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The samplers by name (npo.py sample --sampler), each run as diffusers' StableDiffusionPipeline runs that scheduler
 # built from the model's scheduler config.
 
-SAMPLERS = {"ddim": "DDIM", "dpmpp-2m": "DPM++ 2M"}  # our name: A1111's name (the PNG's `Sampler:`)
+# our name: A1111's name (the PNG's `Sampler:`) and the diffusers scheduler it matches
+SAMPLERS = {"ddim": "DDIM", "dpmpp-2m": "DPM++ 2M", "dpmpp-2m-karras": "DPM++ 2M Karras", "euler": "Euler",
+            "euler-a": "Euler a"}
+SCHEDULERS = {"ddim": "DDIMScheduler", "dpmpp-2m": "DPMSolverMultistepScheduler",
+              "dpmpp-2m-karras": "DPMSolverMultistepScheduler(use_karras_sigmas=True)",
+              "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler"}
+
+
+def sampler_config(name, scheduler_config, fix_old=True):
+    """The config the sampler `name` runs on, from a scheduler_config.json dict (`fix_old`: see `pipeline_config`)."""
+    if name == "ddim":
+        return pipeline_config(scheduler_config, fix_old)
+    if name in ("dpmpp-2m", "dpmpp-2m-karras"):
+        return dpm_config(scheduler_config, fix_old, karras=name == "dpmpp-2m-karras")
+    if name in ("euler", "euler-a"):
+        return euler_config(scheduler_config, fix_old, ancestral=name == "euler-a")
+    raise UserError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}; pick one of those.")
+
+
+def sigma_range(scheduler_config):
+    """The config's sigma_min and sigma_max (None: the model's own σ_0 and σ_{T−1}), which Karras σs honour."""
+    return scheduler_config.get("sigma_min"), scheduler_config.get("sigma_max")
+
+
+def check_steps(name, scheduler_config, steps, fix_old=True):
+    """Refuse, before any compute, a step count or config that the sampler `name` cannot run."""
+    cfg = sampler_config(name, scheduler_config, fix_old)
+    if name == "dpmpp-2m-karras":
+        karras_schedule(cfg, steps, *sigma_range(scheduler_config))
+    elif name in ("euler", "euler-a"):
+        euler_schedule(cfg, steps)
+    else:
+        timesteps(cfg, steps, dpm=name == "dpmpp-2m")
 
 
 def sample(name, denoise, latents, scheduler_config, steps, ddim_eta=0.0, generator=None, callback=None,
            fix_old=True):
-    """x_T → x_0 with the sampler `name`: "ddim" (DDIMScheduler) or "dpmpp-2m" (DPMSolverMultistepScheduler's
-    defaults), on the schedule of a scheduler_config.json dict (`fix_old`: see `pipeline_config`). `ddim_eta` and
-    `generator` are DDIM's noise."""
+    """x_T → x_0 with the sampler `name` (one of SAMPLERS, each as its diffusers scheduler in SCHEDULERS with the
+    defaults), on the schedule of a scheduler_config.json dict (`fix_old`: see `pipeline_config`). `latents` is
+    N(0, I); a sampler that starts at another scale (Euler's) scales it. `ddim_eta` is DDIM's noise, `generator`
+    feeds DDIM's (η > 0) and Euler ancestral's."""
+    cfg = sampler_config(name, scheduler_config, fix_old)
+    if ddim_eta and name != "ddim":
+        raise UserError(f"DDIM's eta ({ddim_eta}) does nothing with the {name} sampler; drop --ddim-eta or use "
+                        "--sampler ddim.")
     if name == "ddim":
-        return ddim_sample(denoise, latents, pipeline_config(scheduler_config, fix_old), steps, ddim_eta, generator,
-                           callback)
+        return ddim_sample(denoise, latents, cfg, steps, ddim_eta, generator, callback)
     if name == "dpmpp-2m":
-        if ddim_eta:
-            raise UserError(f"DDIM's eta ({ddim_eta}) does nothing with the dpmpp-2m sampler, which draws no noise; "
-                            "drop --ddim-eta or use --sampler ddim.")
-        return dpmpp_2m_sample(denoise, latents, dpm_config(scheduler_config, fix_old), steps, callback)
-    raise UserError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}; pick one of those.")
+        return dpmpp_2m_sample(denoise, latents, cfg, steps, callback)
+    if name == "dpmpp-2m-karras":
+        schedule = karras_schedule(cfg, steps, *sigma_range(scheduler_config))
+        return dpmpp_2m_sample(denoise, latents, cfg, steps, callback, schedule)
+    return euler_sample(denoise, latents, cfg, steps, name == "euler-a", generator, callback)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ def test_cli_several_loras(tiny_model, community, tmp_path):
                      "--lora", f"{community['b']}:-0.5", "--steps", "3", "--height", "32", "--width", "32",
                      "--seed", "2", "--out", str(tmp_path / "x.png")]) == 0
     picture = Image.open(tmp_path / "x.png")
-    assert "Lora: a.safetensors:0.8; b.safetensors:-0.5" in picture.text["parameters"]
+    assert 'Lora: "a.safetensors:0.8; b.safetensors:-0.5"' in picture.text["parameters"]  # quoted as A1111 quotes
     _, expected = ours(tiny_model, [community["a"], community["b"]], [0.8, -0.5], ["a red circle"], [2], steps=3,
                        guidance=7.5, negative="")
     assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(images.to_pil(expected)[0]))

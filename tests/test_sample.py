@@ -51,7 +51,8 @@ def test_lora_matches_diffusers_load_lora_weights(tiny_model, offsets):
 def two_unet_reference(path, refs, files, prompts, seeds, negative, steps, g, alpha, beta, scheduler=None):
     """Eq. 10 built independently from diffusers parts: two pipelines with the offsets at (1, 0) and (α, β) (on the
     UNet and, for LoRAs with text-encoder keys, on transformers' text encoder, which encodes c' at (α, β) and c at
-    (1, 0)), DDIMScheduler or the given `scheduler`, two passes per step."""
+    (1, 0)), DDIMScheduler or the given `scheduler`, two passes per step, run as StableDiffusionPipeline runs a
+    scheduler: x_T · init_noise_sigma, the UNets on scale_model_input, the seeded generators passed to each step."""
     from diffusers import DDIMScheduler
     pipe_pos, pipe_neg = diffusers_pipeline(path, refs), diffusers_pipeline(path, refs)
     pipe_pos.load_lora_weights(files["eta"], adapter_name="eta")
@@ -65,11 +66,12 @@ def two_unet_reference(path, refs, files, prompts, seeds, negative, steps, g, al
         pos, _ = pipe_pos.encode_prompt(prompts, "cpu", 1, False)
         neg, _ = pipe_neg.encode_prompt([negative] * len(prompts), "cpu", 1, False)
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        x = torch.cat([torch.randn((1, 4, 16, 16), generator=gen) for gen in gens])
+        x = torch.cat([torch.randn((1, 4, 16, 16), generator=gen) for gen in gens]) * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
-            eps_neg = pipe_neg.unet(x, t, neg).sample
-            eps_pos = pipe_pos.unet(x, t, pos).sample
-            x = scheduler.step(eps_neg + g * (eps_pos - eps_neg), t, x).prev_sample
+            x_in = scheduler.scale_model_input(x, t)
+            eps_neg = pipe_neg.unet(x_in, t, neg).sample
+            eps_pos = pipe_pos.unet(x_in, t, pos).sample
+            x = scheduler.step(eps_neg + g * (eps_pos - eps_neg), t, x, generator=gens).prev_sample
         return to01(refs["vae"].decode(x / refs["vae"].config.scaling_factor).sample)
 
 
@@ -142,6 +144,78 @@ def test_npo_with_dpm_matches_two_unet_reference(tiny_model, offsets):
     pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
     ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=7, guidance=6.0, alpha=0.3, beta=0.7, height=32,
                              width=32, sampler="dpmpp-2m")
+    assert (to01(ours) - ref).abs().max() <= ATOL
+
+
+def k_scheduler(name, config):
+    """The diffusers scheduler each of our samplers matches, built with from_config as a user swaps it in."""
+    from diffusers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    if name == "dpmpp-2m-karras":
+        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
+    return {"euler": EulerDiscreteScheduler, "euler-a": EulerAncestralDiscreteScheduler}[name].from_config(config)
+
+
+@pytest.mark.parametrize("name, spacing, prediction, steps", [
+    ("dpmpp-2m-karras", None, "epsilon", 7), ("dpmpp-2m-karras", "leading", "v_prediction", 16),
+    ("euler-a", None, "epsilon", 6), ("euler-a", "leading", "v_prediction", 5), ("euler-a", "trailing", "epsilon", 4),
+    ("euler", None, "epsilon", 6), ("euler", "leading", "v_prediction", 5)])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_k_samplers_match_stable_diffusion_pipeline(tiny_model, name, spacing, prediction, steps):
+    """DPM++ 2M Karras, Euler a and Euler pixels against StableDiffusionPipeline with that scheduler from_config of
+    the SD1.5 config (linspace, as the Euler schedulers default to when it names none) or one naming its spacing;
+    Euler a's noise comes from the same per-image generators as the initial latents."""
+    path, refs = tiny_model
+    config = {**SD15_SCHEDULER, "prediction_type": prediction, **({"timestep_spacing": spacing} if spacing else {})}
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    ref_pipe = diffusers_pipeline(path, refs)
+    ref_pipe.scheduler = k_scheduler(name, config)
+    ref = ref_pipe(prompts, num_inference_steps=steps, guidance_scale=7.5, height=32, width=32,
+                   negative_prompt=["blurry"] * 2, output_type="pt",
+                   generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    pipe = pipeline.load_pipeline(path)
+    pipe.scheduler_config = config
+    ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
+                             sampler=name)
+    assert (to01(ours) - ref).abs().max() <= ATOL
+    if spacing is None:  # and the reference tells the samplers apart
+        other = "euler" if name != "euler" else "dpmpp-2m"
+        theirs = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
+                                   sampler=other)
+        assert (to01(theirs) - ref).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m-karras", "euler-a", "euler"])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_npo_with_k_samplers_matches_two_unet_reference(tiny_model, offsets, name):
+    """NPO guidance (eq. 10, α = 0.3, β = 0.7) with each new sampler equals the two-UNet reference stepped by the
+    matching diffusers scheduler (Euler a drawing its noise from the same generators)."""
+    path, refs = tiny_model
+    prompts, seeds = ["a red circle", "a yellow square"], [5, 9]
+    ref = two_unet_reference(path, refs, offsets, prompts, seeds, "ugly", 6, 6.0, 0.3, 0.7,
+                             scheduler=k_scheduler(name, SD15_SCHEDULER))
+    pipe = pipeline.load_pipeline(path)
+    pipe.scheduler_config = SD15_SCHEDULER
+    pipeline.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
+    pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
+    for mode in ("batched", "merged"):
+        ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=0.3, beta=0.7, height=32,
+                                 width=32, sampler=name, mode=mode)
+        assert (to01(ours) - ref).abs().max() <= ATOL, mode
+
+
+@pytest.mark.parametrize("name", ["euler", "euler-a"])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_euler_on_sdxl_matches_stable_diffusion_xl_pipeline(tiny_sdxl, name):
+    """SDXL ships an EulerDiscreteScheduler config ("leading", steps_offset 1: x_T scaled by √(σ_max² + 1)); Euler and
+    Euler a built from it as it is, against StableDiffusionXLPipeline."""
+    from conftest import diffusers_sdxl_pipeline
+    path, refs = tiny_sdxl
+    ref_pipe = diffusers_sdxl_pipeline(path, refs)
+    ref_pipe.scheduler = k_scheduler(name, ref_pipe.scheduler.config)
+    ref = ref_pipe("a red circle", num_inference_steps=5, height=32, width=32, negative_prompt="blurry",
+                   guidance_scale=5.0, output_type="pt", generator=[torch.Generator().manual_seed(2)]).images
+    ours = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"], [2], "blurry", steps=5, height=32,
+                             width=32, sampler=name)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
@@ -218,7 +292,7 @@ def test_cli_writes_pngs_equal_to_generate(tiny_model, offsets, tmp_path):
     image = Image.open(tmp_path / "00001-seed8.png")
     params = image.text["parameters"]
     assert params.startswith("a red circle\nNegative prompt: \nSteps: 4, Sampler: DDIM, CFG scale: 7.5, Seed: 8, Size: 32x32")
-    assert "Lora: eta.safetensors" in params and "NPO: delta.safetensors" in params and "NPO alpha: 0.5" in params
+    assert 'Lora: "eta.safetensors:1"' in params and "NPO: delta.safetensors" in params and "NPO alpha: 0.5" in params
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")

@@ -19,7 +19,7 @@ import checkpoint
 import images
 import npo
 import pipeline
-from conftest import diffusers_pipeline
+from conftest import diffusers_pipeline, random_lora_files
 from test_sample import ATOL, SD15_SCHEDULER, dpm_scheduler, to01
 
 SMALL = ["--steps", "3", "--height", "32", "--width", "32"]
@@ -258,3 +258,89 @@ def test_cli_sweep_grid_records_every_cell(tiny_model, offsets, tmp_path):
     assert (settings["NPO alpha"], settings["NPO beta"]) == ("0.0", "0.25")  # the first cell
     cells = [(float(a), float(b)) for a in settings["Y Values"].split(",") for b in settings["X Values"].split(",")]
     assert cells == [(a, b) for a in (0.0, 0.5, 1.0) for b in (0.25, 1.0)]
+# ---- the samplers users name, and the hashes civitai reads, in the PNG ----------------------------------------
+
+@pytest.mark.parametrize("name, a1111", [("dpmpp-2m-karras", "DPM++ 2M Karras"), ("euler-a", "Euler a"),
+                                         ("euler", "Euler")])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_cli_k_samplers(tiny_model, tmp_path, name, a1111):
+    """--sampler dpmpp-2m-karras / euler-a / euler: the PNG is generate's picture and says the sampler as A1111 writes
+    it (generate itself is checked against diffusers' pipeline in test_sample.py)."""
+    path, _ = tiny_model
+    assert npo.main(["sample", "--model", path, *SMALL, "--sampler", name, "--seed", "4", "--n", "2", "--batch-size",
+                     "2", "--out", str(tmp_path)]) == 0
+    pixels, params = png(tmp_path / "00001-seed5.png")
+    assert f", Sampler: {a1111}, " in params and "DDIM eta" not in params
+    out = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"] * 2, [4, 5], steps=3, height=32, width=32,
+                            sampler=name)
+    assert np.array_equal(pixels, np.asarray(images.to_pil(out)[1]))
+
+
+def test_cli_unknown_sampler_lists_the_known(tiny_model, capsys):
+    with pytest.raises(SystemExit) as e:
+        npo.main(["sample", "--model", tiny_model[0], "--sampler", "dpm++ 2m karras"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # argparse's usage, then one sentence
+    assert e.value.code == 2 and "Traceback" not in err and "invalid choice: 'dpm++ 2m karras'" in last
+    assert "(choose from ddim, dpmpp-2m, dpmpp-2m-karras, euler, euler-a)" in last.replace("'", "")
+
+
+def test_sha256_file_against_hashlib(tmp_path):
+    """The whole file's SHA-256 (A1111's model hash) and that of the safetensors tensor data after the header
+    (kohya's addnet hash, A1111's LoRA hash), each against hashlib on bytes the test splits itself; the second
+    does not change when only the metadata does. Chunked reading gives the same digests."""
+    import hashlib
+    import struct
+    import checkpoint
+    tensors = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.float16)}
+    digests = []
+    for k, meta in enumerate([{"ss_note": "one"}, {"ss_note": "another, longer text"}]):
+        f = tmp_path / f"{k}.safetensors"
+        save_file(tensors, str(f), metadata=meta)
+        raw = f.read_bytes()
+        n, = struct.unpack("<Q", raw[:8])
+        whole, data = hashlib.sha256(raw).hexdigest(), hashlib.sha256(raw[8 + n:]).hexdigest()
+        assert checkpoint.sha256_file(str(f)) == whole and checkpoint.sha256_file(str(f), chunk=7) == whole
+        assert checkpoint.sha256_file(str(f), tensor_data_only=True) == data
+        assert checkpoint.sha256_file(str(f), tensor_data_only=True, chunk=5) == data
+        digests.append((whole, data))
+    assert digests[0][0] != digests[1][0] and digests[0][1] == digests[1][1]  # other metadata, same tensor data
+
+
+def test_png_hashes_once_per_run(tmp_path, offsets, monkeypatch):
+    """`Model hash` = the first 10 hex digits of the model file's SHA-256, `Lora hashes` = "name: the first 12 of
+    its tensor data's SHA-256" for η and δ, quoted as A1111 quotes a value with ':' or ','; each file read once for
+    three pictures. Computed independently here with hashlib."""
+    import hashlib
+    import struct
+    import checkpoint
+    import ldm
+    folder = str(tmp_path / "sd1")
+    model = ldm.save_ldm(ldm.to_ldm(ldm.make_family_dir(folder, "sd1"), "sd1"), str(tmp_path / "my,model.safetensors"))
+    (tmp_path / "loras").mkdir()
+    files = random_lora_files(folder, str(tmp_path / "loras"), [("eta", {}), ("delta", {})], seed=3)
+
+    def data_hash(path):
+        raw = open(path, "rb").read()
+        return hashlib.sha256(raw[8 + struct.unpack("<Q", raw[:8])[0]:]).hexdigest()[:12]
+    calls = []
+    real = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda path, *a, **kw: calls.append(path) or real(path, *a, **kw))
+    assert npo.main(["sample", "--model", model, "--lora", f"{files['eta']}:0.5", "--npo", files["delta"], "--steps",
+                     "1", "--height", "16", "--width", "16", "--n", "3", "--out", str(tmp_path / "o")]) == 0
+    assert sorted(calls) == sorted([model, files["eta"], files["delta"]])  # once each, for three pictures
+    model_hash = hashlib.sha256(open(model, "rb").read()).hexdigest()[:10]
+    for k in range(3):
+        params = png(tmp_path / "o" / f"{k:05d}-seed{k}.png")[1]
+        assert f"Model hash: {model_hash}, Model: \"my,model.safetensors\"," in params
+        assert f'Lora hashes: "eta: {data_hash(files["eta"])}, delta: {data_hash(files["delta"])}"' in params
+
+
+def test_png_of_a_folder_model_has_no_model_hash(tiny_model, tmp_path, offsets):
+    """A diffusers folder is no single file (civitai lists none): no Model hash; the LoRA's hash is still written."""
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--lora", offsets["eta"], "--out",
+                     str(tmp_path / "x.png")]) == 0
+    params = png(tmp_path / "x.png")[1]
+    assert "Model hash" not in params and 'Lora hashes: "eta: ' in params
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / "y.png")]) == 0
+    assert "hash" not in png(tmp_path / "y.png")[1]

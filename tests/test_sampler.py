@@ -5,9 +5,11 @@ Tolerance: none. sampler.py does the same float32 operations as diffusers in the
 A difference of even one ulp means the arithmetic diverged from diffusers' and should be looked at, not
 absorbed by a tolerance.
 """
+import inspect
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -430,5 +432,197 @@ def test_sample_dispatch():
                        run_diffusers(DDIMScheduler.from_config(SD15_PNDM), x, 5, 0.0, None)[1])
     with pytest.raises(UserError, match="eta"):
         sampler.sample("dpmpp-2m", fake_model, x, SD15_PNDM, 5, ddim_eta=1.0)
-    with pytest.raises(UserError, match="not one of"):
-        sampler.sample("euler", fake_model, x, SD15_PNDM, 5)
+    with pytest.raises(UserError, match="not one of ddim, dpmpp-2m, dpmpp-2m-karras, euler, euler-a"):
+        sampler.sample("heun", fake_model, x, SD15_PNDM, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPM++ 2M Karras, Euler and Euler ancestral against DPMSolverMultistepScheduler(use_karras_sigmas=True),
+# EulerDiscreteScheduler and EulerAncestralDiscreteScheduler built with from_config, with no tolerance either
+
+SCHEDULES = {"karras": dict(steps=[1, 2, 3, 7, 25, 100, 500, 999, 1000]),
+             "karras_cosine": dict(steps=[2, 25, 200], beta_schedule="squaredcos_cap_v2"),
+             "karras_zero_snr": dict(steps=[3, 30], rescale_betas_zero_snr=True),
+             "karras_config_range": dict(steps=[4, 20], sigma_min=0.1, sigma_max=10.0),
+             "karras_linear_T500": dict(steps=[10, 499], beta_schedule="linear", num_train_timesteps=500)}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_karras_schedule_equal(name):
+    """Timesteps and σs of DPMSolverMultistepScheduler(use_karras_sigmas=True): Karras et al.'s eq. 5 with ρ = 7
+    between the model's σ_0 and σ_{T−1} (or the config's sigma_min / sigma_max), timesteps by log-σ interpolation."""
+    changes = dict(SCHEDULES[name])
+    d = {**SD, **{k: v for k, v in changes.items() if k != "steps"}}
+    ref = diffusers_schedulers.DPMSolverMultistepScheduler.from_config(d, use_karras_sigmas=True)
+    cfg = sampler.dpm_config(d, karras=True)
+    for n in changes["steps"]:
+        ref.set_timesteps(n)
+        ts, sigmas = sampler.karras_schedule(cfg, n, *sampler.sigma_range(d))
+        assert ts.dtype == torch.int64 and torch.equal(ts, ref.timesteps), n
+        assert torch.equal(sigmas, ref.sigmas), n
+
+
+def test_karras_sigmas_are_eq_5():
+    """The σs against eq. 5 written out: σ_i^(1/7) evenly spaced from σ_max^(1/7) to σ_min^(1/7)."""
+    s = sampler.karras_sigmas(0.03, 14.6, 6)
+    inv = [14.6 ** (1 / 7) + i / 5 * (0.03 ** (1 / 7) - 14.6 ** (1 / 7)) for i in range(6)]
+    assert np.allclose(s, [v ** 7 for v in inv], rtol=1e-12, atol=0) and s[0] == pytest.approx(14.6)
+    table = sampler.sigma_table(sampler.DDIMConfig())
+    t = sampler.sigma_to_t(table[[0, 17, 999]].double().numpy(), table)
+    assert np.allclose(t, [0, 17, 999])  # a σ of the table maps back to its own timestep
+    mid = float(np.exp((np.log(table[17].item()) + np.log(table[18].item())) / 2))
+    assert sampler.sigma_to_t(np.array([mid]), table)[0] == pytest.approx(17.5)  # linear in log σ
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("ancestral", [False, True], ids=["euler", "euler_a"])
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_euler_schedule_equal(spacing, ancestral):
+    cls = diffusers_schedulers.EulerAncestralDiscreteScheduler if ancestral else diffusers_schedulers.EulerDiscreteScheduler
+    for changes in ({}, dict(rescale_betas_zero_snr=True)):
+        d = {**SD, "timestep_spacing": spacing, **changes}
+        ref = cls.from_config(d)
+        cfg = sampler.euler_config(d, ancestral=ancestral)
+        for n in [1, 2, 7, 25, 50, 61, 999]:
+            ref.set_timesteps(n)
+            ts, sigmas = sampler.euler_schedule(cfg, n)
+            # diffusers' "trailing" has a stray extra step for some n (see the module docstring); we keep n
+            assert torch.equal(ts, ref.timesteps[:n]) and torch.equal(sigmas[:n], ref.sigmas[:n]), n
+            assert sigmas[n] == 0 and ref.sigmas[-1] == 0
+            assert torch.equal(sampler.init_noise_sigma(sigmas, spacing), torch.as_tensor(ref.init_noise_sigma)), n
+
+
+def run_k_ours(name, d, x, steps, generator=None):
+    seen = []
+
+    def denoise(x_in, t):
+        seen.append((float(t), x_in))
+        return fake_model(x_in, t)
+    return seen, sampler.sample(name, denoise, x, d, steps, generator=generator)
+
+
+def run_k_diffusers(sched, x, steps, generator=None):
+    """StableDiffusionPipeline's loop: x_T · init_noise_sigma, the model on scale_model_input, step with the
+    pipeline's generator (which only Euler ancestral uses)."""
+    sched.set_timesteps(steps)
+    x = x * sched.init_noise_sigma
+    seen = []
+    for t in sched.timesteps[:steps]:
+        x_in = sched.scale_model_input(x, t)
+        seen.append((float(t), x_in))
+        kw = {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+        x = sched.step(fake_model(x_in, t), t, x, **kw).prev_sample
+    return seen, x
+
+
+def k_scheduler(name, d):
+    if name == "dpmpp-2m-karras":
+        return diffusers_schedulers.DPMSolverMultistepScheduler.from_config(d, use_karras_sigmas=True)
+    cls = {"euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler"}[name]
+    return getattr(diffusers_schedulers, cls).from_config(d)
+
+
+K_LOOPS = {
+    "karras_eps_25": dict(steps=25),
+    "karras_eps_7": dict(steps=7, timestep_spacing="linspace"),
+    "karras_v_12": dict(steps=12, prediction_type="v_prediction"),
+    "karras_v_zero_snr": dict(steps=9, prediction_type="v_prediction", rescale_betas_zero_snr=True),
+    "karras_one_step": dict(steps=1),
+    "karras_bf16": dict(steps=8, dtype=torch.bfloat16),
+    "euler_eps_linspace_20": dict(steps=20, timestep_spacing="linspace"),
+    "euler_eps_leading_9": dict(steps=9, timestep_spacing="leading"),
+    "euler_v_trailing_10": dict(steps=10, prediction_type="v_prediction", timestep_spacing="trailing"),
+    "euler_sample_linear": dict(steps=6, prediction_type="sample", beta_schedule="linear"),
+    "euler_zero_snr_v": dict(steps=8, prediction_type="v_prediction", timestep_spacing="trailing",
+                             rescale_betas_zero_snr=True),
+    "euler_fp16": dict(steps=5, dtype=torch.float16),
+    "euler_a_eps_linspace_20": dict(steps=20, timestep_spacing="linspace"),
+    "euler_a_eps_leading_9": dict(steps=9, timestep_spacing="leading"),
+    "euler_a_v_trailing_10": dict(steps=10, prediction_type="v_prediction", timestep_spacing="trailing"),
+    "euler_a_one_step": dict(steps=1),
+    "euler_a_fp16": dict(steps=6, dtype=torch.float16, timestep_spacing="leading"),
+}
+
+
+@pytest.mark.parametrize("name", K_LOOPS)
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_k_loop_matches_diffusers_step_for_step(name):
+    """Every model input (scaled by 1/√(σ² + 1) for Euler) and timestep, and the result, bit for bit; Euler
+    ancestral's noise from the same seeded generators (one per image, as the pipeline's list)."""
+    sampler_name = "dpmpp-2m-karras" if name.startswith("karras") else "euler-a" if name.startswith("euler_a") else "euler"
+    changes = dict(K_LOOPS[name])
+    steps, dtype = changes.pop("steps"), changes.pop("dtype", torch.float32)
+    d = {**SD, **changes}
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]  # noqa: E731
+    seen_ours, out_ours = run_k_ours(sampler_name, d, x, steps, gens())
+    seen_ref, out_ref = run_k_diffusers(k_scheduler(sampler_name, d), x, steps, gens())
+    assert len(seen_ours) == len(seen_ref) == steps
+    for (t, a), (t_ref, b) in zip(seen_ours, seen_ref):
+        assert t == t_ref and a.dtype == b.dtype and torch.equal(a, b), f"model input differs at t = {t}"
+    assert out_ours.dtype == dtype and torch.isfinite(out_ours).all() and torch.equal(out_ours, out_ref)
+    if sampler_name == "euler-a" and steps > 1:  # the noise matters (σ_up > 0 but on the last step)
+        _, other = run_k_ours(sampler_name, d, x, steps, [torch.Generator().manual_seed(s) for s in (1, 2)])
+        assert not torch.allclose(other, out_ours)
+
+
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_euler_steps_against_scheduler_step():
+    """One call of each step function against one `scheduler.step`, at the first, a middle and the last step."""
+    d = {**SD, "timestep_spacing": "linspace"}
+    cfg = sampler.euler_config(d)
+    ts, sigmas = sampler.euler_schedule(cfg, 5)
+    for ancestral in (False, True):
+        ref = k_scheduler("euler-a" if ancestral else "euler", d)
+        ref.set_timesteps(5)
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(1, 4, 8, 8, generator=g) * sigmas[0]
+        for i, t in enumerate(ts):
+            out = torch.randn(1, 4, 8, 8, generator=g)
+            x0 = sampler.euler_predict_x0(x, out, sigmas[i], "epsilon")
+            if ancestral:
+                z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i))
+                ours = sampler.euler_ancestral_step(x, x0, sigmas[i], sigmas[i + 1], z)
+                expected = ref.step(out, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+            else:
+                ours = sampler.euler_step(x, x0, sigmas[i], sigmas[i + 1])
+                expected = ref.step(out, t, x).prev_sample
+            assert torch.equal(ours, expected), (ancestral, i)
+            x = expected
+        assert torch.allclose(x, x0, atol=1e-5)  # the last step, to σ = 0, lands on x̂_0 (both samplers)
+
+
+@pytest.mark.parametrize("name, field, value", [
+    ("euler", "use_karras_sigmas", True), ("euler", "interpolation_type", "log_linear"),
+    ("euler", "timestep_type", "continuous"), ("euler", "final_sigmas_type", "sigma_min"),
+    ("dpmpp-2m-karras", "solver_order", 3), ("dpmpp-2m-karras", "algorithm_type", "sde-dpmsolver++"),
+    ("dpmpp-2m-karras", "use_exponential_sigmas", True),
+])
+def test_k_variants_refused(name, field, value):
+    with pytest.raises(UserError, match=f"'{field}'.*{name}"):
+        sampler.check_steps(name, {**SD15_PNDM, field: value}, 10)
+
+
+@pytest.mark.filterwarnings("ignore:__array:DeprecationWarning")
+def test_k_samplers_accept_what_their_scheduler_ignores():
+    """Euler ancestral takes an Euler-Karras config as EulerAncestralDiscreteScheduler.from_config does (it has no
+    Karras σs); DPM++ 2M Karras takes use_karras_sigmas either way (it sets it)."""
+    d = {**SD15_PNDM, "use_karras_sigmas": True, "interpolation_type": "log_linear"}
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    ref = diffusers_schedulers.EulerAncestralDiscreteScheduler.from_config(d)
+    assert torch.equal(run_k_ours("euler-a", d, x, 6, gen())[1], run_k_diffusers(ref, x, 6, gen())[1])
+    for karras in (True, False):
+        d = {**SD15_PNDM, "use_karras_sigmas": karras}
+        ref = diffusers_schedulers.DPMSolverMultistepScheduler.from_config(d, use_karras_sigmas=True)
+        assert torch.equal(run_k_ours("dpmpp-2m-karras", d, x, 6)[1], run_k_diffusers(ref, x, 6)[1])
+
+
+@pytest.mark.parametrize("name", ["dpmpp-2m-karras", "euler", "euler-a"])
+def test_k_bad_steps_and_eta(name):
+    for steps in (0, 1001, 2.5):
+        with pytest.raises(UserError, match="steps"):
+            sampler.check_steps(name, SD15_PNDM, steps)
+    with pytest.raises(UserError, match="eta"):
+        sampler.sample(name, fake_model, torch.zeros(1, 4, 2, 2), SD15_PNDM, 5, ddim_eta=0.5)
