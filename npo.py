@@ -25,6 +25,7 @@ import experiment
 import images
 import lora
 import pipeline
+import prompt_syntax
 import sampler
 import train
 from checkpoint import UserError
@@ -280,9 +281,13 @@ def load_for_sampling(args, texts, alpha):
     if args.eta_model:
         pipeline.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
+    pipe.prompt_syntax = args.prompt_syntax
     for p in set(texts) - {None}:
-        if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
-            warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
+        if args.prompt_syntax == "a1111":
+            prompt_syntax.parse_attention(p)  # a weight that is not a number is refused before any compute
+        elif pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
+            warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated (--prompt-syntax a1111 "
+                 f"reads it whole): {p[:60]!r}...")
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
         if pipe.eta_unet is not None:
@@ -395,6 +400,12 @@ def add_sample_arguments(p):
     p.add_argument("--ddim-eta", type=float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
                                                           "layer, 2 on the penultimate (diffusers' clip_skip=1), ...")
+    p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
+                   help="how prompts are read (sampling only; training reads them plainly). plain: diffusers' "
+                        "(default), brackets are text and a prompt is cut at 77 tokens. a1111: A1111's: (word) "
+                        "weighs 1.1, [word] 1/1.1, (word:1.3) 1.3, \\( is a bracket; prompts of any length, in "
+                        "chunks of 75 tokens (BREAK starts a new chunk); prompt and negative prompt padded to as "
+                        "many chunks (A1111's \"Pad prompt/negative prompt\" setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
