@@ -99,6 +99,8 @@ def a1111_parameters(args, job, size):
         settings["DDIM eta"] = args.ddim_eta
     if args.clip_skip > 1:
         settings["Clip skip"] = args.clip_skip
+    if job.get("chunks") and job["chunks"][0] != job["chunks"][1]:
+        settings["Pad conds"] = True  # A1111's key for padding the shorter text with empty chunks, as we did
     if args.lora:
         settings["Lora"] = "; ".join(f"{os.path.basename(path)}:{w:g}" for path, w in args.lora)
     if args.eta_model:
@@ -200,8 +202,7 @@ def run_jobs(pipe, args, jobs, progress):
     """Generate every job in batches of --batch-size; returns PIL images in job order. In merged mode a batch
     shares one (α, β), whose two weight sets are built once and reused while it stays the same."""
     pictures, unets, unets_key = [], None, None
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
+    for batch in batches(jobs, args.batch_size):
         alpha, beta = [j["alpha"] for j in batch], [j["beta"] for j in batch]
         if args.mode == "merged":
             if len(set(zip(alpha, beta))) > 1:
@@ -221,6 +222,35 @@ def run_jobs(pipe, args, jobs, progress):
         pictures += images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
+
+
+def count_chunks(pipe, jobs):
+    """--prompt-syntax a1111: each job's (prompt, negative prompt) counts of 77-token chunks, kept in the job as
+    "chunks". SDXL's zeros for no negative prompt fit any length (A1111 zeros it too)."""
+    counts = {}
+    for job in jobs:
+        texts = [job["prompt"], job["negative"] or ""]
+        for text in texts:
+            if text not in counts:
+                counts[text] = prompt_syntax.count_chunks(pipe.tokenizer, text)
+        zeros = job["negative"] is None and pipe.is_sdxl and pipe.force_zeros_for_empty_prompt
+        job["chunks"] = (counts[texts[0]], counts[texts[0 if zeros else 1]])
+
+
+def batches(jobs, size):
+    """Consecutive jobs in batches of at most `size`. Jobs counted by `count_chunks` are batched only with jobs of
+    the same length and the same kind of negative prompt: rows of a batch are padded to its longest, and an image
+    must not depend on its batch mates."""
+    def key(job):
+        return job.get("chunks") and (max(job["chunks"]), job["negative"] is None)
+    batch = []
+    for job in jobs:
+        if batch and (len(batch) == size or key(job) != key(batch[0])):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
 
 
 def write_pictures(args, prompts, jobs, pictures, sweeps, size):
@@ -320,6 +350,8 @@ def cmd_sample(args):
     grids = sweeps != (None, None) or args.compare
     check_writable(args.out, len(prompts) if grids else len(jobs))
     pipe = load_for_sampling(args, [text for row in rows for text in row], jobs[0]["alpha"])
+    if args.prompt_syntax == "a1111":
+        count_chunks(pipe, jobs)
     progress = Progress(len(jobs))
     pictures = run_jobs(pipe, args, jobs, progress)
     if progress.tty:

@@ -401,6 +401,7 @@ def test_cli_prompt_syntax(tiny_model, tmp_path, capsys):
     assert "truncated" not in capsys.readouterr().err
     picture = Image.open(out)
     assert picture.text["parameters"].startswith(f"{prompt}\nNegative prompt: [blurry]\n")  # as written
+    assert "Pad conds: True" in picture.text["parameters"]  # 2 chunks and 1: A1111 pads alike with this key
     pipe = pipeline.load_pipeline(path)
     pipe.prompt_syntax = "a1111"
     expected = pipeline.generate(pipe, [prompt], [0], ["[blurry]"], steps=3, height=32, width=32)
@@ -412,3 +413,20 @@ def test_cli_prompt_syntax(tiny_model, tmp_path, capsys):
     assert npo.main(["sample", "--model", path, *SMALL, "--prompt", "(red:1.2.3)", "--prompt-syntax", "a1111",
                      "--out", str(tmp_path / "bad.png")]) == 2
     assert "not a number" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad.png")
+
+
+def test_cli_batches_keep_each_image_as_alone(tiny_model, tmp_path):
+    """Rows of a batch are padded to its longest text, so jobs batch only with jobs of the same length: an image is
+    the same at --batch-size 3 as alone."""
+    path = tiny_model[0]
+    rows = tmp_path / "rows.txt"
+    rows.write_text("\n".join(["a (red) circle", words(80), "[blue] square"]) + "\n")
+    common = ["sample", "--model", path, *SMALL, "--prompts-file", str(rows), "--prompt-syntax", "a1111"]
+    assert npo.main([*common, "--batch-size", "3", "--out", str(tmp_path / "b3")]) == 0
+    assert npo.main([*common, "--batch-size", "1", "--out", str(tmp_path / "b1")]) == 0
+    names = sorted(os.listdir(tmp_path / "b1"))
+    assert len(names) == 3 and names == sorted(os.listdir(tmp_path / "b3"))
+    for name in names:
+        one, three = (np.asarray(Image.open(tmp_path / b / name).convert("RGB")).astype(int) for b in ("b1", "b3"))
+        assert np.abs(one - three).max() <= 1, name  # batched fp32 reorders sums: one grey level at most
+    assert "Pad conds" not in Image.open(tmp_path / "b1" / names[0]).text["parameters"]  # "" and the prompt: 1 chunk
