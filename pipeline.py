@@ -23,6 +23,9 @@ state dicts); `load_unet` reads the UNet alone of either, for --eta-model and ex
 into the same Pipeline (plus `text_encoder_2`, `tokenizer_2`). Its UNet takes more than the text embeddings: a
 branch's conditioning is then a dict of the UNet's keyword arguments (`Pipeline.conditioning`: context, pooled text
 embedding, size time ids), and eq. 10 runs unchanged on it.
+
+Prompts are read as diffusers reads them, or with `pipe.prompt_syntax = "a1111"` as A1111 does (emphasis, prompts of
+any length in 77-token chunks: prompt_syntax.py); only the encoding functions differ.
 """
 import os
 from dataclasses import dataclass, field
@@ -153,14 +156,15 @@ class Pipeline:
         tokenizers, encoders = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
         n = max(prompt_syntax.tokenize(t, prompts)[0].shape[1] for t in tokenizers)  # the same BPE: the same n
         read = [prompt_syntax.tokenize(t, prompts, min_chunks=n) for t in tokenizers]
-        chunks, pooled = [], None
+        chunks = []
         for i in range(n):
             features = []
             for encoder, (ids, emphasis) in zip(encoders, read):
-                h, first = encoder.penultimate_and_pooled(ids[:, i].to(device))
+                h, last_pooled = encoder.penultimate_and_pooled(ids[:, i].to(device))
                 features.append(prompt_syntax.emphasize(h, emphasis[:, i]))
             chunks.append(torch.cat(features, dim=-1))
-            pooled = first if pooled is None else pooled  # encoder 2's, of the first chunk
+            if i == 0:
+                pooled = last_pooled  # encoder 2's, of the first chunk
         return torch.cat(chunks, dim=1), pooled
 
     def time_ids(self, height, width, original_size=None, crop_top_left=(0, 0), target_size=None):
