@@ -313,9 +313,7 @@ def load_for_sampling(args, texts, alpha):
     check_model_arguments(args, pipe)
     pipe.prompt_syntax = args.prompt_syntax
     for p in set(texts) - {None}:
-        if args.prompt_syntax == "a1111":
-            prompt_syntax.parse_attention(p)  # a weight that is not a number is refused before any compute
-        elif pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
+        if args.prompt_syntax == "plain" and pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated (--prompt-syntax a1111 "
                  f"reads it whole): {p[:60]!r}...")
     if args.compile:
@@ -343,6 +341,9 @@ def cmd_sample(args):
     rows = data.read_prompts(args.prompts_file, negatives=True) if args.prompts_file else [(args.prompt, None)]
     rows = [(p, args.negative_prompt if n is None else n) for p, n in rows]  # a row's own negative prompt wins
     prompts = [p for p, _ in rows]
+    if args.prompt_syntax == "a1111":  # a weight that is not a number is refused before the model loads
+        for text in {t for row in rows for t in row if t}:
+            prompt_syntax.parse_attention(text)
     jobs = plan_jobs(args, rows, *sweeps)
     if args.eta_model and len({j["alpha"] for j in jobs}) > 1:
         raise UserError("with --eta-model every image must share one α, because the base weights become θ + α·η in "

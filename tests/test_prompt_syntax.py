@@ -430,3 +430,20 @@ def test_cli_batches_keep_each_image_as_alone(tiny_model, tmp_path):
         one, three = (np.asarray(Image.open(tmp_path / b / name).convert("RGB")).astype(int) for b in ("b1", "b3"))
         assert np.abs(one - three).max() <= 1, name  # batched fp32 reorders sums: one grey level at most
     assert "Pad conds" not in Image.open(tmp_path / "b1" / names[0]).text["parameters"]  # "" and the prompt: 1 chunk
+
+
+def test_sd2_encoding_matches_reference(tmp_path):
+    """SD2's text encoder (gelu, eos_token_id 49407) and tokenizer (padding with "!", id 0 after the first EOS)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    ref = randomize(CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, hidden_size=32,
+                                                 intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 hidden_act="gelu", eos_token_id=49407)), 4).eval()
+    ref.save_pretrained(tmp_path)
+    pipe = pipeline.Pipeline(unet=None, vae=None, text_encoder=clip.load_text_encoder(tmp_path),
+                             tokenizer=clip.load_tokenizer(TOKENIZER_DIR, "!"), prompt_syntax="a1111")
+    with torch.no_grad():
+        ours = pipe.encode_prompts(PROMPTS)
+        n = ours.shape[1] // 77
+        expected = torch.cat([ref_encode(lambda ids: ref(ids).last_hidden_state, p, 0, n) for p in PROMPTS])
+    assert pipe.tokenizer.pad_id == 0 and ours.shape == (len(PROMPTS), 3 * 77, 32)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
