@@ -497,6 +497,7 @@ class CLIPTokenizer:
             missing = [t for t, i in zip((bos_token, eos_token, pad_token), ids) if i is None]
             raise UserError(f"the tokenizer vocabulary has no {missing}; use the tokenizer/ folder of the same model.")
         self.bos_id, self.eos_id, self.pad_id = ids
+        self.comma_id = tokenizer.token_to_id(",</w>")  # where A1111's long prompts prefer to break (prompt_syntax.py)
 
     def encode(self, prompt):
         """The prompt's token ids, without BOS/EOS, truncation or padding."""

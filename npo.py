@@ -27,6 +27,7 @@ import experiment
 import images
 import lora
 import pipeline
+import prompt_syntax
 import sampler
 import train
 from checkpoint import UserError, finite_float
@@ -136,6 +137,8 @@ def a1111_parameters(args, job, size):
         settings["DDIM eta"] = args.ddim_eta
     if args.clip_skip > 1:
         settings["Clip skip"] = args.clip_skip
+    if job.get("chunks") and job["chunks"][0] != job["chunks"][1]:
+        settings["Pad conds"] = True  # A1111's key for padding the shorter text with empty chunks, as we did
     if args.lora:
         settings["Lora"] = "; ".join(f"{os.path.basename(path)}:{w:g}" for path, w in args.lora)
     if args.eta_model:
@@ -256,8 +259,7 @@ def run_jobs(pipe, args, jobs, progress):
     """Generate every job in batches of --batch-size; returns PIL images in job order. In merged mode a batch
     shares one (α, β), whose two weight sets are built once and reused while it stays the same."""
     pictures, unets, unets_key = [], None, None
-    for start in range(0, len(jobs), args.batch_size):
-        batch = jobs[start:start + args.batch_size]
+    for batch in batches(jobs, args.batch_size):
         alpha, beta = [j["alpha"] for j in batch], [j["beta"] for j in batch]
         if args.mode == "merged":
             if len(set(zip(alpha, beta))) > 1:
@@ -277,6 +279,35 @@ def run_jobs(pipe, args, jobs, progress):
         pictures += images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
+
+
+def count_chunks(pipe, jobs):
+    """--prompt-syntax a1111: each job's (prompt, negative prompt) counts of 77-token chunks, kept in the job as
+    "chunks". SDXL's zeros for no negative prompt fit any length (A1111 zeros it too)."""
+    counts = {}
+    for job in jobs:
+        texts = [job["prompt"], job["negative"] or ""]
+        for text in texts:
+            if text not in counts:
+                counts[text] = prompt_syntax.count_chunks(pipe.tokenizer, text)
+        zeros = job["negative"] is None and pipe.is_sdxl and pipe.force_zeros_for_empty_prompt
+        job["chunks"] = (counts[texts[0]], counts[texts[0 if zeros else 1]])
+
+
+def batches(jobs, size):
+    """Consecutive jobs in batches of at most `size`. Jobs counted by `count_chunks` are batched only with jobs of
+    the same length and the same kind of negative prompt: rows of a batch are padded to its longest, and an image
+    must not depend on its batch mates."""
+    def key(job):
+        return job.get("chunks") and (max(job["chunks"]), job["negative"] is None)
+    batch = []
+    for job in jobs:
+        if batch and (len(batch) == size or key(job) != key(batch[0])):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
 
 
 def write_pictures(args, prompts, jobs, pictures, sweeps, size):
@@ -336,9 +367,11 @@ def load_for_sampling(args, texts, alpha):
     if args.eta_model:
         pipeline.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
+    pipe.prompt_syntax = args.prompt_syntax
     for p in set(texts) - {None}:
-        if pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
-            warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated: {p[:60]!r}...")
+        if args.prompt_syntax == "plain" and pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
+            warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated (--prompt-syntax a1111 "
+                 f"reads it whole): {p[:60]!r}...")
     args.hashes = a1111_hashes(args)  # once per run, for every picture's parameters
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
@@ -367,6 +400,9 @@ def cmd_sample(args):
         [(DEFAULT_PROMPT if default_prompt else args.prompt, None)]
     rows = [(p, args.negative_prompt if n is None else n) for p, n in rows]  # a row's own negative prompt wins
     prompts = [p for p, _ in rows]
+    if args.prompt_syntax == "a1111":  # a weight that is not a number is refused before the model loads
+        for text in {t for row in rows for t in row if t}:
+            prompt_syntax.parse_attention(text)
     jobs = plan_jobs(args, rows, *sweeps)
     if args.eta_model and len({j["alpha"] for j in jobs}) > 1:
         raise UserError("with --eta-model every image must share one α, because the base weights become θ + α·η in "
@@ -377,6 +413,8 @@ def cmd_sample(args):
     if default_prompt:  # said once the run is sure to start, so that an error stays the one line printed
         print(f"no --prompt given: sampling the default prompt {DEFAULT_PROMPT!r} (pass --prompt TEXT or "
               "--prompts-file FILE)", file=sys.stderr)
+    if args.prompt_syntax == "a1111":
+        count_chunks(pipe, jobs)
     progress = Progress(len(jobs))
     pictures = run_jobs(pipe, args, jobs, progress)
     if progress.tty:
@@ -462,6 +500,12 @@ def add_sample_arguments(p):
     p.add_argument("--ddim-eta", type=finite_float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
                                                           "layer, 2 on the penultimate (diffusers' clip_skip=1), ...")
+    p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
+                   help="how prompts are read (sampling only; training reads them plainly). plain: diffusers' "
+                        "(default), brackets are text and a prompt is cut at 77 tokens. a1111: A1111's: (word) "
+                        "weighs 1.1, [word] 1/1.1, (word:1.3) 1.3, \\( is a bracket; prompts of any length, in "
+                        "chunks of 75 tokens (BREAK starts a new chunk); prompt and negative prompt padded to as "
+                        "many chunks (A1111's \"Pad prompt/negative prompt\" setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")

@@ -24,6 +24,9 @@ state dicts); `load_unet` reads the UNet alone of either, for --eta-model and ex
 into the same Pipeline (plus `text_encoder_2`, `tokenizer_2`). Its UNet takes more than the text embeddings: a
 branch's conditioning is then a dict of the UNet's keyword arguments (`Pipeline.conditioning`: context, pooled text
 embedding, size time ids), and eq. 10 runs unchanged on it.
+
+Prompts are read as diffusers reads them, or with `pipe.prompt_syntax = "a1111"` as A1111 does (emphasis, prompts of
+any length in 77-token chunks: prompt_syntax.py); only the encoding functions differ.
 """
 import os
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ import torch
 import checkpoint
 import clip
 import lora
+import prompt_syntax
 import sampler
 import singlefile
 import unet
@@ -60,6 +64,9 @@ class Pipeline:
     text_encoder_2: Optional[clip.CLIPTextModelWithProjection] = None
     tokenizer_2: Optional[clip.CLIPTokenizer] = None
     force_zeros_for_empty_prompt: bool = False
+    # how prompts are read: "plain" (diffusers': one 77-token chunk, brackets are text) or "a1111" (A1111's
+    # emphasis and chunks of 75 tokens, prompt_syntax.py); a sampling option, training reads prompts plainly
+    prompt_syntax: str = "plain"
 
     @torch.no_grad()
     def encode_prompts(self, prompts, weights=None, clip_skip=0):
@@ -67,13 +74,18 @@ class Pipeline:
         two encoders' penultimate ones, `encode_sdxl`).
 
         `weights` ({name: multiplier}, a float or one value per prompt) set the text encoder's LoRA offsets, those
-        it carries; `clip_skip` = k stops k layers early (diffusers' clip_skip; A1111's "Clip skip k + 1")."""
+        it carries; `clip_skip` = k stops k layers early (diffusers' clip_skip; A1111's "Clip skip k + 1").
+        With `prompt_syntax` "a1111" each 77-token chunk is encoded on its own, weighted (A1111's emphasis) and the
+        chunks concatenated: (B, 77·n, D), every row padded to the longest prompt's n chunks."""
         if self.is_sdxl:
             return self.encode_sdxl(prompts)[0]
-        ids = self.tokenizer(prompts).to(self.text_encoder_device)
-        present = set(lora.offset_names(self.text_encoder))
+        device, present = self.text_encoder_device, set(lora.offset_names(self.text_encoder))
         with lora.multipliers(self.text_encoder, **{k: v for k, v in (weights or {}).items() if k in present}):
-            return self.text_encoder(ids, clip_skip)
+            if self.prompt_syntax == "plain":
+                return self.text_encoder(self.tokenizer(prompts).to(device), clip_skip)
+            ids, emphasis = prompt_syntax.tokenize(self.tokenizer, prompts)
+            return torch.cat([prompt_syntax.emphasize(self.text_encoder(ids[:, i].to(device), clip_skip), emphasis[:, i])
+                              for i in range(ids.shape[1])], dim=1)
 
     @torch.no_grad()
     def conditioning(self, prompts, time_ids=None, weights=None, clip_skip=0):
@@ -133,11 +145,28 @@ class Pipeline:
     def encode_sdxl(self, prompts):
         """(context (B, 77, 768 + 1280), pooled (B, 1280)): each encoder's penultimate hidden state, without the final
         layer norm, concatenated along the features; and encoder 2's projected EOS feature. Each encoder reads the
-        prompt through its own tokenizer (the same BPE; tokenizer_2 pads with "!")."""
+        prompt through its own tokenizer (the same BPE; tokenizer_2 pads with "!").
+
+        With `prompt_syntax` "a1111": (B, 77·n, 2048) of n chunks, each encoder's features weighted and its mean
+        restored on its own (A1111 wraps each encoder alike), and the pooled embedding of the first chunk (A1111's)."""
         device = self.text_encoder_device
-        h1, _ = self.text_encoder.penultimate_and_pooled(self.tokenizer(prompts).to(device))
-        h2, pooled = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(device))
-        return torch.cat([h1, h2], dim=-1), pooled
+        if self.prompt_syntax == "plain":
+            h1, _ = self.text_encoder.penultimate_and_pooled(self.tokenizer(prompts).to(device))
+            h2, pooled = self.text_encoder_2.penultimate_and_pooled(self.tokenizer_2(prompts).to(device))
+            return torch.cat([h1, h2], dim=-1), pooled
+        tokenizers, encoders = (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2)
+        n = max(prompt_syntax.tokenize(t, prompts)[0].shape[1] for t in tokenizers)  # the same BPE: the same n
+        read = [prompt_syntax.tokenize(t, prompts, min_chunks=n) for t in tokenizers]
+        chunks = []
+        for i in range(n):
+            features = []
+            for encoder, (ids, emphasis) in zip(encoders, read):
+                h, last_pooled = encoder.penultimate_and_pooled(ids[:, i].to(device))
+                features.append(prompt_syntax.emphasize(h, emphasis[:, i]))
+            chunks.append(torch.cat(features, dim=-1))
+            if i == 0:
+                pooled = last_pooled  # encoder 2's, of the first chunk
+        return torch.cat(chunks, dim=1), pooled
 
     def time_ids(self, height, width, original_size=None, crop_top_left=(0, 0), target_size=None):
         """SDXL's size conditioning (Podell et al. 2023, sec. 2.2): original (H, W) + crop (top, left) + target (H, W),
@@ -615,7 +644,7 @@ def branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, 
     encoders carry no offsets, and its negative branch may be zeros: `Pipeline.negative_conditioning`)."""
     if pipe.is_sdxl:
         pos = pipe.conditioning(prompts, time_ids)
-        return pipe.negative_conditioning(negative_prompt, pos), pos
+        return same_length(pipe, pipe.negative_conditioning(negative_prompt, pos), pos)
     negatives = negative_rows(negative_prompt, len(prompts))
     weights = npo_multipliers(len(prompts), alpha, beta, pipe.text_encoder_device)
     both = pipe.conditioning(negatives + prompts, None, weights, clip_skip)["encoder_hidden_states"]
@@ -635,6 +664,20 @@ def conditional_denoiser(pipe, prompts, time_ids, clip_skip):
         with lora.multipliers(pipe.unet, **weights):
             return run_unet(unet, x, t, pos)
     return denoise
+def same_length(pipe, neg, pos):
+    """(c', c) with as many 77-token chunks each (only `prompt_syntax` "a1111" makes more than one), so that one
+    batched forward takes both: the shorter gets the empty prompt's encoding appended, as A1111 pads them with its
+    "Pad prompt/negative prompt" setting. (SD1/2 encode both branches in one call, which pads them alike.)"""
+    lengths = [c["encoder_hidden_states"].shape[1] for c in (neg, pos)]
+    if lengths[0] == lengths[1]:
+        return neg, pos
+    k = lengths.index(min(lengths))
+    short = (neg, pos)[k]
+    context = short["encoder_hidden_states"]
+    empty = pipe.conditioning([""] * len(context), short.get("time_ids"))["encoder_hidden_states"]
+    padded = {**short, "encoder_hidden_states": torch.cat([context] + [empty] * ((max(lengths) - min(lengths))
+                                                                             // empty.shape[1]), dim=1)}
+    return (padded, pos) if k == 0 else (neg, padded)
 
 
 @torch.no_grad()
