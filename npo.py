@@ -233,13 +233,13 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
         per = len(alphas) * len(betas)
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[k * per:(k + 1) * per], len(alphas), len(betas),
-                                        [f"α={a:g}" for a in alphas], [f"β={b:g}" for b in betas], title=p[:80])
+                                        [f"α={a:g}" for a in alphas], [f"β={b:g}" for b in betas], title=p)
             written.append(destination(f"sweep-{k:04d}.png"))
             images.save_png(grid, written[-1], a1111_parameters(args, jobs[k * per], size))
     elif args.compare:
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[2 * k:2 * k + 2], 1, 2, (),
-                                        ["without NPO", f"with NPO (α={args.alpha:g}, β={args.beta:g})"], title=p[:80])
+                                        ["without NPO", f"with NPO (α={args.alpha:g}, β={args.beta:g})"], title=p)
             written.append(destination(f"compare-{k:04d}-seed{jobs[2 * k]['seed']}.png"))
             images.save_png(grid, written[-1], a1111_parameters(args, jobs[2 * k + 1], size))
     else:
