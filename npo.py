@@ -14,6 +14,7 @@ experiment).
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -45,20 +46,51 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+
+
 def check_writable(out, pictures):
-    """Fail before any compute if the output cannot be written: a .png path for one picture, else a folder."""
+    """Fail before any compute if the output cannot be written: a .png path for one picture, else a folder. Nothing
+    is created here: `output_folder` makes the folder when the first picture is written, so a failed run leaves
+    none behind."""
+    if out.lower().endswith(IMAGE_SUFFIXES):
+        raise UserError(f"--out {out} looks like an image file, but --out is a folder (or a .png file name for one "
+                        "picture); pass e.g. --out out/.")
     if out.lower().endswith(".png"):
         if pictures != 1:
             raise UserError(f"--out {out} is one file but this run makes {pictures} pictures; pass a folder instead.")
+        if os.path.isdir(out):
+            raise UserError(f"--out {out} is a folder, not a .png file; pass a folder name without .png.")
         folder = os.path.dirname(os.path.abspath(out))
     else:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UserError(f"--out {out} is an existing file, but --out is a folder (or a .png file name for one "
+                            "picture); pass a folder.")
         folder = out
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the output folder {out} ({e.strerror}); pick a writable --out.")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"the output folder {folder} does not exist or is not writable; pick a writable --out.")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folder will be made inside its nearest existing parent
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"the output folder {folder} cannot be made or written ({existing} is not a writable "
+                        "folder); pick a writable --out.")
+
+
+def output_folder(out):
+    """The folder the pictures go to, made now (when the first is written); `out` is a folder or a .png path."""
+    folder = os.path.dirname(os.path.abspath(out)) if out.lower().endswith(".png") else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {folder} ({e.strerror}); pick a writable --out.")
+    return folder
+
+
+def next_number(folder, prefix=""):
+    """1 + the highest N of the files `prefix`N-... or `prefix`N.png in `folder` (0 if none): a new run numbers on
+    after the last picture, as A1111 does, so it never overwrites an earlier run's."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)[-.]")
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
+    return max(numbers, default=-1) + 1
 
 
 def parse_floats(text, flag):
@@ -223,28 +255,34 @@ def run_jobs(pipe, args, jobs, progress):
 
 
 def write_pictures(args, prompts, jobs, pictures, sweeps, size):
-    """Save the images (or, with --compare / --sweep-*, one labelled grid per prompt); returns the paths."""
-    def destination(name):
-        return args.out if args.out.lower().endswith(".png") else os.path.join(args.out, name)
+    """Save the images (or, with --compare / --sweep-*, one labelled grid per prompt); returns the paths. In a folder
+    the files are numbered on from the highest number of their kind already there (`next_number`):
+    NNNNN-seedS.png, compare-NNNN-seedS.png, sweep-NNNN.png."""
+    folder = output_folder(args.out)
+
+    def destination(prefix, name):
+        return args.out if args.out.lower().endswith(".png") else os.path.join(folder, prefix + name)
 
     written = []
     if sweeps[0] is not None or sweeps[1] is not None:
         alphas, betas = sweeps[0] or [args.alpha], sweeps[1] or [args.beta]
-        per = len(alphas) * len(betas)
+        per, first = len(alphas) * len(betas), next_number(folder, "sweep-")
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[k * per:(k + 1) * per], len(alphas), len(betas),
                                         [f"α={a:g}" for a in alphas], [f"β={b:g}" for b in betas], title=p)
-            written.append(destination(f"sweep-{k:04d}.png"))
+            written.append(destination("sweep-", f"{first + k:04d}.png"))
             images.save_png(grid, written[-1], a1111_parameters(args, jobs[k * per], size))
     elif args.compare:
+        first = next_number(folder, "compare-")
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[2 * k:2 * k + 2], 1, 2, (),
                                         ["without NPO", f"with NPO (α={args.alpha:g}, β={args.beta:g})"], title=p)
-            written.append(destination(f"compare-{k:04d}-seed{jobs[2 * k]['seed']}.png"))
+            written.append(destination("compare-", f"{first + k:04d}-seed{jobs[2 * k]['seed']}.png"))
             images.save_png(grid, written[-1], a1111_parameters(args, jobs[2 * k + 1], size))
     else:
+        first = next_number(folder)
         for k, (job, picture) in enumerate(zip(jobs, pictures)):
-            written.append(destination(f"{k:05d}-seed{job['seed']}.png"))
+            written.append(destination("", f"{first + k:05d}-seed{job['seed']}.png"))
             images.save_png(picture, written[-1], a1111_parameters(args, job, size))
     return written
 
@@ -416,7 +454,10 @@ def add_sample_arguments(p):
     p.add_argument("--compare", action="store_true", help="per prompt, a side-by-side image without and with NPO at one seed")
     p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
     p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
-    p.add_argument("--out", default="out", help="a .png path for one image, or a folder (default: out/)")
+    p.add_argument("--out", default="out",
+                   help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
+                        "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
+                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
 
 
 def add_evaluate_arguments(p):
