@@ -196,7 +196,7 @@ def check_spec(spec, prompts):
             if not os.path.exists(path):
                 raise UserError(f"--scorer {spec}: {path or '(no path)'} does not exist; pass {name}:PATH to the weights.")
     else:
-        rewards.check_prompts(rewards.load(spec), set(prompts))
+        rewards.check_prompts(rewards.load(spec, "--scorer"), set(prompts))
 
 
 def evaluate(folders, specs, out, batch_size=8, device="cpu"):

@@ -128,6 +128,15 @@ def test_cli(tmp_path, capsys):
     assert "00002.png" in err and "Traceback" not in err
 
 
+def test_cli_misspelt_scorer(tmp_path, capsys):
+    a, b = write_folder(tmp_path / "a", [10, 20, 30, 40]), write_folder(tmp_path / "b", [11, 20, 29, 41])
+    assert npo.main(["evaluate", a, b, "--scorer", "hps:/nope", "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --scorer 'hps:/nope'") and err.count("\n") == 1
+    assert "pickscore, hpsv2, aesthetic, clipscore" in err and "hpsv2:/nope." in err and "pickscore:hps" not in err
+    assert not os.path.exists(tmp_path / "report")
+
+
 def test_learned_scorer_scores_the_pil_images(tmp_path):
     folder = tmp_path / "clip"
     make_clip_dir(folder, seed=3)
