@@ -372,6 +372,20 @@ def cmd_evaluate(args):
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
 
 
+def layer_progress():
+    """extract-lora's progress on stderr: layer i/N, elapsed time and the ETA from the share of the SVD work done;
+    redrawn in place on a terminal, a line every twentieth of the layers in a log."""
+    start, tty = time.time(), sys.stderr.isatty()
+
+    def report(i, n, layer, share):
+        if not tty and i % -(-n // 20) and i != n:  # every ⌈n/20⌉-th layer
+            return
+        elapsed = time.time() - start
+        print(f"SVD of layer {i}/{n} ({layer}), {elapsed:.1f}s elapsed, ETA {elapsed / share - elapsed:.1f}s",
+              end="\r" if tty else "\n", file=sys.stderr, flush=True)
+    return report
+
+
 def cmd_extract_lora(args):
     """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (lora.extract_offset); prints the
     relative error per block and overall, to choose r."""
@@ -380,10 +394,13 @@ def cmd_extract_lora(args):
         raise UserError(f"--out {args.out} must be a .safetensors file in a writable folder.")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError(f"--rank and --conv-rank must be at least 1 (got {args.rank}, {args.conv_rank}).")
+    device = pipeline.resolve_device(args.device)
     base = pipeline.load_unet(args.base)
     tuned = pipeline.load_unet(args.tuned)
     pipeline.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
-    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets)
+    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     errors = lora.relative_errors(stats)
     per_layer = {name: round((r / n) ** 0.5, 6) for name, (r, n) in stats.items()}
     lora.save_lora(base, "eta", args.out, role="eta", base_model=args.base, metadata={
@@ -501,6 +518,9 @@ def build_parser():
     p.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
                    help=f"comma-separated layer-name suffixes, as in training (default {','.join(lora.DEFAULT_TARGETS)})")
     p.add_argument("--out", required=True, help="the LoRA .safetensors file to write (kohya format)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where each layer's weights are subtracted and its SVD runs: cpu, cuda, cuda:1, mps (its SVD "
+                        "step on the CPU); the two models stay in CPU memory (default: cuda if available)")
     p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
