@@ -53,6 +53,8 @@ def check_writable(out, pictures):
     """Fail before any compute if the output cannot be written: a .png path for one picture, else a folder. Nothing
     is created here: `output_folder` makes the folder when the first picture is written, so a failed run leaves
     none behind."""
+    if not out.strip():
+        raise UserError("--out is empty; pass a folder, e.g. --out out/.")
     if out.lower().endswith(IMAGE_SUFFIXES):
         raise UserError(f"--out {out} looks like an image file, but --out is a folder (or a .png file name for one "
                         "picture); pass e.g. --out out/.")

@@ -216,11 +216,12 @@ def test_cli_failed_run_leaves_no_folder(tiny_model, tmp_path, capsys):
                                         ("x.JPEG", "looks like an image file, but --out is a folder"),
                                         ("notes.txt", "is an existing file, but --out is a folder"),
                                         ("notes.txt/sub", "is not a writable folder"),
-                                        ("dir.png", "is a folder, not a .png file")])
+                                        ("dir.png", "is a folder, not a .png file"),
+                                        ("", "--out is empty")])
 def test_cli_out_must_be_a_folder(tiny_model, tmp_path, capsys, out, words):
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "dir.png").mkdir()
-    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / out)]) == 2
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / out) if out else ""]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
     assert sorted(os.listdir(tmp_path)) == ["dir.png", "notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
