@@ -64,8 +64,9 @@ def index_folder(folder):
             raise UserError(f"{path} has no 'parameters' text (prompt and seed); score images written by npo.py sample.")
         key = prompt_and_seed(text, path)
         if key in found:
-            raise UserError(f"{found[key]} and {path} have the same prompt and seed, so neither pairs uniquely; "
-                            "keep one of them (grids from --compare or --sweep-* are not samples).")
+            raise UserError(f"{found[key]} and {path} have the same prompt and seed, so neither pairs uniquely (two "
+                            "sample runs with the same seeds wrote into one folder, or a --compare / --sweep-* grid "
+                            "lies among the samples); keep one of them, or sample each run into its own --out.")
         found[key] = path
     if not found:
         raise UserError(f"{folder} holds no PNG images; pass folders written by npo.py sample.")
@@ -195,7 +196,7 @@ def check_spec(spec, prompts):
             if not os.path.exists(path):
                 raise UserError(f"--scorer {spec}: {path or '(no path)'} does not exist; pass {name}:PATH to the weights.")
     else:
-        rewards.check_prompts(rewards.load(spec), set(prompts))
+        rewards.check_prompts(rewards.load(spec, "--scorer"), set(prompts))
 
 
 def evaluate(folders, specs, out, batch_size=8, device="cpu"):

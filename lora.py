@@ -38,6 +38,7 @@ Several files at weights w_k load as one offset, their weighted sum (`weighted_s
         eps_neg, eps_pos = unet(torch.cat([x, x]), t, torch.cat([neg_embeds, pos_embeds])).chunk(2)
 """
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -203,10 +204,15 @@ def _suffix(layer_name):
     return ".".join(parts[last_index + 1:])
 
 
+def target_list(targets):
+    """`targets` as a list of suffixes: a comma-separated string ("to_q,to_k") is split, a sequence kept."""
+    return [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+
+
 def select_layers(model, targets):
     """The names of the Linear / Conv2d layers whose names end with one of `targets`: module-name suffixes such as
     `to_q`, `attn2.to_k`, `conv1`, `proj_in` (a comma-separated string works)."""
-    targets = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else list(targets)
+    targets = target_list(targets)
     layers = targetable(model)
     chosen = {t: [n for n in layers if n == t or n.endswith("." + t)] for t in targets}
     unmatched = [t for t, names in chosen.items() if not names]
@@ -682,16 +688,23 @@ def truncated_svd(delta, rank):
     """(up, down) whose product is the best rank-`rank` approximation of the matrix `delta` in the Frobenius norm
     (Eckart–Young): the SVD delta = U S Vᵀ cut to its `rank` largest singular values, up = U_r S_r, down = V_rᵀ.
     Its error is ‖delta − up·down‖²_F = Σ_{i>r} s_i², the smallest any rank-r matrix can reach."""
+    on = delta.device
+    if on.type == "mps":  # torch has no MPS kernel for linalg.svd: that one step runs on the CPU
+        delta = delta.cpu()
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return U[:, :rank] * S[:rank], Vh[:rank]
+    return (U[:, :rank] * S[:rank]).to(on), Vh[:rank].to(on)
 
 
 @torch.no_grad()
-def extract_offset(model, tuned, name, rank, conv_rank=None, targets=DEFAULT_TARGETS):
+def extract_offset(model, tuned, name, rank, conv_rank=None, targets=DEFAULT_TARGETS, device="cpu", progress=None):
     """η = θ_ft − θ on the `targets` layers as the offset `name` on `model` (θ), each layer's ΔW cut to its best
     rank-r approximation (`truncated_svd`), as kohya's extract_lora_from_models does, without its clamping of
     outlying entries (which gives up the optimum). A conv weight (out, in, k, k) is the matrix (out, in·k·k); 3x3
     convs get `conv_rank` (default `rank`); no layer gets more than min(out, in·k·k).
+
+    Each layer's two weights go to `device` for the subtraction and the SVD, in float32; the models stay where they
+    are. `progress(i, n, layer, share)` is called after layer i of n, `share` the part of the work done (an SVD of an
+    m × n matrix costs ∝ m·n·min(m, n)).
 
     Every layer stores alpha = `rank`, one alpha for the whole file (what diffusers reads correctly); a layer of
     lower rank r' carries r'/rank in its up factor, since ΔW = (alpha / r')·up·down. Layers with θ_ft = θ get no
@@ -700,23 +713,29 @@ def extract_offset(model, tuned, name, rank, conv_rank=None, targets=DEFAULT_TAR
     if rank < 1 or (conv_rank is not None and conv_rank < 1):
         raise UserError(f"LoRA ranks must be at least 1 (got --rank {rank}, --conv-rank {conv_rank}).")
     tuned_layers, stats = targetable(tuned), {}
-    for layer_name in select_layers(model, targets):
-        layer = model.get_submodule(layer_name)
-        delta = (tuned_layers[layer_name].weight.float() - layer.weight.float()).flatten(1)
-        if not delta.any():
-            continue
-        wide = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
-        r = min((conv_rank or rank) if wide else rank, *delta.shape)
-        up, down = truncated_svd(delta, r)
-        offset = _attach(model, layer_name, name, r, rank, torch.float32)
-        offset.lora_up.weight.copy_((up * (r / rank)).view(offset.lora_up.weight.shape))
-        offset.lora_down.weight.copy_(down.view(offset.lora_down.weight.shape))
-        offset.requires_grad_(False)
-        residual = delta - offset.delta_weight().flatten(1)
-        stats[layer_name] = (residual.square().sum().item(), delta.square().sum().item())
-    if not stats:
-        raise UserError(f"the two models are identical on the target layers ({', '.join(map(str, targets))}); "
+    names = select_layers(model, targets)
+    shapes = [model.get_submodule(n).weight.flatten(1).shape for n in names]
+    if all(torch.equal(tuned_layers[n].weight.float(), model.get_submodule(n).weight.float()) for n in names):
+        raise UserError(f"the two models are identical on the target layers ({', '.join(target_list(targets))}); "
                         "there is no offset to extract: check --tuned, or --targets.")
+    costs = [m * k * min(m, k) for m, k in shapes]
+    cumulative = [c / sum(costs) for c in itertools.accumulate(costs)]
+    for i, layer_name in enumerate(names):
+        layer = model.get_submodule(layer_name)
+        delta = (tuned_layers[layer_name].weight.to(device, torch.float32)
+                 - layer.weight.to(device, torch.float32)).flatten(1)
+        if delta.any():
+            wide = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
+            r = min((conv_rank or rank) if wide else rank, *delta.shape)
+            up, down = truncated_svd(delta, r)
+            offset = _attach(model, layer_name, name, r, rank, torch.float32)
+            offset.lora_up.weight.copy_((up * (r / rank)).view(offset.lora_up.weight.shape))
+            offset.lora_down.weight.copy_(down.view(offset.lora_down.weight.shape))
+            offset.requires_grad_(False)
+            residual = delta - offset.delta_weight().to(device).flatten(1)
+            stats[layer_name] = (residual.square().sum().item(), delta.square().sum().item())
+        if progress is not None:
+            progress(i + 1, len(names), layer_name, cumulative[i])
     return stats
 
 

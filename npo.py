@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -48,20 +49,53 @@ def warn(message):
     print(f"warning: {message}", file=sys.stderr)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
+
+
 def check_writable(out, pictures):
-    """Fail before any compute if the output cannot be written: a .png path for one picture, else a folder."""
+    """Fail before any compute if the output cannot be written: a .png path for one picture, else a folder. Nothing
+    is created here: `output_folder` makes the folder when the first picture is written, so a failed run leaves
+    none behind."""
+    if not out.strip():
+        raise UserError("--out is empty; pass a folder, e.g. --out out/.")
+    if out.lower().endswith(IMAGE_SUFFIXES):
+        raise UserError(f"--out {out} looks like an image file, but --out is a folder (or a .png file name for one "
+                        "picture); pass e.g. --out out/.")
     if out.lower().endswith(".png"):
         if pictures != 1:
             raise UserError(f"--out {out} is one file but this run makes {pictures} pictures; pass a folder instead.")
+        if os.path.isdir(out):
+            raise UserError(f"--out {out} is a folder, not a .png file; pass a folder name without .png.")
         folder = os.path.dirname(os.path.abspath(out))
     else:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UserError(f"--out {out} is an existing file, but --out is a folder (or a .png file name for one "
+                            "picture); pass a folder.")
         folder = out
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create the output folder {out} ({e.strerror}); pick a writable --out.")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"the output folder {folder} does not exist or is not writable; pick a writable --out.")
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):  # the folder will be made inside its nearest existing parent
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"the output folder {folder} cannot be made or written ({existing} is not a writable "
+                        "folder); pick a writable --out.")
+
+
+def output_folder(out):
+    """The folder the pictures go to, made now (when the first is written); `out` is a folder or a .png path."""
+    folder = os.path.dirname(os.path.abspath(out)) if out.lower().endswith(".png") else out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the output folder {folder} ({e.strerror}); pick a writable --out.")
+    return folder
+
+
+def next_number(folder, prefix=""):
+    """1 + the highest N of the files `prefix`N-... or `prefix`N.png in `folder` (0 if none): a new run numbers on
+    after the last picture, as A1111 does, so it never overwrites an earlier run's."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)[-.]")
+    numbers = [int(m.group(1)) for name in os.listdir(folder) if (m := pattern.match(name))]
+    return max(numbers, default=-1) + 1
 
 
 def parse_floats(text, flag):
@@ -311,28 +345,34 @@ def batches(jobs, size):
 
 
 def write_pictures(args, prompts, jobs, pictures, sweeps, size):
-    """Save the images (or, with --compare / --sweep-*, one labelled grid per prompt); returns the paths."""
-    def destination(name):
-        return args.out if args.out.lower().endswith(".png") else os.path.join(args.out, name)
+    """Save the images (or, with --compare / --sweep-*, one labelled grid per prompt); returns the paths. In a folder
+    the files are numbered on from the highest number of their kind already there (`next_number`):
+    NNNNN-seedS.png, compare-NNNN-seedS.png, sweep-NNNN.png."""
+    folder = output_folder(args.out)
+
+    def destination(prefix, name):
+        return args.out if args.out.lower().endswith(".png") else os.path.join(folder, prefix + name)
 
     written = []
     if sweeps[0] is not None or sweeps[1] is not None:
         alphas, betas = sweeps[0] or [args.alpha], sweeps[1] or [args.beta]
-        per = len(alphas) * len(betas)
+        per, first = len(alphas) * len(betas), next_number(folder, "sweep-")
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[k * per:(k + 1) * per], len(alphas), len(betas),
-                                        [f"α={a:g}" for a in alphas], [f"β={b:g}" for b in betas], title=p[:80])
-            written.append(destination(f"sweep-{k:04d}.png"))
+                                        [f"α={a:g}" for a in alphas], [f"β={b:g}" for b in betas], title=p)
+            written.append(destination("sweep-", f"{first + k:04d}.png"))
             images.save_png(grid, written[-1], sweep_parameters(args, jobs[k * per], size, alphas, betas))
     elif args.compare:
+        first = next_number(folder, "compare-")
         for k, p in enumerate(prompts):
             grid = images.labelled_grid(pictures[2 * k:2 * k + 2], 1, 2, (),
-                                        ["without NPO", f"with NPO (α={args.alpha:g}, β={args.beta:g})"], title=p[:80])
-            written.append(destination(f"compare-{k:04d}-seed{jobs[2 * k]['seed']}.png"))
+                                        ["without NPO", f"with NPO (α={args.alpha:g}, β={args.beta:g})"], title=p)
+            written.append(destination("compare-", f"{first + k:04d}-seed{jobs[2 * k]['seed']}.png"))
             images.save_png(grid, written[-1], a1111_parameters(args, jobs[2 * k + 1], size))
     else:
+        first = next_number(folder)
         for k, (job, picture) in enumerate(zip(jobs, pictures)):
-            written.append(destination(f"{k:05d}-seed{job['seed']}.png"))
+            written.append(destination("", f"{first + k:05d}-seed{job['seed']}.png"))
             images.save_png(picture, written[-1], a1111_parameters(args, job, size))
     return written
 
@@ -434,6 +474,20 @@ def cmd_evaluate(args):
     print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
 
 
+def layer_progress():
+    """extract-lora's progress on stderr: layer i/N, elapsed time and the ETA from the share of the SVD work done;
+    redrawn in place on a terminal, a line every twentieth of the layers in a log."""
+    start, tty = time.time(), sys.stderr.isatty()
+
+    def report(i, n, layer, share):
+        if not tty and i % -(-n // 20) and i != n:  # every ⌈n/20⌉-th layer
+            return
+        elapsed = time.time() - start
+        print(f"SVD of layer {i}/{n} ({layer}), {elapsed:.1f}s elapsed, ETA {elapsed / share - elapsed:.1f}s",
+              end="\r" if tty else "\n", file=sys.stderr, flush=True)
+    return report
+
+
 def cmd_extract_lora(args):
     """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (lora.extract_offset); prints the
     relative error per block and overall, to choose r."""
@@ -442,10 +496,13 @@ def cmd_extract_lora(args):
         raise UserError(f"--out {args.out} must be a .safetensors file in a writable folder.")
     if args.rank < 1 or (args.conv_rank is not None and args.conv_rank < 1):
         raise UserError(f"--rank and --conv-rank must be at least 1 (got {args.rank}, {args.conv_rank}).")
+    device = pipeline.resolve_device(args.device)
     base = pipeline.load_unet(args.base)
     tuned = pipeline.load_unet(args.tuned)
     pipeline.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
-    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets)
+    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     errors = lora.relative_errors(stats)
     per_layer = {name: round((r / n) ** 0.5, 6) for name, (r, n) in stats.items()}
     lora.save_lora(base, "eta", args.out, role="eta", base_model=args.base, metadata={
@@ -527,7 +584,10 @@ def add_sample_arguments(p):
     p.add_argument("--compare", action="store_true", help="per prompt, a side-by-side image without and with NPO at one seed")
     p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
     p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
-    p.add_argument("--out", default="out", help="a .png path for one image, or a folder (default: out/)")
+    p.add_argument("--out", default="out",
+                   help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
+                        "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
+                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
     p.set_defaults(hashes={})  # the files' A1111 hashes for the PNG parameters, filled in by load_for_sampling
 
 
@@ -572,6 +632,9 @@ def build_parser():
     p.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
                    help=f"comma-separated layer-name suffixes, as in training (default {','.join(lora.DEFAULT_TARGETS)})")
     p.add_argument("--out", required=True, help="the LoRA .safetensors file to write (kohya format)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where each layer's weights are subtracted and its SVD runs: cpu, cuda, cuda:1, mps (its SVD "
+                        "step on the CPU); the two models stay in CPU memory (default: cuda if available)")
     p.set_defaults(func=cmd_extract_lora)
 
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")

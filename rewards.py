@@ -20,6 +20,7 @@ demonstrations and tests), `jpeg_compressibility` / `jpeg_incompressibility` (DD
 95; not differentiable, unbounded until mapped). The paper's learned scorers (PickScore, HPSv2, LAION-aesthetic,
 CLIP score) load from weights you give, as `pickscore:PATH` and the like (scorers.py).
 """
+import difflib
 import importlib
 import io
 import math
@@ -202,25 +203,39 @@ def jpeg_incompressibility(images, prompts):
 # ----------------------------------------------------------------------------------------------------------
 # Loading a reward by name.
 
-def load(spec):
+def close_scorer(name):
+    """The scorer name `name` most likely misspells (hps -> hpsv2, PickScore -> pickscore), or None."""
+    close = difflib.get_close_matches(name.lower(), scorers.SCORERS, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def likely_scorer_spec(spec):
+    """The SCORER:PATH a user most likely meant by a `spec` that names no scorer: a misspelt scorer name corrected
+    (hps:/m -> hpsv2:/m), else the whole spec taken as the path (C:\\m -> pickscore:C:\\m, for a Windows path or a
+    path that holds a ':')."""
+    name, _, path = spec.partition(":")
+    return f"{close_scorer(name)}:{path}" if close_scorer(name) else f"pickscore:{spec}"
+
+
+def load(spec, flag="--reward"):
     """A reward by name: `module:function`, or `SCORER:PATH`, a learned scorer on weights you give (scorers.py).
 
     The text before the first ':' decides. One of scorers.SCORERS (pickscore, hpsv2, aesthetic, clipscore) makes all
     after it the PATH, so a path may hold ':' itself (`pickscore:C:\\models\\PickScore_v1`); those four names are
     taken, not Python modules, here. Anything else is `module:function`: the module is imported by name (from the
     current folder or an installed package), so the only code run is code the user names; `rewards:NAME` gives a
-    built-in."""
+    built-in. `flag` is the option the messages name (--reward, or evaluate's --scorer)."""
     module_name, sep, attr = spec.partition(":")
     if module_name in scorers.SCORERS:
         if not attr:
-            raise UserError(f"--reward {spec!r} names no weights; pass {module_name}:PATH.")
+            raise UserError(f"{flag} {spec!r} names no weights; pass {module_name}:PATH.")
         return scorers.load(module_name, attr)
     if not sep or not module_name or not attr:
-        raise UserError(f"--reward {spec!r} is not module:function; pass e.g. rewards:brightness or my_rewards:score, "
+        raise UserError(f"{flag} {spec!r} is not module:function; pass e.g. rewards:brightness or my_rewards:score, "
                         f"or SCORER:PATH with SCORER one of {', '.join(scorers.SCORERS)}.")
     if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
-        raise UserError(f"--reward {spec!r} is neither module:function ({module_name!r}, {attr!r} are not Python "
-                        f"names) nor SCORER:PATH; a path goes after a scorer name, e.g. pickscore:{spec}.")
+        raise UserError(f"{flag} {spec!r} is neither module:function nor SCORER:PATH with SCORER one of "
+                        f"{', '.join(scorers.SCORERS)}; pass e.g. {likely_scorer_spec(spec)}.")
     # `python npo.py` puts the script's folder on the path, not the current one: look there too, for this import only
     added = os.getcwd() not in sys.path
     if added:
@@ -228,12 +243,14 @@ def load(spec):
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise UserError(f"--reward {spec}: cannot import {module_name} ({e}); run from the folder that holds "
-                        f"{module_name}.py or install it.")
+        scorer = close_scorer(module_name)  # hps:model is more likely hpsv2:model than a module of your own
+        raise UserError(f"{flag} {spec}: cannot import {module_name} ({e}); run from the folder that holds "
+                        f"{module_name}.py or install it" + (f", or pass the scorer {scorer}:{attr} (the scorers are "
+                        f"{', '.join(scorers.SCORERS)})" if scorer else "") + ".")
     finally:
         if added:
             sys.path.remove(os.getcwd())
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"--reward {spec}: {module_name} has no function {attr}.")
+        raise UserError(f"{flag} {spec}: {module_name} has no function {attr}.")
     return fn

@@ -128,6 +128,15 @@ def test_cli(tmp_path, capsys):
     assert "00002.png" in err and "Traceback" not in err
 
 
+def test_cli_misspelt_scorer(tmp_path, capsys):
+    a, b = write_folder(tmp_path / "a", [10, 20, 30, 40]), write_folder(tmp_path / "b", [11, 20, 29, 41])
+    assert npo.main(["evaluate", a, b, "--scorer", "hps:/nope", "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --scorer 'hps:/nope'") and err.count("\n") == 1
+    assert "pickscore, hpsv2, aesthetic, clipscore" in err and "hpsv2:/nope." in err and "pickscore:hps" not in err
+    assert not os.path.exists(tmp_path / "report")
+
+
 def test_learned_scorer_scores_the_pil_images(tmp_path):
     folder = tmp_path / "clip"
     make_clip_dir(folder, seed=3)
@@ -139,3 +148,24 @@ def test_learned_scorer_scores_the_pil_images(tmp_path):
     keys, paths = evaluate.pair([a, b])
     direct = scorer.score_pil([Image.open(p) for p in paths[a]], [prompt for prompt, _ in keys]).double()
     assert results["scorers"][spec]["mean"][a] == pytest.approx(direct.mean().item(), rel=1e-5)
+
+
+def test_pairs_what_sample_numbered_on(tiny_model, tmp_path):
+    """Folders that several `sample` runs wrote into, numbered on (NNNNN-seedS.png), pair by prompt and seed
+    whatever their numbers; a second run at the same seeds into one folder is refused in one sentence."""
+    def sample(out, *flags):
+        assert npo.main(["sample", "--model", tiny_model[0], "--steps", "2", "--height", "32", "--width", "32",
+                         *flags, "--out", str(out)]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    sample(a, "--seed", "1")
+    sample(a, "--seed", "0")
+    sample(b, "--n", "2")
+    assert sorted(os.listdir(a)) == ["00000-seed1.png", "00001-seed0.png"]
+    keys, paths = evaluate.pair([str(a), str(b)])
+    assert keys == [("a red circle", 0), ("a red circle", 1)]
+    assert [os.path.basename(p) for p in paths[str(a)]] == ["00001-seed0.png", "00000-seed1.png"]
+    assert evaluate.evaluate([str(a), str(b)], ["rewards:brightness"], str(tmp_path / "report"))["pairs"] == 2
+    sample(a, "--seed", "0")  # the same prompt and seed again: 00002-seed0.png beside 00001-seed0.png
+    with pytest.raises(UserError, match="00001-seed0.png and .*00002-seed0.png have the same prompt and seed, so "
+                                        "neither pairs uniquely .two sample runs with the same seeds"):
+        evaluate.pair([str(a), str(b)])

@@ -87,7 +87,9 @@ def test_bad_input(tiny_model, tuned, tmp_path, capsys):
     path = tiny_model[0]
     common = ["extract-lora", "--base", path, "--out", str(tmp_path / "x.safetensors")]
     for flags, words in ((["--tuned", tuned[0], "--rank", "0"], "at least 1"),
-                         (["--tuned", path, "--rank", "2"], "identical on the target layers"),
+                         (["--tuned", path, "--rank", "2"], "identical on the target layers (to_q, to_k, to_v, "
+                                                            "to_out.0); there is no offset"),
+                         (["--tuned", tuned[0], "--rank", "2", "--device", "tpu"], "--device 'tpu' is not a device"),
                          (["--tuned", tuned[0], "--rank", "2", "--targets", "nothing"], "match no Linear/Conv2d"),
                          (["--tuned", "/nonexistent", "--rank", "2"], "does not exist")):
         assert npo.main([*common, *flags]) == 2
@@ -98,3 +100,35 @@ def test_bad_input(tiny_model, tuned, tmp_path, capsys):
     assert npo.main([*common, "--tuned", str(other), "--rank", "2"]) == 2
     assert "is not a fine-tune of the base model" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_progress_per_layer(tiny_model, tuned, tmp_path, capsys):
+    """extract-lora reports on stderr as it goes: layer i/N with elapsed time and an ETA, ending at N/N; the share of
+    work it reports grows to 1, by each layer's SVD cost m·n·min(m, n)."""
+    base, calls = pipeline.load_unet(tiny_model[0]), []
+    lora.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 2, None, TARGETS, "cpu",
+                        lambda *call: calls.append(call))
+    names = lora.select_layers(base, TARGETS)
+    assert [(i, n, layer) for i, n, layer, _ in calls] == [(i + 1, len(names), name) for i, name in enumerate(names)]
+    costs = [w.shape[0] * w[0].numel() * min(w.shape[0], w[0].numel())
+             for w in (base.get_submodule(n).weight for n in names)]
+    assert [share for *_, share in calls] == pytest.approx([sum(costs[:i + 1]) / sum(costs) for i in range(len(costs))])
+    assert npo.main(["extract-lora", "--base", tiny_model[0], "--tuned", tuned[0], "--rank", "2", "--device", "cpu",
+                     "--out", str(tmp_path / "eta.safetensors")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    n = len(lora.select_layers(base, lora.DEFAULT_TARGETS))
+    assert err[-2].startswith(f"SVD of layer {n}/{n} (") and "s elapsed, ETA 0.0s" in err[-2]
+    assert 2 <= len(err) - 1 <= 21  # a log gets a line every twentieth of the layers, and the last
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_cuda_equals_cpu(tiny_model, tuned):
+    """--device cuda runs the subtraction and the SVD there: the same factors' errors as on the CPU, in float32."""
+    stats = {}
+    for device in ("cpu", "cuda"):
+        base = pipeline.load_unet(tiny_model[0])
+        stats[device] = lora.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 3, None, TARGETS, device)
+    for layer, (residual, norm) in stats["cpu"].items():
+        on_gpu = stats["cuda"][layer]
+        assert on_gpu[1] == pytest.approx(norm, rel=1e-5)
+        assert (on_gpu[0] / on_gpu[1]) ** 0.5 == pytest.approx((residual / norm) ** 0.5, rel=1e-3, abs=1e-5), layer

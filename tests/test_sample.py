@@ -308,6 +308,48 @@ def cells(grid, rows, cols, size=32):
             for i in range(rows)]
 
 
+def ink(picture):
+    """How much black a picture holds: Σ (255 − gray) over its pixels (white cells hold none)."""
+    return (255 - np.asarray(picture.convert("L")).astype(np.int64)).sum()
+
+
+MISSING = "\U0010fffd"  # a private-use code point that no font maps: drawn as the font's missing-glyph box
+
+
+@pytest.mark.parametrize("system_fonts", [True, False])
+def test_grid_labels_draw_greek_letters(monkeypatch, system_fonts):
+    """α and β are drawn as letters, not as the font's missing-glyph box: a label of α differs from the same label
+    of a code point no font has. Without a system font that has them, they are spelled out."""
+    if not system_fonts:
+        monkeypatch.setattr(images, "GREEK_FONTS", ())
+        images.label_font.cache_clear()  # the font is chosen again, without the system's fonts
+    cells = [Image.new("RGB", (64, 64), "white")] * 2
+
+    def grid(a, b):
+        return np.asarray(images.labelled_grid(cells, 2, 1, [f"{a}=0", f"{a}=1"], [f"{b}=0.5"]).convert("L"))
+    missing = grid(MISSING, MISSING)
+    for greek in (grid("α", "β"), grid("α", MISSING), grid(MISSING, "β")):
+        assert greek.shape != missing.shape or (greek != missing).any()
+    if not system_fonts:
+        images.label_font.cache_clear()  # forget the choice made without them
+
+
+@pytest.mark.parametrize("title", [None, "a photograph of an astronaut riding a horse on the moon, highly detailed, "
+                                         "trending on artstation, by greg rutkowski and alphonse mucha"])
+def test_grid_labels_are_never_cut(title):
+    """A label longer than its 64-pixel column (--compare's) keeps all its ink inside its own column, as much as when
+    the column is wide enough for it; so does a long title inside the picture."""
+    labels = ["without NPO", "with NPO (α=0.75, β=0.25)"]
+    narrow, wide = [images.labelled_grid([Image.new("RGB", (w, 64), "white")] * 2, 1, 2, (),
+                                         [] if title else labels, title) for w in (64, 4000)]
+    if title:
+        assert ink(narrow) == pytest.approx(ink(wide), rel=0.03) and ink(wide) > 0
+        return
+    for j in range(2):  # label j's band cell: above the pictures, over column j (the cells fill the bottom right)
+        band = [g.crop((j * g.width // 2, 0, (j + 1) * g.width // 2, g.height - 64)) for g in (narrow, wide)]
+        assert ink(band[0]) == pytest.approx(ink(band[1]), rel=0.03) and ink(band[1]) > 0, labels[j]
+
+
 def single(path, offsets, prompt, seed, alpha, beta):
     """One picture made on its own: what every cell of a grid must show."""
     pipe = pipeline.load_pipeline(path)
@@ -375,7 +417,7 @@ def test_cli_bad_input_exits_2(tiny_model, tmp_path, args, words):
                 "--out", str(tmp_path / "o"), *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert words in r.stderr and r.stderr.count("\n") == 1  # one sentence, no traceback
-    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+    assert not (tmp_path / "o").exists()  # a failed run leaves no folder behind
 
 
 def test_cli_empty_prompts_file(tiny_model, tmp_path):

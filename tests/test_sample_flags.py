@@ -344,3 +344,54 @@ def test_png_of_a_folder_model_has_no_model_hash(tiny_model, tmp_path, offsets):
     assert "Model hash" not in params and 'Lora hashes: "eta: ' in params
     assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / "y.png")]) == 0
     assert "hash" not in png(tmp_path / "y.png")[1]
+# ---- --out: numbering on, never overwriting; no folder left by a failed run; a folder, not an image name ---------
+
+def test_cli_numbers_on_and_never_overwrites(tiny_model, offsets, tmp_path):
+    """A second run into the same folder numbers on from the highest number there (A1111's way), whatever its
+    kind: images NNNNN-seedS.png, --compare grids compare-NNNN-seedS.png; the first run's files are untouched."""
+    path, out = tiny_model[0], tmp_path / "o"
+    assert npo.main(["sample", "--model", path, *SMALL, "--n", "2", "--out", str(out)]) == 0
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert sorted(before) == ["00000-seed0.png", "00001-seed1.png"]
+    assert npo.main(["sample", "--model", path, *SMALL, "--seed", "5", "--prompt", "a blue square",
+                     "--out", str(out)]) == 0
+    (out / "00007-seed9.png").write_bytes(before["00000-seed0.png"])  # a gap: the next number is 8
+    assert npo.main(["sample", "--model", path, *SMALL, "--seed", "5", "--out", str(out)]) == 0
+    for _ in range(2):
+        assert npo.main(["sample", "--model", path, *SMALL, "--npo", offsets["delta"], "--compare", "--seed", "3",
+                         "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["00000-seed0.png", "00001-seed1.png", "00002-seed5.png", "00007-seed9.png",
+                                       "00008-seed5.png", "compare-0000-seed3.png", "compare-0001-seed3.png"]
+    assert all((out / name).read_bytes() == data for name, data in before.items())
+    assert png(out / "00002-seed5.png")[1].startswith("a blue square\n")
+    assert png(out / "00008-seed5.png")[1].startswith("a red circle\n")
+
+
+def test_cli_failed_run_leaves_no_folder(tiny_model, tmp_path, capsys):
+    """The output folder (and its missing parents) is made when the first picture is written: a run that fails,
+    before the model loads or after, leaves nothing behind."""
+    bad_lora = tmp_path / "bad.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad_lora))
+    for flags in (["--steps", "0"], ["--steps", "1001"], ["--lora", str(bad_lora)]):
+        assert npo.main(["sample", "--model", tiny_model[0], "--height", "32", "--width", "32", *flags,
+                         "--out", str(tmp_path / "new" / "o")]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+        assert sorted(os.listdir(tmp_path)) == ["bad.safetensors"]
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / "new" / "o")]) == 0
+    assert os.listdir(tmp_path / "new" / "o") == ["00000-seed0.png"]
+
+
+@pytest.mark.parametrize("out, words", [("x.jpg", "looks like an image file, but --out is a folder"),
+                                        ("x.JPEG", "looks like an image file, but --out is a folder"),
+                                        ("notes.txt", "is an existing file, but --out is a folder"),
+                                        ("notes.txt/sub", "is not a writable folder"),
+                                        ("dir.png", "is a folder, not a .png file"),
+                                        ("", "--out is empty")])
+def test_cli_out_must_be_a_folder(tiny_model, tmp_path, capsys, out, words):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "dir.png").mkdir()
+    assert npo.main(["sample", "--model", tiny_model[0], *SMALL, "--out", str(tmp_path / out) if out else ""]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["dir.png", "notes.txt"] and (tmp_path / "notes.txt").read_text() == "mine"
+    assert os.listdir(tmp_path / "dir.png") == []

@@ -199,6 +199,17 @@ def test_bad_specs(spec, words):
         rewards.load(spec)
 
 
+@pytest.mark.parametrize("spec, fix", [("hps:/nope", "hpsv2:/nope"), ("PickScore:/m/pick", "pickscore:/m/pick"),
+                                       ("hps:model", "hpsv2:model"), ("aesthetics:/c,/m", "aesthetic:/c,/m")])
+def test_misspelt_scorer_names_the_scorers(spec, fix):
+    """A scorer name with a typo is corrected in the sentence, which names every scorer, not taken as a path."""
+    with pytest.raises(UserError) as e:
+        rewards.load(spec, "--scorer")
+    message = str(e.value)
+    assert message.startswith(f"--scorer {spec}") or message.startswith(f"--scorer {spec!r}")
+    assert fix in message and ", ".join(scorers.SCORERS) in message and f"pickscore:{spec}" not in message
+
+
 def test_image_tower_alone_cannot_score_prompts(tmp_path):
     torch.manual_seed(0)
     transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(projection_dim=8, **TINY_CLIP_VISION)) \
