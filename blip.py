@@ -424,6 +424,9 @@ def load_imagereward(folder, dtype=torch.float32, device="cpu"):
     except ValueError as e:
         raise UserError(f"{weights}: {e}; pass the published ImageReward.pt.")
     tokenizer = BertTokenizer(vocab)
+    if tokenizer.tok.get_vocab_size() > bert_cfg.vocab_size:
+        raise UserError(f"{vocab} has {tokenizer.tok.get_vocab_size()} tokens with BLIP's [DEC] and [ENC], more than "
+                        f"the {bert_cfg.vocab_size} of {config}; use bert-base-uncased's vocab.txt.")
     model = checkpoint.build_on_meta(lambda: ImageReward(vit_cfg, bert_cfg, proj_dim, widths, tokenizer))
     checkpoint.load_strict(model, state, weights, dtype,
                            hint="check that ImageReward.pt and med_config.json come from the same ImageReward.")
