@@ -3,10 +3,10 @@ image through cross-attention in every layer, and a small head on the [CLS] feat
 
 ImageReward's `score(prompt, image)`:
 
-    v   = ViT(pixels)                               # (B, 1 + N, width): class token and N patch tokens, after a final LN
-    h   = BERT(ids, mask, cross-attending to all of v)   # every image token is attended: the image mask is all ones
-    r   = MLP(h[:, 0])                              # 768 -> 1024 -> 128 -> 64 -> 16 -> 1, affine (no activations)
-    s   = (r - 0.16717362830052426) / 1.0333394966054072
+    v = ViT(pixels)                       # (B, 1 + N, width): class token and N patch tokens, after a final LN
+    h = BERT(ids, mask, cross-attn to v)  # every image token is attended: the image mask is all ones
+    r = MLP(h[:, 0])                      # 768 -> 1024 -> 128 -> 64 -> 16 -> 1, affine (no activations)
+    s = (r - 0.16717362830052426) / 1.0333394966054072
 
 The published model is ViT-L/16 at 224 px (24 layers, 1024 wide, 16 heads) and BERT-base (12 x 768) with
 bert-base-uncased's WordPiece vocabulary; every size here is read from the files (`med_config.json` and the tensors'
@@ -15,8 +15,9 @@ shapes), so a smaller file in the same format builds a smaller model. Attribute 
 `blip.text_encoder.encoder.layer.0.crossattention.self.query.weight`, `mlp.layers.0.weight`, so it loads with one
 strict `load_state_dict`.
 
-    model = blip.load_imagereward("ImageReward/")           # ImageReward.pt, med_config.json, vocab.txt
-    s = model.score_pil(pil_images, prompts)                # ImageReward's own preprocessing; model(x, prompts): in [0, 1]
+    model = blip.load_imagereward("ImageReward/")   # ImageReward.pt, med_config.json, vocab.txt
+    s = model.score_pil(pil_images, prompts)        # ImageReward's own preprocessing
+    s = model(images, prompts)                      # images (B, 3, H, W) in [0, 1], differentiable
 """
 import math
 import os
@@ -290,7 +291,8 @@ class RewardHead(nn.Module):
         super().__init__()
         w = widths
         self.layers = nn.Sequential(nn.Linear(w[0], w[1]), nn.Dropout(0.2), nn.Linear(w[1], w[2]), nn.Dropout(0.2),
-                                    nn.Linear(w[2], w[3]), nn.Dropout(0.1), nn.Linear(w[3], w[4]), nn.Linear(w[4], w[5]))
+                                    nn.Linear(w[2], w[3]), nn.Dropout(0.1), nn.Linear(w[3], w[4]),
+                                    nn.Linear(w[4], w[5]))
 
     def forward(self, x):
         return self.layers(x).squeeze(-1)
@@ -402,7 +404,9 @@ def head_widths(state, prefix="mlp.layers."):
 
 def load_imagereward(folder, dtype=torch.float32, device="cpu"):
     """ImageReward from the user's folder: the published `ImageReward.pt` (a plain state dict, read with
-    `torch.load(weights_only=True)`), its `med_config.json`, and bert-base-uncased's `vocab.txt`. Frozen."""
+    `torch.load(weights_only=True)`), its `med_config.json`, and bert-base-uncased's `vocab.txt`. Frozen. ImageReward's
+    own loader calls `load_state_dict(strict=False)`, which would score with random weights for a file of other
+    names; here every key must match."""
     if not os.path.isdir(folder):
         raise UserError(f"imagereward:{folder}: {folder} is not a folder; pass imagereward:DIR, a folder holding "
                         f"{', '.join(FILES)}.")

@@ -1,8 +1,8 @@
 """ImageReward: ours (blip.py) against transformers' BLIP (BlipVisionModel + BlipTextModel with cross-attention, the
 head as five matrix products) at the same batch, fp32, on the CPU: seconds per scoring call and peak memory.
 
-    python -m benchmarks.imagereward                  # from the repository root; --shape small: ViT 384 x 6, BERT 384 x 6
-    python -m benchmarks.imagereward --shape tiny     # a check that the command runs
+    python -m benchmarks.imagereward                # from the repository root; small: ViT 384 x 6, BERT 384 x 6
+    python -m benchmarks.imagereward --shape tiny   # a check that the command runs
 
 Both score the same random pixels (normalized, 224 px) and the same prompts from one ImageReward.pt in the published
 format (random weights, written once to a temporary folder); tokenization is inside the timed call for both. Each side

@@ -29,8 +29,8 @@ VOCAB = (["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("!\"#$%&'()*+,-./
          + ["photo", "of", "the", "cat", "dog", "red", "circle", "cafe", "creme", "play", "##ing", "日"])
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2, image_size=32,
               patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6)  # 2 heads of 64, as BLIP's ViTs
-TEXT = dict(vocab_size=len(VOCAB) + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
+TEXT = dict(vocab_size=len(VOCAB) + 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=40, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0)
 HEAD = [64, 32, 16, 8, 4, 1]  # the published head is 768 -> 1024 -> 128 -> 64 -> 16 -> 1
 PROMPTS = ["a photo of a cat", "The RED circle, playing!", "café crème & 日本 🙂",
            " ".join(["dogs"] * 40) + " and one cat"]  # the last one runs past 35 tokens
@@ -95,7 +95,8 @@ def reference_scores(reference, folder, pil_images, prompts):
     """ImageReward.score, step by step, on transformers' modules."""
     vision, text, head = reference
     size = VISION["image_size"]
-    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                   crop_size={"height": size, "width": size})
     pixels = processor(images=pil_images, return_tensors="pt").pixel_values
     tokens = reference_tokenizer(folder)(prompts, padding="max_length", truncation=True, max_length=35,
                                          return_tensors="pt")
