@@ -20,8 +20,11 @@ first (`--reward-range LOW,HIGH`). Their exact ranges, and what Stable Diffusion
     aesthetic   MLP(x / ‖x‖), linear           b ± ‖w‖ of its weights        5.54 (~6.5); the ratings were 1..10
     clipscore   100 · max(cos(x, c), 0)        0 .. 100                      about 30
 
-so e.g. `--reward-range 17,25` (PickScore), `20,32` (HPSv2), `1,10` (aesthetic) or `0,100` (CLIP score). ImageReward
-is not here: it is a BLIP model, not a CLIP.
+so e.g. `--reward-range 17,25` (PickScore), `20,32` (HPSv2), `1,10` (aesthetic) or `0,100` (CLIP score).
+
+    imagereward:DIR                ImageReward (a BLIP model, blip.py): DIR holds ImageReward.pt, med_config.json and
+                                   bert-base-uncased's vocab.txt; its score is normalised to about N(0, 1), so
+                                   `--reward-sigmoid 1` (σ(R)) or `--reward-range=-2,2` maps it to [0, 1]
 """
 import os
 
@@ -29,11 +32,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import blip
 import checkpoint
 import clip
 from checkpoint import UserError
 
-SCORERS = ("pickscore", "hpsv2", "aesthetic", "clipscore")  # the names before the ':' of a SCORER:PATH spec
+SCORERS = ("pickscore", "hpsv2", "aesthetic", "clipscore", "imagereward")  # the names before the ':' of a SCORER:PATH spec
 BUNDLED_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer")
 
 
@@ -164,6 +168,8 @@ def weight_paths(name, argument):
 
 def load(name, argument, dtype=torch.float32, device="cpu"):
     """The scorer `name` (one of SCORERS) on the weights `argument` names (see `weight_paths`)."""
+    if name == "imagereward":
+        return blip.load_imagereward(argument, dtype, device)
     if name == "aesthetic":
         clip_path, mlp_path = weight_paths(name, argument)
         model = clip.load_clip(clip_path, dtype, device)

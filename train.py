@@ -156,7 +156,7 @@ def _add_reward_arguments(g):
     g.add_argument("--reward", default=None,
                    help="module:function of a reward R(images in [0,1], prompts) -> (B,), e.g. rewards:brightness; "
                         "or a learned scorer on your weights: pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, "
-                        "clipscore:PATH")
+                        "clipscore:PATH, imagereward:DIR")
     g.add_argument("--reward-range", default=None,
                    help="LOW,HIGH: map an unbounded reward to [0, 1] (affine, clamped), as 1 − R needs")
     g.add_argument("--reward-sigmoid", type=float, default=None,

@@ -14,7 +14,7 @@ LAYERS = {
     "evaluate": 2,                                               # scoring folders of samples
     "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "ddpo": 3, "pipeline": 3,  # its parts; the pipeline
     "scorers": 4,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
-    "images": 5, "unet": 5, "clip": 5, "lora": 5, "sampler": 5, "shards": 5,  # models, sampling; parquet shards
+    "images": 5, "unet": 5, "clip": 5, "blip": 5, "lora": 5, "sampler": 5, "shards": 5,  # models, sampling; parquet shards
     "singlefile": 5,                                             # single-file checkpoints unpacked to diffusers' layout
     "prompt_syntax": 5,                                          # A1111's emphasis and long prompts, for the text encoders
     "checkpoint": 6,                                             # files and the one user-facing error
