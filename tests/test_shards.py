@@ -1,7 +1,10 @@
 """Pick-a-Pic as published: a folder of parquet shards streamed one row group at a time (shards.py, data.batches)."""
+import contextlib
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -168,3 +171,68 @@ def test_training_on_shards_resumes_bit_for_bit(tiny_model, tmp_path):
     assert epoch == 1 and position >= 1            # the first usable row of epoch 1
     log = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
     assert Counter("loss" in line for line in log)[True] == 5
+
+
+# ---- rows found bad only when decoded, and streams with no usable pair --------------------------------------
+
+class Hung(BaseException):
+    """Raised by `within` (a BaseException, so no `except Exception` on the way can swallow it)."""
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fail, instead of hanging, when the block runs longer than `seconds` (a stream that never yields a pair)."""
+    def stop(*_):
+        raise Hung(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def truncated_jpeg(seed, size=32):
+    """A JPEG cut in half: its header reads (PIL opens it), its pixels do not decode."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (size, size)  # what the stream's header check sees
+    return data
+
+
+def rewrite_shard(path, group_rows, statistics=True, **cells):
+    """Set cells of a shard, given as column=(row, value) or column=[values], and write it back."""
+    table = pq.read_table(path).to_pydict()
+    for column, change in cells.items():
+        if isinstance(change, tuple):
+            table[column][change[0]] = change[1]
+        else:
+            table[column] = change
+    schema = pa.table({k: pa.array(v, pa.binary()) if k.startswith("jpg") else v for k, v in table.items()})
+    pq.write_table(schema, path, row_group_size=group_rows, write_statistics=statistics)
+
+
+def captions(stream, n):
+    return sorted(c for _ in range(n) for c in next(stream)[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_jpeg_names_its_shard_and_row_or_is_skipped(tmp_path, workers):
+    folder = tmp_path / "s"
+    write_shards(folder, [4, 4], group_rows=2)
+    rewrite_shard(folder / "train-00001.parquet", 2, jpg_1=(2, truncated_jpeg(0)))  # row 6 overall; jpg_0 won
+    with within(60), pytest.raises(UserError) as error:
+        captions(data.batches(data.open_pairs(str(folder)), 2, seed=0, resolution=8, num_workers=workers), 4)
+    assert re.fullmatch(r"row 2 of \S*train-00001\.parquet: jpg_1 \(the rejected image\) could not be decoded "
+                        r"\(image file is truncated[^;]*\); fix it or skip bad rows \(.*--skip-bad-rows.*\)\.",
+                        str(error.value)), str(error.value)
+    stream = data.batches(data.open_pairs(str(folder), skip_bad_rows=True), 2, seed=0, resolution=8,
+                          num_workers=workers)
+    with within(60):
+        assert captions(stream, 7) == sorted([f"row {n}" for n in range(8) if n != 6] * 2)  # two epochs
+    # 14 good rows end in epoch 1: at its 8th row if the bad row came before it there (then it counts twice)
+    assert stream.state in ((1, 7), (1, 8)) and stream.counts == {"bad": 2 if stream.state == (1, 8) else 1}
+    stream.close()
