@@ -512,6 +512,7 @@ class ShardBatches:
         self.path, self.batch_size, self.rank = stream.dataset.path, stream.batch_size, stream.rank
         self.state, self.counts = tuple(start), dict(stream.dataset.counts)
         self._barren = tuple(start)  # the position since which no usable pair has come
+        self._previous = None  # (state, counts) of the last row read
         self._undecodable = 0  # rows skipped because an image did not decode (the stream's counts miss them)
         self._chunks = _closing(iter(loader))
         self._rows = (row for chunk in self._chunks for row in chunk)
@@ -525,20 +526,22 @@ class ShardBatches:
             state, counts, outcome = next(self._rows)
             if isinstance(outcome, UserError):
                 raise outcome
+            if state[1] == 1 and self._barren <= (state[0] - 1, 0):  # epoch state[0] − 1 was read whole, in vain
+                self._no_pair_left(*self._previous)
             self._undecodable += outcome == "bad"
+            counts = {**counts, "bad": counts.get("bad", 0) + self._undecodable}
             if isinstance(outcome, tuple):
                 examples.append(outcome)
-                self._barren = self.state = state
-                self.counts = {**counts, "bad": counts.get("bad", 0) + self._undecodable}
-            elif state[1] == 1 and self._barren <= (state[0] - 1, 0):  # epoch state[0] − 1 was read whole
-                self._no_pair_left(state[0] - 1, counts)
+                self._barren, self.state, self.counts = state, state, counts
+            self._previous = state, counts
         return _collate(examples)
 
-    def _no_pair_left(self, epoch, counts):
-        bad = counts.get("bad", 0) + self._undecodable
-        raise UserError(f"{self.path} has no usable pair left: all of epoch {epoch}'s rows (rank {self.rank}) were "
-                        f"dropped ties or skipped bad rows ({counts.get('ties', 0)} ties dropped, {bad} bad rows "
-                        "skipped so far); keep ties (--ties keep), fix the bad rows, or pass shards with usable pairs.")
+    def _no_pair_left(self, last, counts):
+        epoch, rows = last
+        raise UserError(f"{self.path} has no usable pair left: all {rows} rows of epoch {epoch} (rank {self.rank}) "
+                        f"were dropped ties or skipped bad rows ({counts.get('ties', 0)} ties dropped, "
+                        f"{counts['bad']} bad rows skipped so far); keep ties (--ties keep), fix the bad rows, "
+                        "or pass shards with usable pairs.")
 
     def close(self):
         self._chunks.close()

@@ -1,10 +1,8 @@
 """Pick-a-Pic as published: a folder of parquet shards streamed one row group at a time (shards.py, data.batches)."""
-import contextlib
 import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -18,7 +16,7 @@ import data
 import npo
 import shards
 from checkpoint import UserError
-from conftest import ROOT
+from conftest import ROOT, within
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -175,25 +173,7 @@ def test_training_on_shards_resumes_bit_for_bit(tiny_model, tmp_path):
 
 # ---- rows found bad only when decoded, and streams with no usable pair --------------------------------------
 
-class Hung(BaseException):
-    """Raised by `within` (a BaseException, so no `except Exception` on the way can swallow it)."""
-
-
-@contextlib.contextmanager
-def within(seconds):
-    """Fail, instead of hanging, when the block runs longer than `seconds` (a stream that never yields a pair)."""
-    def stop(*_):
-        raise Hung(f"still running after {seconds} s")
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def truncated_jpeg(seed, size=32):
+def truncated_jpeg(seed, size=64):
     """A JPEG cut in half: its header reads (PIL opens it), its pixels do not decode."""
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
@@ -236,3 +216,79 @@ def test_truncated_jpeg_names_its_shard_and_row_or_is_skipped(tmp_path, workers)
     # 14 good rows end in epoch 1: at its 8th row if the bad row came before it there (then it counts twice)
     assert stream.state in ((1, 7), (1, 8)) and stream.counts == {"bad": 2 if stream.state == (1, 8) else 1}
     stream.close()
+
+
+def first_batch(folder, workers=0, **options):
+    stream = data.batches(data.open_pairs(str(folder), **options), 2, seed=0, resolution=8, num_workers=workers)
+    try:
+        with within(60):
+            return next(stream)
+    finally:
+        stream.close()
+
+
+NO_PAIR = r"no usable pair left: all 8 rows of epoch 0 \(rank 0\) were dropped ties or skipped bad rows"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_without_usable_pairs_is_one_sentence(tmp_path, workers):
+    folder = tmp_path / "ties"
+    write_shards(folder, [4, 4], group_rows=2, tie_every=1)  # 8 rows, all ties
+    with pytest.raises(UserError, match=r"every row of .*ties is a tie .* no pair is left; keep them .*--ties keep"):
+        data.open_pairs(str(folder))  # told by the shards' statistics, before a row is read
+    assert len(first_batch(folder, workers, ties="keep")[0]) == 2
+    for shard in ("train-00000.parquet", "train-00001.parquet"):  # without statistics, the stream finds out
+        rewrite_shard(folder / shard, 2, statistics=False)
+    with pytest.raises(UserError, match=NO_PAIR + r" \(8 ties dropped, 0 bad rows skipped so far\); keep ties"):
+        first_batch(folder, workers)
+
+    bad = tmp_path / "bad"  # every row bad, skipped: header-bad in one shard, truncated in the other
+    write_shards(bad, [4, 4], group_rows=2)
+    rewrite_shard(bad / "train-00000.parquet", 2, jpg_0=[b"garbage"] * 4)
+    rewrite_shard(bad / "train-00001.parquet", 2, jpg_1=[truncated_jpeg(i) for i in range(4)])
+    with pytest.raises(UserError, match=NO_PAIR + r" \(0 ties dropped, 8 bad rows skipped so far\)"):
+        first_batch(bad, workers, skip_bad_rows=True)
+    with pytest.raises(UserError) as error:
+        first_batch(bad, workers)  # found in a worker, arrives as the sentence alone (no worker's traceback)
+    assert re.fullmatch(r"row \d of \S*train-0000\d\.parquet: jpg_\d (is not an image|\(the \w+ image\) could not be "
+                        r"decoded \([^)]*\)\)); fix it or skip bad rows \([^)]*\)\.", str(error.value)), str(error.value)
+
+
+def test_a_single_usable_row_is_enough_and_empty_shards_are_refused(tmp_path):
+    folder = tmp_path / "s"
+    write_shards(folder, [4, 4], group_rows=2)
+    rewrite_shard(folder / "train-00000.parquet", 2, label_0=[0.5, 0.5, 0.5, 1.0], statistics=False)
+    rewrite_shard(folder / "train-00001.parquet", 2, label_0=[0.5] * 4)
+    stream = data.batches(data.open_pairs(str(folder)), 2, seed=0, resolution=8)
+    with within(60):
+        assert [next(stream)[0] for _ in range(2)] == [["row 3", "row 3"]] * 2  # one pair an epoch: no error
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+                             "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())}),
+                   empty / "train-00000.parquet")
+    with within(60), pytest.raises(UserError, match=r"empty holds no rows with the columns caption, jpg_0"):
+        data.open_pairs(str(empty))
+
+
+def test_training_on_shards_without_usable_pairs_exits_2(tiny_model, tmp_path, capsys):
+    model, _ = tiny_model
+    ties = write_shards(tmp_path / "ties", [4, 4], group_rows=2, tie_every=1)  # the issue's case: 8 rows, all ties
+    bad = write_shards(tmp_path / "bad", [4], group_rows=2)
+    rewrite_shard(tmp_path / "bad" / "train-00000.parquet", 2, jpg_1=[truncated_jpeg(i) for i in range(4)])
+    empty = tmp_path / "empty"
+    write_shards(empty, [1], group_rows=1)
+    rewrite_shard(empty / "train-00000.parquet", 1, caption=[], jpg_0=[], jpg_1=[], label_0=[], label_1=[],
+                  image_0_uid=[])
+    for folder, flags, words, before_model in [(ties, [], "is a tie (label_0 0.5) and ties are dropped", True),
+                                               (str(empty), [], "holds no rows with the columns", True),
+                                               (bad, ["--skip-bad-rows"], "has no usable pair left", False)]:
+        out = tmp_path / f"out-{os.path.basename(folder)}"
+        with within(120):
+            code = npo.main(["train", "--model", model, "--data", str(folder), "--out", str(out), "--resolution", "16",
+                             "--device", "cpu", "--batch-size", "2", "--steps", "2", *flags])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the run's own progress lines, if it got that far
+        assert code == 2 and last.startswith("error: ") and words in last and "Traceback" not in err, err
+        if before_model:  # refused when the data is opened: nothing was made
+            assert not out.exists()
