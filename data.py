@@ -504,7 +504,9 @@ class ShardBatches:
     the last one, (epoch, rows consumed in it), which a checkpoint stores; `counts` the ties dropped and rows skipped.
 
     A stream that yields no usable pair would be read forever: when a whole epoch of this rank's rows has gone by
-    without one (every row a dropped tie or a skipped bad row), the next batch is a UserError instead."""
+    without one (every row a dropped tie or a skipped bad row), the next batch is a UserError instead. With one rank
+    that means the shards hold none; with W ranks, one rank's share (a different 1/W of the row groups each epoch)
+    held none, which is refused too: so few usable rows are not worth W ranks."""
 
     def __init__(self, stream, num_workers, start):
         # batch_size=None with the identity as collate_fn: each chunk as the worker made it (no list for tuple)

@@ -93,6 +93,11 @@ class Shards:
             if not units:
                 raise UserError(f"{self.path} has {len(self.units)} row groups, fewer than the {world_size} ranks; "
                                 "use fewer ranks or shards with more row groups.")
+            total = sum(u[3] for u in units)
+            if position > total:  # would skip to the next epoch without a word
+                raise UserError(f"the stream's place (row {position} of epoch {epoch}, rank {rank} of {world_size}) is "
+                                f"past the end of that epoch's {total} rows of {self.path}; the shards changed since "
+                                "it was saved: resume with the same shards, or start a new run.")
             first = 0  # rows of the epoch before this window
             for w in range(0, len(units), self.buffer):
                 window = units[w:w + self.buffer]

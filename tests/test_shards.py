@@ -292,3 +292,12 @@ def test_training_on_shards_without_usable_pairs_exits_2(tiny_model, tmp_path, c
         assert code == 2 and last.startswith("error: ") and words in last and "Traceback" not in err, err
         if before_model:  # refused when the data is opened: nothing was made
             assert not out.exists()
+
+
+def test_a_place_past_the_end_of_its_epoch_is_refused(tmp_path):
+    """A checkpoint's place in shards that have since lost rows would silently land in the next epoch."""
+    dataset = data.open_pairs(write_shards(tmp_path / "s", [4, 4], group_rows=2))
+    assert next(dataset.rows(0, start=(3, 8)))[0] == (4, 1)  # the end of epoch 3: on to epoch 4
+    with within(60), pytest.raises(UserError, match=r"row 9 of epoch 3, rank 0 of 1\) is past the end of that "
+                                                    r"epoch's 8 rows of .*; the shards changed"):
+        next(dataset.rows(0, start=(3, 9)))
