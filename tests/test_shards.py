@@ -191,8 +191,17 @@ def rewrite_shard(path, group_rows, statistics=True, **cells):
             table[column][change[0]] = change[1]
         else:
             table[column] = change
-    schema = pa.table({k: pa.array(v, pa.binary()) if k.startswith("jpg") else v for k, v in table.items()})
-    pq.write_table(schema, path, row_group_size=group_rows, write_statistics=statistics)
+    written = pa.table({k: pa.array(v, pa.binary()) if k.startswith("jpg") else v for k, v in table.items()})
+    pq.write_table(written, path, row_group_size=group_rows, write_statistics=statistics)
+
+
+def empty_shard(folder):
+    """A folder with one shard that has the columns and no rows."""
+    folder.mkdir()
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+                             "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())}),
+                   folder / "train-00000.parquet")
+    return str(folder)
 
 
 def captions(stream, n):
@@ -262,13 +271,8 @@ def test_a_single_usable_row_is_enough_and_empty_shards_are_refused(tmp_path):
     stream = data.batches(data.open_pairs(str(folder)), 2, seed=0, resolution=8)
     with within(60):
         assert [next(stream)[0] for _ in range(2)] == [["row 3", "row 3"]] * 2  # one pair an epoch: no error
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
-                             "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())}),
-                   empty / "train-00000.parquet")
     with within(60), pytest.raises(UserError, match=r"empty holds no rows with the columns caption, jpg_0"):
-        data.open_pairs(str(empty))
+        data.open_pairs(empty_shard(tmp_path / "empty"))
 
 
 def test_training_on_shards_without_usable_pairs_exits_2(tiny_model, tmp_path, capsys):
@@ -276,12 +280,9 @@ def test_training_on_shards_without_usable_pairs_exits_2(tiny_model, tmp_path, c
     ties = write_shards(tmp_path / "ties", [4, 4], group_rows=2, tie_every=1)  # the issue's case: 8 rows, all ties
     bad = write_shards(tmp_path / "bad", [4], group_rows=2)
     rewrite_shard(tmp_path / "bad" / "train-00000.parquet", 2, jpg_1=[truncated_jpeg(i) for i in range(4)])
-    empty = tmp_path / "empty"
-    write_shards(empty, [1], group_rows=1)
-    rewrite_shard(empty / "train-00000.parquet", 1, caption=[], jpg_0=[], jpg_1=[], label_0=[], label_1=[],
-                  image_0_uid=[])
+    empty = empty_shard(tmp_path / "empty")
     for folder, flags, words, before_model in [(ties, [], "is a tie (label_0 0.5) and ties are dropped", True),
-                                               (str(empty), [], "holds no rows with the columns", True),
+                                               (empty, [], "holds no rows with the columns", True),
                                                (bad, ["--skip-bad-rows"], "has no usable pair left", False)]:
         out = tmp_path / f"out-{os.path.basename(folder)}"
         with within(120):
