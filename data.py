@@ -370,7 +370,10 @@ class _Stream(torch.utils.data.Dataset):
         order, seeds = self.epoch_plan(epoch)
         position = step_in_epoch * self.global_batch + slot
         g = torch.Generator().manual_seed(int(seeds[position]))
-        prompt, preferred, rejected = self.dataset[int(order[position])]
+        try:
+            prompt, preferred, rejected = self.dataset[int(order[position])]
+        except UserError as e:  # an image damaged past its header: passed on as data (see _collate)
+            return e
         if torch.rand((), generator=g).item() < self.caption_dropout:
             prompt = ""  # train the unconditional prediction too, as CFG needs
         return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip,
@@ -393,6 +396,11 @@ class _Positions:
 
 
 def _collate(examples):
+    """A batch from examples; or, if one is a UserError (found in a worker process, whose own exception would
+    reach the main process wrapped in a traceback), that error, which _closing raises there."""
+    error = next((e for e in examples if isinstance(e, UserError)), None)
+    if error is not None:
+        return error
     prompts, *tensors = zip(*examples)
     return (list(prompts), *(torch.stack(t) for t in tensors))
 
@@ -430,9 +438,13 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
 
 def _closing(iterator):
     """The batches, as a generator whose `close()` also stops the DataLoader's worker processes (torch's iterator
-    has no public close; without this they live until the iterator is garbage-collected)."""
+    has no public close; without this they live until the iterator is garbage-collected). A UserError that comes
+    as an item (from _collate) is raised here, in the main process, as its one sentence."""
     try:
-        yield from iterator
+        for item in iterator:
+            if isinstance(item, UserError):
+                raise item
+            yield item
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)  # present when num_workers > 0
         if shutdown is not None:

@@ -272,6 +272,11 @@ def test_image_damaged_after_its_header_fails_when_decoded(tmp_path):
     good.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
     ds = open_pairs(path)
     expect_error("line 1 .* could not be decoded", ds.__getitem__, 0)
+    for workers in (0, 2):  # from a worker process too, as the sentence alone (not wrapped in its traceback)
+        stream = batches(ds, 1, seed=0, resolution=8, num_workers=workers)
+        with within(60):
+            expect_error(r"^line 1 of \S*pairs.jsonl: the preferred image could not be decoded", next, stream)
+        stream.close()
 
 
 def test_folder_mismatch_and_missing_caption(tmp_path):
