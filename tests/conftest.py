@@ -2,9 +2,11 @@
 
 Nothing is downloaded: the configs are written here and the tokenizer is the CLIP vocabulary in weights/.
 """
+import contextlib
 import copy
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -137,6 +139,24 @@ def write_random_pairs(folder, n, seed):
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+class Hung(BaseException):
+    """Raised by `within` (a BaseException, so no `except Exception` on the way can swallow it)."""
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fail, instead of hanging, when the block runs longer than `seconds` (a stream that never yields a pair)."""
+    def stop(*_):
+        raise Hung(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")
