@@ -69,12 +69,18 @@ def test_load_by_name(tmp_path, monkeypatch):
     assert rewards.load("rewards:brightness") is rewards.brightness
     (tmp_path / "my_reward_module.py").write_text(
         "import torch\ndef redness(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "greenness.py").write_text("def score(images, prompts):\n    return images[:, 1].mean(dim=(1, 2))\n")
     monkeypatch.chdir(tmp_path)
     path_before = list(sys.path)
-    assert rewards.load("my_reward_module:redness")(torch.ones(2, 3, 2, 2), None).tolist() == [1.0, 1.0]
-    assert sys.path == path_before  # the current folder was on the path for that import only
+    ones = torch.ones(2, 3, 2, 2)
+    assert rewards.load("my_reward_module:redness")(ones, None).tolist() == [1.0, 1.0]  # ./my_reward_module.py
+    assert rewards.load("sub/greenness.py:score")(ones * 0.5, None).tolist() == [0.5, 0.5]  # a file path
+    assert rewards.load(f"{tmp_path / 'sub' / 'greenness.py'}:score")(ones, None).tolist() == [1.0, 1.0]
+    assert sys.path == path_before  # the files are loaded from their paths: sys.path is never touched
     for spec, message in (("brightness", "module:function"), ("no_such_module_x:f", "cannot import"),
-                          ("rewards:no_such_reward", "no function")):
+                          ("rewards:no_such_reward", "no function"), ("sub/missing.py:score", "no file sub/missing.py"),
+                          ("sub/greenness.py:nothing", "no function nothing")):
         with pytest.raises(UserError, match=message):
             rewards.load(spec)
 
@@ -237,6 +243,8 @@ def test_reward_bad_inputs(tiny_model, prompts_file, tmp_path, capsys, monkeypat
     assert "--reward-range" in capsys.readouterr().err
     assert npo.main(["train", "--model", model, "--out", str(out), *FAST, "--reward", "rewards:brightness"]) == 2
     assert "--prompts-file" in capsys.readouterr().err
+    assert run(model, prompts_file, out, "--reward", "no_such_dir/missing.py:score") == 2
+    assert "no file no_such_dir/missing.py" in capsys.readouterr().err
     assert run(model, prompts_file, out, "--reward", "rewards:brightness", "--grad-steps", "9") == 2
     assert "exceeds --sample-steps" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
