@@ -9,8 +9,11 @@ import shutil
 import pytest
 import torch
 
+# `randomize` (every weight random, diffusers' zero-initialised layers too) and the tokenizer folder are shared with
+# the benchmarks; the repository root is importable (pyproject's pytest pythonpath).
+from benchmarks.random_weights import TOKENIZER_DIR, randomize  # noqa: F401 -- tests import them from here
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(ROOT, "weights", "tokenizer")
 
 TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                  attention_head_dim=4, norm_num_groups=8,
@@ -33,17 +36,6 @@ TINY_SDXL_UNET = dict(sample_size=8, block_out_channels=(32, 64, 64), layers_per
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
 TINY_SDXL_TEXT = dict(TINY_TEXT, num_hidden_layers=3, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SDXL's ids
 TINY_SDXL_TEXT_2 = dict(TINY_SDXL_TEXT, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=24)
-
-
-def randomize(model, seed):
-    """diffusers zero-initialises some layers (conv_out, proj_out); give every weight a random value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            # weights at ~1.5x unit gain so attention maps are far from uniform and every path matters
-            p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5 if p.ndim > 1 else 0.5))
-    return model
 
 
 def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs=TINY_TEXT, seed=0):
