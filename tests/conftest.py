@@ -113,6 +113,47 @@ def diffusers_pipeline(path, refs):
     return pipe
 
 
+def diffusers_reference(model, refs, files, prompts, gens, steps, trainable):
+    """The diffusers side of a training step compared with ours: the pipeline with each LoRA file of `files` as a
+    peft adapter named by its role (a parameter requires grad where `trainable(name)`), each example's prompt and x_T
+    drawn from its generator in `gens` as training draws them, the prompts' and the empty negative's embeddings, and
+    DDIMScheduler from the folder's config at `steps`; a namespace of those (and the adapter names)."""
+    from types import SimpleNamespace
+    from diffusers import DDIMScheduler
+    pipe = diffusers_pipeline(model, refs)
+    for role, path in files.items():
+        pipe.load_lora_weights(path, adapter_name=role)
+    for name, p in pipe.unet.named_parameters():
+        p.requires_grad_(trainable(name))
+    chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
+    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+    with torch.no_grad():
+        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
+        neg, _ = pipe.encode_prompt([""] * len(gens), "cpu", 1, False)
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
+    scheduler.set_timesteps(steps)
+    return SimpleNamespace(pipe=pipe, chosen=chosen, x=x, pos=pos, neg=neg, scheduler=scheduler, names=list(files))
+
+
+def record_calls(monkeypatch, part, method, record):
+    """Make every pipeline that pipeline.load_pipeline loads from now on call `record(*args)` before each
+    `pipe.<part>.<method>(*args)`: a recorder of what training asks of a model (UNet calls, VAE encodes)."""
+    import pipeline
+    load = pipeline.load_pipeline
+
+    def recording_pipeline(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        module = getattr(pipe, part)
+        original = getattr(module, method)
+
+        def recorded(*call_args, **call_kwargs):
+            record(*call_args, **call_kwargs)
+            return original(*call_args, **call_kwargs)
+        setattr(module, method, recorded)
+        return pipe
+    monkeypatch.setattr(pipeline, "load_pipeline", recording_pipeline)
+
+
 def write_random_pairs(folder, n, seed):
     """A JSONL dataset of n pairs of random 24x20 (H x W) images, so the resize and crop do something; its path."""
     import json

@@ -17,7 +17,7 @@ import rewards
 import shapes
 import train
 from checkpoint import UserError
-from conftest import diffusers_pipeline
+from conftest import diffusers_reference, record_calls
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,19 +182,7 @@ def test_reward_training_raises_r_and_npo_lowers_it(tiny_model, prompts_file, tm
 def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, tmp_path, monkeypatch):
     model, _ = tiny_model
     calls = []
-    load = pipeline.load_pipeline
-
-    def recording_pipeline(path, dtype, device, **options):
-        pipe = load(path, dtype, device, **options)
-        forward = pipe.unet.forward
-
-        def recorded(x, t, context):
-            calls.append((int(t), torch.is_grad_enabled()))
-            return forward(x, t, context)
-        pipe.unet.forward = recorded
-        return pipe
-
-    monkeypatch.setattr(pipeline, "load_pipeline", recording_pipeline)
+    record_calls(monkeypatch, "unet", "forward", lambda x, t, context: calls.append((int(t), torch.is_grad_enabled())))
     train.main(train.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
                                  *FAST, "--reward", "rewards:brightness", "--steps", "1", "--sample-steps", "5",
                                  "--grad-steps", "2"]))
@@ -308,22 +296,10 @@ def reference_gradients(model, refs, files, steps, k, guidance, neg_weights, pos
     """The same step from diffusers parts: the example's prompt and x_T drawn from its generator as training draws
     them, then DDIM with the peft adapters at `neg_weights` for ε_neg and `pos_weights` for ε_pos (two forwards),
     the first steps − k under no_grad, decode, loss = −mean brightness, plain backward."""
-    from diffusers import DDIMScheduler
-    prompts = ["a red circle", "a blue square"]
-    pipe = diffusers_pipeline(model, refs)
-    for role, path in files.items():
-        pipe.load_lora_weights(path, adapter_name=role)
-    for name, p in pipe.unet.named_parameters():
-        p.requires_grad_("lora_" in name)
-    gens = [train.example_generator(0, j) for j in range(2)]
-    chosen = [prompts[int(torch.randint(2, (1,), generator=g))] for g in gens]
-    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-    with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
-    scheduler.set_timesteps(steps)
-    names = list(files)
+    ref = diffusers_reference(model, refs, files, ["a red circle", "a blue square"],
+                              [train.example_generator(0, j) for j in range(2)], steps, lambda name: "lora_" in name)
+    pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
+                                                   ref.names)
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i >= steps - k):
             pipe.set_adapters(names, [neg_weights[n] for n in names])
