@@ -1,6 +1,6 @@
 """DDPO (Black et al. 2024, "Training Diffusion Models with Reinforcement Learning"), its pure pieces: the
 log-probability of one DDIM step, the per-prompt advantage, and PPO's clipped objective. The loop that samples and
-updates is `train.ddpo_micro_step`; this file holds the math it calls, testable without a model.
+updates is `method_ddpo.micro_step`; this file holds the math it calls, testable without a model.
 
 Sampling with DDIM at η_ddim > 0 is a Markov chain of Gaussians, x_{t−1} ~ N(μ_θ(x_t), σ_t² I) (sampler.ddim_posterior),
 so each step taken has a log-probability under the current weights. DDPO-IS maximises the reward R of the final image

@@ -16,12 +16,14 @@ from safetensors import safe_open
 import checkpoint
 import ddpo
 import lora
+import machinery
+import method_ddpo
 import npo
 import pipeline
 import rewards
 import runs
 import sampler
-import train
+import trainconfig
 from conftest import ROOT, diffusers_pipeline, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
@@ -148,17 +150,17 @@ def test_npo_of_compressibility_is_incompressibility():
 def our_ddpo_gradients(model, trained, frozen, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method ddpo` (sampling its epoch, then the PPO loss over every step) on
     the given offsets: {(role, layer, part): grad} of the trained ones."""
-    args = train.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
+    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
                              "rewards:brightness", "--prompts-file", prompts_file, "--sample-batches", "1", *flags])
-    train.check_arguments(args)
+    trainconfig.check(args)
     pipe = pipeline.load_pipeline(model)
     for role, path in {**frozen, **trained}.items():
         lora.load_lora(pipe.unet, path, role)
     for role in trained:
         for p in lora.parameters(pipe.unet, role):
             p.requires_grad_(True)
-    run = train.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
-    train.ddpo_micro_step(run, PROMPTS)(0, 1.0)
+    run = machinery.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
+    method_ddpo.micro_step(run, PROMPTS)(0, 1.0)
     assert all(p.grad is None for role in frozen for p in lora.parameters(pipe.unet, role))
     return {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
             for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
@@ -175,7 +177,7 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
         pipe.load_lora_weights(path, adapter_name=role)
     for name, p in pipe.unet.named_parameters():
         p.requires_grad_(any(f".{role}." in name for role in trained) and "lora_" in name)
-    gens = [train.example_generator(0, j) for j in range(2)]
+    gens = [machinery.example_generator(0, j) for j in range(2)]
     chosen = [PROMPTS[int(torch.randint(2, (1,), generator=g))] for g in gens]
     x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
     with torch.no_grad():
@@ -434,12 +436,12 @@ def test_empty_prompts_file_and_defaults(tiny_model, prompts_file, tmp_path, cap
     empty.write_text("\n\n")
     assert run(model, str(empty), tmp_path / "o", "--reward", "rewards:brightness") == 2
     assert "holds no prompts" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    args = train.parse_args(["--out", "x", "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file", "p"])
-    train.check_arguments(args)  # ddpo-pytorch's config/base.py
+    args = trainconfig.parse_args(["--out", "x", "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file", "p"])
+    trainconfig.check(args)  # ddpo-pytorch's config/base.py
     assert (args.sample_steps, args.guidance, args.lr, args.ddim_eta, args.clip_range, args.adv_clip,
             args.timestep_fraction, args.inner_epochs) == (50, 5.0, 3e-4, 1.0, 1e-4, 5.0, 1.0, 1)
-    args = train.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
-    train.check_arguments(args)  # the other methods keep theirs
+    args = trainconfig.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
+    trainconfig.check(args)  # the other methods keep theirs
     assert (args.sample_steps, args.guidance, args.lr) == (20, 7.5, 5e-6)
 
 

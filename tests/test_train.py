@@ -16,10 +16,13 @@ from safetensors import safe_open
 import checkpoint
 import data
 import lora
+import losses
+import machinery
 import npo
 import pipeline
 import runs
 import train
+import trainconfig
 from conftest import ROOT, diffusers_pipeline, make_model_dir, write_random_pairs
 
 # tiny model: the VAE downsamples by 2, so 16 px images are 8x8 latents, the UNet's sample size
@@ -86,7 +89,7 @@ def test_first_step_matches_diffusers_dpo_recipe(tiny_model, pairs, tmp_path, sw
     pipe.load_lora_weights(init)
     scheduler = DDPMScheduler.from_pretrained(os.path.join(model, "scheduler"))
     prompts, x_w, x_l = next(data.batches(data.open_pairs(pairs), 1, seed=0, resolution=16))
-    g = train.example_generator(0, 0)  # example 0's draws, in the documented order: t, ε, posterior noises
+    g = machinery.example_generator(0, 0)  # example 0's draws, in the documented order: t, ε, posterior noises
     t = torch.randint(0, 1000, (1,), generator=g)
     eps = torch.randn((1, 4, 8, 8), generator=g)
     n = torch.randn((2, 4, 8, 8), generator=g)
@@ -181,7 +184,7 @@ def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_p
     for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
         counts.append(0)
         monkeypatch.setattr(pipeline, "load_pipeline", counting_pipeline)
-        train.main(train.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
+        train.train(trainconfig.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
                                      *FAST, "--steps", "18", *extra]))
         results[name] = read_lora(tmp_path / name / "lora.safetensors")
     assert counts[0] == 18 * 2  # three epochs of six pairs, two images each
@@ -247,13 +250,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_model, pairs, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, pairs, tmp_path, monkeypatch, capsys):
     model, _ = tiny_model
     calls = []
-    dpo_loss = train.losses.dpo_loss
+    dpo_loss = losses.dpo_loss
 
     def diverging(*args):
         calls.append(1)
         loss, metrics = dpo_loss(*args)
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
-    monkeypatch.setattr(train.losses, "dpo_loss", diverging)
+    monkeypatch.setattr(losses, "dpo_loss", diverging)
     out = tmp_path / "run"
     assert run(model, pairs, out, "--steps", "5", "--checkpoint-every", "1") == 2
     err = capsys.readouterr().err
@@ -427,19 +430,19 @@ def test_bf16_autocast_first_step_matches_fp32(tiny_model, pairs, tmp_path):
 def test_fp16_overflow_skips_the_step_and_keeps_lora_and_optimizer(tiny_model, pairs, tmp_path, monkeypatch):
     model, _ = tiny_model
     init = random_lora(model, tmp_path / "init.safetensors")
-    dpo_loss = train.losses.dpo_loss
+    dpo_loss = losses.dpo_loss
 
     def overflowing(*args, **kwargs):  # the scaled loss (× 2^16) overflows float32: every gradient is inf
         loss, metrics = dpo_loss(*args, **kwargs)
         return loss * 1e36, metrics
-    monkeypatch.setattr(train.losses, "dpo_loss", overflowing)
+    monkeypatch.setattr(losses, "dpo_loss", overflowing)
     assert run(model, pairs, tmp_path / "o", "--steps", "1", "--init-lora", init, "--mixed-precision", "fp16") == 0
     assert logged(tmp_path / "o")[0]["skipped"] == 1.0
     before, after = read_lora(init), read_lora(tmp_path / "o" / "lora.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     state = torch.load(tmp_path / "o" / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
     assert state["optimizer"]["state"] == {}  # AdamW never stepped: no moments were formed from inf gradients
-    monkeypatch.setattr(train.losses, "dpo_loss", dpo_loss)
+    monkeypatch.setattr(losses, "dpo_loss", dpo_loss)
     scale = state["scaler"]["scale"]
     assert scale == 2.0 ** 15  # GradScaler starts at 2^16 and halves at an overflow; the checkpoint keeps it
     assert run(model, pairs, tmp_path / "o", "--steps", "6", "--init-lora", init, "--mixed-precision", "fp16",
