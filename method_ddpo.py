@@ -7,17 +7,25 @@ An epoch samples --sample-batches batches per rank with DDIM (η_ddim > 0) and C
 log-probability (`sample`), scores the decoded images, standardises the rewards per prompt (`sample_epoch`), then makes
 --inner-epochs passes over the batches in a shuffled order, one PPO update per --grad-accum batches (`micro_step`).
 The steps stay latents, never graphs: memory is that of one UNet forward and backward, whatever the number of
-sampling steps. The math (the step's log-probability, PPO's loss, the advantages) is ddpo.py's.
+sampling steps. The objective (losses.step_log_prob, losses.ppo_loss):
+
+    A      = (R − mean_c) / std_c, clipped to ±adv_clip      per prompt c: the last 16 rewards of c (PerPromptStatTracker)
+    ratio  = exp(log p_θ(x_{t−1} | x_t) − log p_old(x_{t−1} | x_t))
+    L      = mean(max(−A · ratio, −A · clip(ratio, 1 − ε, 1 + ε)))
+
+NPO trains δ on 1 − R. After the per-prompt standardisation that is exactly −A (the mean moves, the spread does not),
+so the NPO of JPEG compressibility is the incompressibility task.
 """
 import contextlib
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 import data
-import ddpo
 import lora
+import losses
 import pipeline
 import sampler
 import trainconfig
@@ -25,6 +33,7 @@ from checkpoint import UserError
 from machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator, gather, stream_generator
 from trainconfig import DTYPES
 
+BUFFER_SIZE, MIN_COUNT = 16, 16  # ddpo-pytorch's per_prompt_stat_tracking defaults
 DDPO_STREAM = 0x6464706F  # DDPO's shuffles: (DDPO_STREAM, epoch, inner epoch) and (…, batch)
 SHOWN = ("reward", "reward_std", "approx_kl", "clipfrac")  # printed beside the loss (the log file has every metric)
 
@@ -93,8 +102,8 @@ def micro_step(run, prompts):
             x = rollout.latents[n, j]
             mean, sigma = sampler.ddim_posterior(x, denoise(x.to(DTYPES[config.dtype]), t).float(), a_t, a_prev,
                                                  schedule, config.ddim_eta)
-            log_prob = ddpo.step_log_prob(rollout.latents[n, j + 1], mean, sigma)
-            loss, metrics = ddpo.ppo_loss(log_prob, rollout.log_probs[n, j], rollout.advantages[n], config.clip_range)
+            log_prob = losses.step_log_prob(rollout.latents[n, j + 1], mean, sigma)
+            loss, metrics = losses.ppo_loss(log_prob, rollout.log_probs[n, j], rollout.advantages[n], config.clip_range)
             (loss * weight / trained).backward()
             totals.update(loss=loss.item() / trained, **{k: v.item() / trained for k, v in metrics.items()})
         return dict(totals, reward=rollout.reward[0], reward_std=rollout.reward[1])
@@ -122,7 +131,7 @@ def sample_epoch(run, prompts, objective, steps, schedule, epoch):
     everyone = gather(run, scores).permute(1, 0, 2).reshape(-1)
     first = epoch * batches * size
     chosen = [draw_prompt(prompts, example_generator(config.seed, first + i)) for i in range(batches * size)]
-    stats = ddpo.PerPromptStatTracker(state=tracker)
+    stats = PerPromptStatTracker(state=tracker)
     advantages = torch.as_tensor(stats.update(chosen, everyone.double().cpu().numpy()), dtype=torch.float32)
     advantages = advantages.clamp(-config.adv_clip, config.adv_clip).view(batches, run.world_size, -1)[:, run.rank]
     run.method_state = {"epoch": epoch, "policy": policy, "tracker": tracker, "tracker_after": stats.state()}
@@ -149,7 +158,7 @@ def sample(run, prompts, objective, steps, schedule, first):
         mean, sigma = sampler.ddim_posterior(x, denoise(x.to(dtype), t).float(), a_t, a_prev, schedule, config.ddim_eta)
         x = mean + sigma * sampler.randn(x.shape, gens, device)
         latents.append(x)
-        log_probs.append(ddpo.step_log_prob(x, mean, sigma))
+        log_probs.append(losses.step_log_prob(x, mean, sigma))
     pixels = pipe.vae.decode(x.to(next(pipe.vae.parameters()).dtype) / pipe.vae.scaling_factor)
     scores = objective((pixels.float() / 2 + 0.5).clamp(0, 1), chosen).float().to(device)
     return torch.stack(latents), torch.stack(log_probs), pos, scores
@@ -176,3 +185,29 @@ def _copy_offsets(unet, values):
         for role, tensors in values.items():
             for k, v in lora.offset_state_dict(unet, role).items():  # views of the parameters
                 v.copy_(tensors[k])
+
+
+class PerPromptStatTracker:
+    """DDPO's advantage: each reward standardised by the last `buffer_size` rewards of its own prompt, or by the
+    whole batch's while that prompt has fewer than `min_count` (the buffer counts this batch's rewards already).
+    std is the population std plus 1e-6. The buffers persist across epochs; `state()` is what a checkpoint keeps."""
+
+    def __init__(self, buffer_size=BUFFER_SIZE, min_count=MIN_COUNT, state=None):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.stats = {p: deque(v, maxlen=buffer_size) for p, v in (state or {}).items()}
+
+    def update(self, prompts, rewards):
+        """Advantages (float64 array, one per reward) of a batch; adds the rewards to their prompts' buffers."""
+        prompts, rewards = np.array(prompts, dtype=object), np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in sorted(set(prompts)):
+            mine = prompts == prompt
+            buffer = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mine].tolist())
+            pool = np.array(buffer) if len(buffer) >= self.min_count else rewards
+            advantages[mine] = (rewards[mine] - pool.mean()) / (pool.std() + 1e-6)
+        return advantages
+
+    def state(self):
+        """{prompt: [rewards, oldest first]}: plain lists of floats, exact in a torch.save / weights_only load."""
+        return {p: list(v) for p, v in self.stats.items()}

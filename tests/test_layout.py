@@ -15,7 +15,7 @@ LAYERS = {
     "method_dpo": 3, "method_reward": 3, "method_ddpo": 3,       # one module per training method
     "machinery": 4,                                              # a run's machinery: resume, DDP, mixed precision, log
     "trainconfig": 5,                                            # TrainConfig, the flags and their checks
-    "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6, "ddpo": 6, "pipeline": 6,  # their parts; the pipeline
+    "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6, "pipeline": 6,  # their parts; the pipeline
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
     "images": 8, "unet": 8, "clip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards
     "singlefile": 8,                                             # single-file checkpoints unpacked to diffusers' layout
