@@ -75,12 +75,31 @@ def prepare_output(out):
     return created
 
 
-def remove_if_empty(out):
-    for folder in (os.path.join(out, "checkpoints"), out):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            pass
+def record(out):
+    """What OUT holds before a run starts writing: its entries, its checkpoints and the size of its log, so that a
+    run that fails before its first checkpoint can be undone (`roll_back`)."""
+    log = os.path.join(out, "log.jsonl")
+    return {"entries": set(os.listdir(out)) if os.path.isdir(out) else set(), "checkpoints": list_checkpoints(os.path.join(out, "checkpoints")),
+            "log": os.path.getsize(log) if os.path.isfile(log) else None}
+
+
+def roll_back(out, created, before):
+    """Undo a failed run that wrote no checkpoint: remove OUT if the run created it; else remove what the run added
+    (its log, validation images, an empty checkpoints/ folder) and cut a resumed run's log back to its old end. A
+    run that wrote a checkpoint is kept: it can be resumed."""
+    if set(list_checkpoints(os.path.join(out, "checkpoints"))) - set(before["checkpoints"]):
+        return
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - before["entries"]:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    if before["log"] is not None:
+        os.truncate(os.path.join(out, "log.jsonl"), before["log"])
 
 
 def checkpoint_path(ckpt_dir, step):

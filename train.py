@@ -64,6 +64,7 @@ def train(config):
     inputs = method.read_inputs(config, world_size)
     state, resume_from = machinery.find_start(config, out, say=print if rank == 0 else lambda m: None)
     device = pipeline.resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    before = runs.record(out) if rank == 0 else None
     created = runs.prepare_output(out) if rank == 0 else False
     device = machinery.init_distributed(device, world_size, local_rank)
     try:
@@ -72,9 +73,9 @@ def train(config):
         run = machinery.Run(config, pipe, out, rank, world_size, device)
         machinery.setup(run, state, resume_from)
         return loop(run, method, inputs)
-    except UserError:
-        if created:
-            runs.remove_if_empty(out)  # a run that never got going leaves no folder behind
+    except BaseException:  # bad input met on the way (a bad row), an error, a second Ctrl-C
+        if rank == 0:
+            runs.roll_back(out, created, before)  # nothing of a run that failed before its first checkpoint is left
         raise
     finally:
         machinery.end_distributed(world_size)

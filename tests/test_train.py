@@ -314,6 +314,28 @@ def test_bad_data_paths_and_rows(tiny_model, pairs, tmp_path, capsys):
     assert not (tmp_path / "out2").exists()
 
 
+def test_a_run_that_fails_leaves_nothing_behind(tiny_model, tmp_path, capsys):
+    """A truncated image (its header reads, its pixels do not) stops the run in the middle of its steps, after log
+    lines were written: a fresh run leaves no folder, a resumed one leaves its folder as it found it, log included."""
+    model, _ = tiny_model
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pairs = write_random_pairs(folder, 6, seed=3)
+    out = tmp_path / "resumed"
+    assert run(model, pairs, out, "--steps", "2") == 0
+    found = {name: (out / name).read_bytes() for name in ("log.jsonl", "lora.safetensors")}
+    listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    image = (folder / "4l.png").read_bytes()
+    (folder / "4l.png").write_bytes(image[:len(image) // 2])
+    capsys.readouterr()
+    assert run(model, pairs, tmp_path / "fresh", "--steps", "12", "--checkpoint-every", "100") == 2
+    assert "line 5 of" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
+    assert run(model, pairs, out, "--steps", "14", "--checkpoint-every", "100", "--resume", "latest") == 2
+    assert "line 5 of" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
+    assert {name: (out / name).read_bytes() for name in found} == found
+
+
 def test_parquet_without_the_columns(tiny_model, tmp_path, capsys):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     model, _ = tiny_model
