@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.utils.checkpoint
 
 import images
+import logplot
 import lora
 import pipeline
 import runs
@@ -53,6 +54,7 @@ class Run:
     # what a method carries from step to step beyond the LoRA and the optimizer, saved with them (DDPO: the
     # policy that sampled the current epoch and the stat tracker's buffers, `method_ddpo.sample_epoch`); None for the others
     method_state: dict = None
+    given: dict = None  # the settings as given, which OUT/settings.json keeps (trainconfig.settings_to_save)
 
     def __post_init__(self):
         if self.amp is None:
@@ -229,6 +231,8 @@ def save(run):
             streams = torch.cat(everyone)
         streams = streams.cpu().tolist()
     if run.master:
+        if run.given is not None:
+            runs.save_settings(run.out, run.given)
         scaler = run.amp.scaler.state_dict() if run.amp.scaler else None
         runs.save_checkpoint(run.ckpt_dir, run.step, run.pipe.unet, run.files, run.optimizer, run.settings,
                              run.config.keep_checkpoints, streams, scaler, run.method_state)
@@ -297,6 +301,11 @@ class Log:
                 + f"lr {lr:.2e} | grad {line['grad_norm']:.3g} | {it_s:.2f} it/s | ETA {format_seconds(line['eta_s'])}")
         self.write({"step": run.step, **line})
         self.window, self.start = [], time.perf_counter()
+
+    def plot(self):
+        """OUT/log.png: the loss and the metrics printed beside it, over the steps (logplot.py)."""
+        if self.file:
+            logplot.write(self.run.out, ("loss",) + self.shown)
 
     def event(self, name, **fields):
         self.write({"event": name, "step": self.run.step, **fields})

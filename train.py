@@ -30,7 +30,8 @@ LoRA and its optimizer (for DDPO also the LoRA that sampled the current epoch an
 checkpoint of those resumes bit for bit, and 2 ranks with batch B compute what 1 rank computes with batch 2B.
 
 Files in --out: `lora.safetensors` (the result, kohya format; `eta.safetensors` + `delta.safetensors` with
---joint), `log.jsonl` (one line per logged step),
+--joint), `settings.json` (the settings as given, so that `--resume OUT` alone continues the run), `log.jsonl` (one
+line per logged step) and `log.png` (its plot, redrawn at every checkpoint),
 `checkpoints/step-XXXXXX/` (`lora.safetensors` + `state.pt`, written atomically, the last K kept), and
 `validation/step-XXXXXX-K.png` when --validation-prompts is given.
 """
@@ -57,6 +58,7 @@ def train(config):
     eta/delta.safetensors with --joint); returns the path (a list of two with --joint). After Ctrl-C or SIGTERM the
     run finishes its step, saves a checkpoint and raises SystemExit(130). Bad input raises UserError, before the
     model loads and before anything is written."""
+    given = trainconfig.settings_to_save(config)  # before `check` fills in the defaults
     trainconfig.check(config)
     method = METHODS[config.method]
     out = os.path.abspath(config.out)
@@ -70,7 +72,7 @@ def train(config):
     try:
         pipe = pipeline.load_pipeline(os.path.abspath(config.model or pipeline.DEFAULT_MODEL), DTYPES[config.dtype],
                                       device, **pipeline.source_options(config))
-        run = machinery.Run(config, pipe, out, rank, world_size, device)
+        run = machinery.Run(config, pipe, out, rank, world_size, device, given=given)
         machinery.setup(run, state, resume_from)
         return loop(run, method, inputs)
     except BaseException:  # bad input met on the way (a bad row), an error, a second Ctrl-C
@@ -143,6 +145,7 @@ def after_step(run, log, stopping):
     config, step = run.config, run.step
     if (config.checkpoint_every and step % config.checkpoint_every == 0) or stopping or step == config.steps:
         machinery.save(run)
+        log.plot()
     if stopping:
         run.say(f"interrupted: saved {runs.checkpoint_path(run.ckpt_dir, step)}; continue with --resume latest")
         raise SystemExit(130)

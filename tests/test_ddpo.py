@@ -11,9 +11,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
+import logplot
 import lora
 import losses
 import machinery
@@ -269,6 +271,8 @@ def test_ratio_is_one_on_the_first_inner_epoch(tiny_model, lora_files, prompts_f
     assert max(diffs[:2]) < 1e-6 and min(diffs[2:]) > 1e-4, diffs
     first, second = logged(tmp_path / "run")
     assert first["clipfrac"] == 0 and first["approx_kl"] < 1e-12 and second["clipfrac"] > 0
+    with Image.open(tmp_path / "run" / "log.png") as picture:  # loss, reward, its std, KL, clip fraction
+        assert picture.size == (logplot.WIDTH, 5 * logplot.PANEL_HEIGHT)
 
 
 # ----------------------------------------------------------------------------------------------------------

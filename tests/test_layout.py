@@ -17,6 +17,7 @@ LAYERS = {
     "trainconfig": 5,                                            # TrainConfig, the flags and their checks
     "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6, "pipeline": 6,  # their parts; the pipeline
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
+    "logplot": 7,                                                # a run's log drawn as a PNG
     "images": 8, "unet": 8, "clip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards
     "singlefile": 8,                                             # single-file checkpoints unpacked to diffusers' layout
     "checkpoint": 9,                                             # files and the one user-facing error

@@ -1,5 +1,6 @@
 """`npo.py train`: one DPO step against a diffusers + peft recipe on the same weights, the NPO swap, resuming after
 Ctrl-C or SIGKILL bit for bit, two data-parallel processes against one, and the bad-input contract."""
+import argparse
 import json
 import os
 import signal
@@ -11,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
 import data
+import logplot
 import lora
 import losses
 import machinery
@@ -205,6 +208,63 @@ def test_resumed_run_ends_with_the_same_lora(tiny_model, pairs, tmp_path):
     assert_same(read_lora(tmp_path / "split" / "lora.safetensors"), read_lora(tmp_path / "whole" / "lora.safetensors"))
     assert [line["loss"] for line in logged(tmp_path / "split")] == [line["loss"] for line in logged(tmp_path / "whole")]
     assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["step-000004", "step-000005"]  # the last 2 kept
+
+
+def test_resume_needs_only_the_run_folder(tiny_model, pairs, tmp_path, monkeypatch, capsys):
+    """A run saves its settings (OUT/settings.json, paths absolute): `npo.py train --resume OUT` alone, from another
+    folder, continues it bit for bit; a flag that would make it another run is refused in one sentence."""
+    model, _ = tiny_model
+    flags = ["--steps", "5", "--checkpoint-every", "1", "--grad-accum", "2", "--caption-dropout", "0.3", "--random-crop"]
+    assert run(model, pairs, tmp_path / "whole", *flags) == 0
+    calls, dpo_loss = [], losses.dpo_loss
+
+    def failing(*args):  # step 4 (its 7th micro-step) fails, after the checkpoint of step 3
+        calls.append(1)
+        loss, metrics = dpo_loss(*args)
+        return (loss * float("nan") if len(calls) == 7 else loss), metrics
+    monkeypatch.setattr(losses, "dpo_loss", failing)
+    out = tmp_path / "split"
+    assert run(model, pairs, out, *flags) == 2
+    monkeypatch.setattr(losses, "dpo_loss", dpo_loss)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["steps"] == 5 and settings["random_crop"] and settings["data"] == os.path.abspath(pairs)
+    monkeypatch.chdir(tmp_path)
+    assert npo.main(["train", "--resume", str(out)]) == 0
+    assert_same(read_lora(out / "lora.safetensors"), read_lora(tmp_path / "whole" / "lora.safetensors"))
+    assert [line["loss"] for line in logged(out)] == [line["loss"] for line in logged(tmp_path / "whole")]
+    capsys.readouterr()
+    assert npo.main(["train", "--resume", str(out / "checkpoints" / "step-000005"), "--npo"]) == 2
+    err = capsys.readouterr().err
+    assert "not --method dpo --npo" in err and err.count("\n") == 1
+    assert npo.main(["train", "--resume", "latest"]) == 2
+    assert "pass --out" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys, monkeypatch):
+    parser = argparse.ArgumentParser()
+    trainconfig.add_arguments(parser)
+    hidden = [a.option_strings[0] for a in parser._actions if a.dest != "help" and "default" not in a.help
+              and "required" not in a.help]
+    assert hidden == []
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag
+    with pytest.raises(SystemExit):
+        npo.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "AdamW learning rate, constant after the warmup (default: 5e-06; --method ddpo: 0.0003)" in text
+    assert "DDIM steps of each training sample (default: 20; --method ddpo: 50)" in text
+    assert "CFG scale of the training samples (default: 7.5; --method ddpo: 5)" in text
+    assert "(default: 500)" in text and "(default: to_q,to_k,to_v,to_out.0)" in text and "(default: 2000)" in text
+
+
+def test_the_log_is_drawn_beside_it(tiny_model, pairs, tmp_path):
+    model, _ = tiny_model
+    out = tmp_path / "run"
+    assert run(model, pairs, out, "--steps", "3", "--lr", "1e-2") == 0
+    with Image.open(out / "log.png") as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (logplot.WIDTH, 3 * logplot.PANEL_HEIGHT)  # loss, implicit accuracy, reward margin
+        colors = {c for _, c in picture.convert("RGB").getcolors(1 << 20)}
+    assert set(logplot.COLORS[:3]) <= colors  # each panel's line
 
 
 def wait_for(path, process, timeout=120):
