@@ -31,6 +31,7 @@ import pipeline
 import prompt_syntax
 import sampler
 import train
+import trainconfig
 from checkpoint import UserError, finite_float
 from pipeline import DEFAULT_MODEL
 
@@ -466,7 +467,7 @@ def cmd_sample(args):
 
 
 def cmd_train(args):
-    return train.main(args)
+    return train.train(trainconfig.from_namespace(args))
 
 
 def cmd_evaluate(args):
@@ -621,7 +622,7 @@ def build_parser():
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT, a reward, or RL: DDPO)")
-    train.add_arguments(p)
+    trainconfig.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "
