@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 import data
 import method_dpo
@@ -114,7 +115,7 @@ def test_corrupt_blurs_only_the_image_the_swap_makes_preferred(tiny_model, pairs
         assert torch.equal(w, w2) and not torch.equal(l, l2)
 
 
-def test_resumed_run_with_both_options_ends_with_the_same_lora(tiny_model, pairs, tmp_path):
+def test_resumed_run_with_both_options_ends_with_the_same_lora(tiny_model, pairs, tmp_path, capsys):
     model, _ = tiny_model
     flags = ["--npo", "--perturb-prompts", "--corrupt", "blur:0.8", "--batch-size", "2", "--grad-accum", "2",
              "--checkpoint-every", "2", "--random-crop"]
@@ -123,6 +124,12 @@ def test_resumed_run_with_both_options_ends_with_the_same_lora(tiny_model, pairs
     assert run(model, pairs, tmp_path / "split", "--steps", "4", "--resume", "latest", *flags) == 0
     assert_same(read_lora(tmp_path / "split" / "lora.safetensors"), read_lora(tmp_path / "whole" / "lora.safetensors"))
     assert [line["loss"] for line in logged(tmp_path / "split")] == [line["loss"] for line in logged(tmp_path / "whole")]
+    with safe_open(str(tmp_path / "whole" / "lora.safetensors"), "pt") as f:  # the file says which table 7 row it is
+        meta = f.metadata()
+    assert meta["npo_perturb_prompts"] == "true" and meta["npo_corrupt"] == "blur:0.8"
+    capsys.readouterr()
+    assert run(model, pairs, tmp_path / "split", "--steps", "5", "--resume", "latest", *flags[:2], *flags[4:]) == 0
+    assert "corrupt blur:0.8 -> None" in capsys.readouterr().err  # resuming without an option is said
 
 
 # ----------------------------------------------------------------------------------------------------------
