@@ -16,6 +16,9 @@ to the pair's latents, so every image keeps its posterior sample and an NPO step
 sees, with the roles reversed: at a zero offset its first update is the DPO run's, negated.) --method sft trains
 on the plain denoising loss of the preferred image instead (losses.sft_loss) and logs the same DPO metrics.
 
+The appendix's table 7 (II.3) trains NPO on worse data (`corrupted`): --perturb-prompts shuffles the captions of
+each batch, --corrupt blur:σ blurs the losers, which the swap makes what δ learns toward (README, "Table 7").
+
 SDXL (Podell et al. 2023) conditions the UNet on more than c: its pooled text embedding and each pair's time ids
 (the image's original size, the crop's corner, the target size), built as diffusers' SDXL Diffusion-DPO script
 builds them (`pair_time_ids`); the VAE then encodes in float32. That script writes L = −log σ(−0.5·β' (d_θ −
