@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import data
+import machinery
 import method_dpo
 import npo
 import pipeline
@@ -88,10 +89,12 @@ def test_perturb_prompts_changes_only_the_captions(tiny_model, pairs, tmp_path, 
     model, _ = tiny_model
     plain = seen(monkeypatch, model, pairs, tmp_path / "plain", "--npo")
     perturbed = seen(monkeypatch, model, pairs, tmp_path / "perturbed", "--npo", "--perturb-prompts")
-    for a, b in zip(plain["prompts"], perturbed["prompts"], strict=True):
+    for k, (a, b) in enumerate(zip(plain["prompts"], perturbed["prompts"], strict=True)):
         assert sorted(a) == sorted(b)  # the batch's own captions, each once
-    assert plain["prompts"] != perturbed["prompts"]
-    assert any(x != y for a, b in zip(plain["prompts"], perturbed["prompts"]) for x, y in zip(a, b))
+        # the documented draw: randperm(B) from the generator of (seed, PERTURB_STREAM, first example = k · B)
+        order = torch.randperm(3, generator=machinery.stream_generator(0, method_dpo.PERTURB_STREAM, 3 * k))
+        assert b == [a[j] for j in order.tolist()]
+    assert plain["prompts"] != perturbed["prompts"]  # some pair did get another's caption
     for a, b in zip(plain["pixels"], perturbed["pixels"], strict=True):
         assert torch.equal(a, b)
     for (x, t), (y, s) in zip(plain["unet"], perturbed["unet"], strict=True):
