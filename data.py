@@ -25,6 +25,9 @@ follows the Diffusion-DPO recipes (diffusers' `train_diffusion_dpo.py`, Salesfor
 of the short side to the resolution, center (or random) crop, random horizontal flip, values in [-1, 1]. Unlike
 those scripts, which draw the crop and flip separately for each image, both images of a pair get the same crop
 and flip here, so the two differ only in what the preference is about.
+
+The appendix's table 7 degrades NPO's data after the stream: `shuffle_prompts` (--perturb-prompts) and
+`gaussian_blur` (--corrupt blur:SIGMA, parsed by `parse_corruption`).
 """
 import io
 import json
