@@ -149,7 +149,9 @@ def run_settings(run, fingerprint):
         lora=os.path.abspath(config.lora) if config.lora else None, alpha=config.alpha, beta=config.beta,
         ddim_eta=config.ddim_eta, sample_batches=config.sample_batches, inner_epochs=config.inner_epochs,
         clip_range=config.clip_range, adv_clip=config.adv_clip, timestep_fraction=config.timestep_fraction,
-        init_lora=os.path.abspath(config.init_lora) if config.init_lora else None)
+        init_lora=os.path.abspath(config.init_lora) if config.init_lora else None,
+        # table 7's options; None when off, as in checkpoints older than them (so resuming those warns of nothing)
+        perturb_prompts=config.perturb_prompts or None, corrupt=config.corrupt)
 
 
 def model_fingerprint(unet):

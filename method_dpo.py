@@ -16,6 +16,9 @@ to the pair's latents, so every image keeps its posterior sample and an NPO step
 sees, with the roles reversed: at a zero offset its first update is the DPO run's, negated.) --method sft trains
 on the plain denoising loss of the preferred image instead (losses.sft_loss) and logs the same DPO metrics.
 
+The appendix's table 7 (II.3) trains NPO on worse data (`corrupted`): --perturb-prompts shuffles the captions of
+each batch, --corrupt blur:σ blurs the losers, which the swap makes what δ learns toward (README, "Table 7").
+
 SDXL (Podell et al. 2023) conditions the UNet on more than c: its pooled text embedding and each pair's time ids
 (the image's original size, the crop's corner, the target size), built as diffusers' SDXL Diffusion-DPO script
 builds them (`pair_time_ids`); the VAE then encodes in float32. That script writes L = −log σ(−0.5·β' (d_θ −
@@ -32,10 +35,11 @@ import pipeline
 import sampler
 import shards
 from checkpoint import UserError
-from machinery import checkpoint_unet_blocks, example_generator
+from machinery import checkpoint_unet_blocks, example_generator, stream_generator
 from trainconfig import DTYPES
 
 SHOWN = ("implicit_acc", "reward_margin")  # printed beside the loss (the log file has every metric)
+PERTURB_STREAM = 0x70657274  # --perturb-prompts: (PERTURB_STREAM, first example of the micro-batch)
 
 
 def read_inputs(config, world_size):
@@ -73,6 +77,7 @@ def micro_step(run, pairs):
 
     def step(first, weight):
         prompts, preferred, rejected, *sizes = next(stream)
+        prompts, rejected = corrupted(config, prompts, rejected, first)
         gens = [example_generator(config.seed, first + j) for j in range(config.batch_size)]
         # the VAE in its own dtype: float32 for SDXL's (pipeline.vae_dtype), as the SDXL DPO script encodes
         vae_dtype = next(vae.parameters()).dtype
@@ -107,6 +112,19 @@ def micro_step(run, pairs):
     step.stream_state = lambda: getattr(stream, "state", None)  # a sharded dataset's place; else None
     step.summary = lambda: summary(config, pairs, getattr(stream, "counts", {}))
     return step
+
+
+def corrupted(config, prompts, rejected, first):
+    """The appendix's table 7 (II.3), NPO's training data made worse, after the stream and before the VAE; the
+    other images, the sizes and every draw of the step are untouched:
+    --perturb-prompts: the batch's captions in a random order, drawn from the generator of (seed, PERTURB_STREAM,
+      first example of the micro-batch), so a resumed run draws it again; each rank shuffles its own batch.
+    --corrupt blur:σ: the loser x_l blurred. --npo (required) swaps it into the preferred slot: what δ learns toward."""
+    if config.perturb_prompts:
+        prompts = data.shuffle_prompts(prompts, stream_generator(config.seed, PERTURB_STREAM, first))
+    if config.corrupt:
+        rejected = data.corrupt(rejected, config.corrupt)
+    return prompts, rejected
 
 
 def summary(config, pairs, counts):

@@ -47,6 +47,7 @@ def file_metadata(settings, step):
                         npo_timestep_fraction=f"{settings['timestep_fraction']:g}")
     else:
         meta.update(npo_beta_dpo=f"{settings['beta_dpo']:g}", npo_pairs_swapped=str(settings["role"] == "delta").lower())
+        meta.update({f"npo_{k}": str(settings[k]).lower() for k in ("perturb_prompts", "corrupt") if settings.get(k)})
     return meta
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+import data
 import lora
 import pipeline
 import rewards
@@ -31,7 +32,7 @@ PAIR_METHODS, SAMPLING_METHODS = ("dpo", "sft"), ("reward", "ddpo")
 METHOD_FLAGS = {
     "data": PAIR_METHODS, "beta_dpo": ("dpo",), "cache_latents": PAIR_METHODS, "random_crop": PAIR_METHODS,
     "caption_dropout": PAIR_METHODS, "skip_bad_rows": PAIR_METHODS, "num_workers": PAIR_METHODS,
-    "ties": PAIR_METHODS, "shuffle_buffer": PAIR_METHODS,
+    "ties": PAIR_METHODS, "shuffle_buffer": PAIR_METHODS, "perturb_prompts": PAIR_METHODS, "corrupt": PAIR_METHODS,
     "reward": SAMPLING_METHODS, "reward_range": SAMPLING_METHODS, "reward_sigmoid": SAMPLING_METHODS,
     "prompts_file": SAMPLING_METHODS, "sample_steps": SAMPLING_METHODS, "guidance": SAMPLING_METHODS,
     "joint": SAMPLING_METHODS, "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
@@ -107,6 +108,9 @@ class TrainConfig:
     num_workers: int = None
     ties: str = None
     shuffle_buffer: int = None
+    # the appendix's table 7: NPO on corrupted data (dpo, sft)
+    perturb_prompts: bool = False
+    corrupt: str = None
     # checkpoints, logs and validation
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
@@ -170,6 +174,7 @@ def add_arguments(p):
     _add_ddpo_arguments(p.add_argument_group("RL (--method ddpo)"))
     _add_optimizer_arguments(p.add_argument_group("the optimizer"))
     _add_data_arguments(p.add_argument_group("preference pairs (--method dpo, sft)"))
+    _add_corruption_arguments(p.add_argument_group("the appendix's table 7: NPO on corrupted pairs (--method dpo, sft)"))
     _add_bookkeeping_arguments(p.add_argument_group("checkpoints, logs and validation"))
     for action in p._actions:  # every flag's help ends with its default, from the one place defaults live
         if action.dest in FIELDS and action.dest != "out":
@@ -301,6 +306,15 @@ def _add_data_arguments(g):
                                                       "windows of this many row groups (memory holds one window)")
 
 
+def _add_corruption_arguments(g):
+    g.add_argument("--perturb-prompts", action="store_true",
+                   help="shuffle the captions within each rank's batch (a random permutation, seeded by --seed and "
+                        "the step), so pairs train with mismatched text; needs --batch-size 2 or more")
+    g.add_argument("--corrupt", metavar="blur:SIGMA",
+                   help="with --npo: Gaussian-blur (SIGMA pixels, radius 3·SIGMA, reflected borders) the image the "
+                        "swapped pair prefers, the original loser x_l, which δ learns toward, before the VAE")
+
+
 def _add_bookkeeping_arguments(g):
     g.add_argument("--checkpoint-every", type=int,
                    help="write OUT/checkpoints/step-XXXXXX every N steps (0: only at the end and on Ctrl-C)")
@@ -337,6 +351,7 @@ def check(config):
         if getattr(config, name) is None:
             setattr(config, name, METHOD_DEFAULTS.get(config.method, {}).get(name, value))
     _check_numbers(config)
+    _check_corruption(config)
     if config.cache_latents and config.random_crop:
         raise UserError("--cache-latents needs center crops (every random crop is a new image to encode); "
                         "drop --random-crop or --cache-latents.")
@@ -352,6 +367,18 @@ def check(config):
                         "(or a w/+l/ folder, or a .parquet file).")
     if config.method == "ddpo":
         _check_ddpo(config)
+
+
+def _check_corruption(config):
+    """Table 7's options (appendix II.3): each must do something, and --corrupt must name a corruption we have."""
+    if config.perturb_prompts and config.batch_size < 2:
+        raise UserError("--perturb-prompts shuffles the captions within each rank's batch, and a batch of one pair "
+                        "has nothing to shuffle; pass --batch-size 2 or more.")
+    if config.corrupt is not None:
+        data.parse_corruption(config.corrupt)
+        if not config.npo:
+            raise UserError("--corrupt degrades the images δ learns toward (the losers, which NPO's swap makes "
+                            "preferred; the paper's table 7 corrupts only NPO's data); add --npo.")
 
 
 def _check_branches(config):
