@@ -24,7 +24,7 @@ import rewards
 import runs
 import sampler
 import trainconfig
-from conftest import ROOT, diffusers_pipeline, random_lora_files
+from conftest import ROOT, diffusers_pipeline, diffusers_sdxl_pipeline, make_sdxl_dir, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
 FAST = ["--method", "ddpo", "--resolution", "16", "--sample-steps", "2", "--guidance", "3", "--log-every", "1",
@@ -166,13 +166,15 @@ def our_ddpo_gradients(model, trained, frozen, prompts_file, tmp_path, flags):
             for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
 
 
-def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights):
+def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights, sdxl=False):
     """ddpo-pytorch's epoch on diffusers parts: each example's prompt, x_T and step noises drawn from its generator
     as training draws them; DDIMScheduler.step at η = 1 with that noise; log p by ddpo-pytorch's formula; rewards
     standardised with the batch's mean and std (fewer than 16 per prompt); then PPO's loss at every step, its
-    mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights."""
+    mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights.
+    `sdxl`: StableDiffusionXLPipeline's encode_prompt (no negative prompt: zeros, force_zeros_for_empty_prompt) and
+    _get_add_time_ids for a 16 x 16 image, passed to the UNet as added_cond_kwargs."""
     from diffusers import DDIMScheduler
-    pipe = diffusers_pipeline(model, refs)
+    pipe = diffusers_sdxl_pipeline(model, refs) if sdxl else diffusers_pipeline(model, refs)
     for role, path in files.items():
         pipe.load_lora_weights(path, adapter_name=role)
     for name, p in pipe.unet.named_parameters():
@@ -181,8 +183,15 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
     chosen = [PROMPTS[int(torch.randint(2, (1,), generator=g))] for g in gens]
     x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
     with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
+        if sdxl:
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(chosen, device="cpu", do_classifier_free_guidance=True)
+            time_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), pos.dtype,
+                                              pipe.text_encoder_2.config.projection_dim).repeat(2, 1)
+            pos = dict(encoder_hidden_states=pos, added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids))
+            neg = dict(encoder_hidden_states=neg, added_cond_kwargs=dict(text_embeds=neg_pooled, time_ids=time_ids))
+        else:
+            pos = dict(encoder_hidden_states=pipe.encode_prompt(chosen, "cpu", 1, False)[0])
+            neg = dict(encoder_hidden_states=pipe.encode_prompt([""] * 2, "cpu", 1, False)[0])
     scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
     scheduler.set_timesteps(steps)
     names = list(files)
@@ -195,9 +204,9 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
 
     def branches(x, t):
         pipe.set_adapters(names, [neg_weights[n] for n in names])
-        eps_neg = pipe.unet(x, t, neg).sample
+        eps_neg = pipe.unet(x, t, **neg).sample
         pipe.set_adapters(names, [pos_weights[n] for n in names])
-        return eps_neg, pipe.unet(x, t, pos).sample
+        return eps_neg, pipe.unet(x, t, **pos).sample
 
     trajectory, old = [x], []
     with torch.no_grad():
@@ -237,6 +246,22 @@ def test_one_ddpo_update_equals_ddpo_pytorchs_on_diffusers(tiny_model, lora_file
     files = {"eta": lora_files["eta"]}
     ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
     assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0}, {"eta": 1.0}))
+
+
+def test_one_ddpo_update_on_sdxl_equals_ddpo_pytorchs_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file,
+                                                                               tmp_path):
+    """The same update on a tiny SDXL: both text encoders, the pooled embedding and the time ids condition each
+    branch, the unconditional one zeros. The folder's DDIM config is SDXL base's (set_alpha_to_one false, leading
+    timesteps with offset 1), under which the last step keeps a density."""
+    from diffusers import DDIMScheduler
+    model = str(tmp_path_factory.mktemp("ddpo_sdxl"))
+    refs = make_sdxl_dir(model, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                                        beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                                        steps_offset=1, timestep_spacing="leading"))
+    files = random_lora_files(model, str(tmp_path_factory.mktemp("ddpo_sdxl_lora")), [("eta", {})], seed=31)
+    ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
+    assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0},
+                                                          {"eta": 1.0}, sdxl=True))
 
 
 def test_uncond_branch_update_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
