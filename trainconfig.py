@@ -180,7 +180,8 @@ def _add_objective_arguments(g):
 def _add_reward_arguments(g):
     g.add_argument("--reward", help="module:function of a reward R(images in [0,1], prompts) -> (B,), e.g. rewards:brightness; "
                         "or a learned scorer on your weights: pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, "
-                        "clipscore:PATH")
+                        "clipscore:PATH, spm:PATH (SPO's step-aware preference model: it scores at t = 0 where a method "
+                        "gives no timestep)")
     g.add_argument("--reward-range", help="LOW,HIGH: map an unbounded reward to [0, 1] (affine, clamped), as 1 − R needs")
     g.add_argument("--reward-sigmoid", type=float, help="map an unbounded reward to [0, 1] by σ(R / SCALE) instead")
     g.add_argument("--prompts-file", help="training prompts: a .txt with one per line, or a .jsonl with a \"prompt\" per row")
