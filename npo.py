@@ -25,6 +25,7 @@ import checkpoint
 import data
 import evaluate
 import experiment
+import extract
 import images
 import lora
 import pipeline
@@ -490,7 +491,7 @@ def layer_progress():
 
 
 def cmd_extract_lora(args):
-    """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (lora.extract_offset); prints the
+    """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (extract.extract_offset); prints the
     relative error per block and overall, to choose r."""
     folder = os.path.dirname(os.path.abspath(args.out))
     if not args.out.endswith(".safetensors") or not os.access(folder, os.W_OK | os.X_OK):
@@ -501,10 +502,10 @@ def cmd_extract_lora(args):
     base = pipeline.load_unet(args.base)
     tuned = pipeline.load_unet(args.tuned)
     pipeline.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
-    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
+    stats = extract.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    errors = lora.relative_errors(stats)
+    errors = extract.relative_errors(stats)
     per_layer = {name: round((r / n) ** 0.5, 6) for name, (r, n) in stats.items()}
     lora.save_lora(base, "eta", args.out, role="eta", base_model=args.base, metadata={
         "npo_source_base": args.base, "npo_source_tuned": args.tuned, "npo_rank": args.rank,
