@@ -176,11 +176,11 @@ def a1111_parameters(args, job, size):
     if job.get("chunks") and job["chunks"][0] != job["chunks"][1]:
         settings["Pad conds"] = True  # A1111's key for padding the shorter text with empty chunks, as we did
     if args.lora:
-        settings["Lora"] = "; ".join(f"{os.path.basename(path)}:{w:g}" for path, w in args.lora)
+        settings["Lora"] = "; ".join(f"{lora_label(path)}:{w:g}" for path, w in args.lora)
     if args.eta_model:
         settings["NPO eta model"] = os.path.basename(os.path.normpath(args.eta_model))
     if args.npo:
-        settings["NPO"] = os.path.basename(args.npo)
+        settings["NPO"] = lora_label(args.npo)
     if args.npo_model:
         if "NPO model hash" in hashes:
             settings["NPO model hash"] = hashes["NPO model hash"]
@@ -221,6 +221,26 @@ def parse_lora(text):
     return text, 1.0
 
 
+def run_lora(path, role, flag):
+    """A LoRA flag's path, where a training run's folder, or one of its checkpoints (OUT/checkpoints/step-XXXXXX,
+    the paper's table 4), stands for its LoRA file of `role`: delta.safetensors or eta.safetensors of a --joint run,
+    else lora.safetensors."""
+    if path is None or not os.path.isdir(path):
+        return path
+    for name in (f"{role}.safetensors", "lora.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise UserError(f"{flag} {path} is a folder without {role}.safetensors or lora.safetensors; pass a LoRA file, a "
+                    "training run's folder or one of its checkpoints/step-XXXXXX folders.")
+
+
+def lora_label(path):
+    """A LoRA's name in the PNG parameters: its file name, after its checkpoint folder's (step-000500/lora.safetensors)
+    when it is one of a training run's checkpoints, so that pictures of different checkpoints say which."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{folder}/{os.path.basename(path)}" if re.fullmatch(r"step-\d+", folder) else os.path.basename(path)
+
+
 def check_sample_arguments(args):
     """Everything a user can get wrong, checked before the model loads; fills in α and β. Returns the sweeps."""
     for flag in ("height", "width"):
@@ -237,7 +257,8 @@ def check_sample_arguments(args):
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance {args.guidance:g} is negative, which would push images away from the prompt; "
                         "pass 0 or more (7.5 is SD's usual scale; 1 or less samples the prompt's branch alone).")
-    args.lora = [parse_lora(text) for text in args.lora or []]
+    args.lora = [(run_lora(path, "eta", "--lora"), w) for path, w in map(parse_lora, args.lora or [])]
+    args.npo = run_lora(args.npo, "delta", "--npo")
     for path, flag in [(path, "--lora") for path, _ in args.lora] + [(args.npo, "--npo")]:
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{flag} {path} does not exist; pass a LoRA .safetensors file.")
