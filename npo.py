@@ -275,9 +275,10 @@ def check_sample_arguments(args):
     # α weighs η and β weighs δ on the unconditional branch: without that offset they would do nothing
     eta = args.lora or args.eta_model
     delta = args.npo or args.npo_model
-    for flag, value, offset, needs in (("--alpha", args.alpha, eta, "--lora"), ("--beta", args.beta, delta, "--npo"),
+    for flag, value, offset, needs in (("--alpha", args.alpha, eta, "--lora"),
+                                       ("--beta", args.beta, delta, "--npo or --npo-model"),
                                        ("--sweep-alpha", args.sweep_alpha, eta, "--lora"),
-                                       ("--sweep-beta", args.sweep_beta, delta, "--npo")):
+                                       ("--sweep-beta", args.sweep_beta, args.npo, "--npo")):
         if value is not None and not offset:
             raise UserError(f"{flag} weighs the offset given with {needs}, and there is none; drop {flag} or "
                             f"pass {needs}.")

@@ -4,6 +4,7 @@ load_lora_weights, or θ_ft for a fine-tuned η) and DDIMScheduler."""
 import copy
 import gc
 import os
+import shutil
 import weakref
 from types import SimpleNamespace
 
@@ -212,3 +213,31 @@ def test_cli_bad_input(models, tiny_model, tmp_path, capsys, flags, words):
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_sdxl_dense_delta_equals_its_lora(tiny_sdxl, tmp_path):
+    """SDXL (each branch's conditioning a dict with pooled text and time ids): a dense δ made of a LoRA δ's merged
+    weights, θ_δ = θ + ΔW, samples as that LoRA at the same β (eq. 10 is linear in δ: θ + β·(θ_δ − θ) = θ + β·ΔW)."""
+    from safetensors.torch import save_file
+    path = tiny_sdxl[0]
+    pipe = pipeline.load_pipeline(path)
+    lora.add_offset(pipe.unet, "delta", rank=2, targets=("to_q", "to_v", "conv1"))
+    g = torch.Generator().manual_seed(31)
+    with torch.no_grad():
+        for p in lora.parameters(pipe.unet, "delta"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lora.save_lora(pipe.unet, "delta", str(tmp_path / "delta.safetensors"), role="delta")
+    os.makedirs(tmp_path / "npo_unet")
+    shutil.copy(os.path.join(path, "unet", "config.json"), tmp_path / "npo_unet")
+    merged = {k: v.contiguous() for k, v in lora.merged_state_dict(pipe.unet, {"delta": 1.0}).items()}
+    save_file(merged, str(tmp_path / "npo_unet" / "diffusion_pytorch_model.safetensors"))
+    kw = dict(steps=3, guidance=5.0, height=16, width=16, beta=0.6)
+    with_lora = pipeline.load_pipeline(path)
+    lora.load_lora(with_lora.unet, str(tmp_path / "delta.safetensors"), "delta")
+    dense = pipeline.load_pipeline(path)
+    pipeline.attach_npo_model(dense, str(tmp_path / "npo_unet"), 0.6)
+    a = pipeline.generate(with_lora, ["a cat", "a dog"], [1, 2], **kw)
+    b = pipeline.generate(dense, ["a cat", "a dog"], [1, 2], **kw)
+    assert (to01(a) - to01(b)).abs().max() <= ATOL
+    plain = pipeline.generate(pipeline.load_pipeline(path), ["a cat", "a dog"], [1, 2], **kw)
+    assert (to01(plain) - to01(b)).abs().max() > 10 / 255  # δ does something
