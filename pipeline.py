@@ -665,13 +665,18 @@ def attach_npo_model(pipe, path, beta, eta_model=None, alpha=1.0):
                         "--npo-model.")
     if pipe.eta_unet is not None:
         raise ValueError("attach_eta_model has made θ + α·η of θ; pass eta_model to attach_npo_model instead")
-    if beta == 0:
+    # eq. 10's weights (sampler.npo_weights): the dense offsets go into the negative branch's weights at its
+    # multipliers; the positive branch's set is θ + η or θ_ft, so it must weigh δ by 0 (and a dense η by 1)
+    neg, pos = (sampler.npo_branch(sampler.npo_weights(alpha, beta), b) for b in (0, 1))
+    if pos["delta"] != 0 or (eta_model is not None and pos["eta"] != 1):
+        raise ValueError(f"a dense δ is built for a positive branch of δ at 0 (and η at 1), not {pos}")
+    if neg["delta"] == 0:
         if eta_model is not None:
-            attach_eta_model(pipe, eta_model, alpha)
+            attach_eta_model(pipe, eta_model, neg["eta"])
     elif eta_model is None:
-        dense_delta(pipe, path, beta)
+        dense_delta(pipe, path, neg["delta"])
     else:
-        dense_eta_and_delta(pipe, eta_model, path, alpha, beta)
+        dense_eta_and_delta(pipe, eta_model, path, neg["eta"], neg["delta"])
     pipe.npo_beta = float(beta)
 
 

@@ -17,6 +17,7 @@ import ldm
 import lora
 import npo
 import pipeline
+import sampler
 from checkpoint import UserError
 from test_eta_model import perturbed, to01
 
@@ -241,3 +242,18 @@ def test_sdxl_dense_delta_equals_its_lora(tiny_sdxl, tmp_path):
     assert (to01(a) - to01(b)).abs().max() <= ATOL
     plain = pipeline.generate(pipeline.load_pipeline(path), ["a cat", "a dog"], [1, 2], **kw)
     assert (to01(plain) - to01(b)).abs().max() > 10 / 255  # δ does something
+
+
+def test_branch_weights_come_from_npo_weights(models, monkeypatch):
+    """sampler.npo_weights is the one statement of eq. 10: the dense δ's sets run η at its multipliers (here the
+    branches swapped after the weights were built: the picture changes), and a rule that put δ on the positive
+    branch, which a dense δ's weight sets cannot hold, is refused rather than ignored."""
+    pipe = ours(models, "lora", "unet_folder", 0.5, 0.8)
+    kw = dict(KW, alpha=0.5, beta=0.8)
+    before = pipeline.generate(pipe, ["a cat"], [1], **kw)
+    rule = sampler.npo_weights
+    monkeypatch.setattr(sampler, "npo_weights", lambda alpha=1.0, beta=1.0: {
+        name: (cond, uncond) for name, (uncond, cond) in rule(alpha, beta).items()})
+    assert (pipeline.generate(pipe, ["a cat"], [1], **kw) - before).abs().max() > 100 * ATOL
+    with pytest.raises(ValueError, match="positive branch of δ at 0"):
+        pipeline.attach_npo_model(pipeline.load_pipeline(models["base_path"]), models["unet_folder"], 0.8)
