@@ -628,7 +628,8 @@ def two_sets_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance, alph
     both = npo_multipliers(rows, alpha, beta, next(unet_neg.parameters()).device)  # [negative rows; positive rows]
 
     def branch(unet, i):
-        return {k: v[i * rows:(i + 1) * rows] for k, v in both.items() if k in lora.offset_names(unet)}
+        present = lora.offset_names(unet)
+        return {k: v[i * rows:(i + 1) * rows] for k, v in both.items() if k in present}
     w_neg, w_pos = branch(unet_neg, 0), branch(unet_pos, 1)
 
     def denoise(x, t):
@@ -645,7 +646,6 @@ def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
     (η's α is in pipe.unet's weights (dense_eta) and its 1 is θ_ft; θ_ft carries no δ: δ's 0.)"""
     check_built_in(pipe.eta_alpha, alpha, "α", "η", "--eta-model")
     return two_sets_denoiser(pipe.unet, pipe.eta_unet, neg_embeds, pos_embeds, guidance, alpha, beta)
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -717,6 +717,7 @@ def dense_delta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
     at 1). (With --eta-model the negative set is pipe.unet itself, and `dense_eta_denoiser` runs it.)"""
     check_built_in(pipe.npo_beta, beta, "β", "δ", "--npo-model")
     return two_sets_denoiser(pipe.npo_unet, pipe.unet, neg_embeds, pos_embeds, guidance, alpha, beta)
+
 
 def load_offset(pipe, files, name):
     """η or δ from LoRA files, `files` = [(path, weight), ...]: their weighted sum as the offset `name`, on the UNet
