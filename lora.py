@@ -282,6 +282,18 @@ def remove(model, name=None):
             model.set_submodule(layer_name, _rebuild(nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear, layer))
 
 
+def share_offset(source, target, name):
+    """Put `source`'s offset `name` on the same layers of `target` (a model of the same architecture) as the very
+    same modules: one copy of the LoRA's weights serves both models. Their multipliers are shared too, so set them
+    per call (`multipliers`), as the two-pass denoisers of pipeline.py do."""
+    _check_new_name(target, name)
+    for layer_name, offset in offsets(source, name).items():
+        layer = target.get_submodule(layer_name)
+        if not isinstance(layer, LoRAMixin):
+            layer = _rebuild(LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear, layer)
+            target.set_submodule(layer_name, layer)
+        layer.offsets[name] = offset
+
 # ----------------------------------------------------------------------------------------------------------
 # Merging offsets into the weights (the authors' way: fused weights, one weight set per branch).
 
