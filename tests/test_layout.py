@@ -10,6 +10,7 @@ from conftest import ROOT
 LAYERS = {
     "npo": 0,                                                    # the command line
     "experiment": 1,
+    "reproduce": 1,                                              # one command per table of the paper (recipes/)
     "train": 2,                                                  # training
     "evaluate": 2,                                               # scoring folders of samples
     "runs": 3, "data": 3, "losses": 3, "rewards": 3, "shapes": 3, "ddpo": 3, "pipeline": 3,  # its parts; the pipeline
