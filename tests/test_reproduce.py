@@ -114,13 +114,22 @@ def test_an_interrupted_run_continues_to_the_same_bytes(weights, tmp_path, monke
     first, whole = tmp_path / "first", tmp_path / "whole"
     assert run(TINY, weights, first, "--max-prompts", "2", "--sample-only") == 0  # the interrupted run
     before = {k: os.stat(p).st_mtime_ns for k, p in pngs(first).items()}
-    made, loads = [], []
+    made, loads, stop_after = [], [], [3]
     generate, load = pipeline.generate, pipeline.load_pipeline
-    monkeypatch.setattr(pipeline, "generate", lambda pipe, prompts, seeds, *a, **k: (
-        made.extend(seeds), generate(pipe, prompts, seeds, *a, **k))[1])
+
+    def counted(pipe, prompts, seeds, *a, **k):
+        if len(made) == stop_after[0]:
+            raise KeyboardInterrupt  # killed in the middle of a row
+        made.extend(seeds)
+        return generate(pipe, prompts, seeds, *a, **k)
+    monkeypatch.setattr(pipeline, "generate", counted)
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: (loads.append(a[0]), load(*a, **k))[1])
+    with pytest.raises(KeyboardInterrupt):  # one more prompt, interrupted after three images
+        run(TINY, weights, first, "--max-prompts", "3")
+    assert len(pngs(first)) == 16 + 3
+    stop_after[0] = None
     assert run(TINY, weights, first, "--max-prompts", "3") == 0  # continues
-    assert sorted(made) == [4] * 4 + [5] * 4  # prompt 2's two seeds, in each of the 4 rows, nothing else
+    assert sorted(made) == [4] * 4 + [5] * 4  # prompt 2's two seeds, in each of the 4 rows, each once
     assert all(os.stat(pngs(first)[k]).st_mtime_ns == t for k, t in before.items())
     made.clear(), loads.clear()
     assert run(TINY, weights, first, "--max-prompts", "3") == 0  # nothing left to sample: no model loads
