@@ -39,6 +39,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+import blip
 import checkpoint
 import data
 import evaluate
@@ -115,12 +116,12 @@ def read_row(row, recipe, where):
         raise UserError(f"{where} is not an object with a \"name\"; give each row a name and a model.")
     where = f"row {row['name']!r}"
     check_keys(row, ROW_KEYS, where)
-    if "model" not in row:
-        raise UserError(f"{where} names no model; add \"model\": a path under --weights.")
-    for a, b in (("eta", "eta_model"), ("delta", "delta_model")):
+    if not isinstance(row.get("model"), str) or not row["model"]:
+        raise UserError(f"{where} names no model; add \"model\": a path under --weights (or \"{EMBEDDED}\").")
+    for a, b, greek in (("eta", "eta_model", "η"), ("delta", "delta_model", "δ")):
         if row.get(a) and row.get(b):
-            raise UserError(f"{where} gives both {a} and {b}; a row has one {a[:-1] if a == 'delta' else 'η'} "
-                            f"(a LoRA with {a}, a whole model with {b}), so keep one.")
+            raise UserError(f"{where} gives both {a} and {b}; a row has one {greek} (a LoRA with {a}, a whole model "
+                            f"with {b}), so keep one.")
     for key in PATHS:
         if row.get(key) is not None and not isinstance(row[key], str):
             raise UserError(f"{where}: {key} must be a path (text), not {row[key]!r}.")
@@ -172,9 +173,17 @@ def expected_files(recipe):
         paths += [row[k] for k in PATHS if row.get(k) and row[k] != EMBEDDED]
     for spec in recipe["scorers"].values():
         name, _, argument = spec.partition(":")
-        if name in scorers.SCORERS:
+        if name == "imagereward":  # a folder: the files in it, so that none is found missing only after sampling
+            paths += [os.path.join(argument, f) for f in blip.FILES]
+        elif name in scorers.SCORERS:
             paths += scorers.weight_paths(name, argument)
     return list(dict.fromkeys(paths))
+
+
+def source(recipe, path):
+    """Where the recipe says `path` comes from: its own entry in `files`, or its folder's; None if it says nothing."""
+    folders = [k for k in recipe["files"] if path == k or path.startswith(k.rstrip("/") + "/")]
+    return recipe["files"][max(folders, key=len)] if folders else None
 
 
 def check_files(recipe, weights):
@@ -184,7 +193,7 @@ def check_files(recipe, weights):
                         f"names ({', '.join(expected_files(recipe)[:3])}, ...).")
     missing = [p for p in expected_files(recipe) if not os.path.exists(resolve(weights, p))]
     if missing:
-        named = [f"{p} ({recipe['files'][p]})" if p in recipe["files"] else p for p in missing]
+        named = [f"{p} ({source(recipe, p)})" if source(recipe, p) else p for p in missing]
         raise UserError(f"{len(missing)} of the files the recipe {recipe['name']!r} expects "
                         f"{'is' if len(missing) == 1 else 'are'} missing under {weights}: {'; '.join(named)}; put "
                         "them there (or fix --weights).")

@@ -150,9 +150,10 @@ def test_missing_files_are_one_sentence_naming_each(tmp_path, capsys):
     os.makedirs(tmp_path / "w" / "PickScore_v1")  # one file there: it is not named
     assert run(os.path.join(RECIPES, "table1-sd15.json"), str(tmp_path / "w"), tmp_path / "R") == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and err.startswith("error: 12 of the files")
+    assert "\n" not in err and err.startswith(f"error: {len(expected) - 1} of the files")
     assert all(p in err for p in expected if p != "PickScore_v1") and "PickScore_v1 (" not in err
     assert "mhdang/dpo-sd1.5-text2image-v1" in err  # where to get it
+    assert "ImageReward/med_config.json (THUDM/ImageReward" in err  # a file in a folder, and the folder's source
     assert not os.path.exists(tmp_path / "R")
 
 
@@ -177,7 +178,9 @@ def set_row(k, **values):
     (lambda r: r.update(size=60), "not a multiple of 8"),
     (lambda r: r.update(baseline="SD"), "baseline 'SD', which is not a row"),
     (set_row(1, name="base"), "two rows of the name 'base'"),
-    (set_row(2, eta_model="m"), "gives both eta and eta_model"),
+    (set_row(2, eta_model="m"), "gives both eta and eta_model; a row has one η"),
+    (set_row(1, delta_model="m"), "gives both delta and delta_model; a row has one δ"),
+    (set_row(0, model=None), "row 'base' names no model"),
     (set_row(1, beta=-1), "beta must be a number of at least 0"),
     (set_row(1, lora="x"), "unknown field lora"),
     (lambda r: r.update(rows=r["rows"][:1]), "at least two rows"),
@@ -258,7 +261,7 @@ def test_the_shipped_recipes_are_the_papers_tables():
     assert [r["alpha"] for r in t1["rows"][-2:]] == [1.0, 0.6]
     for recipe in (t1, t2):
         assert list(recipe["scorers"]) == ["PickScore", "HPSv2", "ImageReward", "Aesthetic"]
-        assert set(reproduce.expected_files(recipe)) <= set(recipe["files"])
+        assert all(reproduce.source(recipe, p) for p in reproduce.expected_files(recipe))
         assert recipe["prompts"] == "pickapic/test_unique.parquet"
 
 
