@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import images
 import npo
 import pipeline
 import reproduce
@@ -75,7 +76,7 @@ def test_every_row_is_sampled_as_the_pipeline_samples_it(tiny_run, weights):
 
 
 def pipeline_pixels(x):
-    import images
+    """The first image of `generate`'s output as the 8-bit pixels a PNG holds."""
     return np.asarray(images.to_pil(x)[0])
 
 
@@ -275,3 +276,19 @@ def test_prompts_come_from_the_parquet_file(tmp_path):
     assert reproduce.read_prompts(recipe, str(tmp_path), 2) == ["a cat", "a dog"]
     with pytest.raises(UserError, match="list of prompts"):
         reproduce.read_prompts({"prompts": [], "max_prompts": None}, str(tmp_path))
+
+
+def test_a_model_as_eta_samples_as_the_pipeline_does(weights, tmp_path):
+    """A row with eta_model (here the embedded model itself as θ_ft) and a δ LoRA at α = 0.6: its image is the
+    pipeline's with pipeline.attach_eta_model at that α, called directly."""
+    recipe = write_recipe(tmp_path, set_row(3, eta=None, eta_model="(embedded)", alpha=0.6))
+    assert run(recipe, weights, tmp_path / "R", "--max-prompts", "1", "--sample-only") == 0
+    pipe = pipeline.load_pipeline(pipeline.DEFAULT_MODEL)
+    pipeline.load_offset(pipe, [(os.path.join(weights, "npo.safetensors"), 1.0)], "delta")
+    pipeline.attach_eta_model(pipe, pipeline.DEFAULT_MODEL, 0.6)
+    r = reproduce.read_recipe(recipe)
+    expected = pipeline.generate(pipe, [r["prompts"][0]], [1], steps=r["steps"], guidance=r["guidance"], alpha=0.6,
+                                 beta=1.0, sampler=r["sampler"])
+    with Image.open(tmp_path / "R" / "samples" / "DPO_NPO" / "00000-seed1.png") as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), pipeline_pixels(expected))
+        assert "NPO eta model: (embedded)" in image.text["parameters"]
