@@ -307,6 +307,9 @@ def sample_row(recipe, row, jobs, out, weights, options):
                               row["guidance"], 0.0, row["alpha"], row["beta"], size, size, sampler=row["sampler"])
         for (k, prompt, seed), picture in zip(batch, images.to_pil(x)):
             images.save_png(picture, image_path(out, row, k, seed), parameters(recipe, row, prompt, seed))
+        done = start + len(batch)
+        if done * 10 // len(todo) != start * 10 // len(todo):  # a line every tenth of the row
+            print(f"{row['name']}: {done}/{len(todo)} sampled", file=sys.stderr, flush=True)
     del pipe
     return len(todo)
 
@@ -430,7 +433,9 @@ def add_arguments(p):
                                                 "winrates.png, results.json. Run again to continue an interrupted run")
     p.add_argument("--max-prompts", type=int, help="only the first N prompts (a quick look; a later run with more "
                                                    "samples only the rest)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per sampling forward (default 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images per sampling forward (default 1); continue a run at the batch size it began with: "
+                        "another may round a pixel differently")
     p.add_argument("--score-batch-size", type=int, default=8, help="images per scorer forward (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations of the models that sample (float16 on CUDA only)")
