@@ -266,14 +266,15 @@ def missing_jobs(recipe, row, jobs, out):
     return todo
 
 
-def attach_delta_model(pipe, path, alpha, beta):
-    """δ = θ_δ − θ from a whole model (a dense δ, as the authors' SDXL NPO weights are), on the negative branch at β:
-    pipeline.attach_npo_model (npo.py sample --npo-model) does it."""
+def attach_delta_model(pipe, path, beta, eta_model, alpha):
+    """δ = θ_δ − θ from a whole model (a dense δ, as the authors' SDXL NPO weights are), on the negative branch at β,
+    and a whole-model η (`eta_model`, or None) at α with it: pipeline.attach_npo_model (npo.py sample --npo-model)
+    does both, before θ + α·η is made of θ."""
     attach = getattr(pipeline, "attach_npo_model", None)
     if attach is None:
         raise UserError(f"rows with a dense δ (delta_model {path}) need --npo-model support, which this npo lacks; "
                         "drop those rows or update npo.")
-    attach(pipe, path, alpha, beta)
+    attach(pipe, path, beta, eta_model, alpha)
 
 
 def load_row(row, weights, dtype, device):
@@ -283,10 +284,11 @@ def load_row(row, weights, dtype, device):
     for key, name in (("eta", "eta"), ("delta", "delta")):
         if row[key]:
             pipeline.load_offset(pipe, [(resolve(weights, row[key]), 1.0)], name)
-    if row["eta_model"]:
-        pipeline.attach_eta_model(pipe, resolve(weights, row["eta_model"]), row["alpha"])
-    if row["delta_model"]:
-        attach_delta_model(pipe, resolve(weights, row["delta_model"]), row["alpha"], row["beta"])
+    eta_model = resolve(weights, row["eta_model"]) if row["eta_model"] else None
+    if row["delta_model"]:  # δ = θ_δ − θ needs θ, so it comes first, with a whole-model η
+        attach_delta_model(pipe, resolve(weights, row["delta_model"]), row["beta"], eta_model, row["alpha"])
+    elif eta_model:
+        pipeline.attach_eta_model(pipe, eta_model, row["alpha"])
     sampler.check_steps(row["sampler"], pipe.scheduler_config, row["steps"], not pipe.is_sdxl)
     return pipe
 

@@ -216,9 +216,12 @@ def test_an_image_of_other_settings_is_refused(weights, tmp_path, capsys):
 
 
 def test_a_dense_delta_goes_through_attach_npo_model(weights, tmp_path, monkeypatch, capsys):
-    """A row's δ model is handed to pipeline.attach_npo_model (npo.py sample --npo-model) with the row's α and β;
-    without that function the recipe is refused before anything is sampled."""
-    recipe = write_recipe(tmp_path, set_row(1, delta=None, delta_model="(embedded)", alpha=0.5, beta=0.25))
+    """A row's δ model is handed to pipeline.attach_npo_model (npo.py sample --npo-model) with the row's β, its
+    whole-model η and α (the signature of branch npomodel's); without that function the recipe is refused before
+    anything is sampled."""
+    recipe = write_recipe(tmp_path, lambda r: (set_row(1, delta=None, delta_model="(embedded)", alpha=0.5, beta=0.25)(r),
+                                               set_row(3, eta=None, eta_model="(embedded)", delta=None,
+                                                       delta_model="(embedded)")(r)))
     monkeypatch.delattr(pipeline, "attach_npo_model", raising=False)
     assert run(recipe, weights, tmp_path / "R") == 2
     assert "need --npo-model support" in capsys.readouterr().err
@@ -226,7 +229,8 @@ def test_a_dense_delta_goes_through_attach_npo_model(weights, tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(pipeline, "attach_npo_model", lambda pipe, *a: calls.append(a), raising=False)
     assert run(recipe, weights, tmp_path / "R", "--max-prompts", "1", "--sample-only") == 0
-    assert calls == [(pipeline.DEFAULT_MODEL, 0.5, 0.25)]
+    m = pipeline.DEFAULT_MODEL
+    assert calls == [(m, 0.25, None, 0.5), (m, 1.0, m, 1.0)]  # the whole-model η goes with δ, not attached before
 
 
 def test_bars_reach_their_win_rate():
