@@ -4,6 +4,7 @@
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
     python npo.py evaluate out/base out/npo --scorer pickscore:PickScore_v1 --out report   # tables 1-3, fig. 7
     python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
+    python npo.py reproduce recipes/table1-sd15.json --weights DIR --out repro   # one command per table (1, 2; fig. 7)
     python npo.py info --model PATH        # what a model folder or single file holds, loaded strictly
     python npo.py extract-lora --base SD15 --tuned ft.safetensors --rank 64 --out eta.safetensors   # η as a LoRA
 
@@ -30,6 +31,7 @@ import images
 import lora
 import pipeline
 import prompt_syntax
+import reproduce
 import sampler
 import train
 import trainconfig
@@ -706,6 +708,11 @@ def build_parser():
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
     experiment.add_arguments(p)
     p.set_defaults(func=experiment.main)
+
+    p = sub.add_parser("reproduce", help="sample and score a table of the paper from a recipe (recipes/): table 1's "
+                                         "means and fig. 7's win rates; run again to continue an interrupted run")
+    reproduce.add_arguments(p)
+    p.set_defaults(func=reproduce.main)
     return parser
 
 

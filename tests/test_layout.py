@@ -10,6 +10,7 @@ from conftest import ROOT
 LAYERS = {
     "npo": 0,                                                    # the command line
     "experiment": 1,
+    "reproduce": 1,                                              # one command per table of the paper (recipes/)
     "train": 2,                                                  # training: the loop and the table of methods
     "evaluate": 2,                                               # scoring folders of samples
     "method_dpo": 3, "method_reward": 3, "method_ddpo": 3,       # one module per training method
