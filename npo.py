@@ -257,6 +257,8 @@ def check_sample_arguments(args):
         raise UserError("--compare shows the effect of δ; pass the NPO offset with --npo.")
     args.alpha = 1.0 if args.alpha is None else args.alpha
     args.beta = 1.0 if args.beta is None else args.beta
+    if args.guidance_method == "autoguidance" and args.guider is None:  # the paper's: θ itself on ε_neg, eq. 10 at 0, 0
+        args.alpha, args.beta = 0.0, 0.0
     for name, values in (("alpha", sweep_a or [args.alpha]), ("beta", sweep_b or [args.beta])):
         if any(not 0 <= v <= 1 for v in values):
             warn(f"{name} outside [0, 1] extrapolates beyond the paper's range (eq. 10).")
@@ -311,7 +313,6 @@ def check_guider_arguments(args):
         if not (args.lora or args.eta_model):
             raise UserError("the paper's autoguidance guides η's model away from the base model; pass η with --lora "
                             "or --eta-model, or --auto-layers for a layer-skipped weak model.")
-        args.alpha, args.beta = 0.0, 0.0
 
 
 def guider_settings(args):
