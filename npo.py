@@ -615,20 +615,7 @@ def add_sample_arguments(p):
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
-    p.add_argument("--guidance-method", choices=["cfg", "seg", "autoguidance"], default="cfg",
-                   help="cfg: classifier-free guidance with NPO's eq. 10 (default). seg: Smoothed Energy Guidance "
-                        "(Hong 2024), ε = ε_neg + g·(ε_pos − ε_neg) + s·(ε_pos − ε_seg), ε_seg the conditional "
-                        "branch with its self-attention queries blurred (the paper's table 5). autoguidance: the "
-                        "unconditional branch runs a weak model: the base θ, with η given (the paper's tables 5-6; "
-                        "eq. 10 at α = β = 0), or with --auto-layers the model with those blocks skipped (diffusers')")
-    p.add_argument("--seg-scale", type=finite_float, help="SEG's scale s ≥ 0 (default 3, the SEG authors')")
-    p.add_argument("--seg-sigma", type=float, help="SEG's Gaussian blur σ of the queries over the token grid, > 0; "
-                                                   "above 9999, or inf, the mean query (default inf, the authors')")
-    p.add_argument("--seg-layers", help="SEG's blurred layers, comma-separated: down, mid, up (all blocks of the "
-                                        "part) or one transformer block, d<i>, m<i>, u<i> (default mid, the authors')")
-    p.add_argument("--auto-layers", help="autoguidance's weak model: the transformer blocks to skip on the "
-                                         "unconditional branch, named as --seg-layers (diffusers' AutoGuidance at "
-                                         "dropout 1); without it the weak model is the base θ (the paper's)")
+    add_guider_arguments(p)
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
                    help="ddim; dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, the "
                         "paper's evaluation sampler (25 steps); dpmpp-2m-karras: the same on Karras sigmas (A1111's "
@@ -671,6 +658,24 @@ def add_sample_arguments(p):
                         "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
     # the files' A1111 hashes for the PNG parameters (filled in by load_for_sampling); the guider (check_guider_arguments)
     p.set_defaults(hashes={}, guider=None)
+
+
+def add_guider_arguments(p):
+    """--guidance-method and its settings: the appendix's training-free baselines beside NPO (tables 5-6)."""
+    p.add_argument("--guidance-method", choices=["cfg", "seg", "autoguidance"], default="cfg",
+                   help="cfg: classifier-free guidance with NPO's eq. 10 (default). seg: Smoothed Energy Guidance "
+                        "(Hong 2024), ε = ε_neg + g·(ε_pos − ε_neg) + s·(ε_pos − ε_seg), ε_seg the conditional "
+                        "branch with its self-attention queries blurred (the paper's table 5). autoguidance: the "
+                        "unconditional branch runs a weak model: the base θ, with η given (the paper's tables 5-6; "
+                        "eq. 10 at α = β = 0), or with --auto-layers the model with those blocks skipped (diffusers')")
+    p.add_argument("--seg-scale", type=finite_float, help="SEG's scale s ≥ 0 (default 3, the SEG authors')")
+    p.add_argument("--seg-sigma", type=float, help="SEG's Gaussian blur σ of the queries over the token grid, > 0; "
+                                                   "above 9999, or inf, the mean query (default inf, the authors')")
+    p.add_argument("--seg-layers", help="SEG's blurred layers, comma-separated: down, mid, up (all blocks of the "
+                                        "part) or one transformer block, d<i>, m<i>, u<i> (default mid, the authors')")
+    p.add_argument("--auto-layers", help="autoguidance's weak model: the transformer blocks to skip on the "
+                                         "unconditional branch, named as --seg-layers (diffusers' AutoGuidance at "
+                                         "dropout 1); without it the weak model is the base θ (the paper's)")
 
 
 def add_evaluate_arguments(p):
