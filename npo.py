@@ -31,6 +31,7 @@ import pipeline
 import prompt_syntax
 import sampler
 import train
+import trainconfig
 from checkpoint import UserError, finite_float
 from pipeline import DEFAULT_MODEL
 
@@ -533,7 +534,7 @@ def cmd_sample(args):
 
 
 def cmd_train(args):
-    return train.main(args)
+    return train.train(trainconfig.from_namespace(args))
 
 
 def cmd_evaluate(args):
@@ -615,7 +616,28 @@ def add_sample_arguments(p):
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
+    add_sampler_arguments(p)
     add_guider_arguments(p)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
+    p.add_argument("--mode", choices=["batched", "merged"], default="batched",
+                   help="batched: one forward of [x_t; x_t] with per-row LoRA weights (one copy of θ); "
+                        "merged: the authors' two merged UNets, two passes per step (a reference)")
+    p.add_argument("--compare", action="store_true", help="per prompt, a side-by-side image without and with NPO at one seed")
+    p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
+    p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
+    p.add_argument("--out", default="out",
+                   help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
+                        "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
+                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
+    # the files' A1111 hashes for the PNG parameters (filled in by load_for_sampling); the guider (check_guider_arguments)
+    p.set_defaults(hashes={}, guider=None)
+
+
+def add_sampler_arguments(p):
+    """The sampler, its steps and the picture's size, the settings A1111 users paste."""
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
                    help="ddim; dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, the "
                         "paper's evaluation sampler (25 steps); dpmpp-2m-karras: the same on Karras sigmas (A1111's "
@@ -642,22 +664,6 @@ def add_sample_arguments(p):
                    help="SDXL's size conditioning: the crop's top-left corner (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"),
                    help="SDXL's size conditioning: the target image size (default: --height --width)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
-    p.add_argument("--mode", choices=["batched", "merged"], default="batched",
-                   help="batched: one forward of [x_t; x_t] with per-row LoRA weights (one copy of θ); "
-                        "merged: the authors' two merged UNets, two passes per step (a reference)")
-    p.add_argument("--compare", action="store_true", help="per prompt, a side-by-side image without and with NPO at one seed")
-    p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
-    p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
-    p.add_argument("--out", default="out",
-                   help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
-                        "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
-                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
-    # the files' A1111 hashes for the PNG parameters (filled in by load_for_sampling); the guider (check_guider_arguments)
-    p.set_defaults(hashes={}, guider=None)
 
 
 def add_guider_arguments(p):
@@ -703,7 +709,7 @@ def build_parser():
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT, a reward, or RL: DDPO)")
-    train.add_arguments(p)
+    trainconfig.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "

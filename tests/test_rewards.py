@@ -11,13 +11,16 @@ from PIL import Image
 from safetensors import safe_open
 
 import lora
+import machinery
+import method_reward
 import npo
 import pipeline
 import rewards
 import shapes
 import train
+import trainconfig
 from checkpoint import UserError
-from conftest import diffusers_pipeline
+from conftest import diffusers_reference, record_calls
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,12 +72,18 @@ def test_load_by_name(tmp_path, monkeypatch):
     assert rewards.load("rewards:brightness") is rewards.brightness
     (tmp_path / "my_reward_module.py").write_text(
         "import torch\ndef redness(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "greenness.py").write_text("def score(images, prompts):\n    return images[:, 1].mean(dim=(1, 2))\n")
     monkeypatch.chdir(tmp_path)
     path_before = list(sys.path)
-    assert rewards.load("my_reward_module:redness")(torch.ones(2, 3, 2, 2), None).tolist() == [1.0, 1.0]
-    assert sys.path == path_before  # the current folder was on the path for that import only
+    ones = torch.ones(2, 3, 2, 2)
+    assert rewards.load("my_reward_module:redness")(ones, None).tolist() == [1.0, 1.0]  # ./my_reward_module.py
+    assert rewards.load("sub/greenness.py:score")(ones * 0.5, None).tolist() == [0.5, 0.5]  # a file path
+    assert rewards.load(f"{tmp_path / 'sub' / 'greenness.py'}:score")(ones, None).tolist() == [1.0, 1.0]
+    assert sys.path == path_before  # the files are loaded from their paths: sys.path is never touched
     for spec, message in (("brightness", "module:function"), ("no_such_module_x:f", "cannot import"),
-                          ("rewards:no_such_reward", "no function")):
+                          ("rewards:no_such_reward", "no function"), ("sub/missing.py:score", "no file sub/missing.py"),
+                          ("sub/greenness.py:nothing", "no function nothing")):
         with pytest.raises(UserError, match=message):
             rewards.load(spec)
 
@@ -176,20 +185,8 @@ def test_reward_training_raises_r_and_npo_lowers_it(tiny_model, prompts_file, tm
 def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, tmp_path, monkeypatch):
     model, _ = tiny_model
     calls = []
-    load = pipeline.load_pipeline
-
-    def recording_pipeline(path, dtype, device, **options):
-        pipe = load(path, dtype, device, **options)
-        forward = pipe.unet.forward
-
-        def recorded(x, t, context):
-            calls.append((int(t), torch.is_grad_enabled()))
-            return forward(x, t, context)
-        pipe.unet.forward = recorded
-        return pipe
-
-    monkeypatch.setattr(pipeline, "load_pipeline", recording_pipeline)
-    train.main(train.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
+    record_calls(monkeypatch, "unet", "forward", lambda x, t, context: calls.append((int(t), torch.is_grad_enabled())))
+    train.train(trainconfig.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
                                  *FAST, "--reward", "rewards:brightness", "--steps", "1", "--sample-steps", "5",
                                  "--grad-steps", "2"]))
     # 5 sampling calls, of which only the last 2 build a graph (the first 3 run under no_grad), then the backward
@@ -237,6 +234,8 @@ def test_reward_bad_inputs(tiny_model, prompts_file, tmp_path, capsys, monkeypat
     assert "--reward-range" in capsys.readouterr().err
     assert npo.main(["train", "--model", model, "--out", str(out), *FAST, "--reward", "rewards:brightness"]) == 2
     assert "--prompts-file" in capsys.readouterr().err
+    assert run(model, prompts_file, out, "--reward", "no_such_dir/missing.py:score") == 2
+    assert "no file no_such_dir/missing.py" in capsys.readouterr().err
     assert run(model, prompts_file, out, "--reward", "rewards:brightness", "--grad-steps", "9") == 2
     assert "exceeds --sample-steps" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
@@ -281,16 +280,17 @@ def test_a_plain_reward_function_trains_up_and_with_npo_down(tiny_model, prompts
 
 def our_gradients(model, files, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method reward` on the given offsets: {(role, layer, "down"|"up"): grad}."""
-    args = train.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
+    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
                              "--reward", "rewards:brightness", "--prompts-file", prompts_file, "--resolution", "16",
                              "--batch-size", "2", "--device", "cpu", *flags])
-    train.check_arguments(args)
+    trainconfig.check(args)
     pipe = pipeline.load_pipeline(model)
     for role, path in files.items():
         lora.load_lora(pipe.unet, path, role)
         for p in lora.parameters(pipe.unet, role):
             p.requires_grad_(True)
-    micro_step = train.reward_micro_step(args, pipe, ["a red circle", "a blue square"], files, "cpu")
+    run = machinery.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files=files)
+    micro_step = method_reward.micro_step(run, ["a red circle", "a blue square"])
     micro_step(0, 1.0)
     return {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
             for role in files for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
@@ -300,22 +300,10 @@ def reference_gradients(model, refs, files, steps, k, guidance, neg_weights, pos
     """The same step from diffusers parts: the example's prompt and x_T drawn from its generator as training draws
     them, then DDIM with the peft adapters at `neg_weights` for ε_neg and `pos_weights` for ε_pos (two forwards),
     the first steps − k under no_grad, decode, loss = −mean brightness, plain backward."""
-    from diffusers import DDIMScheduler
-    prompts = ["a red circle", "a blue square"]
-    pipe = diffusers_pipeline(model, refs)
-    for role, path in files.items():
-        pipe.load_lora_weights(path, adapter_name=role)
-    for name, p in pipe.unet.named_parameters():
-        p.requires_grad_("lora_" in name)
-    gens = [train.example_generator(0, j) for j in range(2)]
-    chosen = [prompts[int(torch.randint(2, (1,), generator=g))] for g in gens]
-    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-    with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
-    scheduler.set_timesteps(steps)
-    names = list(files)
+    ref = diffusers_reference(model, refs, files, ["a red circle", "a blue square"],
+                              [machinery.example_generator(0, j) for j in range(2)], steps, lambda name: "lora_" in name)
+    pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
+                                                   ref.names)
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i >= steps - k):
             pipe.set_adapters(names, [neg_weights[n] for n in names])
