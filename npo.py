@@ -25,6 +25,7 @@ import checkpoint
 import data
 import evaluate
 import experiment
+import guiders
 import images
 import lora
 import pipeline
@@ -185,7 +186,7 @@ def a1111_parameters(args, job, size):
     if "Lora hashes" in hashes:
         settings["Lora hashes"] = hashes["Lora hashes"]
     settings["NPO mode"] = "dense eta" if args.eta_model else args.mode
-    settings.update(guider_settings(args))
+    settings.update(guiders.png_settings(args))
     return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + \
         ", ".join(f"{k}: {a1111_quote(v)}" for k, v in settings.items())
 
@@ -218,7 +219,7 @@ def parse_lora(text):
 
 def check_sample_arguments(args):
     """Everything a user can get wrong, checked before the model loads; fills in α and β. Returns the sweeps."""
-    check_guider_arguments(args)
+    args.guider = guiders.from_arguments(args)
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value is not None and (value <= 0 or value % 8):
@@ -266,67 +267,6 @@ def check_sample_arguments(args):
     if args.dtype == "float16" and args.device == "cpu":
         raise UserError("--dtype float16 is not supported on CPU; use bfloat16 or float32.")
     return sweep_a, sweep_b
-
-
-def parse_layers(text, flag):
-    """--seg-layers / --auto-layers: a comma list of transformer-block names (pipeline.named_blocks checks them
-    against the model once it is loaded)."""
-    names = tuple(n.strip() for n in text.split(","))
-    for name in names:
-        if not re.fullmatch(r"down|mid|up|[dmu]\d+", name):
-            raise UserError(f"{flag} {text}: {name!r} is not a layer name; use down, mid, up, or one block such as "
-                            "d0, m0, u3, comma-separated.")
-    return names
-
-
-def check_guider_arguments(args):
-    """--guidance-method and its flags: sets args.guider (a pipeline.Guider, or None for plain CFG and for the paper's
-    autoguidance, which is plain CFG with the base θ on the unconditional branch: eq. 10 at α = β = 0)."""
-    method, args.guider = args.guidance_method, None
-    owners = {"--seg-scale": "seg", "--seg-sigma": "seg", "--seg-layers": "seg", "--auto-layers": "autoguidance"}
-    for flag, owner in owners.items():
-        if getattr(args, flag[2:].replace("-", "_")) is not None and method != owner:
-            raise UserError(f"{flag} is a setting of --guidance-method {owner}; drop it or pass that method.")
-    if method == "cfg":
-        return
-    if args.guidance is not None and args.guidance <= 1 and method == "autoguidance":
-        raise UserError("autoguidance pushes away from the weak model through the CFG scale; pass --guidance above 1.")
-    if (method == "seg" or args.auto_layers) and (args.mode == "merged" or args.eta_model):
-        raise UserError(f"--guidance-method {method} perturbs rows of the one batched forward of θ with LoRA offsets; "
-                        f"drop {'--mode merged' if args.mode == 'merged' else '--eta-model (give η as a --lora)'}.")
-    if method == "seg":
-        sigma = math.inf if args.seg_sigma is None else args.seg_sigma
-        scale = 3.0 if args.seg_scale is None else args.seg_scale
-        if not sigma > 0:
-            raise UserError(f"--seg-sigma {sigma:g} is not a blur; pass a positive σ (e.g. 3), or inf for the mean query.")
-        if not 0 <= scale < math.inf:
-            raise UserError(f"--seg-scale {scale:g} must be a number ≥ 0 (the SEG authors use 3).")
-        args.guider = pipeline.Guider("seg", parse_layers(args.seg_layers or "mid", "--seg-layers"), scale, sigma)
-    elif args.auto_layers is not None:
-        args.guider = pipeline.Guider("autoguidance", parse_layers(args.auto_layers, "--auto-layers"))
-    else:
-        given = [f for f, v in (("--alpha", args.alpha), ("--beta", args.beta), ("--npo", args.npo),
-                                ("--sweep-alpha", args.sweep_alpha), ("--sweep-beta", args.sweep_beta),
-                                ("--compare", args.compare or None)) if v is not None]
-        if given:
-            raise UserError(f"the paper's autoguidance fixes the unconditional branch to the base model (α = β = 0), "
-                            f"so {given[0]} has no place; drop it, or pass --auto-layers for a layer-skipped weak model.")
-        if not (args.lora or args.eta_model):
-            raise UserError("the paper's autoguidance guides η's model away from the base model; pass η with --lora "
-                            "or --eta-model, or --auto-layers for a layer-skipped weak model.")
-
-
-def guider_settings(args):
-    """The guidance method's PNG parameters (none for plain CFG, whose parameters stay A1111's)."""
-    method = getattr(args, "guidance_method", "cfg")
-    g = getattr(args, "guider", None)
-    if method == "seg":
-        return {"Guidance method": "SEG", "SEG scale": g.seg_scale, "SEG sigma": g.seg_sigma,
-                "SEG layers": ",".join(g.layers)}
-    if method == "autoguidance":
-        return {"Guidance method": "autoguidance", **({"Autoguidance layers": ",".join(g.layers)} if g else
-                                                      {"Autoguidance weak model": "base"})}
-    return {}
 
 
 def check_eta_model_arguments(args):
@@ -491,7 +431,7 @@ def check_model_arguments(args, pipe):
     if args.guidance is None:
         args.guidance = pipe.default_guidance
     if args.guider is not None:  # the layer names against this UNet's blocks
-        pipeline.named_blocks(pipe.unet, args.guider.layers, f"--{args.guider.method.replace('autoguidance', 'auto')}-layers")
+        guiders.named_blocks(pipe.unet, args.guider.layers, f"--{args.guider.method.replace('autoguidance', 'auto')}-layers")
     sizes = [f for f in ("original_size", "crop_top_left", "target_size") if getattr(args, f) is not None]
     if sizes and not pipe.is_sdxl:
         raise UserError(f"--{sizes[0].replace('_', '-')} is SDXL's size conditioning and {args.model} is not an SDXL "
@@ -617,7 +557,7 @@ def add_sample_arguments(p):
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
     add_sampler_arguments(p)
-    add_guider_arguments(p)
+    guiders.add_arguments(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
@@ -664,24 +604,6 @@ def add_sampler_arguments(p):
                    help="SDXL's size conditioning: the crop's top-left corner (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"),
                    help="SDXL's size conditioning: the target image size (default: --height --width)")
-
-
-def add_guider_arguments(p):
-    """--guidance-method and its settings: the appendix's training-free baselines beside NPO (tables 5-6)."""
-    p.add_argument("--guidance-method", choices=["cfg", "seg", "autoguidance"], default="cfg",
-                   help="cfg: classifier-free guidance with NPO's eq. 10 (default). seg: Smoothed Energy Guidance "
-                        "(Hong 2024), ε = ε_neg + g·(ε_pos − ε_neg) + s·(ε_pos − ε_seg), ε_seg the conditional "
-                        "branch with its self-attention queries blurred (the paper's table 5). autoguidance: the "
-                        "unconditional branch runs a weak model: the base θ, with η given (the paper's tables 5-6; "
-                        "eq. 10 at α = β = 0), or with --auto-layers the model with those blocks skipped (diffusers')")
-    p.add_argument("--seg-scale", type=finite_float, help="SEG's scale s ≥ 0 (default 3, the SEG authors')")
-    p.add_argument("--seg-sigma", type=float, help="SEG's Gaussian blur σ of the queries over the token grid, > 0; "
-                                                   "above 9999, or inf, the mean query (default inf, the authors')")
-    p.add_argument("--seg-layers", help="SEG's blurred layers, comma-separated: down, mid, up (all blocks of the "
-                                        "part) or one transformer block, d<i>, m<i>, u<i> (default mid, the authors')")
-    p.add_argument("--auto-layers", help="autoguidance's weak model: the transformer blocks to skip on the "
-                                         "unconditional branch, named as --seg-layers (diffusers' AutoGuidance at "
-                                         "dropout 1); without it the weak model is the base θ (the paper's)")
 
 
 def add_evaluate_arguments(p):

@@ -36,6 +36,7 @@ import torch
 
 import checkpoint
 import clip
+import guiders
 import lora
 import prompt_syntax
 import sampler
@@ -558,37 +559,6 @@ def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
 # ----------------------------------------------------------------------------------------------------------
 # The appendix's training-free baselines (tables 5-6): guidance away from a perturbed UNet, beside NPO.
 
-@dataclass
-class Guider:
-    """A guidance method beside plain CFG (npo.py's --guidance-method), its "bad" prediction from the same UNet:
-    "seg": Smoothed Energy Guidance, the self-attention queries of `layers` blurred by `seg_sigma` on a third,
-    conditional branch weighted `seg_scale` (`sampler.seg_combine`); "autoguidance": the unconditional branch runs
-    a weak model, the transformer blocks `layers` skipped (diffusers' AutoGuidance). `layers` are names
-    (`named_blocks`). The paper's own autoguidance rows, the base θ as the weak model, are plain CFG at α = β = 0."""
-    method: str = "cfg"
-    layers: tuple = ("mid",)
-    seg_scale: float = 3.0
-    seg_sigma: float = float("inf")
-
-
-def named_blocks(model, names, flag="layers"):
-    """The transformer blocks named in `names`: a part, "down", "mid" or "up" (all its blocks), or one block,
-    "d<i>", "m<i>", "u<i>", counted in module order within the part (the SEG authors' `seg_applied_layers_index`)."""
-    parts = unet.transformer_blocks(model)
-    chosen = []
-    for name in names:
-        part = {"d": "down", "m": "mid", "u": "up"}.get(name[:1])
-        if name in parts:
-            chosen += parts[name]
-        elif part and name[1:].isdigit() and int(name[1:]) < len(parts[part]):
-            chosen.append(parts[part][int(name[1:])])
-        else:
-            ranges = ", ".join(f"{p[0]}0-{p[0]}{len(b) - 1}" for p, b in parts.items() if b)
-            raise UserError(f"{flag} {name} names no transformer block of this UNet; use down, mid, up, or one "
-                            f"block of {ranges}.")
-    return chosen
-
-
 def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, beta=1.0):
     """ε(x_t, t) of SEG beside NPO, one batched forward of [x_t; x_t; x_t]: the unconditional rows (c', θ + α·η + β·δ),
     the conditional rows (c, θ + η), and SEG's rows, the conditional branch again with its queries blurred in the
@@ -607,10 +577,10 @@ def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, bet
         branches = (pos_embeds, pos_embeds)
     weights = {k: v for k, v in weights.items() if k in set(lora.offset_names(model))}
     context, n = cat_conditioning(*branches), len(branches)
-    blocks = named_blocks(model, guider.layers, "--seg-layers")
+    blocks = guiders.named_blocks(model, guider.layers, "--seg-layers")
 
     def denoise(x, t):
-        with lora.multipliers(model, **weights), unet.smoothed_queries(blocks, guider.seg_sigma, slice((n - 1) * b, None)):
+        with lora.multipliers(model, **weights), guiders.smoothed_queries(blocks, guider.seg_sigma, slice((n - 1) * b, None)):
             eps = run_unet(model, torch.cat([x] * n), t, context).chunk(n)
         eps_neg, eps_pos, eps_seg = eps if n == 3 else (eps[0], *eps)  # without CFG ε_neg = ε_pos, and g drops out
         return sampler.seg_combine(eps_neg, eps_pos, eps_seg, guidance, guider.seg_scale)
@@ -621,11 +591,11 @@ def autoguidance_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha
     """ε(x_t, t) of autoguidance as diffusers' guider runs it: CFG whose unconditional branch is a weak model, the
     same weights (eq. 10's θ + α·η + β·δ) with the transformer blocks `guider.layers` skipped on its rows."""
     cfg = npo_denoiser(model, neg_embeds, pos_embeds, guidance, alpha, beta)
-    blocks = named_blocks(model, guider.layers, "--auto-layers")
+    blocks = guiders.named_blocks(model, guider.layers, "--auto-layers")
     b = len(as_kwargs(pos_embeds)["encoder_hidden_states"])
 
     def denoise(x, t):
-        with unet.skipped_blocks(blocks, slice(0, b)):  # the first b rows of [x_t; x_t] are the unconditional ones
+        with guiders.skipped_blocks(blocks, slice(0, b)):  # the first b rows of [x_t; x_t] are the unconditional ones
             return cfg(x, t)
     return denoise
 
@@ -781,7 +751,7 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     attached (`attach_eta_model`) both modes run its two weight sets (`dense_eta_denoiser`).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
     (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0). `guider`: SEG or
-    autoguidance beside NPO (`Guider`; None is plain CFG), batched mode with η as a LoRA."""
+    autoguidance beside NPO (`guiders.Guider`; None is plain CFG), batched mode with η as a LoRA."""
     height, width = height or pipe.image_size, width or pipe.image_size
     guidance = pipe.default_guidance if guidance is None else guidance
     prompts = list(prompts)

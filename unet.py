@@ -4,7 +4,6 @@ Attribute names are diffusers' state-dict keys (`down_blocks.0.attentions.1.tran
 so a diffusers checkpoint loads with one strict `load_state_dict`. Both models are built in loops from the
 fields of their `config.json`, so the tests run the same code at tiny sizes.
 """
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Union
@@ -207,34 +206,6 @@ def attention(q, k, v, heads, upcast=False):
     return out.transpose(1, 2).reshape(b, n, inner).to(dtype)
 
 
-SEG_INFINITE_SIGMA = 9999.0  # SEG's threshold: a larger σ is the infinite blur, every token's query the mean
-
-
-def smooth_query(q, h, w, sigma):
-    """Smoothed Energy Guidance (Hong 2024): blur the self-attention query (B, H*W, C) over its (H, W) token grid by
-    a Gaussian of std σ, per channel; σ > 9999 is the infinite blur, the mean query. Blurring the query flattens the
-    attention's energy landscape; the UNet with it is SEG's "bad" prediction.
-
-    Kernel as the SEG authors': size ⌈6σ⌉ rounded up to odd, reflect padding; like diffusers (and unlike the authors'
-    code, which then fails) the size is capped at the grid side (+1 when even), so that the padding fits a small grid."""
-    b, n, c = q.shape
-    grid = q.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
-    if sigma > SEG_INFINITE_SIGMA:
-        return grid.mean(dim=(2, 3)).unsqueeze(1).expand(b, n, c)
-    size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
-
-    def kernel1d(side):
-        k = min(size, side + 1 - side % 2)
-        x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=q.device)
-        pdf = torch.exp(-0.5 * (x / sigma) ** 2)
-        return pdf / pdf.sum()
-    kernel = torch.outer(kernel1d(h), kernel1d(w)).to(q.dtype)
-    kh, kw = kernel.shape
-    grid = F.pad(grid, [kw // 2, kw // 2, kh // 2, kh // 2], mode="reflect")
-    grid = F.conv2d(grid, kernel.expand(c, 1, kh, kw), groups=c)
-    return grid.reshape(b, c, n).transpose(1, 2)
-
-
 class Attention(nn.Module):
     """Self-attention (context=None) or cross-attention over the text embeddings."""
 
@@ -245,14 +216,12 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # the dropout slot keeps the key to_out.0
-        self.query_blur = None  # SEG: (σ, rows) while `smoothed_queries` is on; self-attention only
+        self.query_blur = None  # SEG: q, (H, W) -> q with some rows blurred, while guiders.smoothed_queries is on
 
     def forward(self, x, context=None, hw=None):
         q = self.to_q(x)
         if self.query_blur is not None:  # SEG's perturbed rows attend with a smoothed query over the (H, W) grid
-            sigma, rows = self.query_blur
-            q = q.clone()
-            q[rows] = smooth_query(q[rows], *hw, sigma)
+            q = self.query_blur(q, hw)
         context = x if context is None else context
         out = attention(q, self.to_k(context), self.to_v(context), self.heads, self.upcast)
         return self.to_out[1](self.to_out[0](out))
@@ -293,7 +262,7 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-        self.skip_rows = None  # autoguidance's weak model: rows that bypass this block, while `skipped_blocks` is on
+        self.skip_rows = None  # autoguidance's weak model: rows that bypass this block (guiders.skipped_blocks)
 
     def forward(self, x, context, hw=None):
         out = x + self.attn1(self.norm1(x), hw=hw)
@@ -504,44 +473,6 @@ class UNet2DCondition(nn.Module):
         cfg = self.config
         ids = timestep_embedding(time_ids.flatten(), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift)
         return torch.cat([text_embeds.to(ids.dtype), ids.reshape(len(text_embeds), -1)], dim=-1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Guidance by a perturbed UNet: SEG's smoothed self-attention queries and autoguidance's skipped transformer blocks.
-
-def transformer_blocks(unet):
-    """The UNet's transformer blocks (one self-attention `attn1` each) by part, in module order: {"down": [...],
-    "mid": [...], "up": [...]}. `down[i]` is what the SEG authors' code calls layer "d<i>" (and "m<i>", "u<i>")."""
-    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper keeps the module as _orig_mod
-    parts = {"down": unet.down_blocks, "mid": [unet.mid_block], "up": unet.up_blocks}
-    return {part: [tb for block in blocks for attn in (block.attentions or []) for tb in attn.transformer_blocks]
-            for part, blocks in parts.items()}
-
-
-@contextlib.contextmanager
-def smoothed_queries(blocks, sigma, rows):
-    """SEG inside the `with`: the self-attention of each transformer block in `blocks` blurs the query of the batch
-    rows `rows` (a slice) by σ (`smooth_query`); the other rows run unchanged, so one forward holds both."""
-    for block in blocks:
-        block.attn1.query_blur = (sigma, rows)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.attn1.query_blur = None
-
-
-@contextlib.contextmanager
-def skipped_blocks(blocks, rows):
-    """Autoguidance's weak model inside the `with`: the batch rows `rows` (a slice) pass each transformer block in
-    `blocks` unchanged, its output = its input (diffusers' layer skip at dropout 1); the other rows run it."""
-    for block in blocks:
-        block.skip_rows = rows
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.skip_rows = None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+import guiders
 import images
 import lora
 import npo
 import pipeline
-import unet
 from conftest import diffusers_pipeline
 
 ATOL = 1e-4  # images in [0, 1], as tests/test_sample.py: fp32 agreement ~1e-6, a visible difference is 4e-3
@@ -28,7 +28,7 @@ def to01(images):
 @pytest.mark.parametrize("side", [8, 5, 4, 32])
 @pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0, 100.0, math.inf])
 def test_smooth_query_is_diffusers_seg_blur(side, sigma):
-    """`unet.smooth_query` against diffusers' `_gaussian_blur_2d` on square grids, σ with and without the kernel cap.
+    """`guiders.smooth_query` against diffusers' `_gaussian_blur_2d` on square grids, σ with and without the kernel cap.
     diffusers 0.42 swaps the function's two branches (σ above its threshold blurs, below takes the mean), so the
     threshold is set here to make it run the branch that the SEG authors' code runs for σ."""
     from diffusers.hooks.smoothed_energy_guidance_utils import _gaussian_blur_2d
@@ -36,7 +36,7 @@ def test_smooth_query_is_diffusers_seg_blur(side, sigma):
     s = 9999999.0 if sigma == math.inf else sigma  # the authors' and diffusers' default "infinite" σ
     size = math.ceil(6 * s) + 1 - math.ceil(6 * s) % 2
     ref = _gaussian_blur_2d(q.clone(), size, s, 1e8 if sigma == math.inf else 0.0)
-    ours = unet.smooth_query(q, side, side, sigma)
+    ours = guiders.smooth_query(q, side, side, sigma)
     assert torch.allclose(ours, ref, atol=1e-6)
     assert (ours - q).abs().max() > 0.1  # and it blurs
 
@@ -46,7 +46,7 @@ def test_smooth_query_infinite_blur_is_the_mean_on_any_grid():
     assumes a square grid; our attention knows its H and W)."""
     q = torch.randn(3, 4 * 6, 8)
     for sigma in (10000.0, math.inf):
-        assert torch.allclose(unet.smooth_query(q, 4, 6, sigma), q.mean(1, keepdim=True).expand_as(q), atol=1e-6)
+        assert torch.allclose(guiders.smooth_query(q, 4, 6, sigma), q.mean(1, keepdim=True).expand_as(q), atol=1e-6)
 
 
 def test_smooth_query_on_a_non_square_grid_blurs_each_axis():
@@ -54,11 +54,11 @@ def test_smooth_query_on_a_non_square_grid_blurs_each_axis():
     square case gives the same result."""
     h, w, sigma = 6, 10, 1.0
     q = torch.randn(1, h * w, 4)
-    ours = unet.smooth_query(q, h, w, sigma)
+    ours = guiders.smooth_query(q, h, w, sigma)
     # each axis on its own: a grid of width 1 (kernel 1, the identity) across, the full side along
     grid = q.reshape(1, h, w, 4)
-    rows = unet.smooth_query(grid.permute(0, 2, 1, 3).reshape(w, h, 4), h, 1, sigma).reshape(w, h, 4)
-    cols = unet.smooth_query(rows.permute(1, 0, 2).reshape(h, w, 4), 1, w, sigma).reshape(1, h * w, 4)
+    rows = guiders.smooth_query(grid.permute(0, 2, 1, 3).reshape(w, h, 4), h, 1, sigma).reshape(w, h, 4)
+    cols = guiders.smooth_query(rows.permute(1, 0, 2).reshape(h, w, 4), 1, w, sigma).reshape(1, h * w, 4)
     assert torch.allclose(ours, cols, atol=1e-5)
 
 
@@ -148,7 +148,7 @@ def test_seg_matches_diffusers_guider(tiny_model, g, s, sigma, names, layers):
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
     ref = seg_reference(path, refs, prompts, seeds, "blurry", 5, g, s, sigma, layers)
     pipe = pipeline.load_pipeline(path)
-    guider = pipeline.Guider("seg", names, s, sigma)
+    guider = guiders.Guider("seg", names, s, sigma)
     ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=g, height=32, width=32, guider=guider)
     assert (to01(ours) - ref).abs().max() <= ATOL
     plain = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=g, height=32, width=32)
@@ -165,7 +165,7 @@ def test_seg_beside_npo_matches_diffusers(tiny_model, offsets):
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
     ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=6.0, alpha=0.3, beta=0.7, height=32,
-                             width=32, guider=pipeline.Guider("seg", ("mid", "u1"), 2.0, 1.0))
+                             width=32, guider=guiders.Guider("seg", ("mid", "u1"), 2.0, 1.0))
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
@@ -199,7 +199,7 @@ def test_autoguidance_matches_diffusers_guider(tiny_model, names, layers):
     ref = auto_reference(path, refs, prompts, seeds, "blurry", 5, 4.0, layers)
     pipe = pipeline.load_pipeline(path)
     ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=4.0, height=32, width=32,
-                             guider=pipeline.Guider("autoguidance", names))
+                             guider=guiders.Guider("autoguidance", names))
     assert (to01(ours) - ref).abs().max() <= ATOL
     plain = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=4.0, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 1 / 255
@@ -213,16 +213,16 @@ def test_autoguidance_beside_npo_matches_diffusers(tiny_model, offsets):
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
     ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=5.0, alpha=0.5, beta=1.0, height=32,
-                             width=32, guider=pipeline.Guider("autoguidance", ("d0", "u1")))
+                             width=32, guider=guiders.Guider("autoguidance", ("d0", "u1")))
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
 def test_perturbations_are_off_after_sampling(tiny_model):
     """The blur and the skip hold only inside a step: afterwards the UNet is plain θ again."""
     pipe = pipeline.load_pipeline(tiny_model[0])
-    for guider in (pipeline.Guider("seg", ("down", "mid", "up")), pipeline.Guider("autoguidance", ("down", "mid", "up"))):
+    for guider in (guiders.Guider("seg", ("down", "mid", "up")), guiders.Guider("autoguidance", ("down", "mid", "up"))):
         pipeline.generate(pipe, ["a circle"], [0], steps=2, guidance=5.0, height=16, width=16, guider=guider)
-        blocks = [b for part in unet.transformer_blocks(pipe.unet).values() for b in part]
+        blocks = [b for part in guiders.transformer_blocks(pipe.unet).values() for b in part]
         assert len(blocks) == 4 and all(b.skip_rows is None and b.attn1.query_blur is None for b in blocks)
 
 
@@ -245,7 +245,7 @@ def test_cli_seg_writes_generate_pixels_and_names_its_settings(tiny_model, tmp_p
                             "mid,u1", "--guidance", "5")
     pipe = pipeline.load_pipeline(tiny_model[0])
     ref = pipeline.generate(pipe, ["a red circle"], [2], steps=3, guidance=5.0, height=32, width=32,
-                            guider=pipeline.Guider("seg", ("mid", "u1"), 3.0, 2.0))
+                            guider=guiders.Guider("seg", ("mid", "u1"), 3.0, 2.0))
     ref = torch.tensor(list(images.to_pil(ref)[0].getdata()), dtype=torch.float32)
     assert torch.equal(pixels, ref)
     assert "Guidance method: SEG, SEG scale: 3.0, SEG sigma: 2.0, SEG layers: \"mid,u1\"" in params
