@@ -169,6 +169,36 @@ def test_seg_beside_npo_matches_diffusers(tiny_model, offsets):
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
+def test_seg_on_sdxl_matches_diffusers(tiny_sdxl):
+    """Table 5's SEG row runs on SDXL: the SEG rows carry the conditional branch's pooled text and time ids (the
+    authors' [c'; c; c] batch), here with SDXL's zeros as c'."""
+    from diffusers import SmoothedEnergyGuidance
+    from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
+    from conftest import diffusers_sdxl_pipeline
+    path, refs = tiny_sdxl
+    layers = [("down_blocks.1.attentions.0.transformer_blocks", [0]), ("mid_block.attentions.0.transformer_blocks", [0, 1])]
+    ref_pipe = diffusers_sdxl_pipeline(path, refs)
+    perturbed = seg_unet(ref_pipe.unet, layers, math.inf)
+    guider = SmoothedEnergyGuidance(guidance_scale=5.0, seg_guidance_scale=3.0,
+                                    seg_guidance_config=[SmoothedEnergyGuidanceConfig(i, fqn=f) for f, i in layers])
+    with torch.no_grad():
+        c, u, pooled, u_pooled = ref_pipe.encode_prompt("a red circle", device="cpu")  # c': zeros
+        time_ids = ref_pipe._get_add_time_ids((32, 32), (0, 0), (32, 32), c.dtype, text_encoder_projection_dim=24)
+
+    def predict(t, x):
+        guider.set_state(step=0, num_inference_steps=None, timestep=t)
+        eps = [m(x, t, e, added_cond_kwargs={"text_embeds": p, "time_ids": time_ids}).sample
+               for m, e, p in ((ref_pipe.unet, c, pooled), (ref_pipe.unet, u, u_pooled), (perturbed, c, pooled))]
+        return guider.forward(*eps).pred
+    ref = reference_loop(path, refs, [6], 5, predict)
+    pipe = pipeline.load_pipeline(path)
+    ours = pipeline.generate(pipe, ["a red circle"], [6], steps=5, guidance=5.0, height=32, width=32,
+                             guider=guiders.Guider("seg", ("d0", "mid"), 3.0, math.inf))
+    assert (to01(ours) - ref).abs().max() <= ATOL
+    plain = pipeline.generate(pipe, ["a red circle"], [6], steps=5, guidance=5.0, height=32, width=32)
+    assert (to01(plain) - ref).abs().max() > 1 / 255
+
+
 def auto_reference(path, refs, prompts, seeds, negative, steps, g, layers, files=None, alpha=1.0, beta=1.0):
     """Autoguidance driven through diffusers' `AutoGuidance` guider: per step its prepare_models / cleanup_models
     around each pass (it installs its layer-skip hooks, dropout 1, for the unconditional pass only) and its forward."""
