@@ -28,8 +28,8 @@ def smooth_query(q, h, w, sigma):
     a Gaussian of std σ, per channel; σ > 9999 is the infinite blur, the mean query. Blurring the query flattens the
     attention's energy landscape; the UNet with it is SEG's "bad" prediction.
 
-    Kernel as the SEG authors': size ⌈6σ⌉ rounded up to odd, reflect padding; like diffusers (and unlike the authors'
-    code, which then fails) the size is capped at the grid side (+1 when even), so that the padding fits a small grid."""
+    Kernel as the SEG authors': size ⌈6σ⌉ rounded up to odd, reflect padding. Like diffusers (the authors' code
+    fails there) the size is capped at the grid side (+1 when even), so that the padding fits a small grid."""
     b, n, c = q.shape
     grid = q.transpose(1, 2).reshape(b, c, h, w)  # (B, H*W, C) -> (B, C, H, W)
     if sigma > SEG_INFINITE_SIGMA:
@@ -149,7 +149,8 @@ def from_arguments(args):
         sigma = math.inf if args.seg_sigma is None else args.seg_sigma
         scale = 3.0 if args.seg_scale is None else args.seg_scale
         if not sigma > 0:
-            raise UserError(f"--seg-sigma {sigma:g} is not a blur; pass a positive σ (e.g. 3), or inf for the mean query.")
+            raise UserError(f"--seg-sigma {sigma:g} is not a blur; pass a positive σ (e.g. 3), or inf for the mean "
+                            "query.")
         if not 0 <= scale < math.inf:
             raise UserError(f"--seg-scale {scale:g} must be a number ≥ 0 (the SEG authors use 3).")
         return Guider("seg", parse_layers(args.seg_layers or "mid", "--seg-layers"), scale, sigma)

@@ -431,7 +431,8 @@ def check_model_arguments(args, pipe):
     if args.guidance is None:
         args.guidance = pipe.default_guidance
     if args.guider is not None:  # the layer names against this UNet's blocks
-        guiders.named_blocks(pipe.unet, args.guider.layers, f"--{args.guider.method.replace('autoguidance', 'auto')}-layers")
+        flag = "--seg-layers" if args.guider.method == "seg" else "--auto-layers"
+        guiders.named_blocks(pipe.unet, args.guider.layers, flag)
     sizes = [f for f in ("original_size", "crop_top_left", "target_size") if getattr(args, f) is not None]
     if sizes and not pipe.is_sdxl:
         raise UserError(f"--{sizes[0].replace('_', '-')} is SDXL's size conditioning and {args.model} is not an SDXL "
@@ -572,7 +573,7 @@ def add_sample_arguments(p):
                    help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
                         "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
                         "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
-    # the files' A1111 hashes for the PNG parameters (filled in by load_for_sampling); the guider (check_guider_arguments)
+    # the files' A1111 hashes for the PNG parameters (load_for_sampling fills them); the guider (guiders.from_arguments)
     p.set_defaults(hashes={}, guider=None)
 
 

@@ -579,8 +579,10 @@ def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, bet
     context, n = cat_conditioning(*branches), len(branches)
     blocks = guiders.named_blocks(model, guider.layers, "--seg-layers")
 
+    seg_slice = slice((n - 1) * b, None)  # the last b rows
+
     def denoise(x, t):
-        with lora.multipliers(model, **weights), guiders.smoothed_queries(blocks, guider.seg_sigma, slice((n - 1) * b, None)):
+        with lora.multipliers(model, **weights), guiders.smoothed_queries(blocks, guider.seg_sigma, seg_slice):
             eps = run_unet(model, torch.cat([x] * n), t, context).chunk(n)
         eps_neg, eps_pos, eps_seg = eps if n == 3 else (eps[0], *eps)  # without CFG ε_neg = ε_pos, and g drops out
         return sampler.seg_combine(eps_neg, eps_pos, eps_seg, guidance, guider.seg_scale)
@@ -709,6 +711,8 @@ def conditional_denoiser(pipe, prompts, time_ids, clip_skip):
         with lora.multipliers(pipe.unet, **weights):
             return run_unet(unet, x, t, pos)
     return denoise
+
+
 def perturbed_denoiser(pipe, neg, pos, guidance, guider, alpha, beta):
     """The denoiser of `guider` (SEG or autoguidance), which runs inside the one batched forward of θ with LoRA
     offsets: a fully fine-tuned η (two weight sets) does not hold its perturbed rows."""

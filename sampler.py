@@ -202,7 +202,7 @@ def seg_combine(eps_neg, eps_pos, eps_seg, guidance, seg_scale):
 
         ε = ε_neg + g·(ε_pos − ε_neg) + s·(ε_pos − ε_seg)
 
-    ε_seg is the conditional prediction of the UNet with blurred self-attention queries (`unet.smooth_query`).
+    ε_seg is the conditional prediction of the UNet with blurred self-attention queries (`guiders.smooth_query`).
     Without CFG (g ≤ 1) pass ε_neg = ε_pos: ε = ε_pos + s·(ε_pos − ε_seg), the authors' SEG alone."""
     return cfg_combine(eps_neg, eps_pos, guidance) + seg_scale * (eps_pos - eps_seg)
 

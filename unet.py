@@ -261,7 +261,6 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
-
         self.skip_rows = None  # autoguidance's weak model: rows that bypass this block (guiders.skipped_blocks)
 
     def forward(self, x, context, hw=None):

@@ -157,7 +157,8 @@ def test_seg_matches_diffusers_guider(tiny_model, g, s, sigma, names, layers):
 
 
 def test_seg_beside_npo_matches_diffusers(tiny_model, offsets):
-    """SEG composes with NPO: the SEG rows run the conditional branch's weights θ + η, the unconditional rows eq. 10's."""
+    """SEG composes with NPO: the SEG rows run the conditional branch's weights θ + η, the unconditional rows
+    eq. 10's."""
     path, refs = tiny_model
     prompts, seeds = ["a red circle", "a yellow square"], [5, 9]
     ref = seg_reference(path, refs, prompts, seeds, "ugly", 5, 6.0, 2.0, 1.0, MID + U1, offsets, 0.3, 0.7)
@@ -176,7 +177,8 @@ def test_seg_on_sdxl_matches_diffusers(tiny_sdxl):
     from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
     from conftest import diffusers_sdxl_pipeline
     path, refs = tiny_sdxl
-    layers = [("down_blocks.1.attentions.0.transformer_blocks", [0]), ("mid_block.attentions.0.transformer_blocks", [0, 1])]
+    layers = [("down_blocks.1.attentions.0.transformer_blocks", [0]),  # d0 and both of the mid block's: "d0,mid"
+              ("mid_block.attentions.0.transformer_blocks", [0, 1])]
     ref_pipe = diffusers_sdxl_pipeline(path, refs)
     perturbed = seg_unet(ref_pipe.unet, layers, math.inf)
     guider = SmoothedEnergyGuidance(guidance_scale=5.0, seg_guidance_scale=3.0,
