@@ -49,6 +49,13 @@ def describe(config, prompts):
     return f"{len(prompts)} prompts, reward {config.reward}, {config.sample_batches} sampled batches per epoch"
 
 
+def unconditional(pipe, batch, size):
+    """The unconditional branch's conditioning for `batch` rows, as diffusers' pipelines build it without a negative
+    prompt: "" encoded, or for SDXL zeros (force_zeros_for_empty_prompt) beside the time ids of a size × size image.
+    It does not depend on the prompts, so one serves every batch."""
+    return pipe.negative_conditioning(None, pipe.conditioning([""] * batch, pipe.time_ids(size, size)))
+
+
 @dataclass
 class Rollout:
     """One epoch's samples on this rank, per batch n: latents x_T … x_0 (n, steps + 1, B, C, h, w), in float32 as
@@ -57,7 +64,7 @@ class Rollout:
     epoch: int
     latents: torch.Tensor
     log_probs: torch.Tensor
-    embeds: torch.Tensor
+    embeds: dict
     advantages: torch.Tensor
     reward: tuple
 
@@ -66,8 +73,6 @@ def micro_step(run, prompts):
     """One micro-step of DDPO: the PPO loss of one sampled batch over its trained steps, backward. The epoch's
     rollout is sampled at its first micro-step (also the first after a resume, from the checkpointed policy)."""
     config, pipe, device = run.config, run.pipe, run.device
-    if pipe.is_sdxl:
-        raise UserError("--method ddpo runs on SD1.x/2.x models; for SDXL train with --method dpo or reward.")
     schedule = pipe.ddim_config()
     steps = sampler.ddim_steps(schedule, config.sample_steps)
     if any(a_prev == 1 for _, _, a_prev in steps):  # σ_t = 0: a deterministic step has no log-probability
@@ -78,7 +83,7 @@ def micro_step(run, prompts):
     trained = int(len(steps) * config.timestep_fraction)  # ddpo-pytorch's num_train_timesteps
     if config.gradient_checkpointing:
         checkpoint_unet_blocks(pipe.unet)
-    neg = pipe.encode_prompts([""] * config.batch_size).to(DTYPES[config.dtype])
+    neg = unconditional(pipe, config.batch_size, config.resolution)
     rollout = None
 
     def step(first, weight):
@@ -94,7 +99,8 @@ def micro_step(run, prompts):
         order = torch.randperm(config.sample_batches, generator=stream_generator(config.seed, DDPO_STREAM, epoch, inner))
         n = int(order[update * config.grad_accum + micro])
         chosen = torch.randperm(len(steps), generator=stream_generator(config.seed, DDPO_STREAM, epoch, inner, n))
-        denoise = pipeline.guided_denoiser(pipe.unet, neg, rollout.embeds[n], config.guidance,
+        pos = {k: v[n] for k, v in rollout.embeds.items()}
+        denoise = pipeline.guided_denoiser(pipe.unet, neg, pos, config.guidance,
                                            branch_weights(config, run.files, config.batch_size, device))
         totals = Counter()
         for j in chosen[:trained].tolist():
@@ -126,7 +132,8 @@ def sample_epoch(run, prompts, objective, steps, schedule, epoch):
         samples = [sample(run, prompts, objective, steps, schedule,
                                ((epoch * batches + n) * run.world_size + run.rank) * config.batch_size)
                    for n in range(batches)]
-    latents, log_probs, embeds, scores = (torch.stack(v) for v in zip(*samples))
+    latents, log_probs, scores = (torch.stack([s[i] for s in samples]) for i in (0, 1, 3))
+    embeds = {k: torch.stack([s[2][k] for s in samples]) for k in samples[0][2]}
     # all ranks' scores in example order: batch n of rank r holds examples ((epoch · N + n) · W + r) · B + j
     everyone = gather(run, scores).permute(1, 0, 2).reshape(-1)
     first = epoch * batches * size
@@ -144,13 +151,14 @@ def sample_epoch(run, prompts, objective, steps, schedule, epoch):
 def sample(run, prompts, objective, steps, schedule, first):
     """One batch of examples first, first + 1, …: DDIM + CFG from x_T with η_ddim = --ddim-eta, each step
     x_{t−1} = μ + σ_t z and its log-probability under N(μ, σ_t²); then decode and score. Prompt, x_T and every z of
-    an example come from its own generator. Returns (latents, log-probs, prompt embeddings, scores)."""
+    an example come from its own generator. Returns (latents, log-probs, the prompts' conditioning, scores)."""
     config, pipe, device, dtype = run.config, run.pipe, run.device, DTYPES[run.config.dtype]
     gens = [example_generator(config.seed, first + j) for j in range(config.batch_size)]
     chosen = [draw_prompt(prompts, g) for g in gens]
     x = sampler.initial_latents(gens, config.resolution, config.resolution, pipe.unet.config.in_channels, device,
                                 torch.float32, pipe.vae.downscale)
-    neg, pos = (pipe.encode_prompts(p).to(dtype) for p in ([""] * len(chosen), chosen))
+    pos = pipe.conditioning(chosen, pipe.time_ids(config.resolution, config.resolution))
+    neg = unconditional(pipe, len(chosen), config.resolution)
     denoise = pipeline.guided_denoiser(pipe.unet, neg, pos, config.guidance,
                                        branch_weights(config, run.files, len(chosen), device))
     latents, log_probs = [x], []

@@ -611,7 +611,7 @@ def add_evaluate_arguments(p):
     p.add_argument("folders", nargs="+", metavar="DIR",
                    help="two or more folders written by npo.py sample, with the same prompts and seeds")
     p.add_argument("--scorer", action="append", required=True, metavar="SPEC",
-                   help="pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, clipscore:PATH, imagereward:DIR, or a module:function "
+                   help="pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, clipscore:PATH, imagereward:DIR, spm:PATH (at t = 0), or a module:function "
                         "reward; repeat for several (the PATH is all after the first ':')")
     p.add_argument("--out", required=True, help="report folder: results.json and results.md")
     p.add_argument("--batch-size", type=int, default=8, help="images per scorer forward (default 8)")

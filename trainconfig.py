@@ -229,7 +229,8 @@ def _add_reward_arguments(g):
     g.add_argument("--reward",
                    help="module:function of a reward R(images in [0,1], prompts) -> (B,), e.g. rewards:brightness; "
                         "or a learned scorer on your weights: pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, "
-                        "clipscore:PATH, imagereward:DIR")
+                        "clipscore:PATH, imagereward:DIR, spm:PATH (SPO's step-aware preference model: it scores at t = 0 where a method "
+                        "gives no timestep)")
     g.add_argument("--reward-range", help="LOW,HIGH: map an unbounded reward to [0, 1] (affine, clamped), as 1 − R needs")
     g.add_argument("--reward-sigmoid", type=finite_float, help="map an unbounded reward to [0, 1] by σ(R / SCALE) instead")
     g.add_argument("--prompts-file",

@@ -26,7 +26,7 @@ import rewards
 import runs
 import sampler
 import trainconfig
-from conftest import ROOT, diffusers_reference, random_lora_files
+from conftest import ROOT, diffusers_reference, make_sdxl_dir, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
 FAST = ["--method", "ddpo", "--resolution", "16", "--sample-steps", "2", "--guidance", "3", "--log-every", "1",
@@ -168,16 +168,20 @@ def our_ddpo_gradients(model, trained, frozen, prompts_file, tmp_path, flags):
             for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
 
 
-def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights):
+def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights, sdxl=False):
     """ddpo-pytorch's epoch on diffusers parts: each example's prompt, x_T and step noises drawn from its generator
     as training draws them; DDIMScheduler.step at η = 1 with that noise; log p by ddpo-pytorch's formula; rewards
     standardised with the batch's mean and std (fewer than 16 per prompt); then PPO's loss at every step, its
-    mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights."""
+    mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights.
+    `sdxl`: StableDiffusionXLPipeline's encode_prompt (no negative prompt: zeros, force_zeros_for_empty_prompt) and
+    _get_add_time_ids for a 16 x 16 image, passed to the UNet as added_cond_kwargs."""
     gens = [machinery.example_generator(0, j) for j in range(2)]
     ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
-                              lambda name: any(f".{role}." in name for role in trained) and "lora_" in name)
+                              lambda name: any(f".{role}." in name for role in trained) and "lora_" in name, sdxl=sdxl)
     pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
                                                    ref.names)
+    if not sdxl:
+        pos, neg = dict(encoder_hidden_states=pos), dict(encoder_hidden_states=neg)
 
     def log_prob(eps_neg, eps_pos, t, x, x_prev):
         eps = eps_neg + guidance * (eps_pos - eps_neg)
@@ -187,9 +191,9 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
 
     def branches(x, t):
         pipe.set_adapters(names, [neg_weights[n] for n in names])
-        eps_neg = pipe.unet(x, t, neg).sample
+        eps_neg = pipe.unet(x, t, **neg).sample
         pipe.set_adapters(names, [pos_weights[n] for n in names])
-        return eps_neg, pipe.unet(x, t, pos).sample
+        return eps_neg, pipe.unet(x, t, **pos).sample
 
     trajectory, old = [x], []
     with torch.no_grad():
@@ -229,6 +233,22 @@ def test_one_ddpo_update_equals_ddpo_pytorchs_on_diffusers(tiny_model, lora_file
     files = {"eta": lora_files["eta"]}
     ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
     assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0}, {"eta": 1.0}))
+
+
+def test_one_ddpo_update_on_sdxl_equals_ddpo_pytorchs_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file,
+                                                                               tmp_path):
+    """The same update on a tiny SDXL: both text encoders, the pooled embedding and the time ids condition each
+    branch, the unconditional one zeros. The folder's DDIM config is SDXL base's (set_alpha_to_one false, leading
+    timesteps with offset 1), under which the last step keeps a density."""
+    from diffusers import DDIMScheduler
+    model = str(tmp_path_factory.mktemp("ddpo_sdxl"))
+    refs = make_sdxl_dir(model, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                                        beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                                        steps_offset=1, timestep_spacing="leading"))
+    files = random_lora_files(model, str(tmp_path_factory.mktemp("ddpo_sdxl_lora")), [("eta", {})], seed=31)
+    ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
+    assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0},
+                                                          {"eta": 1.0}, sdxl=True))
 
 
 def test_uncond_branch_update_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
