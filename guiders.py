@@ -6,9 +6,9 @@
   (eq. 10 at α = β = 0, plain CFG); diffusers' AutoGuidance skips chosen transformer blocks (`skipped_blocks`).
 
 The perturbations act on rows of one batched forward (`smoothed_queries`, `skipped_blocks`), so the other rows of the
-same call run the plain UNet; `pipeline.seg_denoiser` and `pipeline.autoguidance_denoiser` build on them. The flags of
-`npo.py sample` are read here too (`add_arguments`, `from_arguments`, `png_settings`), as pipeline reads its source
-flags.
+same call run the plain UNet; `seg_denoiser` and `autoguidance_denoiser` build eq. 10's batched rows around them, and
+`pipeline.generate(..., guider=Guider(...))` samples with them. The flags of `npo.py sample` are read here too
+(`add_arguments`, `from_arguments`, `png_settings`).
 """
 import contextlib
 import math
@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import lora
+import pipeline
+import sampler
 from checkpoint import UserError, finite_float
 
 SEG_INFINITE_SIGMA = 9999.0  # SEG's threshold: a larger σ is the infinite blur, every token's query the mean
@@ -93,11 +96,21 @@ class Guider:
     "seg": Smoothed Energy Guidance, the self-attention queries of `layers` blurred by `seg_sigma` on a third,
     conditional branch weighted `seg_scale` (`sampler.seg_combine`); "autoguidance": the unconditional branch runs
     a weak model, the transformer blocks `layers` skipped (diffusers' AutoGuidance). `layers` are names
-    (`named_blocks`). The paper's own autoguidance rows, the base θ as the weak model, are plain CFG at α = β = 0."""
-    method: str = "cfg"
+    (`named_blocks`). The paper's own autoguidance rows, the base θ as the weak model, are plain CFG at α = β = 0.
+    `pipeline.generate(..., guider=)` samples with it."""
+    method: str
     layers: tuple = ("mid",)
     seg_scale: float = 3.0
     seg_sigma: float = float("inf")
+
+    def denoiser(self, pipe, neg, pos, guidance, alpha, beta):
+        """ε(x_t, t) for `pipe` and the branches' conditionings (c', c). The perturbations act on rows of the one
+        batched forward of θ with LoRA offsets, which a fully fine-tuned η (two weight sets) does not run."""
+        if pipe.eta_unet is not None:
+            raise UserError(f"--guidance-method {self.method} perturbs rows of one batched forward, and --eta-model "
+                            "runs two weight sets; give η as a --lora, or use --guidance-method cfg.")
+        build = {"seg": seg_denoiser, "autoguidance": autoguidance_denoiser}[self.method]
+        return build(pipe.unet, neg, pos, guidance, self, alpha, beta)
 
 
 def named_blocks(model, names, flag="layers"):
@@ -117,6 +130,55 @@ def named_blocks(model, names, flag="layers"):
                             f"block of {ranges}.")
     return chosen
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The denoisers: eq. 10's branches in one batched forward, with the perturbed rows.
+
+def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, beta=1.0):
+    """ε(x_t, t) of SEG beside NPO, one batched forward of [x_t; x_t; x_t]: the unconditional rows (c', θ + α·η + β·δ),
+    the conditional rows (c, θ + η), and SEG's rows, the conditional branch again with its queries blurred in the
+    chosen blocks (eq. 10's weights per branch, `sampler.npo_weights`). With g ≤ 1 the unconditional rows are left
+    out: ε = ε_pos + s·(ε_pos − ε_seg), as the SEG authors' code without CFG."""
+    b = len(pipeline.as_kwargs(pos_embeds)["encoder_hidden_states"])
+    device = pipeline.as_kwargs(pos_embeds)["encoder_hidden_states"].device
+    conditional = sampler.npo_branch(sampler.npo_weights(alpha, beta), 1)  # SEG perturbs the conditional model θ + η
+    seg_rows = {k: torch.full((b,), float(v), device=device) for k, v in conditional.items()}
+    if guidance > 1:
+        cfg_rows = pipeline.npo_multipliers(b, alpha, beta, device)
+        weights = {k: torch.cat([cfg_rows[k], seg_rows[k]]) for k in seg_rows}
+        branches = (neg_embeds, pos_embeds, pos_embeds)
+    else:
+        weights = {k: torch.cat([v, v]) for k, v in seg_rows.items()}
+        branches = (pos_embeds, pos_embeds)
+    weights = {k: v for k, v in weights.items() if k in set(lora.offset_names(model))}
+    context, n = pipeline.cat_conditioning(*branches), len(branches)
+    blocks = named_blocks(model, guider.layers, "--seg-layers")
+
+    seg_slice = slice((n - 1) * b, None)  # the last b rows
+
+    def denoise(x, t):
+        with lora.multipliers(model, **weights), smoothed_queries(blocks, guider.seg_sigma, seg_slice):
+            eps = pipeline.run_unet(model, torch.cat([x] * n), t, context).chunk(n)
+        eps_neg, eps_pos, eps_seg = eps if n == 3 else (eps[0], *eps)  # without CFG ε_neg = ε_pos, and g drops out
+        return sampler.seg_combine(eps_neg, eps_pos, eps_seg, guidance, guider.seg_scale)
+    return denoise
+
+
+def autoguidance_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, beta=1.0):
+    """ε(x_t, t) of autoguidance as diffusers' guider runs it: CFG whose unconditional branch is a weak model, the
+    same weights (eq. 10's θ + α·η + β·δ) with the transformer blocks `guider.layers` skipped on its rows."""
+    cfg = pipeline.npo_denoiser(model, neg_embeds, pos_embeds, guidance, alpha, beta)
+    blocks = named_blocks(model, guider.layers, "--auto-layers")
+    b = len(pipeline.as_kwargs(pos_embeds)["encoder_hidden_states"])
+
+    def denoise(x, t):
+        with skipped_blocks(blocks, slice(0, b)):  # the first b rows of [x_t; x_t] are the unconditional ones
+            return cfg(x, t)
+    return denoise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# npo.py sample's flags.
 
 def parse_layers(text, flag):
     """--seg-layers / --auto-layers: a comma list of transformer-block names (`named_blocks` checks them

@@ -36,7 +36,6 @@ import torch
 
 import checkpoint
 import clip
-import guiders
 import lora
 import prompt_syntax
 import sampler
@@ -557,52 +556,6 @@ def merged_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The appendix's training-free baselines (tables 5-6): guidance away from a perturbed UNet, beside NPO.
-
-def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, beta=1.0):
-    """ε(x_t, t) of SEG beside NPO, one batched forward of [x_t; x_t; x_t]: the unconditional rows (c', θ + α·η + β·δ),
-    the conditional rows (c, θ + η), and SEG's rows, the conditional branch again with its queries blurred in the
-    chosen blocks (eq. 10's weights per branch, `sampler.npo_weights`). With g ≤ 1 the unconditional rows are left
-    out: ε = ε_pos + s·(ε_pos − ε_seg), as the SEG authors' code without CFG."""
-    b = len(as_kwargs(pos_embeds)["encoder_hidden_states"])
-    device = as_kwargs(pos_embeds)["encoder_hidden_states"].device
-    conditional = sampler.npo_branch(sampler.npo_weights(alpha, beta), 1)  # SEG perturbs the conditional model θ + η
-    seg_rows = {k: torch.full((b,), float(v), device=device) for k, v in conditional.items()}
-    if guidance > 1:
-        cfg_rows = npo_multipliers(b, alpha, beta, device)
-        weights = {k: torch.cat([cfg_rows[k], seg_rows[k]]) for k in seg_rows}
-        branches = (neg_embeds, pos_embeds, pos_embeds)
-    else:
-        weights = {k: torch.cat([v, v]) for k, v in seg_rows.items()}
-        branches = (pos_embeds, pos_embeds)
-    weights = {k: v for k, v in weights.items() if k in set(lora.offset_names(model))}
-    context, n = cat_conditioning(*branches), len(branches)
-    blocks = guiders.named_blocks(model, guider.layers, "--seg-layers")
-
-    seg_slice = slice((n - 1) * b, None)  # the last b rows
-
-    def denoise(x, t):
-        with lora.multipliers(model, **weights), guiders.smoothed_queries(blocks, guider.seg_sigma, seg_slice):
-            eps = run_unet(model, torch.cat([x] * n), t, context).chunk(n)
-        eps_neg, eps_pos, eps_seg = eps if n == 3 else (eps[0], *eps)  # without CFG ε_neg = ε_pos, and g drops out
-        return sampler.seg_combine(eps_neg, eps_pos, eps_seg, guidance, guider.seg_scale)
-    return denoise
-
-
-def autoguidance_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, beta=1.0):
-    """ε(x_t, t) of autoguidance as diffusers' guider runs it: CFG whose unconditional branch is a weak model, the
-    same weights (eq. 10's θ + α·η + β·δ) with the transformer blocks `guider.layers` skipped on its rows."""
-    cfg = npo_denoiser(model, neg_embeds, pos_embeds, guidance, alpha, beta)
-    blocks = guiders.named_blocks(model, guider.layers, "--auto-layers")
-    b = len(as_kwargs(pos_embeds)["encoder_hidden_states"])
-
-    def denoise(x, t):
-        with guiders.skipped_blocks(blocks, slice(0, b)):  # the first b rows of [x_t; x_t] are the unconditional ones
-            return cfg(x, t)
-    return denoise
-
-
-# ----------------------------------------------------------------------------------------------------------
 # A fully fine-tuned model as η (the paper's DiffDPO and DreamShaper rows): η = θ_ft − θ is dense.
 
 def check_same_architecture(model, tuned, what):
@@ -713,16 +666,6 @@ def conditional_denoiser(pipe, prompts, time_ids, clip_skip):
     return denoise
 
 
-def perturbed_denoiser(pipe, neg, pos, guidance, guider, alpha, beta):
-    """The denoiser of `guider` (SEG or autoguidance), which runs inside the one batched forward of θ with LoRA
-    offsets: a fully fine-tuned η (two weight sets) does not hold its perturbed rows."""
-    if pipe.eta_unet is not None:
-        raise UserError(f"--guidance-method {guider.method} perturbs rows of one batched forward, and --eta-model runs "
-                        "two weight sets; give η as a --lora, or use --guidance-method cfg.")
-    build = {"seg": seg_denoiser, "autoguidance": autoguidance_denoiser}[guider.method]
-    return build(pipe.unet, neg, pos, guidance, guider, alpha, beta)
-
-
 def same_length(pipe, neg, pos):
     """(c', c) with as many 77-token chunks each (only `prompt_syntax` "a1111" makes more than one), so that one
     batched forward takes both: the shorter gets the empty prompt's encoding appended, as A1111 pads them with its
@@ -755,15 +698,15 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     attached (`attach_eta_model`) both modes run its two weight sets (`dense_eta_denoiser`).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
     (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0). `guider`: SEG or
-    autoguidance beside NPO (`guiders.Guider`; None is plain CFG), batched mode with η as a LoRA."""
+    autoguidance beside NPO (`guiders.Guider`, its `denoiser`; None is plain CFG), with η as a LoRA."""
     height, width = height or pipe.image_size, width or pipe.image_size
     guidance = pipe.default_guidance if guidance is None else guidance
     prompts = list(prompts)
     time_ids = pipe.time_ids(height, width, original_size, crop_top_left, target_size)
     run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback)
-    if guider is not None and guider.method != "cfg":
+    if guider is not None:  # SEG or autoguidance (guiders.Guider), beside eq. 10
         neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
-        latents = run(perturbed_denoiser(pipe, neg, pos, guidance, guider, alpha, beta))
+        latents = run(guider.denoiser(pipe, neg, pos, guidance, alpha, beta))
     elif guidance <= 1:
         latents = run(conditional_denoiser(pipe, prompts, time_ids, clip_skip))
     else:

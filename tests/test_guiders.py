@@ -13,6 +13,7 @@ import images
 import lora
 import npo
 import pipeline
+from checkpoint import UserError
 from conftest import diffusers_pipeline
 
 ATOL = 1e-4  # images in [0, 1], as tests/test_sample.py: fp32 agreement ~1e-6, a visible difference is 4e-3
@@ -314,11 +315,12 @@ def test_cli_cfg_parameters_name_no_guidance_method(tiny_model, tmp_path):
     (["--seg-sigma", "3"], "--seg-sigma is a setting of --guidance-method seg"),
     (["--guidance-method", "seg", "--auto-layers", "mid"], "--auto-layers is a setting of --guidance-method auto"),
     (["--guidance-method", "seg", "--mode", "merged"], "drop --mode merged"),
+    (["--guidance-method", "autoguidance", "--auto-layers", "mid", "--eta-model", "MODEL"], "drop --eta-model"),
     (["--guidance-method", "autoguidance"], "pass η with --lora or --eta-model"),
     (["--guidance-method", "autoguidance", "--auto-layers", "mid", "--guidance", "1"], "pass --guidance above 1"),
 ])
 def test_cli_bad_guider_input_exits_2(tiny_model, tmp_path, capsys, flags, words):
-    assert run(tiny_model, tmp_path, *flags) == 2
+    assert run(tiny_model, tmp_path, *[tiny_model[0] if f == "MODEL" else f for f in flags]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x.png")
@@ -329,3 +331,11 @@ def test_cli_paper_autoguidance_refuses_npo_weights(tiny_model, offsets, tmp_pat
     flag = [offsets["delta"] if f == "DELTA" else f for f in flag]
     assert run(tiny_model, tmp_path, "--guidance-method", "autoguidance", "--lora", offsets["eta"], *flag) == 2
     assert f"so {flag[0]} has no place" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_guider_with_a_fine_tuned_eta(tiny_model):
+    pipe = pipeline.load_pipeline(tiny_model[0])
+    pipeline.attach_eta_model(pipe, tiny_model[0], 1.0)
+    with pytest.raises(UserError, match="give η as a --lora"):
+        pipeline.generate(pipe, ["a circle"], [0], steps=2, guidance=5.0, height=16, width=16,
+                          guider=guiders.Guider("seg"))

@@ -15,13 +15,13 @@ LAYERS = {
     "method_dpo": 3, "method_reward": 3, "method_ddpo": 3,       # one module per training method
     "machinery": 4,                                              # a run's machinery: resume, DDP, mixed precision, log
     "trainconfig": 5,                                            # TrainConfig, the flags and their checks
+    "guiders": 5,                                                # SEG and autoguidance beside eq. 10, their flags
     "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6, "pipeline": 6,  # their parts; the pipeline
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
     "logplot": 7,                                                # a run's log drawn as a PNG
     "images": 8, "unet": 8, "clip": 8, "blip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards
     "singlefile": 8,                                             # single-file checkpoints unpacked to diffusers' layout
     "prompt_syntax": 8,                                          # A1111's emphasis and long prompts, for the text encoders
-    "guiders": 8,                                                # SEG's query blur, autoguidance's block skip, their flags
     "checkpoint": 9,                                             # files and the one user-facing error
 }
 
