@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import checkpoint
 import evaluate
+import guided
 import images
 import lora
 import machinery
@@ -83,7 +84,7 @@ def sample(pipe, prompts, seeds, args, alpha=1.0, beta=1.0, batch=48):
     """Sample each (prompt, seed): images (B, 3, H, W) in [0, 1]."""
     out = []
     for i in range(0, len(prompts), batch):
-        x = pipeline.generate(pipe, prompts[i:i + batch], seeds[i:i + batch], steps=args.steps,
+        x = guided.generate(pipe, prompts[i:i + batch], seeds[i:i + batch], steps=args.steps,
                               guidance=args.guidance, alpha=alpha, beta=beta)
         out.append((x.float() / 2 + 0.5).clamp(0, 1))
     return torch.cat(out)

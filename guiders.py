@@ -7,7 +7,7 @@
 
 The perturbations act on rows of one batched forward (`smoothed_queries`, `skipped_blocks`), so the other rows of the
 same call run the plain UNet; `seg_denoiser` and `autoguidance_denoiser` build eq. 10's batched rows around them, and
-`pipeline.generate(..., guider=Guider(...))` samples with them. The flags of `npo.py sample` are read here too
+`guided.generate(..., guider=Guider(...))` samples with them. The flags of `npo.py sample` are read here too
 (`add_arguments`, `from_arguments`, `png_settings`).
 """
 import contextlib
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+import guided
 import lora
-import pipeline
 import sampler
 from checkpoint import UserError, finite_float
 
@@ -97,7 +97,7 @@ class Guider:
     conditional branch weighted `seg_scale` (`sampler.seg_combine`); "autoguidance": the unconditional branch runs
     a weak model, the transformer blocks `layers` skipped (diffusers' AutoGuidance). `layers` are names
     (`named_blocks`). The paper's own autoguidance rows, the base θ as the weak model, are plain CFG at α = β = 0.
-    `pipeline.generate(..., guider=)` samples with it."""
+    `guided.generate(..., guider=)` samples with it."""
     method: str
     layers: tuple = ("mid",)
     seg_scale: float = 3.0
@@ -139,26 +139,26 @@ def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, bet
     the conditional rows (c, θ + η), and SEG's rows, the conditional branch again with its queries blurred in the
     chosen blocks (eq. 10's weights per branch, `sampler.npo_weights`). With g ≤ 1 the unconditional rows are left
     out: ε = ε_pos + s·(ε_pos − ε_seg), as the SEG authors' code without CFG."""
-    b = len(pipeline.as_kwargs(pos_embeds)["encoder_hidden_states"])
-    device = pipeline.as_kwargs(pos_embeds)["encoder_hidden_states"].device
+    b = len(guided.as_kwargs(pos_embeds)["encoder_hidden_states"])
+    device = guided.as_kwargs(pos_embeds)["encoder_hidden_states"].device
     conditional = sampler.npo_branch(sampler.npo_weights(alpha, beta), 1)  # SEG perturbs the conditional model θ + η
     seg_rows = {k: torch.full((b,), float(v), device=device) for k, v in conditional.items()}
     if guidance > 1:
-        cfg_rows = pipeline.npo_multipliers(b, alpha, beta, device)
+        cfg_rows = guided.npo_multipliers(b, alpha, beta, device)
         weights = {k: torch.cat([cfg_rows[k], seg_rows[k]]) for k in seg_rows}
         branches = (neg_embeds, pos_embeds, pos_embeds)
     else:
         weights = {k: torch.cat([v, v]) for k, v in seg_rows.items()}
         branches = (pos_embeds, pos_embeds)
     weights = {k: v for k, v in weights.items() if k in set(lora.offset_names(model))}
-    context, n = pipeline.cat_conditioning(*branches), len(branches)
+    context, n = guided.cat_conditioning(*branches), len(branches)
     blocks = named_blocks(model, guider.layers, "--seg-layers")
 
     seg_slice = slice((n - 1) * b, None)  # the last b rows
 
     def denoise(x, t):
         with lora.multipliers(model, **weights), smoothed_queries(blocks, guider.seg_sigma, seg_slice):
-            eps = pipeline.run_unet(model, torch.cat([x] * n), t, context).chunk(n)
+            eps = guided.run_unet(model, torch.cat([x] * n), t, context).chunk(n)
         eps_neg, eps_pos, eps_seg = eps if n == 3 else (eps[0], *eps)  # without CFG ε_neg = ε_pos, and g drops out
         return sampler.seg_combine(eps_neg, eps_pos, eps_seg, guidance, guider.seg_scale)
     return denoise
@@ -167,9 +167,9 @@ def seg_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, bet
 def autoguidance_denoiser(model, neg_embeds, pos_embeds, guidance, guider, alpha=1.0, beta=1.0):
     """ε(x_t, t) of autoguidance as diffusers' guider runs it: CFG whose unconditional branch is a weak model, the
     same weights (eq. 10's θ + α·η + β·δ) with the transformer blocks `guider.layers` skipped on its rows."""
-    cfg = pipeline.npo_denoiser(model, neg_embeds, pos_embeds, guidance, alpha, beta)
+    cfg = guided.npo_denoiser(model, neg_embeds, pos_embeds, guidance, alpha, beta)
     blocks = named_blocks(model, guider.layers, "--auto-layers")
-    b = len(pipeline.as_kwargs(pos_embeds)["encoder_hidden_states"])
+    b = len(guided.as_kwargs(pos_embeds)["encoder_hidden_states"])
 
     def denoise(x, t):
         with skipped_blocks(blocks, slice(0, b)):  # the first b rows of [x_t; x_t] are the unconditional ones

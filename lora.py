@@ -286,7 +286,7 @@ def share_offset(source, target, name):
     """Put `source`'s offset `name` on the same layers of `target` (a model of the same architecture) as the very
     same modules: one copy of the LoRA's weights serves both models. Their multipliers are shared too, so set them
     per call (`multipliers`), as the two-pass denoisers of pipeline.py do."""
-    _check_new_name(target, name)
+    check_new_name(target, name)
     for layer_name, offset in offsets(source, name).items():
         layer = target.get_submodule(layer_name)
         if not isinstance(layer, LoRAMixin):

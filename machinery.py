@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
+import guided
 import images
 import logplot
 import lora
@@ -356,7 +357,7 @@ def validate(pipe, config, out, step):
     folder = os.path.join(out, "validation")
     os.makedirs(folder, exist_ok=True)
     prompts = config.validation_prompts
-    pictures = pipeline.generate(pipe, prompts, [config.seed + k for k in range(len(prompts))],
+    pictures = guided.generate(pipe, prompts, [config.seed + k for k in range(len(prompts))],
                                  steps=config.validation_steps, height=config.resolution, width=config.resolution)
     paths = []
     for k, picture in enumerate(images.to_pil(pictures)):
@@ -389,13 +390,13 @@ def draw_prompt(prompts, generator):
 def branch_weights(config, files, batch, device):
     """The LoRA multipliers of the [unconditional; conditional] rows of the training sampler's CFG:
     one offset: θ + offset on both branches, as the fine-tuned model samples;
-    --joint: eq. 10, η at [α, 1] and δ at [β, 0] (pipeline.npo_multipliers), both trained;
+    --joint: eq. 10, η at [α, 1] and δ at [β, 0] (guided.npo_multipliers), both trained;
     --train-branch uncond: eq. 10 with η frozen at [α, 1] and δ at [1, 0], so δ is trained only where it runs, on
     the unconditional branch, and its gradient reaches it only through the (1 − g) of ε_neg + g·(ε_pos − ε_neg)."""
     if config.joint:
-        return pipeline.npo_multipliers(batch, config.alpha, config.beta, device)
+        return guided.npo_multipliers(batch, config.alpha, config.beta, device)
     if config.train_branch == "uncond":
-        return pipeline.npo_multipliers(batch, config.alpha, 1.0, device)
+        return guided.npo_multipliers(batch, config.alpha, 1.0, device)
     return {role: 1.0 for role in files}
 
 

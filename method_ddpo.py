@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 import data
+import guided
 import lora
 import losses
-import pipeline
 import sampler
 import trainconfig
 from checkpoint import UserError
@@ -100,7 +100,7 @@ def micro_step(run, prompts):
         n = int(order[update * config.grad_accum + micro])
         chosen = torch.randperm(len(steps), generator=stream_generator(config.seed, DDPO_STREAM, epoch, inner, n))
         pos = {k: v[n] for k, v in rollout.embeds.items()}
-        denoise = pipeline.guided_denoiser(pipe.unet, neg, pos, config.guidance,
+        denoise = guided.guided_denoiser(pipe.unet, neg, pos, config.guidance,
                                            branch_weights(config, run.files, config.batch_size, device))
         totals = Counter()
         for j in chosen[:trained].tolist():
@@ -159,7 +159,7 @@ def sample(run, prompts, objective, steps, schedule, first):
                                 torch.float32, pipe.vae.downscale)
     pos = pipe.conditioning(chosen, pipe.time_ids(config.resolution, config.resolution))
     neg = unconditional(pipe, len(chosen), config.resolution)
-    denoise = pipeline.guided_denoiser(pipe.unet, neg, pos, config.guidance,
+    denoise = guided.guided_denoiser(pipe.unet, neg, pos, config.guidance,
                                        branch_weights(config, run.files, len(chosen), device))
     latents, log_probs = [x], []
     for t, a_t, a_prev in steps:

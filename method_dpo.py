@@ -29,9 +29,9 @@ import hashlib
 import torch
 
 import data
+import guided
 import lora
 import losses
-import pipeline
 import sampler
 import shards
 from checkpoint import UserError
@@ -95,14 +95,14 @@ def micro_step(run, pairs):
         z_t = sampler.add_noise(z, eps, t, ac).to(dtype)
         target = sampler.target(z, eps, t, ac, schedule.prediction_type)  # ε, or v for v-prediction models
         c = pipe.conditioning(prompts, pair_time_ids(sizes[0], config.resolution) if sizes else None)
-        context = pipeline.cat_conditioning(c, c)  # both images of a pair: its text, pooled text and time ids
+        context = guided.cat_conditioning(c, c)  # both images of a pair: its text, pooled text and time ids
 
         with amp.autocast():
-            model_pred = pipeline.run_unet(unet, z_t, t, context).float()
+            model_pred = guided.run_unet(unet, z_t, t, context).float()
             # the reference: the same UNet with the offset switched off. (With gradient checkpointing the backward
             # recomputes the LoRA forward later, outside this block, so at multiplier 1 again.)
             with torch.no_grad(), lora.multipliers(unet, **{role: 0.0}):
-                ref_pred = pipeline.run_unet(unet, z_t, t, context).float()
+                ref_pred = guided.run_unet(unet, z_t, t, context).float()
         loss, metrics = losses.dpo_loss(model_pred, ref_pred, target, config.beta_dpo)
         if config.method == "sft":  # SFT logs the same DPO metrics, so the two runs read alike
             loss = losses.sft_loss(model_pred, target)

@@ -13,7 +13,7 @@ import torch
 import torch.utils.checkpoint
 
 import data
-import pipeline
+import guided
 import sampler
 import trainconfig
 from machinery import branch_weights, draw_prompt, example_generator
@@ -52,7 +52,7 @@ def micro_step(run, prompts):
         pos = pipe.conditioning(chosen, pipe.time_ids(size, size))
         neg = pipe.negative_conditioning(None, pos)  # "", or SDXL's zeros: diffusers without a negative prompt
         weights = branch_weights(config, run.files, len(chosen), device)
-        guided = pipeline.guided_denoiser(unet, neg, pos, config.guidance, weights)
+        guided = guided.guided_denoiser(unet, neg, pos, config.guidance, weights)
 
         def denoise(x, t):  # the UNet under autocast (--mixed-precision); the DDIM update in x's dtype
             with amp.autocast():

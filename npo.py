@@ -27,6 +27,7 @@ import data
 import evaluate
 import experiment
 import extract
+import guided
 import guiders
 import images
 import lora
@@ -360,8 +361,8 @@ def run_jobs(pipe, args, jobs, progress):
                 continue
             alpha, beta = alpha[0], beta[0]
             if unets_key != (alpha, beta):
-                unets, unets_key = pipeline.merged_unets(pipe.unet, alpha, beta), (alpha, beta)
-        out = pipeline.generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch],
+                unets, unets_key = guided.merged_unets(pipe.unet, alpha, beta), (alpha, beta)
+        out = guided.generate(pipe, [j["prompt"] for j in batch], [j["seed"] for j in batch],
                                 negative_rows(batch), args.steps, args.guidance, args.ddim_eta, alpha, beta,
                                 args.height, args.width, args.mode, unets,
                                 callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
@@ -436,7 +437,7 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
 
 
 def negative_rows(batch):
-    """The batch's negative prompts for `pipeline.generate`: None when no image has one (SDXL's zeros), else one each."""
+    """The batch's negative prompts for `guided.generate`: None when no image has one (SDXL's zeros), else one each."""
     negatives = [j["negative"] for j in batch]
     return None if all(n is None for n in negatives) else [n or "" for n in negatives]
 
@@ -459,13 +460,13 @@ def load_for_sampling(args, texts, alpha):
     if args.clip_skip > layers:
         raise UserError(f"--clip-skip {args.clip_skip} is more than this text encoder's {layers} layers; use 1 to {layers}.")
     if args.lora:
-        pipeline.load_offset(pipe, args.lora, "eta")
+        guided.load_offset(pipe, args.lora, "eta")
     if args.npo:
-        pipeline.load_offset(pipe, [(args.npo, 1.0)], "delta")
+        guided.load_offset(pipe, [(args.npo, 1.0)], "delta")
     if args.npo_model:  # before η's θ + α·η is made of θ, which δ = θ_δ − θ needs
-        pipeline.attach_npo_model(pipe, args.npo_model, args.beta, args.eta_model, alpha)
+        guided.attach_npo_model(pipe, args.npo_model, args.beta, args.eta_model, alpha)
     elif args.eta_model:
-        pipeline.attach_eta_model(pipe, args.eta_model, alpha)
+        guided.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
     pipe.prompt_syntax = args.prompt_syntax
     for p in set(texts) - {None}:
@@ -474,7 +475,7 @@ def load_for_sampling(args, texts, alpha):
                  f"reads it whole): {p[:60]!r}...")
     args.hashes = a1111_hashes(args)  # once per run, for every picture's parameters
     if args.compile:
-        pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
+        pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (guided.merged_unets)
         for name in ("eta_unet", "npo_unet"):
             if getattr(pipe, name) is not None:
                 setattr(pipe, name, torch.compile(getattr(pipe, name)))
@@ -563,7 +564,7 @@ def cmd_extract_lora(args):
     device = pipeline.resolve_device(args.device)
     base = pipeline.load_unet(args.base)
     tuned = pipeline.load_unet(args.tuned)
-    pipeline.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
+    guided.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
     stats = extract.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
     if sys.stderr.isatty():
         print(file=sys.stderr)

@@ -43,6 +43,7 @@ import blip
 import checkpoint
 import data
 import evaluate
+import guided
 import images
 import pipeline
 import sampler
@@ -266,29 +267,18 @@ def missing_jobs(recipe, row, jobs, out):
     return todo
 
 
-def attach_delta_model(pipe, path, beta, eta_model, alpha):
-    """δ = θ_δ − θ from a whole model (a dense δ, as the authors' SDXL NPO weights are), on the negative branch at β,
-    and a whole-model η (`eta_model`, or None) at α with it: pipeline.attach_npo_model (npo.py sample --npo-model)
-    does both, before θ + α·η is made of θ."""
-    attach = getattr(pipeline, "attach_npo_model", None)
-    if attach is None:
-        raise UserError(f"rows with a dense δ (delta_model {path}) need --npo-model support, which this npo lacks; "
-                        "drop those rows or update npo.")
-    attach(pipe, path, beta, eta_model, alpha)
-
-
 def load_row(row, weights, dtype, device):
     """The row's pipeline: its model (and VAE), η and δ attached as LoRAs or as whole models."""
     vae = resolve(weights, row["vae"]) if row["vae"] else None
     pipe = pipeline.load_pipeline(resolve(weights, row["model"]), dtype, device, vae=vae)
     for key, name in (("eta", "eta"), ("delta", "delta")):
         if row[key]:
-            pipeline.load_offset(pipe, [(resolve(weights, row[key]), 1.0)], name)
+            guided.load_offset(pipe, [(resolve(weights, row[key]), 1.0)], name)
     eta_model = resolve(weights, row["eta_model"]) if row["eta_model"] else None
     if row["delta_model"]:  # δ = θ_δ − θ needs θ, so it comes first, with a whole-model η
-        attach_delta_model(pipe, resolve(weights, row["delta_model"]), row["beta"], eta_model, row["alpha"])
+        guided.attach_npo_model(pipe, resolve(weights, row["delta_model"]), row["beta"], eta_model, row["alpha"])
     elif eta_model:
-        pipeline.attach_eta_model(pipe, eta_model, row["alpha"])
+        guided.attach_eta_model(pipe, eta_model, row["alpha"])
     sampler.check_steps(row["sampler"], pipe.scheduler_config, row["steps"], not pipe.is_sdxl)
     return pipe
 
@@ -305,7 +295,7 @@ def sample_row(recipe, row, jobs, out, weights, options):
     size = recipe["size"]
     for start in range(0, len(todo), options["batch_size"]):
         batch = todo[start:start + options["batch_size"]]
-        x = pipeline.generate(pipe, [p for _, p, _ in batch], [s for _, _, s in batch], None, row["steps"],
+        x = guided.generate(pipe, [p for _, p, _ in batch], [s for _, _, s in batch], None, row["steps"],
                               row["guidance"], 0.0, row["alpha"], row["beta"], size, size, sampler=row["sampler"])
         for (k, prompt, seed), picture in zip(batch, images.to_pil(x)):
             images.save_png(picture, image_path(out, row, k, seed), parameters(recipe, row, prompt, seed))
@@ -462,10 +452,6 @@ def main(args):
     check_arguments(args)
     recipe = read_recipe(args.recipe)
     check_files(recipe, args.weights)
-    dense = [row["name"] for row in recipe["rows"] if row["delta_model"]]
-    if dense and not hasattr(pipeline, "attach_npo_model"):
-        raise UserError(f"rows with a dense δ (delta_model: {', '.join(dense)}) need --npo-model support, which this "
-                        "npo lacks; drop those rows or update npo.")
     prompts = read_prompts(recipe, args.weights, args.max_prompts)
     jobs = plan(recipe, prompts)
     specs = {column: resolve_spec(args.weights, spec) for column, spec in recipe["scorers"].items()}

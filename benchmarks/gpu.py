@@ -49,15 +49,16 @@ def gpu_unet_rows(device, weights, size, repeats):
 
 def guided_step_rows(device, model, neg, pos, x, guidance, label, repeats):
     """A guided step of plain CFG, then of NPO with η and δ added as unmerged rank-8 offsets (eq. 10, α = β = 1)."""
+    import guided
     import lora
     import pipeline
     t = torch.tensor(500, device=device)
     with torch.inference_mode():
-        plain = pipeline.npo_denoiser(model, neg, pos, guidance)
+        plain = guided.npo_denoiser(model, neg, pos, guidance)
         rows = timed(device, {"plain CFG": lambda: plain(x, t)}, repeats)
         for name in ("eta", "delta"):
             lora.add_offset(model, name, rank=8)
-        npo = pipeline.npo_denoiser(model, neg, pos, guidance, 1.0, 1.0)
+        npo = guided.npo_denoiser(model, neg, pos, guidance, 1.0, 1.0)
         rows.update(timed(device, {"NPO (η, δ unmerged)": lambda: npo(x, t)}, repeats))
     return [(f"{label}, {k}", tm, m, rows["plain CFG"]) for k, (tm, m) in rows.items()]
 

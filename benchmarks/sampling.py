@@ -107,6 +107,7 @@ def random_offsets(model, seed=0):
 
 def sampling_denoiser(variant, model, neg, pos, dtype):
     """The guided denoiser (x_t, t) -> ε of one way of running CFG / NPO (eq. 10: α = β = 1, g = 7.5)."""
+    import guided
     import lora
     import pipeline
     import unet
@@ -116,15 +117,15 @@ def sampling_denoiser(variant, model, neg, pos, dtype):
         with torch.no_grad():
             for p in tuned.parameters():
                 p.add_(torch.randn(p.shape, generator=g).to(dtype) * 1e-3)
-        pipeline.dense_eta(model, tuned, 1.0)
+        guided.dense_eta(model, tuned, 1.0)
         lora.remove(model, "eta")
         dense = types.SimpleNamespace(unet=model, eta_unet=tuned, eta_alpha=1.0)
-        return pipeline.dense_eta_denoiser(dense, neg, pos, 7.5, 1.0, 1.0)
+        return guided.dense_eta_denoiser(dense, neg, pos, 7.5, 1.0, 1.0)
     if variant.startswith("merged"):
-        return pipeline.merged_denoiser(*pipeline.merged_unets(model, 1.0, 1.0), neg, pos, 7.5)
+        return guided.merged_denoiser(*guided.merged_unets(model, 1.0, 1.0), neg, pos, 7.5)
     if "compile" in variant:
         model = torch.compile(model)
-    return pipeline.npo_denoiser(model, neg, pos, 7.5, 1.0, 1.0)  # plain: no offsets, so plain CFG
+    return guided.npo_denoiser(model, neg, pos, 7.5, 1.0, 1.0)  # plain: no offsets, so plain CFG
 
 
 def sampling_one(variant, size, steps):
@@ -237,9 +238,9 @@ def sdxl_guided_fn(variant, path, size):
     neg, pos = ({"encoder_hidden_states": c[i:i + 1], "text_embeds": pooled[i:i + 1], "time_ids": ids[i:i + 1]}
                 for i in (0, 1))
     if variant == "merged":
-        denoise = pipeline.merged_denoiser(*pipeline.merged_unets(model, 1.0, 1.0), neg, pos, 5.0)
+        denoise = guided.merged_denoiser(*guided.merged_unets(model, 1.0, 1.0), neg, pos, 5.0)
     else:
-        denoise = pipeline.npo_denoiser(model, neg, pos, 5.0, 1.0, 1.0)  # plain: no offsets, so plain CFG
+        denoise = guided.npo_denoiser(model, neg, pos, 5.0, 1.0, 1.0)  # plain: no offsets, so plain CFG
     return lambda: denoise(x[:1], torch.tensor(500))
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import save_file
 
+import guided
 import images
 import lora
 import npo
@@ -90,8 +91,8 @@ def reference_images(tiny_model, files, weights, prompts, seeds, steps=5, guidan
 
 def ours(tiny_model, files, weights, prompts, seeds, steps=5, guidance=6.0, negative="ugly", **kw):
     pipe = pipeline.load_pipeline(tiny_model[0])
-    pipeline.load_offset(pipe, list(zip(files, weights)), "eta")
-    return pipe, pipeline.generate(pipe, prompts, seeds, negative, steps=steps, guidance=guidance, height=32, width=32,
+    guided.load_offset(pipe, list(zip(files, weights)), "eta")
+    return pipe, guided.generate(pipe, prompts, seeds, negative, steps=steps, guidance=guidance, height=32, width=32,
                                    **kw)
 
 
@@ -106,7 +107,7 @@ def test_text_encoder_lora_matches_load_lora_weights(tiny_model, community, whic
     assert any(name.endswith("resnets.0.conv1") for name in lora.offsets(pipe.unet, "eta"))
     # and the text-encoder part matters: without it the images differ visibly
     lora.remove(pipe.text_encoder, "eta")
-    without = pipeline.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=6.0, height=32, width=32)
+    without = guided.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=6.0, height=32, width=32)
     assert (to01(without) - ref).abs().max() > 100 * ATOL
 
 
@@ -132,10 +133,10 @@ def test_npo_alpha_weighs_the_text_encoder_part(tiny_model, community, offsets, 
     pipe = pipeline.load_pipeline(path)
     if scheduler is not None:
         pipe.scheduler_config = SD15_SCHEDULER
-    pipeline.load_offset(pipe, [(files["eta"], 1.0)], "eta")
-    pipeline.load_offset(pipe, [(files["delta"], 1.0)], "delta")
+    guided.load_offset(pipe, [(files["eta"], 1.0)], "eta")
+    guided.load_offset(pipe, [(files["delta"], 1.0)], "delta")
     for mode in ("batched", "merged"):
-        out = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=0.4, beta=0.7, height=32,
+        out = guided.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=0.4, beta=0.7, height=32,
                                 width=32, mode=mode, sampler=sampler)
         assert (to01(out) - ref).abs().max() <= ATOL, mode
 
@@ -200,7 +201,7 @@ def test_lycoris_and_sdxl_files_are_refused_by_name(tiny_model, tmp_path, kind):
     save_file({k: torch.zeros(shape) for k, shape in OTHER_KINDS[kind].items()}, f)
     pipe = pipeline.load_pipeline(tiny_model[0])
     with pytest.raises(UserError, match=kind):
-        pipeline.load_offset(pipe, [(f, 1.0)], "eta")
+        guided.load_offset(pipe, [(f, 1.0)], "eta")
     assert not lora.lora_layers(pipe.unet) and not lora.lora_layers(pipe.text_encoder)  # nothing half-loaded
     if kind == "LoHa":  # and on the command line: exit 2, one sentence
         assert npo.main(["sample", "--model", tiny_model[0], "--lora", f, "--steps", "1", "--height", "32",
@@ -214,7 +215,7 @@ def test_second_file_bad_leaves_nothing(tiny_model, community, tmp_path):
     save_file({f"{Q}.hada_w1_a": torch.zeros(4, 32)}, bad)
     pipe = pipeline.load_pipeline(tiny_model[0])
     with pytest.raises(UserError, match="LoHa"):
-        pipeline.load_offset(pipe, [(community["a"], 1.0), (bad, 1.0)], "eta")
+        guided.load_offset(pipe, [(community["a"], 1.0), (bad, 1.0)], "eta")
     assert not lora.lora_layers(pipe.unet) and not lora.lora_layers(pipe.text_encoder)
 
 
@@ -245,6 +246,6 @@ def test_older_diffusers_text_encoder_names(tiny_model, community, tmp_path):
     save_file(renamed, str(tmp_path / "older.safetensors"), metadata)
     pipes = [pipeline.load_pipeline(tiny_model[0]) for _ in range(2)]
     for pipe, f in zip(pipes, (community["d"], str(tmp_path / "older.safetensors"))):
-        pipeline.load_offset(pipe, [(f, 1.0)], "eta")
+        guided.load_offset(pipe, [(f, 1.0)], "eta")
     new, old = (lora.offset_state_dict(p.text_encoder, "eta") for p in pipes)
     assert new.keys() == old.keys() and len(new) == 36 and all(torch.equal(new[k], old[k]) for k in new)

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import data
+import guided
 import machinery
 import method_dpo
 import npo
@@ -63,7 +64,7 @@ def seen(monkeypatch, model, pairs, out, *flags):
     """Train 2 steps and return what each micro-step handed the model: the captions, the pixels [x_w; x_l] given to
     the VAE, and the UNet's inputs (z_t, t) of every call."""
     record = {"prompts": [], "pixels": [], "unet": []}
-    conditioning, posterior, run_unet = pipeline.Pipeline.conditioning, method_dpo.posterior, pipeline.run_unet
+    conditioning, posterior, run_unet = pipeline.Pipeline.conditioning, method_dpo.posterior, guided.run_unet
 
     def record_conditioning(self, prompts, *args, **kwargs):
         record["prompts"].append(list(prompts))
@@ -79,7 +80,7 @@ def seen(monkeypatch, model, pairs, out, *flags):
 
     monkeypatch.setattr(pipeline.Pipeline, "conditioning", record_conditioning)
     monkeypatch.setattr(method_dpo, "posterior", record_posterior)
-    monkeypatch.setattr(pipeline, "run_unet", record_unet)
+    monkeypatch.setattr(guided, "run_unet", record_unet)
     assert run(model, pairs, out, "--steps", "2", "--batch-size", "3", *flags) == 0
     monkeypatch.undo()
     return record
@@ -132,7 +133,10 @@ def test_resumed_run_with_both_options_ends_with_the_same_lora(tiny_model, pairs
     assert meta["npo_perturb_prompts"] == "true" and meta["npo_corrupt"] == "blur:0.8"
     capsys.readouterr()
     assert run(model, pairs, tmp_path / "split", "--steps", "5", "--resume", "latest", *flags[:2], *flags[4:]) == 0
-    assert "corrupt blur:0.8 -> None" in capsys.readouterr().err  # resuming without an option is said
+    # the run's saved settings (settings.json) keep its corruption when the flag is not repeated: nothing changes
+    assert "corrupt" not in capsys.readouterr().err
+    with safe_open(str(tmp_path / "split" / "lora.safetensors"), "pt") as f:
+        assert f.metadata()["npo_corrupt"] == "blur:0.8"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
+import guided
 import logplot
 import lora
 import losses
@@ -295,7 +296,7 @@ def mean_score(model, path=None, role="eta", eta_path=None, guidance=3.0):
         lora.load_lora(pipe.unet, eta_path, "eta")
     if path:
         lora.load_lora(pipe.unet, path, role)
-    images = pipeline.generate(pipe, PROMPTS * 4, list(range(100, 108)), steps=2, guidance=guidance, height=16,
+    images = guided.generate(pipe, PROMPTS * 4, list(range(100, 108)), steps=2, guidance=guidance, height=16,
                                width=16, ddim_eta=1.0)
     return rewards.brightness((images / 2 + 0.5).clamp(0, 1), None).mean().item()
 

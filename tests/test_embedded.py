@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import guided
 import images
 import npo
 import pipeline
@@ -59,7 +60,7 @@ def test_samples_show_the_prompted_color_and_shape(pipe):
     seeds = list(range(4))
     right = 0
     for seed in seeds:
-        out = pipeline.generate(pipe, prompts, [seed * 100 + k for k in range(len(prompts))], steps=20)
+        out = guided.generate(pipe, prompts, [seed * 100 + k for k in range(len(prompts))], steps=20)
         for prompt, p in zip(prompts, images.to_uint8(out)):
             verdict = judge(p)
             right += verdict is not None and f"a {verdict[0]} {verdict[1]}" == prompt

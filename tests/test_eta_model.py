@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guided
 import ldm
 import lora
 import npo
@@ -87,10 +88,10 @@ def test_eta_model_matches_two_unet_reference(models, alpha, beta, form):
     pipe = pipeline.load_pipeline(models["base_path"])
     lora.load_lora(pipe.unet, models["delta"], "delta")
     before = {k: v.data_ptr() for k, v in pipe.unet.state_dict().items()}
-    pipeline.attach_eta_model(pipe, models[form], alpha)
+    guided.attach_eta_model(pipe, models[form], alpha)
     # θ + α·η is written over θ: the same tensors, so the two branches hold two weight sets, not three
     assert {k: v.data_ptr() for k, v in pipe.unet.state_dict().items()} == before
-    ours = pipeline.generate(pipe, prompts, seeds, "ugly", alpha=alpha, beta=beta, **KW)
+    ours = guided.generate(pipe, prompts, seeds, "ugly", alpha=alpha, beta=beta, **KW)
     assert (to01(ours) - ref).abs().max() <= ATOL
     if beta == 0.0:  # eq. 4 against θ_ft differs from plain CFG with θ_ft (α = 1): α does something
         plain = two_unet_reference(models, prompts, seeds, 1.0, 0.0, **KW)
@@ -100,13 +101,13 @@ def test_eta_model_matches_two_unet_reference(models, alpha, beta, form):
 def test_positive_branch_alone_is_the_tuned_model(models):
     """guidance 1 runs ε_pos only: θ_ft, whatever α and δ."""
     pipe = pipeline.load_pipeline(models["base_path"])
-    pipeline.attach_eta_model(pipe, models["unet_folder"], 0.2)
+    guided.attach_eta_model(pipe, models["unet_folder"], 0.2)
     tuned = pipeline.load_pipeline(models["base_path"])
     tuned.unet = pipeline.load_unet(models["unet_folder"])
     kw = dict(KW, guidance=1.0)
-    assert torch.equal(pipeline.generate(pipe, ["a cat"], [0], **kw), pipeline.generate(tuned, ["a cat"], [0], **kw))
+    assert torch.equal(guided.generate(pipe, ["a cat"], [0], **kw), guided.generate(tuned, ["a cat"], [0], **kw))
     with pytest.raises(UserError, match=r"θ \+ α·η for α = 0.2"):
-        pipeline.generate(pipe, ["a cat"], [0], alpha=0.5, **KW)
+        guided.generate(pipe, ["a cat"], [0], alpha=0.5, **KW)
 
 
 def test_cli(models, tmp_path):
@@ -144,8 +145,8 @@ def test_heads_are_part_of_the_architecture(models, tiny_model):
     other = pipeline.load_unet(tiny_model[0])  # 4 heads, context 32
     base = pipeline.load_unet(models["base_path"])
     with pytest.raises(UserError, match="not a fine-tune"):
-        pipeline.check_same_architecture(base, other, "--eta-model x")
+        guided.check_same_architecture(base, other, "--eta-model x")
     same_shapes = copy.deepcopy(base)
     same_shapes.config.attention_head_dim = 4
     with pytest.raises(UserError, match="attention heads"):
-        pipeline.check_same_architecture(base, same_shapes, "--eta-model x")
+        guided.check_same_architecture(base, same_shapes, "--eta-model x")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import extract
+import guided
 import lora
 import npo
 import pipeline
@@ -76,10 +77,10 @@ def test_file_loads_in_diffusers(tiny_model, tuned, tmp_path, capsys):
     ref = ref_pipe(["a green triangle"], generator=[torch.Generator().manual_seed(0)], **kw).images
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, out, "eta")
-    ours = pipeline.generate(pipe, ["a green triangle"], [0], steps=4, guidance=5.0, height=32, width=32)
+    ours = guided.generate(pipe, ["a green triangle"], [0], steps=4, guidance=5.0, height=32, width=32)
     assert ((ours / 2 + 0.5).clamp(0, 1) - ref).abs().max() <= 1e-4
     # and the offset is the fine-tune's: without it the image differs
-    plain = pipeline.generate(pipeline.load_pipeline(path), ["a green triangle"], [0], steps=4, guidance=5.0,
+    plain = guided.generate(pipeline.load_pipeline(path), ["a green triangle"], [0], steps=4, guidance=5.0,
                               height=32, width=32)
     assert (plain - ours).abs().max() > 0.05
 

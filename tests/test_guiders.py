@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guided
 import guiders
 import images
 import lora
@@ -150,9 +151,9 @@ def test_seg_matches_diffusers_guider(tiny_model, g, s, sigma, names, layers):
     ref = seg_reference(path, refs, prompts, seeds, "blurry", 5, g, s, sigma, layers)
     pipe = pipeline.load_pipeline(path)
     guider = guiders.Guider("seg", names, s, sigma)
-    ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=g, height=32, width=32, guider=guider)
+    ours = guided.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=g, height=32, width=32, guider=guider)
     assert (to01(ours) - ref).abs().max() <= ATOL
-    plain = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=g, height=32, width=32)
+    plain = guided.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=g, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 1 / 255  # SEG changes the picture visibly (its mid block alone
     # changes the tiny model's picture less than 1/255, so each case includes a block of the larger grid)
 
@@ -166,7 +167,7 @@ def test_seg_beside_npo_matches_diffusers(tiny_model, offsets):
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
-    ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=6.0, alpha=0.3, beta=0.7, height=32,
+    ours = guided.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=6.0, alpha=0.3, beta=0.7, height=32,
                              width=32, guider=guiders.Guider("seg", ("mid", "u1"), 2.0, 1.0))
     assert (to01(ours) - ref).abs().max() <= ATOL
 
@@ -195,10 +196,10 @@ def test_seg_on_sdxl_matches_diffusers(tiny_sdxl):
         return guider.forward(*eps).pred
     ref = reference_loop(path, refs, [6], 5, predict)
     pipe = pipeline.load_pipeline(path)
-    ours = pipeline.generate(pipe, ["a red circle"], [6], steps=5, guidance=5.0, height=32, width=32,
+    ours = guided.generate(pipe, ["a red circle"], [6], steps=5, guidance=5.0, height=32, width=32,
                              guider=guiders.Guider("seg", ("d0", "mid"), 3.0, math.inf))
     assert (to01(ours) - ref).abs().max() <= ATOL
-    plain = pipeline.generate(pipe, ["a red circle"], [6], steps=5, guidance=5.0, height=32, width=32)
+    plain = guided.generate(pipe, ["a red circle"], [6], steps=5, guidance=5.0, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 1 / 255
 
 
@@ -231,10 +232,10 @@ def test_autoguidance_matches_diffusers_guider(tiny_model, names, layers):
     prompts, seeds = ["a red circle", "a blue square"], [3, 4]
     ref = auto_reference(path, refs, prompts, seeds, "blurry", 5, 4.0, layers)
     pipe = pipeline.load_pipeline(path)
-    ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=4.0, height=32, width=32,
+    ours = guided.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=4.0, height=32, width=32,
                              guider=guiders.Guider("autoguidance", names))
     assert (to01(ours) - ref).abs().max() <= ATOL
-    plain = pipeline.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=4.0, height=32, width=32)
+    plain = guided.generate(pipe, prompts, seeds, "blurry", steps=5, guidance=4.0, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 1 / 255
 
 
@@ -245,7 +246,7 @@ def test_autoguidance_beside_npo_matches_diffusers(tiny_model, offsets):
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
-    ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=5.0, alpha=0.5, beta=1.0, height=32,
+    ours = guided.generate(pipe, prompts, seeds, "ugly", steps=5, guidance=5.0, alpha=0.5, beta=1.0, height=32,
                              width=32, guider=guiders.Guider("autoguidance", ("d0", "u1")))
     assert (to01(ours) - ref).abs().max() <= ATOL
 
@@ -254,7 +255,7 @@ def test_perturbations_are_off_after_sampling(tiny_model):
     """The blur and the skip hold only inside a step: afterwards the UNet is plain θ again."""
     pipe = pipeline.load_pipeline(tiny_model[0])
     for guider in (guiders.Guider("seg", ("down", "mid", "up")), guiders.Guider("autoguidance", ("down", "mid", "up"))):
-        pipeline.generate(pipe, ["a circle"], [0], steps=2, guidance=5.0, height=16, width=16, guider=guider)
+        guided.generate(pipe, ["a circle"], [0], steps=2, guidance=5.0, height=16, width=16, guider=guider)
         blocks = [b for part in guiders.transformer_blocks(pipe.unet).values() for b in part]
         assert len(blocks) == 4 and all(b.skip_rows is None and b.attn1.query_blur is None for b in blocks)
 
@@ -277,7 +278,7 @@ def test_cli_seg_writes_generate_pixels_and_names_its_settings(tiny_model, tmp_p
     pixels, params = sample(tiny_model, tmp_path, "--guidance-method", "seg", "--seg-sigma", "2", "--seg-layers",
                             "mid,u1", "--guidance", "5")
     pipe = pipeline.load_pipeline(tiny_model[0])
-    ref = pipeline.generate(pipe, ["a red circle"], [2], steps=3, guidance=5.0, height=32, width=32,
+    ref = guided.generate(pipe, ["a red circle"], [2], steps=3, guidance=5.0, height=32, width=32,
                             guider=guiders.Guider("seg", ("mid", "u1"), 3.0, 2.0))
     ref = torch.tensor(list(images.to_pil(ref)[0].getdata()), dtype=torch.float32)
     assert torch.equal(pixels, ref)
@@ -335,7 +336,7 @@ def test_cli_paper_autoguidance_refuses_npo_weights(tiny_model, offsets, tmp_pat
 
 def test_generate_refuses_a_guider_with_a_fine_tuned_eta(tiny_model):
     pipe = pipeline.load_pipeline(tiny_model[0])
-    pipeline.attach_eta_model(pipe, tiny_model[0], 1.0)
+    guided.attach_eta_model(pipe, tiny_model[0], 1.0)
     with pytest.raises(UserError, match="give η as a --lora"):
-        pipeline.generate(pipe, ["a circle"], [0], steps=2, guidance=5.0, height=16, width=16,
+        guided.generate(pipe, ["a circle"], [0], steps=2, guidance=5.0, height=16, width=16,
                           guider=guiders.Guider("seg"))

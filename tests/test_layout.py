@@ -17,7 +17,9 @@ LAYERS = {
     "machinery": 4,                                              # a run's machinery: resume, DDP, mixed precision, log
     "trainconfig": 5,                                            # TrainConfig, the flags and their checks
     "guiders": 5,                                                # SEG and autoguidance beside eq. 10, their flags
-    "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6, "pipeline": 6,  # their parts; the pipeline
+    "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6,  # their parts
+    "guided": 6,                                                 # eq. 10 on a loaded pipeline, generate
+    "pipeline": 7,                                               # loading a model, encoding prompts
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
     "logplot": 7,                                                # a run's log drawn as a PNG
     "extract": 7,                                                # η from a full fine-tune as a LoRA (truncated SVD)

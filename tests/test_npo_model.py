@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guided
 import ldm
 import lora
 import npo
@@ -90,7 +91,7 @@ def ours(m, eta, form, alpha, beta):
     pipe = pipeline.load_pipeline(m["base_path"])
     if eta == "lora":
         lora.load_lora(pipe.unet, m["eta"], "eta")
-    pipeline.attach_npo_model(pipe, m[form], beta, m["ft"] if eta == "model" else None, alpha)
+    guided.attach_npo_model(pipe, m[form], beta, m["ft"] if eta == "model" else None, alpha)
     return pipe
 
 
@@ -100,7 +101,7 @@ def ours(m, eta, form, alpha, beta):
 def test_npo_model_matches_two_unet_reference(models, eta, alpha, beta, form):
     prompts, seeds = ["a red circle", "a cat"], [3, 4]
     ref = reference(models, eta, alpha, beta, prompts, seeds, **KW)
-    images = pipeline.generate(ours(models, eta, form, alpha, beta), prompts, seeds, "ugly", alpha=alpha, beta=beta,
+    images = guided.generate(ours(models, eta, form, alpha, beta), prompts, seeds, "ugly", alpha=alpha, beta=beta,
                                **KW)
     assert (to01(images) - ref).abs().max() <= ATOL
     # δ does something: the same run without it is visibly different
@@ -111,12 +112,12 @@ def test_npo_model_matches_two_unet_reference(models, eta, alpha, beta, form):
 def test_sweep_alpha_rows_with_a_lora_eta(models):
     """η as a LoRA runs at α per row on the dense δ's weight set: a batch of two α equals two single runs."""
     pipe = ours(models, "lora", "unet_folder", 1.0, 0.8)
-    both = pipeline.generate(pipe, ["a cat"] * 2, [5, 5], "ugly", alpha=[0.2, 0.9], beta=0.8, **KW)
+    both = guided.generate(pipe, ["a cat"] * 2, [5, 5], "ugly", alpha=[0.2, 0.9], beta=0.8, **KW)
     for row, alpha in enumerate((0.2, 0.9)):
-        single = pipeline.generate(pipe, ["a cat"], [5], "ugly", alpha=alpha, beta=0.8, **KW)
+        single = guided.generate(pipe, ["a cat"], [5], "ugly", alpha=alpha, beta=0.8, **KW)
         assert (both[row] - single[0]).abs().max() <= 1e-5
     with pytest.raises(UserError, match=r"θ \+ β·δ for β = 0.8"):
-        pipeline.generate(pipe, ["a cat"], [5], alpha=1.0, beta=0.5, **KW)
+        guided.generate(pipe, ["a cat"], [5], alpha=1.0, beta=0.5, **KW)
 
 
 def storages(*models):
@@ -144,7 +145,7 @@ def test_one_extra_weight_set(models, monkeypatch):
     pipe = pipeline.load_pipeline(models["base_path"])
     lora.load_lora(pipe.unet, models["eta"], "eta")
     before = storages(pipe.unet)
-    pipeline.attach_npo_model(pipe, models["unet_folder"], 0.5)
+    guided.attach_npo_model(pipe, models["unet_folder"], 0.5)
     assert storages(pipe.unet) == before and len(storages(pipe.unet, pipe.npo_unet)) == 2 * n
     assert lora.offsets(pipe.npo_unet, "eta").keys() == lora.offsets(pipe.unet, "eta").keys()
     assert all(a is b for a, b in zip(lora.offsets(pipe.npo_unet, "eta").values(),
@@ -153,7 +154,7 @@ def test_one_extra_weight_set(models, monkeypatch):
     loaded.clear()
     pipe = pipeline.load_pipeline(models["base_path"])
     before = storages(pipe.unet)
-    pipeline.attach_npo_model(pipe, models["single_file"], 0.5, models["ft"], 0.5)
+    guided.attach_npo_model(pipe, models["single_file"], 0.5, models["ft"], 0.5)
     assert len(loaded) == 2 and pipe.npo_unet is None
     assert storages(pipe.unet) == before and len(storages(pipe.unet, pipe.eta_unet)) == 2 * n
 
@@ -162,7 +163,7 @@ def test_beta_zero_reads_no_file(models, monkeypatch):
     """β = 0: δ weighs nothing, so the NPO model is not read (the run is the one without δ)."""
     monkeypatch.setattr(pipeline, "load_unet", lambda *a, **k: pytest.fail("read a UNet"))
     pipe = pipeline.load_pipeline(models["base_path"])
-    pipeline.attach_npo_model(pipe, models["folder"], 0.0)
+    guided.attach_npo_model(pipe, models["folder"], 0.0)
     assert pipe.npo_unet is None and pipe.npo_beta == 0.0
 
 
@@ -236,11 +237,11 @@ def test_sdxl_dense_delta_equals_its_lora(tiny_sdxl, tmp_path):
     with_lora = pipeline.load_pipeline(path)
     lora.load_lora(with_lora.unet, str(tmp_path / "delta.safetensors"), "delta")
     dense = pipeline.load_pipeline(path)
-    pipeline.attach_npo_model(dense, str(tmp_path / "npo_unet"), 0.6)
-    a = pipeline.generate(with_lora, ["a cat", "a dog"], [1, 2], **kw)
-    b = pipeline.generate(dense, ["a cat", "a dog"], [1, 2], **kw)
+    guided.attach_npo_model(dense, str(tmp_path / "npo_unet"), 0.6)
+    a = guided.generate(with_lora, ["a cat", "a dog"], [1, 2], **kw)
+    b = guided.generate(dense, ["a cat", "a dog"], [1, 2], **kw)
     assert (to01(a) - to01(b)).abs().max() <= ATOL
-    plain = pipeline.generate(pipeline.load_pipeline(path), ["a cat", "a dog"], [1, 2], **kw)
+    plain = guided.generate(pipeline.load_pipeline(path), ["a cat", "a dog"], [1, 2], **kw)
     assert (to01(plain) - to01(b)).abs().max() > 10 / 255  # δ does something
 
 
@@ -250,10 +251,10 @@ def test_branch_weights_come_from_npo_weights(models, monkeypatch):
     branch, which a dense δ's weight sets cannot hold, is refused rather than ignored."""
     pipe = ours(models, "lora", "unet_folder", 0.5, 0.8)
     kw = dict(KW, alpha=0.5, beta=0.8)
-    before = pipeline.generate(pipe, ["a cat"], [1], **kw)
+    before = guided.generate(pipe, ["a cat"], [1], **kw)
     rule = sampler.npo_weights
     monkeypatch.setattr(sampler, "npo_weights", lambda alpha=1.0, beta=1.0: {
         name: (cond, uncond) for name, (uncond, cond) in rule(alpha, beta).items()})
-    assert (pipeline.generate(pipe, ["a cat"], [1], **kw) - before).abs().max() > 100 * ATOL
+    assert (guided.generate(pipe, ["a cat"], [1], **kw) - before).abs().max() > 100 * ATOL
     with pytest.raises(ValueError, match="positive branch of δ at 0"):
-        pipeline.attach_npo_model(pipeline.load_pipeline(models["base_path"]), models["unet_folder"], 0.8)
+        guided.attach_npo_model(pipeline.load_pipeline(models["base_path"]), models["unet_folder"], 0.8)

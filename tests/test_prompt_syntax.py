@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import CLIPTokenizer
 
 import clip
+import guided
 import lora
 import npo
 import pipeline
@@ -346,7 +347,7 @@ def test_both_branches_of_eq10(tiny_model, prompt, negative):
     pipe.prompt_syntax = "a1111"
     alpha, beta = 0.6, 0.8
     with torch.no_grad():
-        neg, pos = pipeline.branch_conditioning(pipe, [prompt], negative, alpha, beta, 0, None)
+        neg, pos = guided.branch_conditioning(pipe, [prompt], negative, alpha, beta, 0, None)
         n = max(prompt_syntax.count_chunks(pipe.tokenizer, t) for t in (prompt, negative))
         for got, text, weights in ((neg, negative, dict(eta=alpha, delta=beta)), (pos, prompt, dict(eta=1.0, delta=0.0))):
             with lora.multipliers(pipe.text_encoder, **weights):
@@ -362,12 +363,12 @@ def test_sdxl_branches_padded_with_the_empty_prompt(tiny_sdxl):
     time_ids = pipe.time_ids(32, 32)
     with torch.no_grad():
         for prompt, negative in ((words(80), "blurry"), ("a cat", words(80))):
-            neg, pos = pipeline.branch_conditioning(pipe, [prompt], negative, 1.0, 1.0, 0, time_ids)
+            neg, pos = guided.branch_conditioning(pipe, [prompt], negative, 1.0, 1.0, 0, time_ids)
             short = pos if len(prompt) < len(negative) else neg
             empty = pipe.conditioning([""], time_ids)["encoder_hidden_states"]
             assert neg["encoder_hidden_states"].shape == pos["encoder_hidden_states"].shape == (1, 154, 80)
             assert torch.equal(short["encoder_hidden_states"][:, 77:], empty)
-        neg, pos = pipeline.branch_conditioning(pipe, [words(80)], None, 1.0, 1.0, 0, time_ids)  # diffusers' zeros
+        neg, pos = guided.branch_conditioning(pipe, [words(80)], None, 1.0, 1.0, 0, time_ids)  # diffusers' zeros
         assert neg["encoder_hidden_states"].shape == (1, 154, 80) and not neg["encoder_hidden_states"].any()
 
 
@@ -383,7 +384,7 @@ def test_generate_matches_diffusers_on_the_reference_embeddings(tiny_model):
                                              generator=torch.Generator("cpu").manual_seed(7)).images
     pipe = pipeline.load_pipeline(path)
     pipe.prompt_syntax = "a1111"
-    ours = pipeline.generate(pipe, [prompt], [7], negative, steps=4, height=32, width=32)
+    ours = guided.generate(pipe, [prompt], [7], negative, steps=4, height=32, width=32)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
@@ -404,7 +405,7 @@ def test_cli_prompt_syntax(tiny_model, tmp_path, capsys):
     assert "Pad conds: True" in picture.text["parameters"]  # 2 chunks and 1: A1111 pads alike with this key
     pipe = pipeline.load_pipeline(path)
     pipe.prompt_syntax = "a1111"
-    expected = pipeline.generate(pipe, [prompt], [0], ["[blurry]"], steps=3, height=32, width=32)
+    expected = guided.generate(pipe, [prompt], [0], ["[blurry]"], steps=3, height=32, width=32)
     from images import to_pil
     assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(to_pil(expected)[0]))
 

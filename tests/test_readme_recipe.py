@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import guided
 import lora
 import npo
 import pipeline
@@ -69,7 +70,7 @@ def test_readme_diffusers_recipe_gives_npo_samples_pixels(tiny_model, offsets, t
     pipe = pipeline.load_pipeline(model)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
-    ours = pipeline.generate(pipe, ["a red circle"], [5], "ugly", steps=6, guidance=6.0, alpha=0.3, beta=0.7,
+    ours = guided.generate(pipe, ["a red circle"], [5], "ugly", steps=6, guidance=6.0, alpha=0.3, beta=0.7,
                              height=32, width=32)
     assert (recipe - (ours / 2 + 0.5).clamp(0, 1)).abs().max() <= ATOL
     assert npo.main(["sample", "--model", model, "--prompt", "a red circle", "--negative-prompt", "ugly", "--lora",

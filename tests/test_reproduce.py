@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guided
 import images
 import npo
 import pipeline
@@ -61,10 +62,10 @@ def test_every_row_is_sampled_as_the_pipeline_samples_it(tiny_run, weights):
     assert len(pngs(tiny_run)) == 4 * 3 * 2  # rows x prompts x images per prompt
     # the reference: the pipeline called directly with the row's offsets and settings (DPO + NPO, prompt 2, 2nd image)
     pipe = pipeline.load_pipeline(pipeline.DEFAULT_MODEL)
-    pipeline.load_offset(pipe, [(os.path.join(weights, "dpo.safetensors"), 1.0)], "eta")
-    pipeline.load_offset(pipe, [(os.path.join(weights, "npo.safetensors"), 1.0)], "delta")
+    guided.load_offset(pipe, [(os.path.join(weights, "dpo.safetensors"), 1.0)], "eta")
+    guided.load_offset(pipe, [(os.path.join(weights, "npo.safetensors"), 1.0)], "delta")
     seed = recipe["seed"] + 2 * 2 + 1
-    expected = pipeline.generate(pipe, [recipe["prompts"][2]], [seed], steps=recipe["steps"],
+    expected = guided.generate(pipe, [recipe["prompts"][2]], [seed], steps=recipe["steps"],
                                  guidance=recipe["guidance"], alpha=1.0, beta=1.0, sampler=recipe["sampler"])
     path = os.path.join(tiny_run, "samples", "DPO_NPO", f"00002-seed{seed}.png")
     with Image.open(path) as image:
@@ -118,14 +119,14 @@ def test_an_interrupted_run_continues_to_the_same_bytes(weights, tiny_run, tmp_p
     assert run(TINY, weights, first, "--max-prompts", "2", "--sample-only") == 0  # the interrupted run
     before = {k: os.stat(p).st_mtime_ns for k, p in pngs(first).items()}
     made, loads, stop_after = [], [], [3]
-    generate, load = pipeline.generate, pipeline.load_pipeline
+    generate, load = guided.generate, pipeline.load_pipeline
 
     def counted(pipe, prompts, seeds, *a, **k):
         if len(made) == stop_after[0]:
             raise KeyboardInterrupt  # killed in the middle of a row
         made.extend(seeds)
         return generate(pipe, prompts, seeds, *a, **k)
-    monkeypatch.setattr(pipeline, "generate", counted)
+    monkeypatch.setattr(guided, "generate", counted)
     monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: (loads.append(a[0]), load(*a, **k))[1])
     with pytest.raises(KeyboardInterrupt):  # one more prompt, interrupted after three images
         run(TINY, weights, first, "--max-prompts", "3")
@@ -216,18 +217,13 @@ def test_an_image_of_other_settings_is_refused(weights, tmp_path, capsys):
 
 
 def test_a_dense_delta_goes_through_attach_npo_model(weights, tmp_path, monkeypatch, capsys):
-    """A row's δ model is handed to pipeline.attach_npo_model (npo.py sample --npo-model) with the row's β, its
-    whole-model η and α (the signature of branch npomodel's); without that function the recipe is refused before
-    anything is sampled."""
+    """A row's δ model is handed to guided.attach_npo_model (npo.py sample --npo-model) with the row's β, its
+    whole-model η and α."""
     recipe = write_recipe(tmp_path, lambda r: (set_row(1, delta=None, delta_model="(embedded)", alpha=0.5, beta=0.25)(r),
                                                set_row(3, eta=None, eta_model="(embedded)", delta=None,
                                                        delta_model="(embedded)")(r)))
-    monkeypatch.delattr(pipeline, "attach_npo_model", raising=False)
-    assert run(recipe, weights, tmp_path / "R") == 2
-    assert "need --npo-model support" in capsys.readouterr().err
-    assert not os.path.exists(tmp_path / "R")
     calls = []
-    monkeypatch.setattr(pipeline, "attach_npo_model", lambda pipe, *a: calls.append(a), raising=False)
+    monkeypatch.setattr(guided, "attach_npo_model", lambda pipe, *a: calls.append(a))
     assert run(recipe, weights, tmp_path / "R", "--max-prompts", "1", "--sample-only") == 0
     m = pipeline.DEFAULT_MODEL
     assert calls == [(m, 0.25, None, 0.5), (m, 1.0, m, 1.0)]  # the whole-model η goes with δ, not attached before
@@ -284,14 +280,14 @@ def test_prompts_come_from_the_parquet_file(tmp_path):
 
 def test_a_model_as_eta_samples_as_the_pipeline_does(weights, tmp_path):
     """A row with eta_model (here the embedded model itself as θ_ft) and a δ LoRA at α = 0.6: its image is the
-    pipeline's with pipeline.attach_eta_model at that α, called directly."""
+    pipeline's with guided.attach_eta_model at that α, called directly."""
     recipe = write_recipe(tmp_path, set_row(3, eta=None, eta_model="(embedded)", alpha=0.6))
     assert run(recipe, weights, tmp_path / "R", "--max-prompts", "1", "--sample-only") == 0
     pipe = pipeline.load_pipeline(pipeline.DEFAULT_MODEL)
-    pipeline.load_offset(pipe, [(os.path.join(weights, "npo.safetensors"), 1.0)], "delta")
-    pipeline.attach_eta_model(pipe, pipeline.DEFAULT_MODEL, 0.6)
+    guided.load_offset(pipe, [(os.path.join(weights, "npo.safetensors"), 1.0)], "delta")
+    guided.attach_eta_model(pipe, pipeline.DEFAULT_MODEL, 0.6)
     r = reproduce.read_recipe(recipe)
-    expected = pipeline.generate(pipe, [r["prompts"][0]], [1], steps=r["steps"], guidance=r["guidance"], alpha=0.6,
+    expected = guided.generate(pipe, [r["prompts"][0]], [1], steps=r["steps"], guidance=r["guidance"], alpha=0.6,
                                  beta=1.0, sampler=r["sampler"])
     with Image.open(tmp_path / "R" / "samples" / "DPO_NPO" / "00000-seed1.png") as image:
         assert np.array_equal(np.asarray(image.convert("RGB")), pipeline_pixels(expected))

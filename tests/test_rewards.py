@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+import guided
 import lora
 import machinery
 import method_reward
@@ -158,7 +159,7 @@ def mean_brightness(model, path=None, name="eta"):
     pipe = pipeline.load_pipeline(model)
     if path:
         lora.load_lora(pipe.unet, path, "eta")  # as the fine-tuned model: θ + offset for both branches
-    images = pipeline.generate(pipe, ["a red circle", "a blue square"] * 2, [100, 101, 102, 103], steps=4, guidance=3,
+    images = guided.generate(pipe, ["a red circle", "a blue square"] * 2, [100, 101, 102, 103], steps=4, guidance=3,
                           height=16, width=16)
     return rewards.brightness((images / 2 + 0.5).clamp(0, 1), None).mean().item()
 

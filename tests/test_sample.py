@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import guided
 import images
 import lora
 import npo
@@ -31,7 +32,7 @@ def test_plain_cfg_matches_stable_diffusion_pipeline(tiny_model, ddim_eta):
     ref = diffusers_pipeline(path, refs)(prompts, num_inference_steps=8, guidance_scale=7.5, eta=ddim_eta, height=32,
                                          width=32, negative_prompt=["blurry"] * 2, output_type="pt",
                                          generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-    ours = pipeline.generate(pipeline.load_pipeline(path), prompts, seeds, "blurry", steps=8, guidance=7.5, ddim_eta=ddim_eta,
+    ours = guided.generate(pipeline.load_pipeline(path), prompts, seeds, "blurry", steps=8, guidance=7.5, ddim_eta=ddim_eta,
                         height=32, width=32)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
@@ -44,7 +45,7 @@ def test_lora_matches_diffusers_load_lora_weights(tiny_model, offsets):
                    output_type="pt", generator=[torch.Generator().manual_seed(0)]).images
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
-    ours = pipeline.generate(pipe, ["a green triangle"], [0], steps=6, guidance=5.0, height=32, width=32)
+    ours = guided.generate(pipe, ["a green triangle"], [0], steps=6, guidance=5.0, height=32, width=32)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
@@ -84,11 +85,11 @@ def test_npo_matches_two_unet_reference(tiny_model, offsets, alpha, beta):
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
     for mode in ("batched", "merged"):
-        ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=alpha, beta=beta,
+        ours = guided.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=alpha, beta=beta,
                             height=32, width=32, mode=mode)
         assert (to01(ours) - ref).abs().max() <= ATOL, mode
     # and δ does something: the same run without it differs visibly
-    plain = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=1.0, beta=0.0, height=32, width=32)
+    plain = guided.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=1.0, beta=0.0, height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 10 / 255
 
 
@@ -122,11 +123,11 @@ def test_dpm_matches_stable_diffusion_pipeline(tiny_model, spacing, prediction, 
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     pipe = pipeline.load_pipeline(path)
     pipe.scheduler_config = config
-    ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
+    ours = guided.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
                              sampler="dpmpp-2m")
     assert (to01(ours) - ref).abs().max() <= ATOL
     if spacing is None and prediction == "epsilon":  # and the reference tells the samplers apart
-        ddim = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32)
+        ddim = guided.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32)
         assert (to01(ddim) - ref).abs().max() > 100 * ATOL  # (measured 0.036: same model, near-converged paths)
 
 
@@ -140,9 +141,9 @@ def test_npo_with_dpm_matches_two_unet_reference(tiny_model, offsets):
                              scheduler=dpm_scheduler(SD15_SCHEDULER))
     pipe = pipeline.load_pipeline(path)
     pipe.scheduler_config = SD15_SCHEDULER
-    pipeline.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
-    pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
-    ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=7, guidance=6.0, alpha=0.3, beta=0.7, height=32,
+    guided.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
+    guided.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
+    ours = guided.generate(pipe, prompts, seeds, "ugly", steps=7, guidance=6.0, alpha=0.3, beta=0.7, height=32,
                              width=32, sampler="dpmpp-2m")
     assert (to01(ours) - ref).abs().max() <= ATOL
 
@@ -174,12 +175,12 @@ def test_k_samplers_match_stable_diffusion_pipeline(tiny_model, name, spacing, p
                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
     pipe = pipeline.load_pipeline(path)
     pipe.scheduler_config = config
-    ours = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
+    ours = guided.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
                              sampler=name)
     assert (to01(ours) - ref).abs().max() <= ATOL
     if spacing is None:  # and the reference tells the samplers apart
         other = "euler" if name != "euler" else "dpmpp-2m"
-        theirs = pipeline.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
+        theirs = guided.generate(pipe, prompts, seeds, "blurry", steps=steps, guidance=7.5, height=32, width=32,
                                    sampler=other)
         assert (to01(theirs) - ref).abs().max() > 100 * ATOL
 
@@ -195,10 +196,10 @@ def test_npo_with_k_samplers_matches_two_unet_reference(tiny_model, offsets, nam
                              scheduler=k_scheduler(name, SD15_SCHEDULER))
     pipe = pipeline.load_pipeline(path)
     pipe.scheduler_config = SD15_SCHEDULER
-    pipeline.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
-    pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
+    guided.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
+    guided.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
     for mode in ("batched", "merged"):
-        ours = pipeline.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=0.3, beta=0.7, height=32,
+        ours = guided.generate(pipe, prompts, seeds, "ugly", steps=6, guidance=6.0, alpha=0.3, beta=0.7, height=32,
                                  width=32, sampler=name, mode=mode)
         assert (to01(ours) - ref).abs().max() <= ATOL, mode
 
@@ -214,15 +215,15 @@ def test_euler_on_sdxl_matches_stable_diffusion_xl_pipeline(tiny_sdxl, name):
     ref_pipe.scheduler = k_scheduler(name, ref_pipe.scheduler.config)
     ref = ref_pipe("a red circle", num_inference_steps=5, height=32, width=32, negative_prompt="blurry",
                    guidance_scale=5.0, output_type="pt", generator=[torch.Generator().manual_seed(2)]).images
-    ours = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"], [2], "blurry", steps=5, height=32,
+    ours = guided.generate(pipeline.load_pipeline(path), ["a red circle"], [2], "blurry", steps=5, height=32,
                              width=32, sampler=name)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
 def test_npo_multipliers_are_eq_10():
-    m = pipeline.npo_multipliers(2, 0.25, 0.75)
+    m = guided.npo_multipliers(2, 0.25, 0.75)
     assert m["eta"].tolist() == [0.25, 0.25, 1.0, 1.0] and m["delta"].tolist() == [0.75, 0.75, 0.0, 0.0]
-    m = pipeline.npo_multipliers(2, [0.0, 1.0], [0.5, 1.0])  # one (α, β) per image: a sweep in one batch
+    m = guided.npo_multipliers(2, [0.0, 1.0], [0.5, 1.0])  # one (α, β) per image: a sweep in one batch
     assert m["eta"].tolist() == [0.0, 1.0, 1.0, 1.0] and m["delta"].tolist() == [0.5, 1.0, 0.0, 0.0]
 
 
@@ -239,18 +240,18 @@ def test_every_guided_path_takes_its_weights_from_npo_weights(tiny_model, offset
     batched rows, the two merged weight sets, guidance g <= 1 (the conditional branch alone) and a fine-tuned η all
     change with it, and batched and merged still agree."""
     pipe = pipeline.load_pipeline(tiny_model[0])
-    pipeline.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
-    pipeline.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
+    guided.load_offset(pipe, [(offsets["eta"], 1.0)], "eta")
+    guided.load_offset(pipe, [(offsets["delta"], 1.0)], "delta")
     dense = pipeline.load_pipeline(tiny_model[0])
-    pipeline.load_offset(dense, [(offsets["delta"], 1.0)], "delta")
-    pipeline.attach_eta_model(dense, tiny_model[0], 0.5)  # θ_ft = θ: what matters here is where δ runs
+    guided.load_offset(dense, [(offsets["delta"], 1.0)], "delta")
+    guided.attach_eta_model(dense, tiny_model[0], 0.5)  # θ_ft = θ: what matters here is where δ runs
     kw = dict(steps=2, height=16, width=16, alpha=0.5, beta=0.8)
 
     def every_path():
-        return [pipeline.generate(pipe, ["a circle"], [1], guidance=5.0, mode="batched", **kw),
-                pipeline.generate(pipe, ["a circle"], [1], guidance=5.0, mode="merged", **kw),
-                pipeline.generate(pipe, ["a circle"], [1], guidance=1.0, **kw),
-                pipeline.generate(dense, ["a circle"], [1], guidance=5.0, **kw)]
+        return [guided.generate(pipe, ["a circle"], [1], guidance=5.0, mode="batched", **kw),
+                guided.generate(pipe, ["a circle"], [1], guidance=5.0, mode="merged", **kw),
+                guided.generate(pipe, ["a circle"], [1], guidance=1.0, **kw),
+                guided.generate(dense, ["a circle"], [1], guidance=5.0, **kw)]
     eq_10 = every_path()
     rule = sampler.npo_weights
     monkeypatch.setattr(sampler, "npo_weights", lambda alpha=1.0, beta=1.0: {
@@ -268,9 +269,9 @@ def test_sweep_rows_equal_single_runs(tiny_model, offsets):
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
     kw = dict(steps=4, guidance=5.0, height=32, width=32)
-    both = pipeline.generate(pipe, ["a circle"] * 2, [1, 1], alpha=[0.0, 1.0], beta=[1.0, 0.5], **kw)
+    both = guided.generate(pipe, ["a circle"] * 2, [1, 1], alpha=[0.0, 1.0], beta=[1.0, 0.5], **kw)
     for i, (a, b) in enumerate([(0.0, 1.0), (1.0, 0.5)]):
-        one = pipeline.generate(pipe, ["a circle"], [1], alpha=a, beta=b, **kw)
+        one = guided.generate(pipe, ["a circle"], [1], alpha=a, beta=b, **kw)
         assert (both[i] - one[0]).abs().max() <= 2 * ATOL
 
 
@@ -296,7 +297,7 @@ def test_cli_writes_pngs_equal_to_generate(tiny_model, offsets, tmp_path):
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
-    expected = images.to_pil(pipeline.generate(pipe, ["a red circle"], [8], steps=4, alpha=0.5, height=32, width=32))[0]
+    expected = images.to_pil(guided.generate(pipe, ["a red circle"], [8], steps=4, alpha=0.5, height=32, width=32))[0]
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(expected))
 
 
@@ -355,7 +356,7 @@ def single(path, offsets, prompt, seed, alpha, beta):
     pipe = pipeline.load_pipeline(path)
     lora.load_lora(pipe.unet, offsets["eta"], "eta")
     lora.load_lora(pipe.unet, offsets["delta"], "delta")
-    out = pipeline.generate(pipe, [prompt], [seed], steps=2, alpha=alpha, beta=beta, height=32, width=32)
+    out = guided.generate(pipe, [prompt], [seed], steps=2, alpha=alpha, beta=beta, height=32, width=32)
     return images.to_uint8(out)[0].astype(int)
 
 

@@ -1,7 +1,7 @@
 """The small flags of `npo.py sample` users expect, each against diffusers where diffusers has the feature:
 --clip-skip (StableDiffusionPipeline's clip_skip), --variant (from_pretrained(variant=...)), --scheduler-config
 (a scheduler built from that file), a JSONL row's negative_prompt (the pipeline's per-image negative_prompt).
-The command's PNG equals `pipeline.generate` with the same settings exactly; generate equals diffusers to ATOL."""
+The command's PNG equals `guided.generate` with the same settings exactly; generate equals diffusers to ATOL."""
 import argparse
 import json
 import os
@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import checkpoint
+import guided
 import images
 import npo
 import pipeline
@@ -56,9 +57,9 @@ def test_clip_skip_matches_diffusers(tiny_model):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     ref = ref_pipe(prompts, num_inference_steps=4, guidance_scale=1.0, clip_skip=1, output_type="pt", generator=gens,
                    **kw).images
-    out = pipeline.generate(pipe, prompts, seeds, steps=4, guidance=1.0, clip_skip=1, **kw)
+    out = guided.generate(pipe, prompts, seeds, steps=4, guidance=1.0, clip_skip=1, **kw)
     assert (to01(out) - ref).abs().max() <= ATOL
-    plain = pipeline.generate(pipe, prompts, seeds, steps=4, guidance=1.0, **kw)
+    plain = guided.generate(pipe, prompts, seeds, steps=4, guidance=1.0, **kw)
     assert (to01(plain) - ref).abs().max() > 10 / 255  # the skip changes the image
 
     with torch.no_grad():
@@ -67,7 +68,7 @@ def test_clip_skip_matches_diffusers(tiny_model):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     ref = ref_pipe(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=4, guidance_scale=7.5,
                    output_type="pt", generator=gens, **kw).images
-    out = pipeline.generate(pipe, prompts, seeds, "blurry", steps=4, guidance=7.5, clip_skip=1, **kw)
+    out = guided.generate(pipe, prompts, seeds, "blurry", steps=4, guidance=7.5, clip_skip=1, **kw)
     assert (to01(out) - ref).abs().max() <= ATOL
 
 
@@ -76,7 +77,7 @@ def test_cli_clip_skip(tiny_model, tmp_path):
     assert npo.main(["sample", "--model", path, *SMALL, "--clip-skip", "2", "--out", str(tmp_path / "x.png")]) == 0
     pixels, params = png(tmp_path / "x.png")
     assert "Clip skip: 2" in params
-    expected = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"], [0], steps=3, height=32, width=32,
+    expected = guided.generate(pipeline.load_pipeline(path), ["a red circle"], [0], steps=3, height=32, width=32,
                                  clip_skip=1)
     assert np.array_equal(pixels, as_png(expected))
     for bad in ("0", "3"):  # the tiny text encoder has 2 layers
@@ -107,7 +108,7 @@ def test_cli_variant_fp16(tiny_model, tmp_path):
                                                          torch_dtype=torch.float32).eval()
     ref = ref_pipe(["a red circle"], num_inference_steps=3, height=32, width=32, output_type="pt",
                    generator=[torch.Generator().manual_seed(0)]).images
-    out = pipeline.generate(pipeline.load_pipeline(str(model), variant="fp16"), ["a red circle"], [0], steps=3,
+    out = guided.generate(pipeline.load_pipeline(str(model), variant="fp16"), ["a red circle"], [0], steps=3,
                             height=32, width=32)
     assert (to01(out) - ref).abs().max() <= ATOL
     assert np.array_equal(png(tmp_path / "x.png")[0], as_png(out))
@@ -135,7 +136,7 @@ def test_cli_scheduler_config_and_dpm_sampler(tiny_model, tmp_path):
                        generator=[torch.Generator().manual_seed(0)]).images
         pipe = pipeline.load_pipeline(path)
         pipe.scheduler_config = pipeline.read_scheduler_config(str(tmp_path / where))
-        out = pipeline.generate(pipe, ["a red circle"], [0], steps=3, height=32, width=32, sampler="dpmpp-2m")
+        out = guided.generate(pipe, ["a red circle"], [0], steps=3, height=32, width=32, sampler="dpmpp-2m")
         assert (to01(out) - ref).abs().max() <= ATOL
         assert np.array_equal(pixels, as_png(out))
 
@@ -170,7 +171,7 @@ def test_cli_negative_prompt_per_row(tiny_model, tmp_path):
     ref = diffusers_pipeline(path, refs)(prompts, num_inference_steps=3, height=32, width=32, output_type="pt",
                                          negative_prompt=negatives,
                                          generator=[torch.Generator().manual_seed(s) for s in seeds]).images
-    out = pipeline.generate(pipeline.load_pipeline(path), prompts, seeds, negatives, steps=3, height=32, width=32)
+    out = guided.generate(pipeline.load_pipeline(path), prompts, seeds, negatives, steps=3, height=32, width=32)
     assert (to01(out) - ref).abs().max() <= ATOL
     for k, (name, negative) in enumerate([("00000-seed5.png", "blurry"), ("00001-seed6.png", "ugly")]):
         pixels, params = png(tmp_path / "o" / name)
@@ -271,7 +272,7 @@ def test_cli_k_samplers(tiny_model, tmp_path, name, a1111):
                      "2", "--out", str(tmp_path)]) == 0
     pixels, params = png(tmp_path / "00001-seed5.png")
     assert f", Sampler: {a1111}, " in params and "DDIM eta" not in params
-    out = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"] * 2, [4, 5], steps=3, height=32, width=32,
+    out = guided.generate(pipeline.load_pipeline(path), ["a red circle"] * 2, [4, 5], steps=3, height=32, width=32,
                             sampler=name)
     assert np.array_equal(pixels, np.asarray(images.to_pil(out)[1]))
 

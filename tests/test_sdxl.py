@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import checkpoint
 import clip
 import data
+import guided
 import images
 import lora
 import machinery
@@ -78,10 +79,10 @@ def test_pixels_match_stable_diffusion_xl_pipeline(tiny_sdxl, negative):
     ref = reference_images(diffusers_sdxl_pipeline(path, refs), "a red circle", 3, 5, height=32, width=32,
                            negative_prompt=negative)
     pipe = pipeline.load_pipeline(path)
-    ours = pipeline.generate(pipe, ["a red circle"], [3], negative, steps=5, height=32, width=32)
+    ours = guided.generate(pipe, ["a red circle"], [3], negative, steps=5, height=32, width=32)
     assert (to01(ours) - ref).abs().max() <= ATOL
     if negative is None:  # the zeros are not the empty prompt: "" gives another image
-        empty = pipeline.generate(pipe, ["a red circle"], [3], "", steps=5, height=32, width=32)
+        empty = guided.generate(pipe, ["a red circle"], [3], "", steps=5, height=32, width=32)
         assert (to01(empty) - ref).abs().max() > 10 / 255
 
 
@@ -92,16 +93,16 @@ def test_size_conditioning_and_force_zeros_off(tiny_sdxl, tmp_path):
                            guidance_scale=3.0, **sizes)
     pipe = pipeline.load_pipeline(path)
     kw = dict(steps=4, guidance=3.0, height=32, width=40)
-    ours = pipeline.generate(pipe, ["a cat"], [1], original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 24), **kw)
+    ours = guided.generate(pipe, ["a cat"], [1], original_size=(64, 48), crop_top_left=(4, 8), target_size=(24, 24), **kw)
     assert (to01(ours) - ref).abs().max() <= ATOL
-    assert (to01(pipeline.generate(pipe, ["a cat"], [1], **kw)) - ref).abs().max() > 10 / 255  # the sizes matter
+    assert (to01(guided.generate(pipe, ["a cat"], [1], **kw)) - ref).abs().max() > 10 / 255  # the sizes matter
 
     copy_path = tmp_path / "model"  # force_zeros_for_empty_prompt false: no negative prompt is the empty prompt
     shutil.copytree(path, copy_path)
     (copy_path / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": False}))
     ref = reference_images(diffusers_sdxl_pipeline(path, refs, force_zeros=False), "a cat", 1, 4, height=32, width=40,
                            guidance_scale=3.0)
-    ours = pipeline.generate(pipeline.load_pipeline(str(copy_path)), ["a cat"], [1], **kw)
+    ours = guided.generate(pipeline.load_pipeline(str(copy_path)), ["a cat"], [1], **kw)
     assert (to01(ours) - ref).abs().max() <= ATOL
 
 
@@ -110,7 +111,7 @@ def test_half_precision_keeps_a_force_upcast_vae_in_float32(tiny_sdxl, tmp_path)
     pipe = pipeline.load_pipeline(path, dtype=torch.bfloat16)
     assert next(pipe.unet.parameters()).dtype == next(pipe.text_encoder_2.parameters()).dtype == torch.bfloat16
     assert next(pipe.vae.parameters()).dtype == torch.float32  # SDXL's VAE overflows in fp16: it decodes in fp32
-    assert torch.isfinite(pipeline.generate(pipe, ["a cat"], [0], steps=2, height=16, width=16)).all()
+    assert torch.isfinite(guided.generate(pipe, ["a cat"], [0], steps=2, height=16, width=16)).all()
     copy_path = tmp_path / "model"  # the fp16-fix VAE says force_upcast false and runs in the model's dtype
     shutil.copytree(path, copy_path)
     cfg = json.loads((copy_path / "vae" / "config.json").read_text())
@@ -169,10 +170,10 @@ def test_npo_matches_two_unet_reference(tiny_sdxl, tmp_path, negative, alpha, be
     lora.load_lora(pipe.unet, files["eta"], "eta")
     lora.load_lora(pipe.unet, files["delta"], "delta")
     for mode in ("batched", "merged"):
-        ours = pipeline.generate(pipe, ["a red circle"], [11], negative, steps=5, guidance=6.0, alpha=alpha,
+        ours = guided.generate(pipe, ["a red circle"], [11], negative, steps=5, guidance=6.0, alpha=alpha,
                                  beta=beta, height=32, width=32, mode=mode)
         assert (to01(ours) - ref).abs().max() <= ATOL, mode
-    plain = pipeline.generate(pipe, ["a red circle"], [11], negative, steps=5, guidance=6.0, alpha=1.0, beta=0.0,
+    plain = guided.generate(pipe, ["a red circle"], [11], negative, steps=5, guidance=6.0, alpha=1.0, beta=0.0,
                               height=32, width=32)
     assert (to01(plain) - ref).abs().max() > 10 / 255  # δ does something
 
@@ -307,7 +308,7 @@ def test_trained_lora_loads_in_diffusers_sdxl_pipeline(tiny_sdxl, pairs, tmp_pat
         assert any(k.startswith("lora_unet_input_blocks_") for k in f.keys())
     pipe = pipeline.load_pipeline(model)
     lora.load_lora(pipe.unet, path, "eta")
-    ours = pipeline.generate(pipe, ["a red circle"], [2], steps=4, height=32, width=32)
+    ours = guided.generate(pipe, ["a red circle"], [2], steps=4, height=32, width=32)
     ref_pipe = diffusers_sdxl_pipeline(model, refs)
     base = reference_images(ref_pipe, "a red circle", 2, 4, height=32, width=32)
     ref_pipe.load_lora_weights(path)
@@ -371,7 +372,7 @@ def test_cli_sample_equals_generate_with_sdxl_defaults(tiny_sdxl, tmp_path):
     assert npo.main(["sample", *flags, "--original-size", "32", "24", "--crop-top-left", "2", "0", "--out", str(out)]) == 0
     image = Image.open(out)
     assert "CFG scale: 5.0" in image.text["parameters"]  # SDXL's default guidance
-    expected = pipeline.generate(pipeline.load_pipeline(path), ["a cat"], [4], steps=3, height=16, width=16,
+    expected = guided.generate(pipeline.load_pipeline(path), ["a cat"], [4], steps=3, height=16, width=16,
                                  original_size=(32, 24), crop_top_left=(2, 0))
     assert np.array_equal(np.array(image), np.array(images.to_pil(expected)[0]))
 
@@ -384,7 +385,7 @@ def test_dpm_solver_matches_stable_diffusion_xl_pipeline(tiny_sdxl):
     ref_pipe = diffusers_sdxl_pipeline(path, refs)
     ref_pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(os.path.join(path, "scheduler"))
     ref = reference_images(ref_pipe, "a red circle", 2, 6, height=32, width=32, negative_prompt="blurry")
-    ours = pipeline.generate(pipeline.load_pipeline(path), ["a red circle"], [2], "blurry", steps=6, height=32,
+    ours = guided.generate(pipeline.load_pipeline(path), ["a red circle"], [2], "blurry", steps=6, height=32,
                              width=32, sampler="dpmpp-2m")
     assert (to01(ours) - ref).abs().max() <= ATOL
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import guided
 import ldm
 import npo
 import pipeline
@@ -42,7 +43,7 @@ def without_size(config):
 
 def images(model, **kw):
     pipe = model if isinstance(model, pipeline.Pipeline) else pipeline.load_pipeline(model, **kw)
-    return pipeline.generate(pipe, ["a red circle", "a cat"], [1, 2], "ugly", **KW)
+    return guided.generate(pipe, ["a red circle", "a cat"], [1, 2], "ugly", **KW)
 
 
 def test_converter_matches_diffusers_from_single_file(family):
@@ -295,8 +296,8 @@ def test_sdxl_file_gives_the_folders_and_diffusers_images(sdxl_file, negative):
     from conftest import diffusers_sdxl_pipeline
     folder, ref, path = sdxl_file
     kw = dict(steps=2, guidance=5.0, height=16, width=16)
-    ours = pipeline.generate(pipeline.load_pipeline(path), ["a red circle", "a cat"], [1, 2], negative, **kw)
-    folders = pipeline.generate(pipeline.load_pipeline(folder), ["a red circle", "a cat"], [1, 2], negative, **kw)
+    ours = guided.generate(pipeline.load_pipeline(path), ["a red circle", "a cat"], [1, 2], negative, **kw)
+    folders = guided.generate(pipeline.load_pipeline(folder), ["a red circle", "a cat"], [1, 2], negative, **kw)
     assert (ours - folders).abs().max() / 2 <= ATOL
     theirs = diffusers_sdxl_pipeline(folder, vars(ref))(
         "a cat", negative_prompt=negative, num_inference_steps=2, guidance_scale=5.0, height=16, width=16,
