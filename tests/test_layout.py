@@ -17,6 +17,7 @@ LAYERS = {
     "images": 5, "unet": 5, "clip": 5, "blip": 5, "lora": 5, "sampler": 5, "shards": 5,  # models, sampling; parquet shards
     "singlefile": 5,                                             # single-file checkpoints unpacked to diffusers' layout
     "prompt_syntax": 5,                                          # A1111's emphasis and long prompts, for the text encoders
+    "distributed": 5,                                            # torchrun's ranks sharing sampling and scoring
     "checkpoint": 6,                                             # files and the one user-facing error
 }
 
