@@ -27,6 +27,7 @@ those scripts, which draw the crop and flip separately for each image, both imag
 and flip here, so the two differ only in what the preference is about.
 """
 import io
+import itertools
 import json
 import math
 import os
@@ -369,7 +370,10 @@ class _Stream(torch.utils.data.Dataset):
         order, seeds = self.epoch_plan(epoch)
         position = step_in_epoch * self.global_batch + slot
         g = torch.Generator().manual_seed(int(seeds[position]))
-        prompt, preferred, rejected = self.dataset[int(order[position])]
+        try:
+            prompt, preferred, rejected = self.dataset[int(order[position])]
+        except UserError as e:  # an image damaged past its header: passed on as data (see _collate)
+            return e
         if torch.rand((), generator=g).item() < self.caption_dropout:
             prompt = ""  # train the unconditional prediction too, as CFG needs
         return (prompt, *preprocess_pair(preferred, rejected, self.resolution, g, self.random_crop, self.hflip,
@@ -392,6 +396,11 @@ class _Positions:
 
 
 def _collate(examples):
+    """A batch from examples; or, if one is a UserError (found in a worker process, whose own exception would
+    reach the main process wrapped in a traceback), that error, which _closing raises there."""
+    error = next((e for e in examples if isinstance(e, UserError)), None)
+    if error is not None:
+        return error
     prompts, *tensors = zip(*examples)
     return (list(prompts), *(torch.stack(t) for t in tensors))
 
@@ -429,9 +438,13 @@ def batches(dataset, batch_size, seed, resolution, start_step=0, random_crop=Fal
 
 def _closing(iterator):
     """The batches, as a generator whose `close()` also stops the DataLoader's worker processes (torch's iterator
-    has no public close; without this they live until the iterator is garbage-collected)."""
+    has no public close; without this they live until the iterator is garbage-collected). A UserError that comes
+    as an item (from _collate) is raised here, in the main process, as its one sentence."""
     try:
-        yield from iterator
+        for item in iterator:
+            if isinstance(item, UserError):
+                raise item
+            yield item
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)  # present when num_workers > 0
         if shutdown is not None:
@@ -441,9 +454,16 @@ def _closing(iterator):
 # ---- the training stream of parquet shards -------------------------------------------------------------------
 
 class _ShardStream(torch.utils.data.IterableDataset):
-    """Batches of this rank from shards.Shards.rows, each with the stream position after it. With background
-    workers, worker k of n decodes batches k, k + n, ... (each worker walks the whole row stream, which costs reading,
-    not decoding), and the DataLoader hands them out in that round-robin order: the same batches as without."""
+    """This rank's rows of shards.Shards.rows from `start` on, decoded, in chunks of `batch_size` consecutive rows.
+
+    Worker k of n decodes chunks k, k + n, ... (each worker walks the whole row stream, which costs reading and
+    header checks, not decoding), and the DataLoader hands the chunks out in that round-robin order, so the rows
+    come in stream order whatever n. Chunks are cut by rows, not by usable pairs, so that no worker needs another's
+    decoding to know where its chunks are. A chunk is a list of (state, counts, outcome) per row: `state` the stream
+    position after the row, `counts` the stream's tallies of dropped ties and skipped rows so far, `outcome` an
+    example (prompt, preferred, rejected[, sizes]), None for a row the stream dropped, "bad" for a row whose images
+    do not decode (with skip_bad_rows), or a UserError for the main process to raise (raised in a worker, it would
+    arrive wrapped in a traceback). Decoding here is a row's full check: the stream reads only the headers."""
 
     def __init__(self, dataset, batch_size, seed, resolution, start, random_crop, hflip, caption_dropout, rank,
                  world_size, sizes=False):
@@ -454,51 +474,88 @@ class _ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        batch, index = [], 0
-        for state, pair in self.dataset.rows(self.seed, self.rank, self.world_size, self.start):
-            if pair is not None:
-                batch.append((state, pair))
-            if len(batch) == self.batch_size:
-                if index % workers == worker:
-                    yield self._decode(batch, state)
-                batch, index = [], index + 1
+        rows = self.dataset.rows(self.seed, self.rank, self.world_size, self.start)
+        for index in itertools.count():
+            mine, chunk = index % workers == worker, []
+            try:
+                for state, pair in itertools.islice(rows, self.batch_size):
+                    outcome = self._example(state, pair) if mine and pair else None
+                    chunk.append((state, dict(self.dataset.counts), outcome))
+            except UserError as e:  # a bad row without skip_bad_rows, or a row group that cannot be read
+                if mine:
+                    yield chunk + [(None, None, e)]
+                return
+            if mine:
+                yield chunk
 
-    def _decode(self, batch, state):
-        """(prompts, preferred (B,3,R,R), rejected[, sizes], state, counts): crop, flip and caption dropout of each row drawn
-        from a generator of (seed, epoch, rank, position): the same after a resume."""
-        examples = []
-        for (epoch, position), (caption, winner, loser) in batch:
-            g = shards._generator(self.seed, 1, epoch, self.rank, position)
-            images = []
-            for which, data in (("preferred", winner), ("rejected", loser)):
-                try:
-                    with _open_image(data) as image:
-                        images.append(image.convert("RGB"))
-                except Exception as e:
-                    raise UserError(f"row at position {position} of epoch {epoch} (rank {self.rank}) of "
-                                    f"{self.dataset.path}: the {which} image could not be decoded ({e}); remove it.")
-            prompt = "" if torch.rand((), generator=g).item() < self.caption_dropout else caption
-            examples.append((prompt, *preprocess_pair(*images, self.resolution, g, self.random_crop, self.hflip,
-                                                      self.sizes)))
-        return (*_collate(examples), torch.tensor(state), dict(self.dataset.counts))
+    def _example(self, state, pair):
+        """One row's example, its images decoded in full; crop, flip and caption dropout drawn from a generator of
+        (seed, epoch, rank, position): the same after a resume."""
+        epoch, position = state
+        images = []
+        for data, column, which in zip((pair.winner, pair.loser), pair.columns, ("preferred", "rejected")):
+            try:
+                with _open_image(data) as image:
+                    images.append(image.convert("RGB"))
+            except Exception as e:  # PIL: OSError ("image file is truncated"), SyntaxError, ValueError...
+                if self.dataset.skip_bad_rows:
+                    return "bad"
+                raise UserError(f"{pair.where}: {column} (the {which} image) could not be decoded ({e}); "
+                                f"fix it or skip bad rows ({SKIP_HINT}).")
+        g = shards._generator(self.seed, 1, epoch, self.rank, position)
+        prompt = "" if torch.rand((), generator=g).item() < self.caption_dropout else pair.caption
+        return (prompt, *preprocess_pair(*images, self.resolution, g, self.random_crop, self.hflip, self.sizes))
+
+
+def _as_is(chunk):
+    return chunk
 
 
 class ShardBatches:
-    """The batches `(prompts, preferred, rejected[, sizes])` of a sharded dataset; `state` is the stream position after the
-    last one, (epoch, rows consumed in it), which a checkpoint stores; `counts` the ties dropped and rows skipped."""
+    """The batches `(prompts, preferred, rejected[, sizes])` of a sharded dataset; `state` is the stream position after
+    the last one, (epoch, rows consumed in it), which a checkpoint stores; `counts` the ties dropped and rows skipped.
+
+    A stream that yields no usable pair would be read forever: when a whole epoch of this rank's rows has gone by
+    without one (every row a dropped tie or a skipped bad row), the next batch is a UserError instead. With one rank
+    that means the shards hold none; with W ranks, one rank's share (a different 1/W of the row groups each epoch)
+    held none, which is refused too: so few usable rows are not worth W ranks."""
 
     def __init__(self, stream, num_workers, start):
-        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers)
-        self.state, self.counts = tuple(start), {}
-        self._batches = _closing(iter(loader))
+        # batch_size=None with the identity as collate_fn: each chunk as the worker made it (no list for tuple)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+        self.path, self.batch_size, self.rank = stream.dataset.path, stream.batch_size, stream.rank
+        self.state, self.counts = tuple(start), dict(stream.dataset.counts)
+        self._barren = tuple(start)  # the position since which no usable pair has come
+        self._previous = None  # (state, counts) of the last row read
+        self._undecodable = 0  # rows skipped because an image did not decode (the stream's counts miss them)
+        self._chunks = _closing(iter(loader))
+        self._rows = (row for chunk in self._chunks for row in chunk)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        *batch, state, self.counts = next(self._batches)
-        self.state = tuple(state.tolist())
-        return tuple(batch)
+        examples = []
+        while len(examples) < self.batch_size:
+            state, counts, outcome = next(self._rows)
+            if isinstance(outcome, UserError):
+                raise outcome
+            if state[1] == 1 and self._barren <= (state[0] - 1, 0):  # epoch state[0] − 1 was read whole, in vain
+                self._no_pair_left(*self._previous)
+            self._undecodable += outcome == "bad"
+            counts = {**counts, "bad": counts.get("bad", 0) + self._undecodable}
+            if isinstance(outcome, tuple):
+                examples.append(outcome)
+                self._barren, self.state, self.counts = state, state, counts
+            self._previous = state, counts
+        return _collate(examples)
+
+    def _no_pair_left(self, last, counts):
+        epoch, rows = last
+        raise UserError(f"{self.path} has no usable pair left: all {rows} rows of epoch {epoch} (rank {self.rank}) "
+                        f"were dropped ties or skipped bad rows ({counts.get('ties', 0)} ties dropped, "
+                        f"{counts['bad']} bad rows skipped so far); keep ties (--ties keep), fix the bad rows, "
+                        "or pass shards with usable pairs.")
 
     def close(self):
-        self._batches.close()
+        self._chunks.close()

@@ -577,6 +577,26 @@ def add_sample_arguments(p):
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
+    add_sampler_arguments(p)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
+    p.add_argument("--mode", choices=["batched", "merged"], default="batched",
+                   help="batched: one forward of [x_t; x_t] with per-row LoRA weights (one copy of θ); "
+                        "merged: the authors' two merged UNets, two passes per step (a reference)")
+    p.add_argument("--compare", action="store_true", help="per prompt, a side-by-side image without and with NPO at one seed")
+    p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
+    p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
+    p.add_argument("--out", default="out",
+                   help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
+                        "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
+                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
+    p.set_defaults(hashes={})  # the files' A1111 hashes for the PNG parameters, filled in by load_for_sampling
+
+
+def add_sampler_arguments(p):
+    """The sampler, its steps and the picture's size, the settings A1111 users paste."""
     p.add_argument("--sampler", choices=list(sampler.SAMPLERS), default="ddim",
                    help="ddim; dpmpp-2m: DPM-Solver++ (2M), diffusers' DPMSolverMultistepScheduler defaults, the "
                         "paper's evaluation sampler (25 steps); dpmpp-2m-karras: the same on Karras sigmas (A1111's "
@@ -603,21 +623,6 @@ def add_sample_arguments(p):
                    help="SDXL's size conditioning: the crop's top-left corner (default: 0 0)")
     p.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"),
                    help="SDXL's size conditioning: the target image size (default: --height --width)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step, faster after)")
-    p.add_argument("--mode", choices=["batched", "merged"], default="batched",
-                   help="batched: one forward of [x_t; x_t] with per-row LoRA weights (one copy of θ); "
-                        "merged: the authors' two merged UNets, two passes per step (a reference)")
-    p.add_argument("--compare", action="store_true", help="per prompt, a side-by-side image without and with NPO at one seed")
-    p.add_argument("--sweep-alpha", help="comma-separated α values for a labelled α × β grid at one seed (fig. 9)")
-    p.add_argument("--sweep-beta", help="comma-separated β values for the α × β grid")
-    p.add_argument("--out", default="out",
-                   help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
-                        "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
-                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
-    p.set_defaults(hashes={})  # the files' A1111 hashes for the PNG parameters, filled in by load_for_sampling
 
 
 def add_evaluate_arguments(p):

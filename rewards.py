@@ -11,6 +11,7 @@ image, and, where 1 − R is trained, each in [0, 1]. A reward may also state it
                             on every training prompt before any model loads
 
     r = rewards.load("rewards:brightness")             # a built-in, or "my_module:my_reward" of your own
+    r = rewards.load("path/to/my_module.py:my_reward")  # a file of yours, loaded from its path
     r = rewards.load("pickscore:/models/PickScore_v1")  # a learned scorer on weights you give (scorers.py)
     r_npo = rewards.negate(r)                           # 1 − R: what the NPO offset δ is trained on
     r = rewards.affine(rewards.load("rewards:jpeg_incompressibility"), low=0, high=40)   # kB, mapped to [0, 1]
@@ -22,6 +23,7 @@ CLIP score) load from weights you give, as `pickscore:PATH` and the like (scorer
 """
 import difflib
 import importlib
+import importlib.util
 import io
 import math
 import os
@@ -218,39 +220,76 @@ def likely_scorer_spec(spec):
 
 
 def load(spec, flag="--reward"):
-    """A reward by name: `module:function`, or `SCORER:PATH`, a learned scorer on weights you give (scorers.py).
+    """A reward by name: `module:function`, `path/to/file.py:function`, or `SCORER:PATH`, a learned scorer on weights
+    you give (scorers.py).
 
-    The text before the first ':' decides. One of scorers.SCORERS (pickscore, hpsv2, aesthetic, clipscore) makes all
-    after it the PATH, so a path may hold ':' itself (`pickscore:C:\\models\\PickScore_v1`); those four names are
-    taken, not Python modules, here. Anything else is `module:function`: the module is imported by name (from the
-    current folder or an installed package), so the only code run is code the user names; `rewards:NAME` gives a
-    built-in. `flag` is the option the messages name (--reward, or evaluate's --scorer)."""
+    The text before the first ':' decides. One of scorers.SCORERS (pickscore, hpsv2, aesthetic, clipscore, ...) makes
+    all after it the PATH, so a path may hold ':' itself (`pickscore:C:\\models\\PickScore_v1`); those names are
+    taken, not Python modules, here. A spec whose text before its last ':' ends in `.py` is a file, loaded from that
+    path. `rewards:NAME` and `shapes:reward` are npo's own. Anything else is `module:function`: a module Python can
+    import by name (an installed package), else NAME.py in the current folder, loaded from its file. sys.path is never
+    touched, and the only code run is code the user names. `flag` is the option the messages name (--reward, or
+    evaluate's --scorer)."""
     module_name, sep, attr = spec.partition(":")
     if module_name in scorers.SCORERS:
         if not attr:
             raise UserError(f"{flag} {spec!r} names no weights; pass {module_name}:PATH.")
         return scorers.load(module_name, attr)
+    path, _, file_attr = spec.rpartition(":")
+    if path.endswith(".py"):  # rpartition: a Windows path holds a ':' of its own
+        return _function(spec, _module_from_file(spec, path, flag), file_attr, flag)
     if not sep or not module_name or not attr:
         raise UserError(f"{flag} {spec!r} is not module:function; pass e.g. rewards:brightness or my_rewards:score, "
                         f"or SCORER:PATH with SCORER one of {', '.join(scorers.SCORERS)}.")
     if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
         raise UserError(f"{flag} {spec!r} is neither module:function nor SCORER:PATH with SCORER one of "
                         f"{', '.join(scorers.SCORERS)}; pass e.g. {likely_scorer_spec(spec)}.")
-    # `python npo.py` puts the script's folder on the path, not the current one: look there too, for this import only
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.append(os.getcwd())
+    return _function(spec, _import(spec, module_name, attr, flag), attr, flag)
+
+
+OWN = ("rewards", "shapes")  # npo's own modules of rewards, named as in `rewards:brightness`, `shapes:reward`
+
+
+def _import(spec, module_name, attr, flag):
+    """The module of `module_name:attr`: npo's own, an importable one, or NAME.py in the current folder."""
+    if module_name in OWN:  # from npo itself, whatever the current folder holds
+        return importlib.import_module(f"{__package__}.{module_name}" if __package__ else module_name)
+    if importlib.util.find_spec(module_name.split(".")[0]) is None:
+        # `python npo.py` imports from the script's folder, not the current one: read NAME.py there from its file
+        local = os.path.join(*module_name.split(".")) + ".py"
+        if not os.path.isfile(local):
+            scorer = close_scorer(module_name)  # hps:model is more likely hpsv2:model than a module of your own
+            raise UserError(f"{flag} {spec}: cannot import {module_name}: no installed module of that name and no "
+                            f"{local} in the current folder ({os.getcwd()}); run from the folder that holds it or "
+                            f"pass its path, e.g. path/to/{local}:{attr}" + (
+                                f", or pass the scorer {scorer}:{attr} (the scorers are {', '.join(scorers.SCORERS)})"
+                                if scorer else "") + ".")
+        return _module_from_file(spec, local, flag)
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as e:
-        scorer = close_scorer(module_name)  # hps:model is more likely hpsv2:model than a module of your own
-        raise UserError(f"{flag} {spec}: cannot import {module_name} ({e}); run from the folder that holds "
-                        f"{module_name}.py or install it" + (f", or pass the scorer {scorer}:{attr} (the scorers are "
-                        f"{', '.join(scorers.SCORERS)})" if scorer else "") + ".")
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
+        raise UserError(f"{flag} {spec}: cannot import {module_name} ({e}); install it or pass its file, "
+                        f"e.g. path/to/{module_name.split('.')[-1]}.py:{attr}.")
+
+
+def _module_from_file(spec, path, flag="--reward"):
+    """The Python file at `path` run as a module of its own (under a private name, so that it shadows nothing)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {spec}: there is no file {path}; give the path of a .py file that defines it.")
+    name = "npo_user_reward_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # as importlib's recipe does: dataclasses and pickling look their module up there
+    try:
+        module_spec.loader.exec_module(module)
+    except ImportError as e:
+        del sys.modules[name]
+        raise UserError(f"{flag} {spec}: {path} failed to import ({e}); install what it needs.")
+    return module
+
+
+def _function(spec, module, attr, flag="--reward"):
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"{flag} {spec}: {module_name} has no function {attr}.")
+        raise UserError(f"{flag} {spec}: {module.__name__} has no function {attr}.")
     return fn

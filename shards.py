@@ -2,7 +2,7 @@
 
     dataset = shards.open_shards("pickapic_v1/train/")             # or "pickapic_v1/train/*.parquet"
     for (epoch, position), pair in dataset.rows(seed=0, rank=0, world_size=1):
-        ...                                                          # pair: (caption, winner bytes, loser bytes) or None
+        ...                                            # pair: shards.Pair(caption, winner, loser, where, columns) or None
 
 The order of the rows depends only on (seed, epoch, rank, world size): each epoch shuffles the row groups of all
 shards together, rank r of W takes every W-th of them (so ranks never share a row within an epoch), and the rows
@@ -16,11 +16,16 @@ dropped (`ties="drop"`, Salesforce's Diffusion-DPO) or kept with jpg_0 as the wi
 runs). A row whose label, caption or image header is wrong is an error naming its shard and row, or, with
 `skip_bad_rows`, is skipped; a shard without the columns likewise. Skipped rows and dropped ties are still
 consumed (they count in the position), so a resume lands on the same row either way; `counts` tallies them.
+Only the image headers are checked here (cheap); a pair carries `where` it came from, so whoever decodes the
+images in full (data.batches) can name the shard and row of an image damaged past its header (a truncated JPEG).
+`rows` itself never ends; a folder whose rows are all ties is refused when opened (from the shards' statistics),
+and data.batches stops any stream in which a whole epoch gives no usable pair.
 """
 import glob
 import io
 import os
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +35,16 @@ from checkpoint import UserError
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 SKIP_HINT = "skip_bad_rows=True, or --skip-bad-rows on the command line"
+
+
+class Pair(NamedTuple):
+    """A usable row: the winner's and loser's encoded images, `where` it is ("row 4 of train-00001.parquet") and
+    the columns the winner and loser came from (("jpg_1", "jpg_0") when jpg_1 won), for errors found when decoding."""
+    caption: str
+    winner: bytes
+    loser: bytes
+    where: str
+    columns: tuple
 
 
 def is_sharded(path):
@@ -71,13 +86,18 @@ class Shards:
 
     def rows(self, seed, rank=0, world_size=1, start=(0, 0)):
         """Endless ((epoch, position), pair) from `start` on, position counting the rows consumed in the epoch;
-        pair is (caption, winner bytes, loser bytes), or None for a dropped tie or a skipped bad row."""
+        pair is a `Pair`, or None for a dropped tie or a skipped bad row."""
         epoch, position = start
         while True:
             units = self.rank_units(seed, epoch, rank, world_size)
             if not units:
                 raise UserError(f"{self.path} has {len(self.units)} row groups, fewer than the {world_size} ranks; "
                                 "use fewer ranks or shards with more row groups.")
+            total = sum(u[3] for u in units)
+            if position > total:  # would skip to the next epoch without a word
+                raise UserError(f"the stream's place (row {position} of epoch {epoch}, rank {rank} of {world_size}) is "
+                                f"past the end of that epoch's {total} rows of {self.path}; the shards changed since "
+                                "it was saved: resume with the same shards, or start a new run.")
             first = 0  # rows of the epoch before this window
             for w in range(0, len(units), self.buffer):
                 window = units[w:w + self.buffer]
@@ -116,7 +136,9 @@ class Shards:
                 raise UserError(f"{where}: {problem}; fix it or skip bad rows ({SKIP_HINT}).")
             self.counts["bad"] += 1
             return None
-        return (caption, jpg_1, jpg_0) if label_0 == 0 else (caption, jpg_0, jpg_1)
+        if label_0 == 0:
+            return Pair(caption, jpg_1, jpg_0, where, ("jpg_1", "jpg_0"))
+        return Pair(caption, jpg_0, jpg_1, where, ("jpg_0", "jpg_1"))  # a kept tie too: jpg_0 wins
 
 
 def _generator(seed, *keys):
@@ -136,7 +158,8 @@ def _image_problem(data, name):
 
 
 def open_shards(path, ties="drop", skip_bad_rows=False, buffer=2):
-    """The shards of a folder (its *.parquet files) or a glob pattern, from their metadata only (no rows read)."""
+    """The shards of a folder (its *.parquet files) or a glob pattern, from their metadata only (no rows read).
+    Shards whose rows are all ties are refused here when ties are dropped (the footer's statistics show it)."""
     if ties not in ("drop", "keep"):
         raise UserError(f"ties must be 'drop' or 'keep', not {ties!r}.")
     if buffer < 1:
@@ -146,7 +169,7 @@ def open_shards(path, ties="drop", skip_bad_rows=False, buffer=2):
     if not files:
         raise UserError(f"{path} matches no parquet files; pass a folder of Pick-a-Pic .parquet shards or a glob "
                         "such as 'train-*.parquet'.")
-    pq, units, skipped = _parquet(), [], 0
+    pq, units, skipped, only_ties = _parquet(), [], 0, True
     for i, shard in enumerate(files):
         try:
             meta = pq.ParquetFile(shard).metadata
@@ -164,7 +187,21 @@ def open_shards(path, ties="drop", skip_bad_rows=False, buffer=2):
             rows = meta.row_group(g).num_rows
             if rows:
                 units.append((i, g, first, rows))
+                only_ties &= _only_ties(meta.row_group(g))
             first += rows
     if not units:
         raise UserError(f"{path} holds no rows with the columns {', '.join(COLUMNS)}; pass Pick-a-Pic shards.")
+    if only_ties and ties == "drop":  # the stream would drop every row, epoch after epoch
+        raise UserError(f"every row of {path} is a tie (label_0 0.5) and ties are dropped, so no pair is left; "
+                        "keep them with jpg_0 as the winner (ties='keep', --ties keep) or pass shards with preferences.")
     return Shards(path, files, units, ties, skip_bad_rows, buffer, skipped)
+
+
+def _only_ties(group):
+    """True when a row group's statistics (in the shard's footer, written by pyarrow and most writers) show that
+    every label_0 in it is 0.5; False when they cannot tell. A null label is a bad row: no pair either way."""
+    for c in range(group.num_columns):
+        if group.column(c).path_in_schema == "label_0":
+            stats = group.column(c).statistics
+            return stats is not None and stats.has_min_max and stats.min == stats.max == 0.5
+    return False

@@ -2,15 +2,20 @@
 
 Nothing is downloaded: the configs are written here and the tokenizer is the CLIP vocabulary in weights/.
 """
+import contextlib
 import copy
 import os
 import shutil
+import signal
 
 import pytest
 import torch
 
+# `randomize` (every weight random, diffusers' zero-initialised layers too) and the tokenizer folder are shared with
+# the benchmarks; the repository root is importable (pyproject's pytest pythonpath).
+from benchmarks.random_weights import TOKENIZER_DIR, randomize  # noqa: F401 -- tests import them from here
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOKENIZER_DIR = os.path.join(ROOT, "weights", "tokenizer")
 
 TINY_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
                  attention_head_dim=4, norm_num_groups=8,
@@ -33,17 +38,6 @@ TINY_SDXL_UNET = dict(sample_size=8, block_out_channels=(32, 64, 64), layers_per
 TINY_SDXL_VAE = dict(TINY_VAE, scaling_factor=0.13025, force_upcast=True)
 TINY_SDXL_TEXT = dict(TINY_TEXT, num_hidden_layers=3, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SDXL's ids
 TINY_SDXL_TEXT_2 = dict(TINY_SDXL_TEXT, hidden_size=48, intermediate_size=96, hidden_act="gelu", projection_dim=24)
-
-
-def randomize(model, seed):
-    """diffusers zero-initialises some layers (conv_out, proj_out); give every weight a random value."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            # weights at ~1.5x unit gain so attention maps are far from uniform and every path matters
-            p.copy_(torch.randn(p.shape, generator=g) * (1.5 / fan_in ** 0.5 if p.ndim > 1 else 0.5))
-    return model
 
 
 def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs=TINY_TEXT, seed=0):
@@ -121,6 +115,47 @@ def diffusers_pipeline(path, refs):
     return pipe
 
 
+def diffusers_reference(model, refs, files, prompts, gens, steps, trainable):
+    """The diffusers side of a training step compared with ours: the pipeline with each LoRA file of `files` as a
+    peft adapter named by its role (a parameter requires grad where `trainable(name)`), each example's prompt and x_T
+    drawn from its generator in `gens` as training draws them, the prompts' and the empty negative's embeddings, and
+    DDIMScheduler from the folder's config at `steps`; a namespace of those (and the adapter names)."""
+    from types import SimpleNamespace
+    from diffusers import DDIMScheduler
+    pipe = diffusers_pipeline(model, refs)
+    for role, path in files.items():
+        pipe.load_lora_weights(path, adapter_name=role)
+    for name, p in pipe.unet.named_parameters():
+        p.requires_grad_(trainable(name))
+    chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
+    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+    with torch.no_grad():
+        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
+        neg, _ = pipe.encode_prompt([""] * len(gens), "cpu", 1, False)
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
+    scheduler.set_timesteps(steps)
+    return SimpleNamespace(pipe=pipe, chosen=chosen, x=x, pos=pos, neg=neg, scheduler=scheduler, names=list(files))
+
+
+def record_calls(monkeypatch, part, method, record):
+    """Make every pipeline that pipeline.load_pipeline loads from now on call `record(*args)` before each
+    `pipe.<part>.<method>(*args)`: a recorder of what training asks of a model (UNet calls, VAE encodes)."""
+    import pipeline
+    load = pipeline.load_pipeline
+
+    def recording_pipeline(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        module = getattr(pipe, part)
+        original = getattr(module, method)
+
+        def recorded(*call_args, **call_kwargs):
+            record(*call_args, **call_kwargs)
+            return original(*call_args, **call_kwargs)
+        setattr(module, method, recorded)
+        return pipe
+    monkeypatch.setattr(pipeline, "load_pipeline", recording_pipeline)
+
+
 def write_random_pairs(folder, n, seed):
     """A JSONL dataset of n pairs of random 24x20 (H x W) images, so the resize and crop do something; its path."""
     import json
@@ -137,6 +172,24 @@ def write_random_pairs(folder, n, seed):
     with open(path, "w") as f:
         f.write("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+class Hung(BaseException):
+    """Raised by `within` (a BaseException, so no `except Exception` on the way can swallow it)."""
+
+
+@contextlib.contextmanager
+def within(seconds):
+    """Fail, instead of hanging, when the block runs longer than `seconds` (a stream that never yields a pair)."""
+    def stop(*_):
+        raise Hung(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,62 @@
-"""bench.py gpu, the GPU table's command, runs its CPU fallback end to end (tiny random weights): every row it would
-time on a CUDA machine is computed, so the command is ready when a GPU is."""
+"""The benchmarks (benchmarks/, run as `python -m benchmarks.X` from the repository root) at toy size: the timing
+harness against what it is given, the GPU table's CPU fallback end to end (every row it would time on a CUDA
+machine), and single-file loading in a fresh child process, so each command is ready to run at full size."""
 import os
 import subprocess
 import sys
 
+import torch
+
+from benchmarks import harness
 from conftest import ROOT
+
+
+def run_benchmark(tmp_path, *argv):
+    """`python -m benchmarks.ARGV...` from the repository root, its random weights under tmp_path."""
+    env = dict(os.environ, NPO_BENCH_DIR=str(tmp_path / "weights" / "sd15"))
+    r = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def table_rows(text):
+    return [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+
+
+def test_harness_counts_warmup_and_repeats_and_sees_an_allocation():
+    calls, held = [], []
+
+    def fn():  # each timed call keeps 64 MiB resident, written so that the pages are really there
+        calls.append(1)
+        held.append(torch.ones(16 * 2**20))
+    timing = harness.measure(fn, repeats=3, warmup=2)
+    assert len(calls) == 5
+    assert 0 < timing.seconds and timing.mean > 0
+    assert timing.extra_gib >= 3 * 0.0625 * 0.9  # three 64 MiB tensors made while timed
+    assert timing.process_peak_gib >= timing.peak_gib >= timing.extra_gib
 
 
 def test_gpu_command_cpu_fallback(tmp_path):
     table = tmp_path / "gpu.md"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "gpu", "--cpu", "--tiny", "--size", "8",
-                        "--repeats", "1", "--weights", str(tmp_path / "weights"), "--out", str(table), "--sdxl", "small",
-                        "--sdxl-size", "8"],
-                       capture_output=True, text=True, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rows = [line for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    names = [row.split(" | ")[0].removeprefix("| ") for row in rows]
+    run_benchmark(tmp_path, "benchmarks.gpu", "--cpu", "--tiny", "--size", "8", "--repeats", "1", "--weights",
+                  str(tmp_path / "weights" / "tiny"), "--out", str(table), "--sdxl", "small", "--sdxl-size", "8")
+    rows = table_rows(table.read_text())
+    names = [row[0].removeprefix("| ") for row in rows]
     assert names == ["UNet forward, bfloat16, ours", "UNet forward, bfloat16, diffusers",
                      "guided step, bfloat16, plain CFG", "guided step, bfloat16, NPO (η, δ unmerged)",
                      "DPO step, ours, --mixed-precision bf16", "DPO step, ours, fp32", "DPO step, diffusers recipe, fp32",
                      "SDXL UNet forward, bfloat16, ours", "SDXL UNet forward, bfloat16, diffusers",
                      "SDXL guided step, bfloat16, plain CFG", "SDXL guided step, bfloat16, NPO (η, δ unmerged)"]
-    assert all(float(row.split(" | ")[1]) > 0 for row in rows)
+    assert all(float(row[1]) > 0 for row in rows)
+
+
+def test_single_file_loads_in_a_fresh_process(tmp_path, monkeypatch):
+    """The singlefile benchmark's parts: a tiny SD1 folder written as an LDM single file by benchmarks/ldm.py, loaded
+    in a child process (harness.run_child) and the folder in this one: the same weights, byte for byte."""
+    from benchmarks import files
+    monkeypatch.setattr(files, "WEIGHTS", str(tmp_path / "sd15"))
+    folder = files.bench_folder(small=True)
+    single = files.single_file_of(folder, ".safetensors")
+    child = harness.run_child("benchmarks.files", "_load", single, threads=1)
+    here = files.load_one(folder)
+    assert child["weights_gib"] == here["weights_gib"] > 0 and child["seconds"] > 0

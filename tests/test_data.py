@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import npo
 from checkpoint import UserError
+from conftest import within
 from data import batches, open_pairs, preprocess_pair, read_prompts
 
 pa = pytest.importorskip("pyarrow")
@@ -206,6 +208,41 @@ def test_no_usable_pairs(tmp_path):
     expect_error(r"no usable pairs \(0 bad rows skipped, 2 ties dropped\)", open_pairs, ties)
 
 
+def no_pair_layouts(folder):
+    """A .jsonl file, a w/ + l/ folder and two .parquet files, each without a usable pair once bad rows are skipped
+    (and ties dropped): {path: (bad rows, ties)}."""
+    image = encode(coord_image(0))
+    (folder / "pairs" / "w").mkdir(parents=True)
+    (folder / "pairs" / "l").mkdir()
+    coord_image(1).save(folder / "pairs" / "w" / "a.png")  # no partner in l/
+    coord_image(2).save(folder / "pairs" / "l" / "b.png")  # no partner in w/
+    coord_image(3).save(folder / "pairs" / "w" / "c.png")
+    coord_image(4).save(folder / "pairs" / "l" / "c.png")  # a pair, but without a caption
+    return {write_jsonl(folder, [{"prompt": "p", "chosen": "nowhere.png", "rejected": "nowhere.png"}] * 2): (2, 0),
+            folder / "pairs": (3, 0),
+            write_parquet(folder / "bad.parquet", [("a", image, b"garbage", 1.0), (None, image, image, 0.0)]): (2, 0),
+            write_parquet(folder / "mixed.parquet", [("a", image, image, 0.5), ("b", image, image, 0.3)]): (1, 1)}
+
+
+def test_no_usable_pairs_when_every_row_is_skipped(tmp_path):
+    for path, (bad, ties) in no_pair_layouts(tmp_path).items():
+        with within(60):
+            expect_error(rf"no usable pairs \({bad} bad rows skipped, {ties} ties dropped\)", open_pairs, path,
+                         skip_bad_rows=True)
+
+
+def test_training_without_usable_pairs_exits_2_in_every_layout(tiny_model, tmp_path, capsys):
+    model, _ = tiny_model
+    for n, (path, (bad, ties)) in enumerate(no_pair_layouts(tmp_path).items()):
+        out = tmp_path / f"out{n}"
+        with within(120):
+            code = npo.main(["train", "--model", model, "--data", str(path), "--out", str(out), "--resolution", "16",
+                             "--device", "cpu", "--batch-size", "1", "--steps", "1", "--skip-bad-rows"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"no usable pairs ({bad} bad rows skipped, {ties} ties dropped)" in err, err
+        assert err.count("\n") == 1 and not out.exists()  # refused when opened: one line, nothing written
+
+
 def test_bad_jsonl_lines(tmp_path):
     good = json.loads(jsonl_pairs(tmp_path, 1).read_text())
     expect_error("line 2 .* not valid JSON", open_pairs, write_jsonl(tmp_path, [good, "{not json"]))
@@ -235,6 +272,11 @@ def test_image_damaged_after_its_header_fails_when_decoded(tmp_path):
     good.write_bytes(data[: len(data) // 2])  # header intact, pixel data cut
     ds = open_pairs(path)
     expect_error("line 1 .* could not be decoded", ds.__getitem__, 0)
+    for workers in (0, 2):  # from a worker process too, as the sentence alone (not wrapped in its traceback)
+        stream = batches(ds, 1, seed=0, resolution=8, num_workers=workers)
+        with within(60):
+            expect_error(r"^line 1 of \S*pairs.jsonl: the preferred image could not be decoded", next, stream)
+        stream.close()
 
 
 def test_folder_mismatch_and_missing_caption(tmp_path):

@@ -22,7 +22,7 @@ import rewards
 import runs
 import sampler
 import train
-from conftest import ROOT, diffusers_pipeline, random_lora_files
+from conftest import ROOT, diffusers_reference, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
 FAST = ["--method", "ddpo", "--resolution", "16", "--sample-steps", "2", "--guidance", "3", "--log-every", "1",
@@ -169,21 +169,11 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
     as training draws them; DDIMScheduler.step at η = 1 with that noise; log p by ddpo-pytorch's formula; rewards
     standardised with the batch's mean and std (fewer than 16 per prompt); then PPO's loss at every step, its
     mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights."""
-    from diffusers import DDIMScheduler
-    pipe = diffusers_pipeline(model, refs)
-    for role, path in files.items():
-        pipe.load_lora_weights(path, adapter_name=role)
-    for name, p in pipe.unet.named_parameters():
-        p.requires_grad_(any(f".{role}." in name for role in trained) and "lora_" in name)
     gens = [train.example_generator(0, j) for j in range(2)]
-    chosen = [PROMPTS[int(torch.randint(2, (1,), generator=g))] for g in gens]
-    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-    with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
-    scheduler.set_timesteps(steps)
-    names = list(files)
+    ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
+                              lambda name: any(f".{role}." in name for role in trained) and "lora_" in name)
+    pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
+                                                   ref.names)
 
     def log_prob(eps_neg, eps_pos, t, x, x_prev):
         eps = eps_neg + guidance * (eps_pos - eps_neg)

@@ -17,7 +17,7 @@ import rewards
 import shapes
 import train
 from checkpoint import UserError
-from conftest import diffusers_pipeline
+from conftest import diffusers_reference, record_calls
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -69,12 +69,18 @@ def test_load_by_name(tmp_path, monkeypatch):
     assert rewards.load("rewards:brightness") is rewards.brightness
     (tmp_path / "my_reward_module.py").write_text(
         "import torch\ndef redness(images, prompts):\n    return images[:, 0].mean(dim=(1, 2))\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "greenness.py").write_text("def score(images, prompts):\n    return images[:, 1].mean(dim=(1, 2))\n")
     monkeypatch.chdir(tmp_path)
     path_before = list(sys.path)
-    assert rewards.load("my_reward_module:redness")(torch.ones(2, 3, 2, 2), None).tolist() == [1.0, 1.0]
-    assert sys.path == path_before  # the current folder was on the path for that import only
+    ones = torch.ones(2, 3, 2, 2)
+    assert rewards.load("my_reward_module:redness")(ones, None).tolist() == [1.0, 1.0]  # ./my_reward_module.py
+    assert rewards.load("sub/greenness.py:score")(ones * 0.5, None).tolist() == [0.5, 0.5]  # a file path
+    assert rewards.load(f"{tmp_path / 'sub' / 'greenness.py'}:score")(ones, None).tolist() == [1.0, 1.0]
+    assert sys.path == path_before  # the files are loaded from their paths: sys.path is never touched
     for spec, message in (("brightness", "module:function"), ("no_such_module_x:f", "cannot import"),
-                          ("rewards:no_such_reward", "no function")):
+                          ("rewards:no_such_reward", "no function"), ("sub/missing.py:score", "no file sub/missing.py"),
+                          ("sub/greenness.py:nothing", "no function nothing")):
         with pytest.raises(UserError, match=message):
             rewards.load(spec)
 
@@ -176,19 +182,7 @@ def test_reward_training_raises_r_and_npo_lowers_it(tiny_model, prompts_file, tm
 def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, tmp_path, monkeypatch):
     model, _ = tiny_model
     calls = []
-    load = pipeline.load_pipeline
-
-    def recording_pipeline(path, dtype, device, **options):
-        pipe = load(path, dtype, device, **options)
-        forward = pipe.unet.forward
-
-        def recorded(x, t, context):
-            calls.append((int(t), torch.is_grad_enabled()))
-            return forward(x, t, context)
-        pipe.unet.forward = recorded
-        return pipe
-
-    monkeypatch.setattr(pipeline, "load_pipeline", recording_pipeline)
+    record_calls(monkeypatch, "unet", "forward", lambda x, t, context: calls.append((int(t), torch.is_grad_enabled())))
     train.main(train.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
                                  *FAST, "--reward", "rewards:brightness", "--steps", "1", "--sample-steps", "5",
                                  "--grad-steps", "2"]))
@@ -237,6 +231,8 @@ def test_reward_bad_inputs(tiny_model, prompts_file, tmp_path, capsys, monkeypat
     assert "--reward-range" in capsys.readouterr().err
     assert npo.main(["train", "--model", model, "--out", str(out), *FAST, "--reward", "rewards:brightness"]) == 2
     assert "--prompts-file" in capsys.readouterr().err
+    assert run(model, prompts_file, out, "--reward", "no_such_dir/missing.py:score") == 2
+    assert "no file no_such_dir/missing.py" in capsys.readouterr().err
     assert run(model, prompts_file, out, "--reward", "rewards:brightness", "--grad-steps", "9") == 2
     assert "exceeds --sample-steps" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
@@ -300,22 +296,10 @@ def reference_gradients(model, refs, files, steps, k, guidance, neg_weights, pos
     """The same step from diffusers parts: the example's prompt and x_T drawn from its generator as training draws
     them, then DDIM with the peft adapters at `neg_weights` for ε_neg and `pos_weights` for ε_pos (two forwards),
     the first steps − k under no_grad, decode, loss = −mean brightness, plain backward."""
-    from diffusers import DDIMScheduler
-    prompts = ["a red circle", "a blue square"]
-    pipe = diffusers_pipeline(model, refs)
-    for role, path in files.items():
-        pipe.load_lora_weights(path, adapter_name=role)
-    for name, p in pipe.unet.named_parameters():
-        p.requires_grad_("lora_" in name)
-    gens = [train.example_generator(0, j) for j in range(2)]
-    chosen = [prompts[int(torch.randint(2, (1,), generator=g))] for g in gens]
-    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-    with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
-    scheduler.set_timesteps(steps)
-    names = list(files)
+    ref = diffusers_reference(model, refs, files, ["a red circle", "a blue square"],
+                              [train.example_generator(0, j) for j in range(2)], steps, lambda name: "lora_" in name)
+    pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
+                                                   ref.names)
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(i >= steps - k):
             pipe.set_adapters(names, [neg_weights[n] for n in names])

@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -15,7 +16,7 @@ import data
 import npo
 import shards
 from checkpoint import UserError
-from conftest import ROOT
+from conftest import ROOT, within
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -168,3 +169,136 @@ def test_training_on_shards_resumes_bit_for_bit(tiny_model, tmp_path):
     assert epoch == 1 and position >= 1            # the first usable row of epoch 1
     log = [json.loads(line) for line in open(tmp_path / "whole" / "log.jsonl")]
     assert Counter("loss" in line for line in log)[True] == 5
+
+
+# ---- rows found bad only when decoded, and streams with no usable pair --------------------------------------
+
+def truncated_jpeg(seed, size=64):
+    """A JPEG cut in half: its header reads (PIL opens it), its pixels do not decode."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    data = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size == (size, size)  # what the stream's header check sees
+    return data
+
+
+def rewrite_shard(path, group_rows, statistics=True, **cells):
+    """Set cells of a shard, given as column=(row, value) or column=[values], and write it back."""
+    table = pq.read_table(path).to_pydict()
+    for column, change in cells.items():
+        if isinstance(change, tuple):
+            table[column][change[0]] = change[1]
+        else:
+            table[column] = change
+    written = pa.table({k: pa.array(v, pa.binary()) if k.startswith("jpg") else v for k, v in table.items()})
+    pq.write_table(written, path, row_group_size=group_rows, write_statistics=statistics)
+
+
+def empty_shard(folder):
+    """A folder with one shard that has the columns and no rows."""
+    folder.mkdir()
+    pq.write_table(pa.table({"caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
+                             "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())}),
+                   folder / "train-00000.parquet")
+    return str(folder)
+
+
+def captions(stream, n):
+    return sorted(c for _ in range(n) for c in next(stream)[0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_jpeg_names_its_shard_and_row_or_is_skipped(tmp_path, workers):
+    folder = tmp_path / "s"
+    write_shards(folder, [4, 4], group_rows=2)
+    rewrite_shard(folder / "train-00001.parquet", 2, jpg_1=(2, truncated_jpeg(0)))  # row 6 overall; jpg_0 won
+    with within(60), pytest.raises(UserError) as error:
+        captions(data.batches(data.open_pairs(str(folder)), 2, seed=0, resolution=8, num_workers=workers), 4)
+    assert re.fullmatch(r"row 2 of \S*train-00001\.parquet: jpg_1 \(the rejected image\) could not be decoded "
+                        r"\(image file is truncated[^;]*\); fix it or skip bad rows \(.*--skip-bad-rows.*\)\.",
+                        str(error.value)), str(error.value)
+    stream = data.batches(data.open_pairs(str(folder), skip_bad_rows=True), 2, seed=0, resolution=8,
+                          num_workers=workers)
+    with within(60):
+        assert captions(stream, 7) == sorted([f"row {n}" for n in range(8) if n != 6] * 2)  # two epochs
+    # 14 good rows end in epoch 1: at its 8th row if the bad row came before it there (then it counts twice)
+    assert stream.state in ((1, 7), (1, 8)) and stream.counts == {"bad": 2 if stream.state == (1, 8) else 1}
+    stream.close()
+
+
+def first_batch(folder, workers=0, **options):
+    stream = data.batches(data.open_pairs(str(folder), **options), 2, seed=0, resolution=8, num_workers=workers)
+    try:
+        with within(60):
+            return next(stream)
+    finally:
+        stream.close()
+
+
+NO_PAIR = r"no usable pair left: all 8 rows of epoch 0 \(rank 0\) were dropped ties or skipped bad rows"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_without_usable_pairs_is_one_sentence(tmp_path, workers):
+    folder = tmp_path / "ties"
+    write_shards(folder, [4, 4], group_rows=2, tie_every=1)  # 8 rows, all ties
+    with pytest.raises(UserError, match=r"every row of .*ties is a tie .* no pair is left; keep them .*--ties keep"):
+        data.open_pairs(str(folder))  # told by the shards' statistics, before a row is read
+    assert len(first_batch(folder, workers, ties="keep")[0]) == 2
+    for shard in ("train-00000.parquet", "train-00001.parquet"):  # without statistics, the stream finds out
+        rewrite_shard(folder / shard, 2, statistics=False)
+    with pytest.raises(UserError, match=NO_PAIR + r" \(8 ties dropped, 0 bad rows skipped so far\); keep ties"):
+        first_batch(folder, workers)
+
+    bad = tmp_path / "bad"  # every row bad, skipped: header-bad in one shard, truncated in the other
+    write_shards(bad, [4, 4], group_rows=2)
+    rewrite_shard(bad / "train-00000.parquet", 2, jpg_0=[b"garbage"] * 4)
+    rewrite_shard(bad / "train-00001.parquet", 2, jpg_1=[truncated_jpeg(i) for i in range(4)])
+    with pytest.raises(UserError, match=NO_PAIR + r" \(0 ties dropped, 8 bad rows skipped so far\)"):
+        first_batch(bad, workers, skip_bad_rows=True)
+    with pytest.raises(UserError) as error:
+        first_batch(bad, workers)  # found in a worker, arrives as the sentence alone (no worker's traceback)
+    assert re.fullmatch(r"row \d of \S*train-0000\d\.parquet: jpg_\d (is not an image|\(the \w+ image\) could not be "
+                        r"decoded \([^)]*\)\)); fix it or skip bad rows \([^)]*\)\.", str(error.value)), str(error.value)
+
+
+def test_a_single_usable_row_is_enough_and_empty_shards_are_refused(tmp_path):
+    folder = tmp_path / "s"
+    write_shards(folder, [4, 4], group_rows=2)
+    rewrite_shard(folder / "train-00000.parquet", 2, label_0=[0.5, 0.5, 0.5, 1.0], statistics=False)
+    rewrite_shard(folder / "train-00001.parquet", 2, label_0=[0.5] * 4)
+    stream = data.batches(data.open_pairs(str(folder)), 2, seed=0, resolution=8)
+    with within(60):
+        assert [next(stream)[0] for _ in range(2)] == [["row 3", "row 3"]] * 2  # one pair an epoch: no error
+    with within(60), pytest.raises(UserError, match=r"empty holds no rows with the columns caption, jpg_0"):
+        data.open_pairs(empty_shard(tmp_path / "empty"))
+
+
+def test_training_on_shards_without_usable_pairs_exits_2(tiny_model, tmp_path, capsys):
+    model, _ = tiny_model
+    ties = write_shards(tmp_path / "ties", [4, 4], group_rows=2, tie_every=1)  # the issue's case: 8 rows, all ties
+    bad = write_shards(tmp_path / "bad", [4], group_rows=2)
+    rewrite_shard(tmp_path / "bad" / "train-00000.parquet", 2, jpg_1=[truncated_jpeg(i) for i in range(4)])
+    empty = empty_shard(tmp_path / "empty")
+    for folder, flags, words, before_model in [(ties, [], "is a tie (label_0 0.5) and ties are dropped", True),
+                                               (empty, [], "holds no rows with the columns", True),
+                                               (bad, ["--skip-bad-rows"], "has no usable pair left", False)]:
+        out = tmp_path / f"out-{os.path.basename(folder)}"
+        with within(120):
+            code = npo.main(["train", "--model", model, "--data", str(folder), "--out", str(out), "--resolution", "16",
+                             "--device", "cpu", "--batch-size", "2", "--steps", "2", *flags])
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the run's own progress lines, if it got that far
+        assert code == 2 and last.startswith("error: ") and words in last and "Traceback" not in err, err
+        if before_model:  # refused when the data is opened: nothing was made
+            assert not out.exists()
+
+
+def test_a_place_past_the_end_of_its_epoch_is_refused(tmp_path):
+    """A checkpoint's place in shards that have since lost rows would silently land in the next epoch."""
+    dataset = data.open_pairs(write_shards(tmp_path / "s", [4, 4], group_rows=2))
+    assert next(dataset.rows(0, start=(3, 8)))[0] == (4, 1)  # the end of epoch 3: on to epoch 4
+    with within(60), pytest.raises(UserError, match=r"row 9 of epoch 3, rank 0 of 1\) is past the end of that "
+                                                    r"epoch's 8 rows of .*; the shards changed"):
+        next(dataset.rows(0, start=(3, 9)))

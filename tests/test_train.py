@@ -20,7 +20,7 @@ import npo
 import pipeline
 import runs
 import train
-from conftest import ROOT, diffusers_pipeline, make_model_dir, write_random_pairs
+from conftest import ROOT, diffusers_pipeline, make_model_dir, record_calls, write_random_pairs
 
 # tiny model: the VAE downsamples by 2, so 16 px images are 8x8 latents, the UNet's sample size
 FAST = ["--resolution", "16", "--log-every", "1", "--lr", "1e-3", "--device", "cpu"]
@@ -165,22 +165,13 @@ def test_sft_and_gradient_checkpointing(tiny_model, pairs, tmp_path):
 def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_path, monkeypatch):
     model, _ = tiny_model
     counts = []
-    load = pipeline.load_pipeline
 
-    def counting_pipeline(path, dtype, device, **options):
-        pipe = load(path, dtype, device, **options)
-        encode = pipe.vae.encode
-
-        def counted(x):
-            counts[-1] += len(x)
-            return encode(x)
-        pipe.vae.encode = counted
-        return pipe
-
+    def counted(x):
+        counts[-1] += len(x)
+    record_calls(monkeypatch, "vae", "encode", counted)
     results = {}
     for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
         counts.append(0)
-        monkeypatch.setattr(pipeline, "load_pipeline", counting_pipeline)
         train.main(train.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
                                      *FAST, "--steps", "18", *extra]))
         results[name] = read_lora(tmp_path / name / "lora.safetensors")
