@@ -121,8 +121,8 @@ def read_rgb(path):
 def score_images(reward, paths, prompts, batch_size, device, progress, what, rank=0, ranks=1):
     """{b: the rewards (n,) of batch b}, for the batches paths[b·batch_size:(b + 1)·batch_size] this rank scores (b
     = rank, rank + ranks, ...; all of them in one process); PIL images for a learned scorer, else tensors in [0, 1].
-    A score depends in its last bits on its batch mates, so the batches are always cut from the start, as one process
-    cuts them."""
+    A score's last bits may depend on the batch it is computed in, so the batches are always cut from the start, as
+    one process cuts them."""
     scores = {}
     for start in distributed.share(range(0, len(paths), batch_size), rank, ranks):
         batch = [read_rgb(p) for p in paths[start:start + batch_size]]

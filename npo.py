@@ -463,8 +463,8 @@ def plan_sample(args, sweeps):
 
 def cmd_sample(args):
     """Sample the planned jobs in batches of --batch-size and write them. Under torchrun (`distributed`) rank r of N
-    generates batches r, r + N, ... of the one-process run, cut as that run cuts them (an image depends in its last
-    bits on its batch mates), and writes each under the number the one-process run gives it: the same files."""
+    generates batches r, r + N, ... of the one-process run, cut as that run cuts them (an image's last bits depend on
+    the batch it is made in: the shapes of the matmuls), and writes each under the number the one-process run gives it: the same files."""
     sweeps = check_sample_arguments(args)
     rows, jobs, default_prompt = plan_sample(args, sweeps)
     with distributed.processes(str(pipeline.resolve_device(args.device))) as (rank, ranks, device):
@@ -613,7 +613,9 @@ def add_sampler_arguments(p):
                         "chunks of 75 tokens (BREAK starts a new chunk); prompt and negative prompt padded to as "
                         "many chunks (A1111's \"Pad prompt/negative prompt\" setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--n", "--images-per-prompt", type=int, default=1,
+                   help="images per prompt (default 1); under torchrun spell it --images-per-prompt, or put -- before "
+                        "npo.py: torchrun reads --n as an abbreviation of its own --nnodes / --nproc-per-node")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
