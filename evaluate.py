@@ -104,7 +104,9 @@ class Progress:
 
     def update(self, what, k):
         before, self.done = self.done, self.done + k
-        if not self.show or not self.tty and self.done * 10 // self.total == before * 10 // self.total and self.done < self.total:
+        if not self.show:  # a torchrun rank other than 0
+            return
+        if not self.tty and self.done * 10 // self.total == before * 10 // self.total and self.done < self.total:
             return
         elapsed = time.time() - self.start
         eta = elapsed * (self.total - self.done) / self.done

@@ -119,7 +119,9 @@ class Progress:
         self.tty = sys.stderr.isatty()
 
     def step(self, i, n, batch):
-        if not self.show or not self.tty and (i + 1) % max(1, n // 5) and i + 1 != n:
+        if not self.show:  # a torchrun rank other than 0
+            return
+        if not self.tty and (i + 1) % max(1, n // 5) and i + 1 != n:
             return  # logs get a few lines per batch, a terminal every step
         elapsed = time.time() - self.start
         fraction = (self.done + batch * (i + 1) / n) / self.total
@@ -464,7 +466,8 @@ def plan_sample(args, sweeps):
 def cmd_sample(args):
     """Sample the planned jobs in batches of --batch-size and write them. Under torchrun (`distributed`) rank r of N
     generates batches r, r + N, ... of the one-process run, cut as that run cuts them (an image's last bits depend on
-    the batch it is made in: the shapes of the matmuls), and writes each under the number the one-process run gives it: the same files."""
+    the batch it is made in: the shapes of the matmuls), and writes each under the number that run gives it: the
+    same files."""
     sweeps = check_sample_arguments(args)
     rows, jobs, default_prompt = plan_sample(args, sweeps)
     with distributed.processes(str(pipeline.resolve_device(args.device))) as (rank, ranks, device):

@@ -72,11 +72,12 @@ def main():
     base = rows[0][3]
     print(f"{images} images, {args.steps} DDIM steps, batches of {args.batch_size}, embedded model (64 px), "
           f"median of {args.repeats}\n")
-    print("| way | wall s | fixed s (1 image, 1 step) | sampling s | images / s (sampling) | speed-up | same bytes as 1 × 1 |")
+    print("| way | wall s | fixed s (1 image, 1 step) | sampling s | images / s (sampling) | speed-up "
+          "| same bytes as 1 × 1 |")
     print("|---|---|---|---|---|---|---|")
     for way, wall, start, sampling, same in rows:
-        print(f"| {way} | {wall:.1f} | {start:.1f} | {sampling:.1f} | {images / sampling:.2f} | {base / sampling:.2f}x | "
-              f"{'yes' if same else 'no'} |")
+        print(f"| {way} | {wall:.1f} | {start:.1f} | {sampling:.1f} | {images / sampling:.2f} "
+              f"| {base / sampling:.2f}x | {'yes' if same else 'no'} |")
 
 
 if __name__ == "__main__":
