@@ -25,6 +25,9 @@ follows the Diffusion-DPO recipes (diffusers' `train_diffusion_dpo.py`, Salesfor
 of the short side to the resolution, center (or random) crop, random horizontal flip, values in [-1, 1]. Unlike
 those scripts, which draw the crop and flip separately for each image, both images of a pair get the same crop
 and flip here, so the two differ only in what the preference is about.
+
+The appendix's table 7 degrades NPO's data after the stream: `shuffle_prompts` (--perturb-prompts) and
+`gaussian_blur` (--corrupt blur:SIGMA, parsed by `parse_corruption`).
 """
 import io
 import itertools
@@ -327,6 +330,69 @@ def _resize_crop_flip(image, size, where, flip):
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)  # HWC → CHW
     return pixels.float() / 127.5 - 1
+
+
+# ---- the appendix's table 7: NPO trained on corrupted data ---------------------------------------------------
+# The paper (appendix II.3) tries two ways to make NPO's negative data: captions "randomly shuffled within batches"
+# (mismatched image-text pairs), and "controlled degradations, such as Gaussian blur, to negative images". The
+# trainer applies them to each micro-batch as the stream hands it over (method_dpo.py); these are the operations.
+
+CORRUPTIONS = ("blur",)
+
+
+def parse_corruption(spec):
+    """`--corrupt KIND:STRENGTH` → (kind, strength); today `blur:SIGMA`, σ > 0 in pixels. A UserError otherwise."""
+    kind, _, value = str(spec).partition(":")
+    if kind not in CORRUPTIONS:
+        raise UserError(f"--corrupt {spec}: unknown corruption {kind!r}; pass blur:SIGMA, a Gaussian blur of "
+                        "SIGMA pixels, e.g. blur:1.5.")
+    try:
+        sigma = float(value)
+    except ValueError:
+        raise UserError(f"--corrupt {spec}: SIGMA must be a number of pixels, e.g. blur:1.5.")
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise UserError(f"--corrupt {spec}: SIGMA must be a positive finite number of pixels, e.g. blur:1.5.")
+    return kind, sigma
+
+
+def corrupt(images, spec):
+    """The images (N, C, H, W) degraded as `--corrupt spec` says (parse_corruption)."""
+    _, sigma = parse_corruption(spec)
+    return gaussian_blur(images, sigma)
+
+
+def gaussian_blur(images, sigma):
+    """Gaussian blur of images (N, C, H, W), σ in pixels: each output pixel is Σ_k w_k x[i + k] along the rows, then
+    the columns, with w_k ∝ exp(−k² / 2σ²) for |k| ≤ r = ⌈3σ⌉, normalised to sum 1 (so a flat image stays flat). The
+    image is extended by reflection at the borders (… c b | a b c … x y | x w …, the edge pixel not repeated), and
+    again for a kernel wider than the image, so every σ works at every size."""
+    radius = math.ceil(3 * sigma)
+    k = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-k**2 / (2 * sigma**2))
+    w = (w / w.sum()).to(images.dtype)
+    c = images.shape[1]
+    for dim in (2, 3):  # H, then W; the kernel is symmetric, so correlation and convolution agree
+        n = images.shape[dim]
+        padded = images.index_select(dim, _reflect(torch.arange(-radius, n + radius), n))
+        kernel = w.view(1, 1, -1, 1) if dim == 2 else w.view(1, 1, 1, -1)
+        images = torch.nn.functional.conv2d(padded, kernel.expand(c, 1, *kernel.shape[2:]), groups=c)
+    return images
+
+
+def _reflect(i, n):
+    """Indices i (any integers) folded into 0 … n−1 by reflection about the first and last pixel (period 2n − 2)."""
+    if n == 1:
+        return torch.zeros_like(i)
+    i = i.remainder(2 * n - 2)
+    return torch.where(i < n, i, 2 * n - 2 - i)
+
+
+def shuffle_prompts(prompts, generator):
+    """The captions of one batch in a uniformly random order drawn from `generator` (table 7's text perturbation):
+    pair j trains with caption π(j). A plain shuffle, as the paper words it, so a pair keeps its own caption with
+    probability 1/B."""
+    order = torch.randperm(len(prompts), generator=generator)
+    return [prompts[j] for j in order.tolist()]
 
 
 # ---- the training stream -------------------------------------------------------------------------------------

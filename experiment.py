@@ -22,6 +22,7 @@ training in `NAME-KEY/`, each evaluated row in `eval/ROW-KEY.json`. Run the same
 interruption and it continues where it stopped (finished pieces are reused, an interrupted training resumes from
 its last checkpoint); change a setting and only the work it affects is redone. Every file is written atomically.
 """
+import argparse
 import hashlib
 import json
 import os
@@ -34,9 +35,11 @@ import checkpoint
 import evaluate
 import images
 import lora
+import machinery
 import pipeline
 import shapes
 import train
+import trainconfig
 
 HELD_OUT = ("a green triangle", "a yellow square")  # never in the training pairs
 # Each judge: (function(images in [0, 1], prompts) -> (B,), higher is better?). Only "reward" labelled the pairs.
@@ -58,11 +61,11 @@ def add_arguments(p):
     p.add_argument("--pairs-per-prompt", type=int, default=24, help="AI-feedback pairs per training prompt")
     p.add_argument("--train-steps", type=int, default=300, help="DPO / NPO optimizer steps")
     p.add_argument("--reward-steps", type=int, default=100, help="steps of the 1 − R reward training (0: skip it)")
-    p.add_argument("--reward-lr", type=float, default=1e-3, help="learning rate of the 1 − R reward training")
+    p.add_argument("--reward-lr", type=checkpoint.finite_float, default=1e-3, help="learning rate of the 1 − R reward training")
     p.add_argument("--lr-sweep", default="1e-4,1e-3,3e-3", help="learning rates of the 1 − R sweep ('' to skip)")
     p.add_argument("--eval-seeds", type=int, default=8, help="held-out sampling seeds per prompt and training seed")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of every sample")
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of every sample")
+    p.add_argument("--guidance", type=checkpoint.finite_float, default=5.0, help="CFG scale of every sample")
     p.add_argument("--quick", action="store_true",
                    help="a small version: seed 0 only, 8 pairs per prompt, 60 + 30 steps, 3 eval seeds, no sweep")
 
@@ -130,22 +133,20 @@ def make_pairs(args, out, model_key, seed):
     return path, summary
 
 
-def run_training(args, out, name, flags, model_key, seed):
-    """One training in `NAME-KEY/`: reused when its result exists, resumed from its last checkpoint when an
-    earlier run of the experiment was interrupted, started otherwise."""
-    folder = os.path.join(out, f"{name}-{key(model_key, seed, flags)}")
+def run_training(args, out, name, settings, model_key, seed):
+    """One training (`settings`: TrainConfig fields) in `NAME-KEY/`: reused when its result exists, resumed from its
+    last checkpoint when an earlier run of the experiment was interrupted, started otherwise."""
+    folder = os.path.join(out, f"{name}-{key(model_key, seed, settings)}")
     result = os.path.join(folder, "lora.safetensors")
     if os.path.exists(result):
         return result
-    argv = ["--model", args.model, "--out", folder, "--seed", str(seed), "--checkpoint-every", "25",
-            "--log-every", "10", "--rank", "8", "--resume", "latest", *flags]
-    return train.main(train.parse_args(argv))
+    return train.train(trainconfig.TrainConfig(model=args.model, out=folder, seed=seed, checkpoint_every=25,
+                                               log_every=10, rank=8, resume="latest", **settings))
 
 
-def reward_flags(args, lr, steps, prompts_file):
-    return ["--method", "reward", "--npo", "--reward", "shapes:reward", "--prompts-file", prompts_file,
-            "--steps", str(steps), "--batch-size", "4", "--lr", f"{lr:g}", "--sample-steps", str(args.steps),
-            "--grad-steps", "1", "--guidance", str(args.guidance)]
+def reward_settings(args, lr, steps, prompts_file):
+    return dict(method="reward", npo=True, reward="shapes:reward", prompts_file=prompts_file, steps=steps,
+                batch_size=4, lr=lr, sample_steps=args.steps, grad_steps=1, guidance=args.guidance)
 
 
 def evaluated(out, name, settings, compute):
@@ -177,7 +178,7 @@ def main(args):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     say = lambda m: print(f"[{time.time() - start:5.0f} s] {m}", flush=True)  # noqa: E731
-    model_key = (os.path.abspath(args.model), train.model_fingerprint(pipeline.load_pipeline(args.model).unet))
+    model_key = (os.path.abspath(args.model), machinery.model_fingerprint(pipeline.load_pipeline(args.model).unet))
     prompts_file = os.path.join(out, "train-prompts.txt")
     text = "\n".join(p for p in shapes.prompts() if p not in HELD_OUT) + "\n"
     checkpoint.atomic_write(prompts_file, lambda f: f.write(text.encode()))
@@ -201,13 +202,13 @@ def main(args):
 
 def train_offsets(args, out, model_key, seed, pairs, prompts_file, say):
     """η by DPO and δ by NPO on the pairs, and δ' by reward training on 1 − R (None with --reward-steps 0)."""
-    dpo = ["--data", pairs, "--steps", str(args.train_steps), "--batch-size", "8", "--lr", "1e-4",
-           "--beta-dpo", "500", "--cache-latents", "--caption-dropout", "0.1"]
+    dpo = dict(data=pairs, steps=args.train_steps, batch_size=8, lr=1e-4, beta_dpo=500.0, cache_latents=True,
+               caption_dropout=0.1)
     eta = run_training(args, out, "dpo", dpo, model_key, seed)
-    delta = run_training(args, out, "npo", dpo + ["--npo"], model_key, seed)
+    delta = run_training(args, out, "npo", dict(dpo, npo=True), model_key, seed)
     delta_r = None
     if args.reward_steps:
-        delta_r = run_training(args, out, "npo-reward", reward_flags(args, args.reward_lr, args.reward_steps,
+        delta_r = run_training(args, out, "npo-reward", reward_settings(args, args.reward_lr, args.reward_steps,
                                                                      prompts_file), model_key, seed)
     say(f"seed {seed}: trained η (DPO) {eta}, δ (NPO) {delta}, δ' (1 − R) {delta_r}")
     return {"eta": eta, "delta": delta, "delta_r": delta_r}
@@ -216,12 +217,16 @@ def train_offsets(args, out, model_key, seed, pairs, prompts_file, say):
 def lr_sweep(args, out, model_key, seed, prompts_file, say):
     """1 − R training at each --lr-sweep rate: {lr: (mean reward of base + δ' on the training prompts, mean
     gradient norm, mean logged reward of the last logged steps)}: does this training move the model, and how far?"""
-    rates = [float(v) for v in args.lr_sweep.split(",") if v.strip()] if args.reward_steps else []
+    try:
+        rates = [checkpoint.finite_float(v) for v in args.lr_sweep.split(",") if v.strip()] if args.reward_steps else []
+    except (ValueError, argparse.ArgumentTypeError):
+        raise checkpoint.UserError(f"--lr-sweep {args.lr_sweep!r} is not a comma-separated list of finite numbers; "
+                                   "pass e.g. 1e-4,1e-3.") from None
     prompts = [p for p in shapes.prompts() if p not in HELD_OUT for _ in range(4)]
     seeds = [50_000 + k for k in range(len(prompts))]
     results = {}
     for lr in rates:
-        path = run_training(args, out, "npo-reward", reward_flags(args, lr, args.reward_steps, prompts_file),
+        path = run_training(args, out, "npo-reward", reward_settings(args, lr, args.reward_steps, prompts_file),
                             model_key, seed)
         log = [json.loads(line) for line in open(os.path.join(os.path.dirname(path), "log.jsonl"))]
         log = [line for line in log if "grad_norm" in line]

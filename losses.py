@@ -1,10 +1,18 @@
-"""Training losses as pure functions of tensors: no model inside, so each one is testable with random inputs.
+"""Every training objective, as pure functions of tensors: no model inside, so each one is testable with random inputs.
+
+    dpo_loss + swap_pairs / swap_halves   Diffusion-DPO, and NPO's only change to it: each pair swapped (eq. 8)
+    sft_loss, diffusion_loss              the plain denoising loss (on the preferred image)
+    step_log_prob, ppo_loss               DDPO: the log-probability of a DDIM step, PPO's clipped objective
+The reward methods maximize R(x, c) itself; NPO's reward is 1 − R (eq. 7), `rewards.negate`, applied to the reward
+rather than written as a loss here. (SPO's objective comes here next.)
 
 Batch layout for preference pairs: `[preferred; rejected]` along dim 0, i.e. rows `0..B-1` are the winners
 `x_w` and rows `B..2B-1` their losers `x_l`, pair `i` being rows `i` and `B+i`. Both halves share the noise `ε`
 and the timestep `t` (Diffusion-DPO), so `target` is usually `ε` repeated twice (or the v-prediction target).
 All losses are computed in float32 whatever the dtype of the predictions.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -80,3 +88,35 @@ def _check_pairs(*tensors):
     if shape[0] % 2 or any(t.shape != shape for t in tensors):
         raise ValueError(f"expected [preferred; rejected] batches of one shape with an even batch size, "
                          f"got {[tuple(t.shape) for t in tensors]}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDPO (Black et al. 2024). Sampling with DDIM at η_ddim > 0 is a Markov chain of Gaussians,
+# x_{t−1} ~ N(μ_θ(x_t), σ_t² I) (sampler.ddim_posterior), so each step taken has a log-probability under the current
+# weights. DDPO-IS maximizes the reward of the final image with the importance-sampled policy gradient over those
+# steps, clipped as PPO clips it; the advantages A are the rewards standardised per prompt (method_ddpo).
+
+def step_log_prob(x_prev, mean, sigma):
+    """log N(x_prev; μ, σ²) per image, averaged (not summed) over the latent dimensions, as DDPO defines it:
+
+        log p = mean_{C,H,W}[ −(x_prev − μ)² / (2σ²) − log σ − log √(2π) ]
+
+    The mean rather than the sum keeps log p of order 1 whatever the latent size; hence PPO's tiny clip range."""
+    sigma = torch.as_tensor(sigma, dtype=mean.dtype, device=mean.device)
+    log_p = -((x_prev.detach() - mean) ** 2) / (2 * sigma ** 2) - torch.log(sigma) - math.log(math.sqrt(2 * math.pi))
+    return log_p.mean(dim=tuple(range(1, log_p.ndim)))
+
+
+def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
+    """PPO's clipped surrogate L = mean(max(−A·r, −A·clip(r, 1 − ε, 1 + ε))), r = exp(log p_θ − log p_old).
+
+    Returns (L, metrics): approx_kl = ½·mean((log p_θ − log p_old)²), the estimator DDPO logs, and clipfrac, the
+    share of ratios outside [1 − ε, 1 + ε]."""
+    diff = log_prob - old_log_prob
+    ratio = torch.exp(diff)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    metrics = {"approx_kl": 0.5 * (diff.detach() ** 2).mean(),
+               "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean()}
+    return loss, metrics

@@ -32,6 +32,7 @@ import pipeline
 import prompt_syntax
 import sampler
 import train
+import trainconfig
 from checkpoint import UserError, finite_float
 from pipeline import DEFAULT_MODEL
 
@@ -495,7 +496,7 @@ def cmd_sample(args):
 
 
 def cmd_train(args):
-    return train.main(args)
+    return train.train(trainconfig.from_namespace(args))
 
 
 def cmd_evaluate(args):
@@ -634,7 +635,7 @@ def add_evaluate_arguments(p):
     p.add_argument("folders", nargs="+", metavar="DIR",
                    help="two or more folders written by npo.py sample, with the same prompts and seeds")
     p.add_argument("--scorer", action="append", required=True, metavar="SPEC",
-                   help="pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, clipscore:PATH, imagereward:DIR, or a module:function "
+                   help="pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, clipscore:PATH, imagereward:DIR, spm:PATH (at t = 0), or a module:function "
                         "reward; repeat for several (the PATH is all after the first ':')")
     p.add_argument("--out", required=True, help="report folder: results.json and results.md")
     p.add_argument("--batch-size", type=int, default=8, help="images per scorer forward (default 8)")
@@ -655,7 +656,7 @@ def build_parser():
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT, a reward, or RL: DDPO)")
-    train.add_arguments(p)
+    trainconfig.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "

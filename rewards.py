@@ -9,6 +9,13 @@ image, and, where 1 − R is trained, each in [0, 1]. A reward may also state it
     reward.bounded          True: scores lie in [0, 1]; False: they do not (1 − R then needs a range or a sigmoid)
     reward.check_prompts    a function(prompts) that raises ValueError for prompts the reward cannot score, called
                             on every training prompt before any model loads
+    reward.timestep_aware   True: the reward also reads the diffusion timestep of each image (SPO's step-aware
+                            preference model, `spm:PATH`). A sampler that scores x̂_0, the prediction at timestep t,
+                            calls it `reward(images, prompts, timesteps=t)`, t the training timesteps (B,) in
+                            0 … 999 (0 for a finished image); `rewards.score(r, images, prompts, t)` does that, and
+                            calls a reward without the keyword as `r(images, prompts)` (it is blind to t). Called
+                            without timesteps, a timestep-aware reward scores at t = 0. The wrappers below (checked,
+                            negate, affine, sigmoid) pass the timesteps through and keep the property.
 
     r = rewards.load("rewards:brightness")             # a built-in, or "my_module:my_reward" of your own
     r = rewards.load("path/to/my_module.py:my_reward")  # a file of yours, loaded from its path
@@ -19,7 +26,8 @@ image, and, where 1 − R is trained, each in [0, 1]. A reward may also state it
 Built-ins that need no downloaded weights: `brightness` and `saturation` (differentiable, bounded, for
 demonstrations and tests), `jpeg_compressibility` / `jpeg_incompressibility` (DDPO's: ∓ kB of the JPEG at quality
 95; not differentiable, unbounded until mapped). The paper's learned scorers (PickScore, HPSv2, LAION-aesthetic,
-CLIP score) load from weights you give, as `pickscore:PATH` and the like (scorers.py).
+CLIP score) and SPO's step-aware preference model load from weights you give, as `pickscore:PATH`, `spm:PATH` and the
+like (scorers.py).
 """
 import difflib
 import importlib
@@ -38,12 +46,24 @@ from checkpoint import UserError
 RANGE_HINT = "give it a range (--reward-range LOW,HIGH) or a sigmoid scale (--reward-sigmoid SCALE)"
 
 
-def reward(differentiable, bounded):
-    """Decorator that states a reward function's two properties."""
+def reward(differentiable, bounded, timestep_aware=False):
+    """Decorator that states a reward function's properties; `timestep_aware=True` for one that takes `timesteps=`."""
     def mark(fn):
-        fn.differentiable, fn.bounded = differentiable, bounded
+        fn.differentiable, fn.bounded, fn.timestep_aware = differentiable, bounded, timestep_aware
         return fn
     return mark
+
+
+def takes_timesteps(r):
+    """Whether the reward reads the timestep of each image (it then takes the keyword `timesteps`)."""
+    return bool(getattr(r, "timestep_aware", False))
+
+
+def score(r, images, prompts, timesteps=None):
+    """R(x, c, t) for a timestep-aware reward given timesteps; R(x, c) otherwise (t is then not passed)."""
+    if timesteps is not None and takes_timesteps(r):
+        return r(images, prompts, timesteps=timesteps)
+    return r(images, prompts)
 
 
 def is_differentiable(r):
@@ -61,8 +81,10 @@ def name_of(r):
 
 
 def _wrapped(r, fn, name, bounded):
-    """`fn` as a reward derived from `r`: r's differentiability and prompt check, the given bounds and name."""
+    """`fn` as a reward derived from `r`: r's differentiability, timestep awareness and prompt check, the given
+    bounds and name."""
     fn.differentiable, fn.bounded, fn.__name__ = is_differentiable(r), bounded, name
+    fn.timestep_aware = takes_timesteps(r)
     if hasattr(r, "check_prompts"):
         fn.check_prompts = r.check_prompts
     return fn
@@ -87,8 +109,8 @@ def check_scores(scores, batch, name, unit_range=False):
 
 def checked(r, unit_range=False):
     """R whose every call's scores pass `check_scores` (in [0, 1] too when `unit_range`)."""
-    def checked_reward(images, prompts):
-        scores = r(images, prompts)
+    def checked_reward(images, prompts, timesteps=None):
+        scores = score(r, images, prompts, timesteps)
         check_scores(scores, len(images), name_of(r), unit_range)
         return scores
     return _wrapped(r, checked_reward, name_of(r), is_bounded(r))
@@ -138,8 +160,8 @@ def negate(r):
     if is_bounded(r) is False:
         raise UserError(f"the reward {name_of(r)} is not bounded to [0, 1], so 1 − R is not a reward; {RANGE_HINT}.")
 
-    def npo_reward(images, prompts):
-        scores = r(images, prompts)
+    def npo_reward(images, prompts, timesteps=None):
+        scores = score(r, images, prompts, timesteps)
         check_scores(scores, len(images), name_of(r), unit_range=True)
         return 1 - scores
     return _wrapped(r, npo_reward, f"1 - {name_of(r)}", True)
@@ -150,8 +172,8 @@ def affine(r, low, high):
     if not (math.isfinite(low) and math.isfinite(high) and high > low):
         raise UserError(f"a reward range needs LOW < HIGH, got {low}, {high}; pass e.g. --reward-range 0,40.")
 
-    def mapped(images, prompts):
-        return ((r(images, prompts) - low) / (high - low)).clamp(0, 1)
+    def mapped(images, prompts, timesteps=None):
+        return ((score(r, images, prompts, timesteps) - low) / (high - low)).clamp(0, 1)
     return _wrapped(r, mapped, f"{name_of(r)} in [{low:g}, {high:g}]", True)
 
 
@@ -160,8 +182,8 @@ def sigmoid(r, scale, center=0.0):
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"a reward sigmoid scale must be a positive number, got {scale}.")
 
-    def squashed(images, prompts):
-        return torch.sigmoid((r(images, prompts) - center) / scale)
+    def squashed(images, prompts, timesteps=None):
+        return torch.sigmoid((score(r, images, prompts, timesteps) - center) / scale)
     return _wrapped(r, squashed, f"sigmoid({name_of(r)})", True)
 
 

@@ -1,12 +1,14 @@
 """A training run's folder: its output files, atomic checkpoints, and resuming from them.
 
     OUT/lora.safetensors                      the result (eta.safetensors + delta.safetensors with --joint)
-    OUT/log.jsonl                             one line per logged step
+    OUT/settings.json                         the run's settings, so that `--resume OUT` alone continues it
+    OUT/log.jsonl                             one line per logged step (OUT/log.png: the same as a plot)
     OUT/checkpoints/step-XXXXXX/              the run's LoRA files + state.pt, written atomically, the last K kept
 
 A checkpoint is complete or absent: it is written under a temporary name, fsynced, then renamed. `state.pt` is a
 plain dict of tensors and Python values, readable with torch.load(weights_only=True).
 """
+import json
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ import lora
 from checkpoint import UserError
 
 CHECKPOINT_FORMAT = "npo-train-checkpoint-1"
+SETTINGS = "settings.json"
 # Settings that make a checkpoint a different run: resuming with another value is an error. The others
 # (lr, β, batch size, ...) may change on resume, with a warning, since the run no longer replays exactly.
 IDENTITY = ("model_fingerprint", "role", "method", "train_branch", "rank", "lora_alpha", "layers")
@@ -44,6 +47,7 @@ def file_metadata(settings, step):
                         npo_timestep_fraction=f"{settings['timestep_fraction']:g}")
     else:
         meta.update(npo_beta_dpo=f"{settings['beta_dpo']:g}", npo_pairs_swapped=str(settings["role"] == "delta").lower())
+        meta.update({f"npo_{k}": str(settings[k]).lower() for k in ("perturb_prompts", "corrupt") if settings.get(k)})
     return meta
 
 
@@ -75,12 +79,31 @@ def prepare_output(out):
     return created
 
 
-def remove_if_empty(out):
-    for folder in (os.path.join(out, "checkpoints"), out):
-        try:
-            os.rmdir(folder)
-        except OSError:
-            pass
+def record(out):
+    """What OUT holds before a run starts writing: its entries, its checkpoints and the size of its log, so that a
+    run that fails before its first checkpoint can be undone (`roll_back`)."""
+    log = os.path.join(out, "log.jsonl")
+    return {"entries": set(os.listdir(out)) if os.path.isdir(out) else set(), "checkpoints": list_checkpoints(os.path.join(out, "checkpoints")),
+            "log": os.path.getsize(log) if os.path.isfile(log) else None}
+
+
+def roll_back(out, created, before):
+    """Undo a failed run that wrote no checkpoint: remove OUT if the run created it; else remove what the run added
+    (its log, validation images, an empty checkpoints/ folder) and cut a resumed run's log back to its old end. A
+    run that wrote a checkpoint is kept: it can be resumed."""
+    if set(list_checkpoints(os.path.join(out, "checkpoints"))) - set(before["checkpoints"]):
+        return
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for name in set(os.listdir(out)) - before["entries"]:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    if before["log"] is not None:
+        os.truncate(os.path.join(out, "log.jsonl"), before["log"])
 
 
 def checkpoint_path(ckpt_dir, step):
@@ -152,16 +175,42 @@ def save_checkpoint(ckpt_dir, step, unet, files, optimizer, settings, keep, stre
 
 
 def find_resume(resume, ckpt_dir):
-    """The checkpoint folder that --resume names: 'latest' (None when there is none yet) or a folder."""
+    """The checkpoint folder that --resume names: 'latest' or the run folder itself (its newest checkpoint; None
+    when there is none yet), or a checkpoint folder."""
     if resume is None:
         return None
-    if resume == "latest":
-        return last_saved_path(ckpt_dir)
     folder = os.path.abspath(resume)
+    if resume == "latest" or folder == os.path.dirname(os.path.abspath(ckpt_dir)):
+        return last_saved_path(ckpt_dir)
     if not os.path.isfile(os.path.join(folder, "state.pt")):
         raise UserError(f"--resume {resume} is not a checkpoint folder (it has no state.pt); pass an "
                         "OUT/checkpoints/step-XXXXXX folder or 'latest'.")
     return folder
+
+
+def save_settings(out, settings):
+    """OUT/settings.json, written atomically: the settings a run was given (trainconfig.settings_to_save)."""
+    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    checkpoint.atomic_write(os.path.join(out, SETTINGS), lambda f: f.write(text.encode()))
+
+
+def saved_settings(resume, out):
+    """(the settings the run that --resume names saved, its folder): the run folder OUT itself, the run of a
+    checkpoint folder OUT/checkpoints/step-XXXXXX, or --out for 'latest'. ({}, out) when the run saved none."""
+    if resume == "latest" and not out:
+        raise UserError("--resume latest continues the run in --out; pass --out, or pass --resume the run folder.")
+    folder = out if resume == "latest" else os.path.abspath(resume)
+    if os.path.isfile(os.path.join(folder, "state.pt")):  # a checkpoint folder: its run is two folders up
+        folder = os.path.dirname(os.path.dirname(folder))
+    path = os.path.join(folder, SETTINGS)
+    if not os.path.isfile(path):
+        return {}, out
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); pass the run's flags again with --resume.")
+    return settings, out or folder
 
 
 def read_checkpoint(folder):

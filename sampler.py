@@ -245,7 +245,7 @@ def ddim_posterior(x, model_output, a_t, a_prev, cfg, eta=0.0):
         σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)          (η = 1: the DDPM posterior's standard deviation)
 
     `a_t`, `a_prev` are ᾱ_t and ᾱ_prev as 0-dim float32 tensors (entries of `alphas_cumprod`). DDPO scores the
-    step taken by its log-density under this Gaussian (ddpo.step_log_prob)."""
+    step taken by its log-density under this Gaussian (losses.step_log_prob)."""
     x0, eps = predict_x0(x, model_output, a_t, cfg.prediction_type)
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)

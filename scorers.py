@@ -9,6 +9,8 @@ authors' own preprocessing (`score_pil`), which `npo.py evaluate` uses. Weights 
     aesthetic:CLIP_PATH,MLP_PATH   CLIP-L/14 (openai/clip-vit-large-patch14, a transformers folder) and the
                                    improved-aesthetic-predictor MLP (sac+logos+ava1-l14-linearMSE.pth, or safetensors)
     clipscore:PATH                 any CLIP with both towers (torchmetrics' default is openai/clip-vit-large-patch14)
+    spm:PATH                       SPO's step-aware preference model (Liang et al. 2024): the published
+                                   sd-v1-5_step-aware_preference_model.bin or sdxl_step-aware_preference_model.bin
 
 A transformers folder's own tokenizer files are used when it has them, else the CLIP vocabulary in weights/ (all
 these models share it). The scores are unbounded rewards (`bounded = False`); 1 − R needs them mapped to [0, 1]
@@ -25,19 +27,27 @@ so e.g. `--reward-range 17,25` (PickScore), `20,32` (HPSv2), `1,10` (aesthetic) 
     imagereward:DIR                ImageReward (a BLIP model, blip.py): DIR holds ImageReward.pt, med_config.json and
                                    bert-base-uncased's vocab.txt; its score is normalised to about N(0, 1), so
                                    `--reward-sigmoid 1` (σ(R)) or `--reward-range=-2,2` maps it to [0, 1]
+
+The step-aware preference model (SPM) is PickScore's CLIP-H told the diffusion timestep t of the image it scores
+(`StepAwareCLIP`), so it is a timestep-aware reward (rewards.py): SPO's sampler calls it as `spm(x̂_0 in [0, 1], prompts,
+timesteps=t)` on each candidate's decoded x̂_0 at that candidate's timestep, and on the finished image at t = 0. Without
+timesteps (`npo.py evaluate`, a reward that ignores t) it scores at t = 0, as SPO scores its finished images. Its score
+is PickScore's, exp(logit_scale) · cos, with the image embedding at t, on the same ±100 scale.
 """
+import math
 import os
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import blip
 import checkpoint
 import clip
 from checkpoint import UserError
 
-SCORERS = ("pickscore", "hpsv2", "aesthetic", "clipscore", "imagereward")  # the names before the ':' of a SCORER:PATH spec
+SCORERS = ("pickscore", "hpsv2", "aesthetic", "clipscore", "imagereward", "spm")  # the names before the ':' of a SCORER:PATH spec
 BUNDLED_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer")
 
 
@@ -144,6 +154,145 @@ class Aesthetic(Scorer):
         return self.mlp(e / e.norm(dim=-1, keepdim=True))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# SPO's step-aware preference model: CLIP's image tower with adaLN on a timestep embedding (DiT's conditioning).
+
+FREQUENCIES = 256  # sinusoidal features of t fed to the timestep MLP (DiT's frequency_embedding_size)
+
+
+def timestep_features(t, dim=FREQUENCIES, max_period=10000):
+    """[cos(t ω_i), sin(t ω_i)], ω_i = max_period^(−i / (dim/2)) for i < dim/2: the sinusoidal embedding of GLIDE
+    and DiT, of timesteps t (B,), in float32 (B, dim)."""
+    half = dim // 2
+    omega = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * omega
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x · (1 + scale) + shift, with a (shift, scale) per image broadcast over the tokens."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    """c = MLP(features(t)): Linear(256, d) → SiLU → Linear(d, d), under SPO's keys `t_embedder.mlp.0/2`."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(FREQUENCIES, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        return self.mlp(timestep_features(t).to(self.mlp[0].weight.dtype))
+
+
+class AdaLNEncoderLayer(clip.CLIPEncoderLayer):
+    """CLIP's pre-LN block with adaLN from c (DiT's adaLN, its gates not offset by 1; SPO starts them at 1):
+
+        (b₁, s₁, g₁, b₂, s₂, g₂) = Linear(SiLU(c))
+        x = x + g₁ · attn(LN₁(x) · (1 + s₁) + b₁)
+        x = x + g₂ · mlp(LN₂(x) · (1 + s₂) + b₂)"""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, causal=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
+
+    def forward(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.self_attn(modulate(self.layer_norm1(x), shift1, scale1))
+        return x + gate2 * self.mlp(modulate(self.layer_norm2(x), shift2, scale2))
+
+
+class StepAwareVisionTransformer(clip.CLIPVisionTransformer):
+    """CLIP's image tower with an adaLN block per layer, and a final (shift, scale) = Linear(SiLU(c)) of the pooled
+    class token: LN_post(x_cls) · (1 + scale) + shift."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        d = cfg.hidden_size
+        layers = nn.ModuleList(AdaLNEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.encoder = nn.ModuleDict(dict(layers=layers))  # in place of CLIP's plain layers
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, pixels, c):
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        for layer in self.encoder.layers:
+            x = layer(x, c)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return modulate(self.post_layernorm(x[:, 0]), shift, scale)
+
+
+class StepAwareCLIP(clip.CLIPModel):
+    """SPO's time-conditioned CLIP: PickScore's two towers, the image tower conditioned on c = t_embedder(t). The text
+    tower, the projections and logit_scale are CLIP's (SPO trains them all from PickScore)."""
+
+    def __init__(self, text_cfg, vision_cfg):
+        super().__init__(text_cfg, vision_cfg)
+        self.vision_model = StepAwareVisionTransformer(vision_cfg)
+        self.t_embedder = TimestepEmbedder(vision_cfg.hidden_size)
+
+    def image_features(self, pixels, timesteps):
+        """Image embeddings (B, projection_dim) at timesteps (B,), not normalized."""
+        return self.visual_projection(self.vision_model(pixels, self.t_embedder(timesteps)))
+
+
+def spo_pixels(images, size):
+    """Images (B, 3, H, W) in [0, 1] -> CLIP input (B, 3, size, size), as SPO prepares x̂_0 for its preference model:
+    the shorter side to `size` by torch's bicubic without antialiasing, sides rounded half up; torchvision's center
+    crop (offsets round((H' − size) / 2)); clamped to [0, 1]; `clip.normalize`. (SPO does it on [-1, 1] pixels; the
+    resize is linear, so it commutes with x / 2 + 0.5.)"""
+    h, w = images.shape[-2:]
+    new = (int(h * size / min(h, w) + 0.5), int(w * size / min(h, w) + 0.5))
+    x = images if new == (h, w) else F.interpolate(images, size=new, mode="bicubic", align_corners=False)
+    top, left = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
+    return clip.normalize(x[..., top:top + size, left:left + size].clamp(0, 1))
+
+
+class StepAwarePreference(Scorer):
+    """SPO's step-aware preference model as a timestep-aware reward. Its CLIP is `self.model`, as in SPO's
+    StepAwarePreferenceModel, so the published file's keys (`model.vision_model.…`, `model.t_embedder.…`) are ours."""
+
+    timestep_aware = True
+
+    def forward(self, images, prompts, timesteps=None):
+        """s(x, c, t) for images (B, 3, H, W) in [0, 1] at timesteps t (B,) or one int (None: t = 0), on SPO's
+        preprocessing (`spo_pixels`), differentiable in the pixels."""
+        param = self.model.visual_projection.weight
+        if param.device != images.device:
+            self.to(images.device)
+        return self.score(spo_pixels(images.to(param.dtype), self.size), prompts, timesteps)
+
+    def score(self, pixels, prompts, timesteps=None):
+        """s(x, c, t) = exp(logit_scale) · cos(E_img(x, t), E_txt(c)): SPO's get_preference_score."""
+        t = torch.as_tensor(0 if timesteps is None else timesteps, device=pixels.device).expand(len(pixels))
+        image = self.model.image_features(pixels, t)
+        text = self.model.text_features(self.tokenizer(list(prompts)).to(pixels.device))
+        return self.model.logit_scale.exp() * cosine(image, text)
+
+
+def load_spm(path, dtype=torch.float32, device="cpu"):
+    """The step-aware preference model of a file SPO published (`*_step-aware_preference_model.bin`, read with
+    `torch.load(weights_only=True)`, or a safetensors of it), loaded strictly.
+
+    The file is the state dict of SPO's StepAwarePreferenceModel: every weight of PickScore's CLIP-H under `model.`,
+    plus the timestep MLP and the adaLN layers. The widths and depths are read from the shapes; the facts that are not
+    in the weights are PickScore's config (GELU, 16 heads in each tower: `clip.openclip_configs`' rule), and the
+    tokenizer is the shared CLIP vocabulary (pooling at EOS, the pad token does not change the score)."""
+    state = {k: v for k, v in checkpoint.read_weights(path, device).items() if not k.endswith(".position_ids")}
+    inner = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    hint = ("pass SPO's *_step-aware_preference_model.bin (a state dict with keys model.vision_model..., "
+            "model.t_embedder...).")
+    try:
+        text_cfg, vision_cfg = clip.openclip_configs(inner)
+    except (KeyError, IndexError, ValueError) as e:
+        raise UserError(f"{path} is not a step-aware preference model ({e} is missing or malformed); {hint}")
+    if text_cfg is None:
+        raise UserError(f"{path} has no text tower, so it is not a step-aware preference model; {hint}")
+    scorer = checkpoint.build_on_meta(
+        lambda: StepAwarePreference(StepAwareCLIP(text_cfg, vision_cfg), clip.load_tokenizer(BUNDLED_TOKENIZER), "spm"))
+    checkpoint.load_strict(scorer, state, f"{path} (a step-aware preference model)", dtype, hint=hint)
+    return scorer.eval().requires_grad_(False)
+
+
 def clip_and_tokenizer(path, dtype, device):
     """A CLIP with both towers, and the tokenizer files beside it (else the bundled CLIP vocabulary)."""
     model = clip.load_clip(path, dtype, device)
@@ -175,5 +324,7 @@ def load(name, argument, dtype=torch.float32, device="cpu"):
         model = clip.load_clip(clip_path, dtype, device)
         mlp = load_aesthetic_mlp(mlp_path, model.vision_config.projection_dim, dtype, device)
         return Aesthetic(model, mlp, name)
+    if name == "spm":
+        return load_spm(argument, dtype, device)
     kind = {"pickscore": PickScore, "hpsv2": HPSv2, "clipscore": CLIPScore}[name]
     return kind(*clip_and_tokenizer(argument, dtype, device), name)

@@ -77,7 +77,7 @@ def gpu_train_rows(device, weights, size):
     """One Diffusion-DPO step (1 pair, rank 8): ours (`npo.py train`, --mixed-precision fp16 on CUDA, bf16 on the CPU)
     vs the diffusers recipe in fp32 (what its script runs without accelerate's mixed precision)."""
     mode = "fp16" if device.type == "cuda" else "bf16"
-    ours = training.train_ours("ours", size, 4, str(device), ["--mixed-precision", mode], weights)
+    ours = training.train_ours("ours", size, 4, str(device), {"mixed_precision": mode}, weights)
     ours_fp32 = training.train_ours("ours", size, 4, str(device), weights=weights)
     recipe = training.train_recipe("recipe", size, 4, str(device), weights)
     return [(f"DPO step, ours, --mixed-precision {mode}", ours["seconds"], float("nan"), (recipe["seconds"], 0)),

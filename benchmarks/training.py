@@ -43,18 +43,17 @@ def logged_step_seconds(run):
         return [1 / line["it_per_s"] for line in map(json.loads, f) if "it_per_s" in line]
 
 
-def train_ours(variant, size, steps, device="cpu", extra=(), weights=None):
+def train_ours(variant, size, steps, device="cpu", extra=None, weights=None):
     """Our whole training loop (`npo.py train`, in this process): seconds per step from its own log, which times
     everything a step does (data, text encoder, VAE encode unless cached, both UNet passes, backward, AdamW)."""
     import train
+    from trainconfig import TrainConfig
     tmp = tempfile.mkdtemp()
     data = random_pair_dataset(f"{tmp}/data", 8 * size)
-    flags = ["train", "--model", weights or WEIGHTS, "--data", data, "--out", f"{tmp}/run", "--steps", str(steps),
-             "--resolution", str(8 * size), "--rank", "8", "--log-every", "1", "--checkpoint-every", "0",
-             "--device", device, *extra]
-    flags += {"ours": [], "ours-gc": ["--gradient-checkpointing"], "ours-cache": ["--cache-latents"],
-              "ours-cache-gc": ["--cache-latents", "--gradient-checkpointing"]}[variant]
-    train.main(train.parse_args(flags[1:]))
+    options = {"ours": {}, "ours-gc": {"gradient_checkpointing": True}, "ours-cache": {"cache_latents": True},
+               "ours-cache-gc": {"cache_latents": True, "gradient_checkpointing": True}}[variant]
+    train.train(TrainConfig(model=weights or WEIGHTS, data=data, out=f"{tmp}/run", steps=steps, resolution=8 * size,
+                            rank=8, log_every=1, checkpoint_every=0, device=device, **(extra or {}), **options))
     seconds = logged_step_seconds(f"{tmp}/run")
     # step 1 fills the cache; the one pair comes flipped or not, so a later step may encode once more: the median
     # of steps 3.. is a step that reads the cache
@@ -165,12 +164,11 @@ def reward_one(sample_steps, grad_steps, size):
     """`npo.py train --method reward` for one step in this process (its many UNet calls amortize any warm-up): the
     step's time from its log, and the process's peak memory (the model load included, the same for every row)."""
     import train
+    from trainconfig import TrainConfig
     tmp = tempfile.mkdtemp()
-    flags = ["train", "--method", "reward", "--reward", "rewards:brightness", "--model", WEIGHTS, "--prompts-file",
-             prompts_file(tmp), "--out", f"{tmp}/run", "--steps", "1", "--resolution", str(8 * size),
-             "--sample-steps", str(sample_steps), "--grad-steps", str(grad_steps), "--log-every", "1",
-             "--checkpoint-every", "0", "--device", "cpu"]
-    train.main(train.parse_args(flags[1:]))
+    train.train(TrainConfig(method="reward", reward="rewards:brightness", model=WEIGHTS, prompts_file=prompts_file(tmp),
+                            out=f"{tmp}/run", steps=1, resolution=8 * size, sample_steps=sample_steps,
+                            grad_steps=grad_steps, log_every=1, checkpoint_every=0, device="cpu"))
     return dict(sample_steps=sample_steps, grad_steps=grad_steps, seconds=logged_step_seconds(f"{tmp}/run")[-1],
                 peak_gib=harness.rss_gib("VmHWM"))
 
@@ -190,11 +188,13 @@ def cmd_reward(args):
 def ddpo_one(sample_steps, size):
     """One DDPO epoch of `npo.py train --method ddpo` in this process (2 sampled batches of 1 prompt, 1 pass: 2
     optimizer steps over every stored step). The epoch's time from its log; the sampling's (DDIM with log-probs,
-    decode, reward) by timing `train.ddpo_rollout`; the peak memory of the whole process and of the loop alone
+    decode, reward) by timing `method_ddpo.sample_epoch`; the peak memory of the whole process and of the loop alone
     (VmHWM reset when the loop starts, after the model has loaded)."""
+    import method_ddpo
     import train
+    from trainconfig import TrainConfig
     tmp = tempfile.mkdtemp()
-    sampling, rollout, loop = [], train.ddpo_rollout, train.train
+    sampling, rollout, loop = [], method_ddpo.sample_epoch, train.loop
 
     def timed_rollout(*args):
         result, seconds = harness.once(lambda: rollout(*args))
@@ -204,12 +204,11 @@ def ddpo_one(sample_steps, size):
     def loop_with_fresh_peak(*args):
         harness.reset_peak_rss()
         return loop(*args)
-    train.ddpo_rollout, train.train = timed_rollout, loop_with_fresh_peak
+    method_ddpo.sample_epoch, train.loop = timed_rollout, loop_with_fresh_peak
     start_peak = harness.rss_gib("VmHWM")
-    flags = ["--method", "ddpo", "--reward", "rewards:jpeg_compressibility", "--model", WEIGHTS, "--prompts-file",
-             prompts_file(tmp), "--out", f"{tmp}/run", "--steps", "2", "--resolution", str(8 * size),
-             "--sample-steps", str(sample_steps), "--log-every", "1", "--checkpoint-every", "0", "--device", "cpu"]
-    train.main(train.parse_args(flags))
+    train.train(TrainConfig(method="ddpo", reward="rewards:jpeg_compressibility", model=WEIGHTS,
+                            prompts_file=prompts_file(tmp), out=f"{tmp}/run", steps=2, resolution=8 * size,
+                            sample_steps=sample_steps, log_every=1, checkpoint_every=0, device="cpu"))
     return dict(sample_steps=sample_steps, epoch_seconds=sum(logged_step_seconds(f"{tmp}/run")),
                 sampling_seconds=sum(sampling), loop_peak_gib=harness.rss_gib("VmHWM"), load_peak_gib=start_peak)
 

@@ -115,14 +115,16 @@ def diffusers_pipeline(path, refs):
     return pipe
 
 
-def diffusers_reference(model, refs, files, prompts, gens, steps, trainable):
+def diffusers_reference(model, refs, files, prompts, gens, steps, trainable, sdxl=False):
     """The diffusers side of a training step compared with ours: the pipeline with each LoRA file of `files` as a
     peft adapter named by its role (a parameter requires grad where `trainable(name)`), each example's prompt and x_T
     drawn from its generator in `gens` as training draws them, the prompts' and the empty negative's embeddings, and
-    DDIMScheduler from the folder's config at `steps`; a namespace of those (and the adapter names)."""
+    DDIMScheduler from the folder's config at `steps`; a namespace of those (and the adapter names). `sdxl`:
+    StableDiffusionXLPipeline's, whose pos / neg are the UNet's keyword arguments (encoder_hidden_states and
+    added_cond_kwargs: the pooled embeddings, zeros for no negative prompt, and the time ids of a 16 x 16 image)."""
     from types import SimpleNamespace
     from diffusers import DDIMScheduler
-    pipe = diffusers_pipeline(model, refs)
+    pipe = diffusers_sdxl_pipeline(model, refs) if sdxl else diffusers_pipeline(model, refs)
     for role, path in files.items():
         pipe.load_lora_weights(path, adapter_name=role)
     for name, p in pipe.unet.named_parameters():
@@ -130,8 +132,15 @@ def diffusers_reference(model, refs, files, prompts, gens, steps, trainable):
     chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
     x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
     with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * len(gens), "cpu", 1, False)
+        if sdxl:
+            pos, neg, pooled, neg_pooled = pipe.encode_prompt(chosen, device="cpu", do_classifier_free_guidance=True)
+            time_ids = pipe._get_add_time_ids((16, 16), (0, 0), (16, 16), pos.dtype,
+                                              pipe.text_encoder_2.config.projection_dim).repeat(len(gens), 1)
+            pos = dict(encoder_hidden_states=pos, added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids))
+            neg = dict(encoder_hidden_states=neg, added_cond_kwargs=dict(text_embeds=neg_pooled, time_ids=time_ids))
+        else:
+            pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
+            neg, _ = pipe.encode_prompt([""] * len(gens), "cpu", 1, False)
     scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
     scheduler.set_timesteps(steps)
     return SimpleNamespace(pipe=pipe, chosen=chosen, x=x, pos=pos, neg=neg, scheduler=scheduler, names=list(files))

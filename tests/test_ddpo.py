@@ -11,18 +11,22 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
-import ddpo
+import logplot
 import lora
+import losses
+import machinery
+import method_ddpo
 import npo
 import pipeline
 import rewards
 import runs
 import sampler
-import train
-from conftest import ROOT, diffusers_reference, random_lora_files
+import trainconfig
+from conftest import ROOT, diffusers_reference, make_sdxl_dir, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
 FAST = ["--method", "ddpo", "--resolution", "16", "--sample-steps", "2", "--guidance", "3", "--log-every", "1",
@@ -81,9 +85,9 @@ def test_step_log_prob_is_ddpo_pytorchs_on_diffusers_quantities(prediction_type,
 
         our_mean, sigma = sampler.ddim_posterior(x, out, a_t, a_prev, ours, eta)
         assert torch.equal(our_mean, mean) and torch.equal(sigma, std)
-        torch.testing.assert_close(ddpo.step_log_prob(x_prev, our_mean, sigma), reference, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(losses.step_log_prob(x_prev, our_mean, sigma), reference, rtol=1e-6, atol=1e-6)
         # and the invariant under it: the step taken is μ + σ z, so log p is the standard normal's of z
-        torch.testing.assert_close(ddpo.step_log_prob(our_mean + sigma * z, our_mean, sigma),
+        torch.testing.assert_close(losses.step_log_prob(our_mean + sigma * z, our_mean, sigma),
                                    (-z ** 2 / 2 - math.log(math.sqrt(2 * math.pi))).mean(dim=(1, 2, 3)) - torch.log(std),
                                    rtol=1e-5, atol=1e-5)
 
@@ -98,7 +102,7 @@ def test_ppo_clipped_loss_by_hand():
     ratio = torch.tensor([1.0, 1.5, 0.5, 0.5, 1.00005], dtype=torch.float64)
     log_prob = ratio.log().requires_grad_()
     advantages = torch.tensor([1.0, 1.0, -1.0, 1.0, 2.0], dtype=torch.float64)
-    loss, metrics = ddpo.ppo_loss(log_prob, torch.zeros(5, dtype=torch.float64), advantages, 0.2)
+    loss, metrics = losses.ppo_loss(log_prob, torch.zeros(5, dtype=torch.float64), advantages, 0.2)
     assert loss.item() == pytest.approx((-1 - 1.2 + 0.8 - 0.5 - 2.0001) / 5, abs=1e-12)
     assert metrics["clipfrac"].item() == pytest.approx(3 / 5)
     assert metrics["approx_kl"].item() == pytest.approx(0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2
@@ -109,8 +113,8 @@ def test_ppo_clipped_loss_by_hand():
 
 
 def test_stat_tracker_by_hand():
-    assert (ddpo.BUFFER_SIZE, ddpo.MIN_COUNT) == (16, 16)  # ddpo-pytorch's defaults
-    tracker = ddpo.PerPromptStatTracker(buffer_size=3, min_count=2)
+    assert (method_ddpo.BUFFER_SIZE, method_ddpo.MIN_COUNT) == (16, 16)  # ddpo-pytorch's defaults
+    tracker = method_ddpo.PerPromptStatTracker(buffer_size=3, min_count=2)
     # "a" has 2 rewards (≥ min count): its own mean 2 and std 1; "b" has 1: the whole batch's mean and std
     a = tracker.update(["a", "b", "a"], [1.0, 10.0, 3.0])
     batch_mean, batch_std = 14 / 3, math.sqrt(((1 - 14 / 3) ** 2 + (10 - 14 / 3) ** 2 + (3 - 14 / 3) ** 2) / 3)
@@ -122,7 +126,7 @@ def test_stat_tracker_by_hand():
     np.testing.assert_allclose(b, [0.0, 2 / (math.sqrt(8 / 3) + 1e-6), -5 / (5 + 1e-6)], rtol=1e-12, atol=1e-12)
     assert tracker.state() == {"a": [3.0, 5.0, 7.0], "b": [10.0, 0.0]}
     # a tracker rebuilt from its saved state continues exactly (what a checkpoint keeps)
-    again = ddpo.PerPromptStatTracker(buffer_size=3, min_count=2, state=saved)
+    again = method_ddpo.PerPromptStatTracker(buffer_size=3, min_count=2, state=saved)
     np.testing.assert_array_equal(again.update(["a", "a", "b"], [5.0, 7.0, 0.0]), b)
 
 
@@ -134,9 +138,9 @@ def test_npo_of_compressibility_is_incompressibility():
     npo_scores = rewards.negate(rewards.affine(rewards.jpeg_compressibility, -5, 0))(images, None)
     incompressible = rewards.jpeg_incompressibility(images, None)
     prompts = ["a", "b"] * 4
-    a_npo = ddpo.PerPromptStatTracker().update(prompts, npo_scores.double().numpy())
-    a_inc = ddpo.PerPromptStatTracker().update(prompts, incompressible.double().numpy())
-    a_com = ddpo.PerPromptStatTracker().update(prompts, rewards.jpeg_compressibility(images, None).double().numpy())
+    a_npo = method_ddpo.PerPromptStatTracker().update(prompts, npo_scores.double().numpy())
+    a_inc = method_ddpo.PerPromptStatTracker().update(prompts, incompressible.double().numpy())
+    a_com = method_ddpo.PerPromptStatTracker().update(prompts, rewards.jpeg_compressibility(images, None).double().numpy())
     assert np.abs(a_inc).max() > 0.5
     np.testing.assert_allclose(a_npo, a_inc, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(a_com, -a_inc, rtol=1e-9, atol=1e-9)
@@ -148,32 +152,36 @@ def test_npo_of_compressibility_is_incompressibility():
 def our_ddpo_gradients(model, trained, frozen, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method ddpo` (sampling its epoch, then the PPO loss over every step) on
     the given offsets: {(role, layer, part): grad} of the trained ones."""
-    args = train.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
+    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
                              "rewards:brightness", "--prompts-file", prompts_file, "--sample-batches", "1", *flags])
-    train.check_arguments(args)
+    trainconfig.check(args)
     pipe = pipeline.load_pipeline(model)
     for role, path in {**frozen, **trained}.items():
         lora.load_lora(pipe.unet, path, role)
     for role in trained:
         for p in lora.parameters(pipe.unet, role):
             p.requires_grad_(True)
-    run = train.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
-    train.ddpo_micro_step(run, PROMPTS)(0, 1.0)
+    run = machinery.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
+    method_ddpo.micro_step(run, PROMPTS)(0, 1.0)
     assert all(p.grad is None for role in frozen for p in lora.parameters(pipe.unet, role))
     return {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
             for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
 
 
-def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights):
+def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights, sdxl=False):
     """ddpo-pytorch's epoch on diffusers parts: each example's prompt, x_T and step noises drawn from its generator
     as training draws them; DDIMScheduler.step at η = 1 with that noise; log p by ddpo-pytorch's formula; rewards
     standardised with the batch's mean and std (fewer than 16 per prompt); then PPO's loss at every step, its
-    mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights."""
-    gens = [train.example_generator(0, j) for j in range(2)]
+    mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights.
+    `sdxl`: StableDiffusionXLPipeline's encode_prompt (no negative prompt: zeros, force_zeros_for_empty_prompt) and
+    _get_add_time_ids for a 16 x 16 image, passed to the UNet as added_cond_kwargs."""
+    gens = [machinery.example_generator(0, j) for j in range(2)]
     ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
-                              lambda name: any(f".{role}." in name for role in trained) and "lora_" in name)
+                              lambda name: any(f".{role}." in name for role in trained) and "lora_" in name, sdxl=sdxl)
     pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
                                                    ref.names)
+    if not sdxl:
+        pos, neg = dict(encoder_hidden_states=pos), dict(encoder_hidden_states=neg)
 
     def log_prob(eps_neg, eps_pos, t, x, x_prev):
         eps = eps_neg + guidance * (eps_pos - eps_neg)
@@ -183,9 +191,9 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
 
     def branches(x, t):
         pipe.set_adapters(names, [neg_weights[n] for n in names])
-        eps_neg = pipe.unet(x, t, neg).sample
+        eps_neg = pipe.unet(x, t, **neg).sample
         pipe.set_adapters(names, [pos_weights[n] for n in names])
-        return eps_neg, pipe.unet(x, t, pos).sample
+        return eps_neg, pipe.unet(x, t, **pos).sample
 
     trajectory, old = [x], []
     with torch.no_grad():
@@ -227,6 +235,22 @@ def test_one_ddpo_update_equals_ddpo_pytorchs_on_diffusers(tiny_model, lora_file
     assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0}, {"eta": 1.0}))
 
 
+def test_one_ddpo_update_on_sdxl_equals_ddpo_pytorchs_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file,
+                                                                               tmp_path):
+    """The same update on a tiny SDXL: both text encoders, the pooled embedding and the time ids condition each
+    branch, the unconditional one zeros. The folder's DDIM config is SDXL base's (set_alpha_to_one false, leading
+    timesteps with offset 1), under which the last step keeps a density."""
+    from diffusers import DDIMScheduler
+    model = str(tmp_path_factory.mktemp("ddpo_sdxl"))
+    refs = make_sdxl_dir(model, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                                        beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                                        steps_offset=1, timestep_spacing="leading"))
+    files = random_lora_files(model, str(tmp_path_factory.mktemp("ddpo_sdxl_lora")), [("eta", {})], seed=31)
+    ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
+    assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0},
+                                                          {"eta": 1.0}, sdxl=True))
+
+
 def test_uncond_branch_update_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
     """--train-branch uncond --lora ETA: η frozen at α on the unconditional rows and 1 on the conditional ones, δ at
     1 and 0. At guidance 1 (ε = ε_pos) δ gets no gradient at all: it learns only through (1 − g)."""
@@ -245,18 +269,20 @@ def test_ratio_is_one_on_the_first_inner_epoch(tiny_model, lora_files, prompts_f
     """The first pass over an epoch's samples recomputes the log-probabilities of the policy that sampled them; the
     second pass, one update later, does not. (A random non-zero LoRA, so the offset is not trivially off.)"""
     model, _ = tiny_model
-    diffs, ppo_loss = [], ddpo.ppo_loss
+    diffs, ppo_loss = [], losses.ppo_loss
 
     def recording(log_prob, old_log_prob, *args):
         diffs.append((log_prob - old_log_prob).detach().abs().max().item())
         return ppo_loss(log_prob, old_log_prob, *args)
-    monkeypatch.setattr(ddpo, "ppo_loss", recording)
+    monkeypatch.setattr(losses, "ppo_loss", recording)
     assert run(model, prompts_file, tmp_path / "run", "--reward", "rewards:brightness", "--init-lora", lora_files["eta"],
                "--sample-batches", "1", "--inner-epochs", "2", "--steps", "2", "--lr", "1e-3") == 0
     assert len(diffs) == 4  # 2 optimizer steps (the two passes of one epoch) of 2 sampling steps each
     assert max(diffs[:2]) < 1e-6 and min(diffs[2:]) > 1e-4, diffs
     first, second = logged(tmp_path / "run")
     assert first["clipfrac"] == 0 and first["approx_kl"] < 1e-12 and second["clipfrac"] > 0
+    with Image.open(tmp_path / "run" / "log.png") as picture:  # loss, reward, its std, KL, clip fraction
+        assert picture.size == (logplot.WIDTH, 5 * logplot.PANEL_HEIGHT)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -424,12 +450,12 @@ def test_empty_prompts_file_and_defaults(tiny_model, prompts_file, tmp_path, cap
     empty.write_text("\n\n")
     assert run(model, str(empty), tmp_path / "o", "--reward", "rewards:brightness") == 2
     assert "holds no prompts" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    args = train.parse_args(["--out", "x", "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file", "p"])
-    train.check_arguments(args)  # ddpo-pytorch's config/base.py
+    args = trainconfig.parse_args(["--out", "x", "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file", "p"])
+    trainconfig.check(args)  # ddpo-pytorch's config/base.py
     assert (args.sample_steps, args.guidance, args.lr, args.ddim_eta, args.clip_range, args.adv_clip,
             args.timestep_fraction, args.inner_epochs) == (50, 5.0, 3e-4, 1.0, 1e-4, 5.0, 1.0, 1)
-    args = train.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
-    train.check_arguments(args)  # the other methods keep theirs
+    args = trainconfig.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
+    trainconfig.check(args)  # the other methods keep theirs
     assert (args.sample_steps, args.guidance, args.lr) == (20, 7.5, 5e-6)
 
 

@@ -42,12 +42,12 @@ def test_reuse_redo_and_resume(tmp_path, monkeypatch, capsys):
 
     def never(args):
         raise AssertionError("a finished training ran again")
-    monkeypatch.setattr(train, "main", never)
+    monkeypatch.setattr(train, "train", never)
     assert npo.main(["experiment", "--out", out, *QUICK]) == 0  # everything reused
     assert open(os.path.join(out, "results.md")).read().split("\n")[:-2] == report.split("\n")[:-2]  # all but the time
 
     trained = []
-    monkeypatch.setattr(train, "main", lambda args: trained.append(args.out) or experiment_train(args))
+    monkeypatch.setattr(train, "train", lambda config: trained.append(config.out) or experiment_train(config))
     changed = [*QUICK]
     changed[changed.index("--train-steps") + 1] = "3"
     assert npo.main(["experiment", "--out", out, *changed]) == 0  # only the DPO and NPO runs depend on it
@@ -57,4 +57,4 @@ def test_reuse_redo_and_resume(tmp_path, monkeypatch, capsys):
     assert not glob.glob(os.path.join(out, "**", "*.tmp"), recursive=True)  # every file was written atomically
 
 
-experiment_train = train.main
+experiment_train = train.train

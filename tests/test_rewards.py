@@ -11,11 +11,14 @@ from PIL import Image
 from safetensors import safe_open
 
 import lora
+import machinery
+import method_reward
 import npo
 import pipeline
 import rewards
 import shapes
 import train
+import trainconfig
 from checkpoint import UserError
 from conftest import diffusers_reference, record_calls
 
@@ -183,7 +186,7 @@ def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, 
     model, _ = tiny_model
     calls = []
     record_calls(monkeypatch, "unet", "forward", lambda x, t, context: calls.append((int(t), torch.is_grad_enabled())))
-    train.main(train.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
+    train.train(trainconfig.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
                                  *FAST, "--reward", "rewards:brightness", "--steps", "1", "--sample-steps", "5",
                                  "--grad-steps", "2"]))
     # 5 sampling calls, of which only the last 2 build a graph (the first 3 run under no_grad), then the backward
@@ -277,16 +280,17 @@ def test_a_plain_reward_function_trains_up_and_with_npo_down(tiny_model, prompts
 
 def our_gradients(model, files, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method reward` on the given offsets: {(role, layer, "down"|"up"): grad}."""
-    args = train.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
+    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
                              "--reward", "rewards:brightness", "--prompts-file", prompts_file, "--resolution", "16",
                              "--batch-size", "2", "--device", "cpu", *flags])
-    train.check_arguments(args)
+    trainconfig.check(args)
     pipe = pipeline.load_pipeline(model)
     for role, path in files.items():
         lora.load_lora(pipe.unet, path, role)
         for p in lora.parameters(pipe.unet, role):
             p.requires_grad_(True)
-    micro_step = train.reward_micro_step(args, pipe, ["a red circle", "a blue square"], files, "cpu")
+    run = machinery.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files=files)
+    micro_step = method_reward.micro_step(run, ["a red circle", "a blue square"])
     micro_step(0, 1.0)
     return {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
             for role in files for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
@@ -297,7 +301,7 @@ def reference_gradients(model, refs, files, steps, k, guidance, neg_weights, pos
     them, then DDIM with the peft adapters at `neg_weights` for ε_neg and `pos_weights` for ε_pos (two forwards),
     the first steps − k under no_grad, decode, loss = −mean brightness, plain backward."""
     ref = diffusers_reference(model, refs, files, ["a red circle", "a blue square"],
-                              [train.example_generator(0, j) for j in range(2)], steps, lambda name: "lora_" in name)
+                              [machinery.example_generator(0, j) for j in range(2)], steps, lambda name: "lora_" in name)
     pipe, chosen, x, pos, neg, scheduler, names = (ref.pipe, ref.chosen, ref.x, ref.pos, ref.neg, ref.scheduler,
                                                    ref.names)
     for i, t in enumerate(scheduler.timesteps):

@@ -19,9 +19,11 @@ import clip
 import data
 import images
 import lora
+import machinery
+import method_reward
 import npo
 import pipeline
-import train
+import trainconfig
 import unet
 from checkpoint import UserError
 from conftest import diffusers_sdxl_pipeline, write_random_pairs
@@ -272,7 +274,7 @@ def test_first_dpo_step_matches_diffusers_sdxl_script(tiny_sdxl, pairs, tmp_path
     scheduler = DDPMScheduler.from_pretrained(os.path.join(model, "scheduler"))
     prompts, x_w, x_l = next(data.batches(data.open_pairs(pairs), 1, seed=0, resolution=16))
     time_ids = script_time_ids(os.path.join(os.path.dirname(pairs), "0w.png"), 16).repeat(2, 1)  # all one size
-    g = train.example_generator(0, 0)
+    g = machinery.example_generator(0, 0)
     t = torch.randint(0, 1000, (1,), generator=g)
     eps, n = torch.randn((1, 4, 8, 8), generator=g), torch.randn((2, 4, 8, 8), generator=g)
     with torch.no_grad():
@@ -323,15 +325,16 @@ def test_reward_step_gradient_equals_autograd_through_diffusers(tiny_sdxl, tmp_p
     files, peft_model = peft_offsets(refs, tmp_path)
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a red circle\n")
-    args = train.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward", "--reward",
+    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward", "--reward",
                              "rewards:brightness", "--prompts-file", str(prompts_file), "--resolution", "16",
                              "--device", "cpu", "--sample-steps", "2", "--grad-steps", "1", "--guidance", "3"])
-    train.check_arguments(args)
+    trainconfig.check(args)
     pipe = pipeline.load_pipeline(model)
     lora.load_lora(pipe.unet, files["eta"], "eta")
     for p in lora.parameters(pipe.unet, "eta"):
         p.requires_grad_(True)
-    train.reward_micro_step(args, pipe, ["a red circle"], {"eta": "lora.safetensors"}, "cpu")(0, 1.0)
+    run = machinery.Run(args, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={"eta": "lora.safetensors"})
+    method_reward.micro_step(run, ["a red circle"])(0, 1.0)
 
     peft_model.set_adapters(["eta", "delta"], weights=[1.0, 0.0])
     for name, p in peft_model.named_parameters():
@@ -343,7 +346,7 @@ def test_reward_step_gradient_equals_autograd_through_diffusers(tiny_sdxl, tmp_p
         "text_embeds": torch.cat([neg_pooled, pooled]), "time_ids": torch.tensor([[16, 16, 0, 0, 16, 16]] * 2)})
     scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
     scheduler.set_timesteps(2)
-    g = train.example_generator(0, 0)  # the example's draws as training makes them: its prompt, then x_T
+    g = machinery.example_generator(0, 0)  # the example's draws as training makes them: its prompt, then x_T
     torch.randint(1, (1,), generator=g)
     x = torch.randn((1, 4, 8, 8), generator=g)
     for i, t in enumerate(scheduler.timesteps):
@@ -387,15 +390,10 @@ def test_dpm_solver_matches_stable_diffusion_xl_pipeline(tiny_sdxl):
 
 
 def test_cli_refuses_what_sdxl_does_not_run(tiny_sdxl, tmp_path, capsys):
-    """--clip-skip, DDPO and SDXL text-encoder LoRA keys: one sentence each, exit 2."""
+    """--clip-skip and SDXL text-encoder LoRA keys: one sentence each, exit 2."""
     path, _ = tiny_sdxl
     assert npo.main(["sample", "--model", path, "--clip-skip", "2", "--steps", "2", "--out", str(tmp_path / "a")]) == 2
     assert "--clip-skip" in capsys.readouterr().err
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\n")
-    assert npo.main(["train", "--model", path, "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file",
-                     str(prompts), "--out", str(tmp_path / "run"), "--steps", "1", "--resolution", "16"]) == 2
-    assert "ddpo" in capsys.readouterr().err
     te = tmp_path / "te.safetensors"
     save_file({"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.zeros(2, 32),
                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.zeros(32, 2)}, str(te))

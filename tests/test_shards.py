@@ -302,3 +302,22 @@ def test_a_place_past_the_end_of_its_epoch_is_refused(tmp_path):
     with within(60), pytest.raises(UserError, match=r"row 9 of epoch 3, rank 0 of 1\) is past the end of that "
                                                     r"epoch's 8 rows of .*; the shards changed"):
         next(dataset.rows(0, start=(3, 9)))
+def test_a_bad_row_leaves_no_run_behind(tiny_model, tmp_path, capsys):
+    """A row whose image is not an image stops training with a sentence naming it, and leaves nothing behind: no
+    folder when the run made it, and only what was there before when --out already existed."""
+    model, _ = tiny_model
+    folder = tmp_path / "s"
+    write_shards(folder, [6], group_rows=3, size=24)
+    table = pq.read_table(folder / "train-00000.parquet").to_pydict()
+    table["jpg_1"][4] = b"garbage"
+    pq.write_table(pa.table(table), folder / "train-00000.parquet", row_group_size=3)
+    flags = ["--model", model, "--data", str(folder), "--resolution", "16", "--device", "cpu", "--log-every", "1",
+             "--steps", "10"]
+    assert npo.main(["train", *flags, "--out", str(tmp_path / "new")]) == 2
+    assert "row 4 of" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert npo.main(["train", *flags, "--out", str(existing)]) == 2
+    assert [p.name for p in existing.iterdir()] == ["notes.txt"]
+

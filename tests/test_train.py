@@ -1,5 +1,6 @@
 """`npo.py train`: one DPO step against a diffusers + peft recipe on the same weights, the NPO swap, resuming after
 Ctrl-C or SIGKILL bit for bit, two data-parallel processes against one, and the bad-input contract."""
+import argparse
 import json
 import os
 import signal
@@ -11,15 +12,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 
 import checkpoint
 import data
+import logplot
 import lora
+import losses
+import machinery
 import npo
 import pipeline
 import runs
 import train
+import trainconfig
 from conftest import ROOT, diffusers_pipeline, make_model_dir, record_calls, write_random_pairs
 
 # tiny model: the VAE downsamples by 2, so 16 px images are 8x8 latents, the UNet's sample size
@@ -86,7 +92,7 @@ def test_first_step_matches_diffusers_dpo_recipe(tiny_model, pairs, tmp_path, sw
     pipe.load_lora_weights(init)
     scheduler = DDPMScheduler.from_pretrained(os.path.join(model, "scheduler"))
     prompts, x_w, x_l = next(data.batches(data.open_pairs(pairs), 1, seed=0, resolution=16))
-    g = train.example_generator(0, 0)  # example 0's draws, in the documented order: t, ε, posterior noises
+    g = machinery.example_generator(0, 0)  # example 0's draws, in the documented order: t, ε, posterior noises
     t = torch.randint(0, 1000, (1,), generator=g)
     eps = torch.randn((1, 4, 8, 8), generator=g)
     n = torch.randn((2, 4, 8, 8), generator=g)
@@ -172,7 +178,7 @@ def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_p
     results = {}
     for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
         counts.append(0)
-        train.main(train.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
+        train.train(trainconfig.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
                                      *FAST, "--steps", "18", *extra]))
         results[name] = read_lora(tmp_path / name / "lora.safetensors")
     assert counts[0] == 18 * 2  # three epochs of six pairs, two images each
@@ -193,6 +199,63 @@ def test_resumed_run_ends_with_the_same_lora(tiny_model, pairs, tmp_path):
     assert_same(read_lora(tmp_path / "split" / "lora.safetensors"), read_lora(tmp_path / "whole" / "lora.safetensors"))
     assert [line["loss"] for line in logged(tmp_path / "split")] == [line["loss"] for line in logged(tmp_path / "whole")]
     assert sorted(os.listdir(tmp_path / "split" / "checkpoints")) == ["step-000004", "step-000005"]  # the last 2 kept
+
+
+def test_resume_needs_only_the_run_folder(tiny_model, pairs, tmp_path, monkeypatch, capsys):
+    """A run saves its settings (OUT/settings.json, paths absolute): `npo.py train --resume OUT` alone, from another
+    folder, continues it bit for bit; a flag that would make it another run is refused in one sentence."""
+    model, _ = tiny_model
+    flags = ["--steps", "5", "--checkpoint-every", "1", "--grad-accum", "2", "--caption-dropout", "0.3", "--random-crop"]
+    assert run(model, pairs, tmp_path / "whole", *flags) == 0
+    calls, dpo_loss = [], losses.dpo_loss
+
+    def failing(*args):  # step 4 (its 7th micro-step) fails, after the checkpoint of step 3
+        calls.append(1)
+        loss, metrics = dpo_loss(*args)
+        return (loss * float("nan") if len(calls) == 7 else loss), metrics
+    monkeypatch.setattr(losses, "dpo_loss", failing)
+    out = tmp_path / "split"
+    assert run(model, pairs, out, *flags) == 2
+    monkeypatch.setattr(losses, "dpo_loss", dpo_loss)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["steps"] == 5 and settings["random_crop"] and settings["data"] == os.path.abspath(pairs)
+    monkeypatch.chdir(tmp_path)
+    assert npo.main(["train", "--resume", str(out)]) == 0
+    assert_same(read_lora(out / "lora.safetensors"), read_lora(tmp_path / "whole" / "lora.safetensors"))
+    assert [line["loss"] for line in logged(out)] == [line["loss"] for line in logged(tmp_path / "whole")]
+    capsys.readouterr()
+    assert npo.main(["train", "--resume", str(out / "checkpoints" / "step-000005"), "--npo"]) == 2
+    err = capsys.readouterr().err
+    assert "not --method dpo --npo" in err and err.count("\n") == 1
+    assert npo.main(["train", "--resume", "latest"]) == 2
+    assert "pass --out" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys, monkeypatch):
+    parser = argparse.ArgumentParser()
+    trainconfig.add_arguments(parser)
+    hidden = [a.option_strings[0] for a in parser._actions if a.dest != "help" and "default" not in a.help
+              and "required" not in a.help]
+    assert hidden == []
+    monkeypatch.setenv("COLUMNS", "400")  # one line per flag
+    with pytest.raises(SystemExit):
+        npo.main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "AdamW learning rate, constant after the warmup (default: 5e-06; --method ddpo: 0.0003)" in text
+    assert "DDIM steps of each training sample (default: 20; --method ddpo: 50)" in text
+    assert "CFG scale of the training samples (default: 7.5; --method ddpo: 5)" in text
+    assert "(default: 500)" in text and "(default: to_q,to_k,to_v,to_out.0)" in text and "(default: 2000)" in text
+
+
+def test_the_log_is_drawn_beside_it(tiny_model, pairs, tmp_path):
+    model, _ = tiny_model
+    out = tmp_path / "run"
+    assert run(model, pairs, out, "--steps", "3", "--lr", "1e-2") == 0
+    with Image.open(out / "log.png") as picture:
+        assert picture.format == "PNG"
+        assert picture.size == (logplot.WIDTH, 3 * logplot.PANEL_HEIGHT)  # loss, implicit accuracy, reward margin
+        colors = {c for _, c in picture.convert("RGB").getcolors(1 << 20)}
+    assert set(logplot.COLORS[:3]) <= colors  # each panel's line
 
 
 def wait_for(path, process, timeout=120):
@@ -238,13 +301,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tiny_model, pairs, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model, pairs, tmp_path, monkeypatch, capsys):
     model, _ = tiny_model
     calls = []
-    dpo_loss = train.losses.dpo_loss
+    dpo_loss = losses.dpo_loss
 
     def diverging(*args):
         calls.append(1)
         loss, metrics = dpo_loss(*args)
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
-    monkeypatch.setattr(train.losses, "dpo_loss", diverging)
+    monkeypatch.setattr(losses, "dpo_loss", diverging)
     out = tmp_path / "run"
     assert run(model, pairs, out, "--steps", "5", "--checkpoint-every", "1") == 2
     err = capsys.readouterr().err
@@ -300,6 +363,28 @@ def test_bad_data_paths_and_rows(tiny_model, pairs, tmp_path, capsys):
     empty.write_text("\n")
     assert run(model, str(empty), tmp_path / "out2") == 2
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_run_that_fails_leaves_nothing_behind(tiny_model, tmp_path, capsys):
+    """A truncated image (its header reads, its pixels do not) stops the run in the middle of its steps, after log
+    lines were written: a fresh run leaves no folder, a resumed one leaves its folder as it found it, log included."""
+    model, _ = tiny_model
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pairs = write_random_pairs(folder, 6, seed=3)
+    out = tmp_path / "resumed"
+    assert run(model, pairs, out, "--steps", "2") == 0
+    found = {name: (out / name).read_bytes() for name in ("log.jsonl", "lora.safetensors")}
+    listing = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    image = (folder / "4l.png").read_bytes()
+    (folder / "4l.png").write_bytes(image[:len(image) // 2])
+    capsys.readouterr()
+    assert run(model, pairs, tmp_path / "fresh", "--steps", "12", "--checkpoint-every", "100") == 2
+    assert "line 5 of" in capsys.readouterr().err and not (tmp_path / "fresh").exists()
+    assert run(model, pairs, out, "--steps", "14", "--checkpoint-every", "100", "--resume", "latest") == 2
+    assert "line 5 of" in capsys.readouterr().err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == listing
+    assert {name: (out / name).read_bytes() for name in found} == found
 
 
 def test_parquet_without_the_columns(tiny_model, tmp_path, capsys):
@@ -418,19 +503,19 @@ def test_bf16_autocast_first_step_matches_fp32(tiny_model, pairs, tmp_path):
 def test_fp16_overflow_skips_the_step_and_keeps_lora_and_optimizer(tiny_model, pairs, tmp_path, monkeypatch):
     model, _ = tiny_model
     init = random_lora(model, tmp_path / "init.safetensors")
-    dpo_loss = train.losses.dpo_loss
+    dpo_loss = losses.dpo_loss
 
     def overflowing(*args, **kwargs):  # the scaled loss (× 2^16) overflows float32: every gradient is inf
         loss, metrics = dpo_loss(*args, **kwargs)
         return loss * 1e36, metrics
-    monkeypatch.setattr(train.losses, "dpo_loss", overflowing)
+    monkeypatch.setattr(losses, "dpo_loss", overflowing)
     assert run(model, pairs, tmp_path / "o", "--steps", "1", "--init-lora", init, "--mixed-precision", "fp16") == 0
     assert logged(tmp_path / "o")[0]["skipped"] == 1.0
     before, after = read_lora(init), read_lora(tmp_path / "o" / "lora.safetensors")
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     state = torch.load(tmp_path / "o" / "checkpoints" / "step-000001" / "state.pt", weights_only=True)
     assert state["optimizer"]["state"] == {}  # AdamW never stepped: no moments were formed from inf gradients
-    monkeypatch.setattr(train.losses, "dpo_loss", dpo_loss)
+    monkeypatch.setattr(losses, "dpo_loss", dpo_loss)
     scale = state["scaler"]["scale"]
     assert scale == 2.0 ** 15  # GradScaler starts at 2^16 and halves at an overflow; the checkpoint keeps it
     assert run(model, pairs, tmp_path / "o", "--steps", "6", "--init-lora", init, "--mixed-precision", "fp16",
