@@ -6,7 +6,7 @@ computation, bit for bit), rank r takes units r, r + N, r + 2N, ... (round robin
 ones), and the ranks exchange only what they must: the first file number, the scores, the written paths. Without
 torchrun (no WORLD_SIZE) every function here is the one-process case and starts nothing.
 
-(Training joins its ranks itself, in train.py, for DDP.)
+(Training joins its ranks itself, in machinery.py, for DDP.)
 """
 import contextlib
 import os
@@ -43,8 +43,9 @@ def processes(device):
     cuda = str(device).split(":")[0] == "cuda"
     if cuda:
         if local >= torch.cuda.device_count():
-            raise UserError(f"torchrun started rank {local} on a machine with {torch.cuda.device_count()} CUDA "
-                            "devices; pass --nproc-per-node at most that number.")
+            count = torch.cuda.device_count()
+            raise UserError(f"torchrun started local rank {local}, but this machine has {count} CUDA device"
+                            f"{'s' * (count != 1)}, one per rank; pass --nproc-per-node {count} or fewer.")
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")

@@ -13,6 +13,7 @@ from torch.distributed.run import get_args_parser
 import distributed
 import evaluate
 import npo
+from checkpoint import UserError
 from conftest import ROOT
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
@@ -133,3 +134,15 @@ def test_grids_refuse_torchrun_before_anything_runs(tiny_model, offsets, tmp_pat
     for grid in (["--compare"], ["--sweep-beta", "0,1"]):
         assert npo.main(["sample", "--model", model, "--npo", offsets["delta"], *grid, "--out", str(out)]) == 2
         assert "without torchrun" in capsys.readouterr().err and not out.exists()
+
+
+def test_more_ranks_than_gpus_is_one_sentence(monkeypatch):
+    """Rank r runs on cuda:LOCAL_RANK: a rank beyond the machine's GPUs is refused before it joins the group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match="has 1 CUDA device, one per rank; pass --nproc-per-node 1 or fewer"):
+        with distributed.processes("cuda"):
+            pass
+    assert not distributed.joined()
