@@ -38,7 +38,6 @@ Several files at weights w_k load as one offset, their weighted sum (`weighted_s
         eps_neg, eps_pos = unet(torch.cat([x, x]), t, torch.cat([neg_embeds, pos_embeds])).chunk(2)
 """
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -179,14 +178,14 @@ def offset_names(model):
     return sorted({name for layer in lora_layers(model).values() for name in layer.offsets})
 
 
-def _check_new_name(model, name):
+def check_new_name(model, name):
     if not name.isidentifier():
         raise UserError(f"LoRA offset name {name!r} must be an identifier such as 'eta' or 'delta'.")
     if name in offset_names(model):
         raise UserError(f"the model already has a LoRA offset named {name!r}; remove it first or pick another name.")
 
 
-def _attach(model, layer_name, name, rank, alpha, dtype):
+def attach(model, layer_name, name, rank, alpha, dtype):
     """Add an Offset `name` to the layer `layer_name`, first swapping a plain Linear/Conv2d for its LoRA class."""
     layer = model.get_submodule(layer_name)
     if not isinstance(layer, LoRAMixin):
@@ -225,11 +224,11 @@ def select_layers(model, targets):
 def add_offset(model, name, rank=8, alpha=None, targets=DEFAULT_TARGETS, dtype=torch.float32):
     """A fresh trainable offset `name` (ΔW = 0) on every layer whose name ends with one of `targets`
     (`select_layers`); `alpha` defaults to `rank` (scale 1). Returns the offset's parameters, for the optimizer."""
-    _check_new_name(model, name)
+    check_new_name(model, name)
     if rank < 1:
         raise UserError(f"LoRA rank must be at least 1 (got {rank}).")
     for layer_name in select_layers(model, targets):
-        _attach(model, layer_name, name, rank, rank if alpha is None else alpha, dtype)
+        attach(model, layer_name, name, rank, rank if alpha is None else alpha, dtype)
     return parameters(model, name)
 
 
@@ -282,6 +281,18 @@ def remove(model, name=None):
         if not layer.offsets:
             model.set_submodule(layer_name, _rebuild(nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear, layer))
 
+
+def share_offset(source, target, name):
+    """Put `source`'s offset `name` on the same layers of `target` (a model of the same architecture) as the very
+    same modules: one copy of the LoRA's weights serves both models. Their multipliers are shared too, so set them
+    per call (`multipliers`), as the two-pass denoisers of pipeline.py do."""
+    _check_new_name(target, name)
+    for layer_name, offset in offsets(source, name).items():
+        layer = target.get_submodule(layer_name)
+        if not isinstance(layer, LoRAMixin):
+            layer = _rebuild(LoRAConv2d if isinstance(layer, nn.Conv2d) else LoRALinear, layer)
+            target.set_submodule(layer_name, layer)
+        layer.offsets[name] = offset
 
 # ----------------------------------------------------------------------------------------------------------
 # Merging offsets into the weights (the authors' way: fused weights, one weight set per branch).
@@ -661,7 +672,7 @@ def load_loras(models, files, name, dtype=torch.float32):
     model of `models` ({"unet": ..., "text_encoder": ...}) that the files touch. Every file is read and checked
     before anything is attached. Returns each file's metadata strings."""
     for model in models.values():
-        _check_new_name(model, name)
+        check_new_name(model, name)
     read = [read_lora(path, models) for path, _ in files]
     with torch.no_grad():
         for part, model in models.items():
@@ -669,7 +680,7 @@ def load_loras(models, files, name, dtype=torch.float32):
             if not touching:
                 continue
             for layer_name, (down, up, alpha) in weighted_sum(*zip(*touching)).items():
-                offset = _attach(model, layer_name, name, down.shape[0], alpha, dtype)
+                offset = attach(model, layer_name, name, down.shape[0], alpha, dtype)
                 offset.lora_down.weight.copy_(down)
                 offset.lora_up.weight.copy_(up)
                 offset.requires_grad_(False)
@@ -679,74 +690,3 @@ def load_loras(models, files, name, dtype=torch.float32):
 def load_lora(model, path, name, dtype=torch.float32):
     """Add the UNet LoRA file at `path` to `model` as the (frozen) offset `name`; return the file's metadata strings."""
     return load_loras({"unet": model}, [(path, 1.0)], name, dtype)[0]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Extracting an offset from a full fine-tune: the best low-rank approximation of η = θ_ft − θ, layer by layer.
-
-def truncated_svd(delta, rank):
-    """(up, down) whose product is the best rank-`rank` approximation of the matrix `delta` in the Frobenius norm
-    (Eckart–Young): the SVD delta = U S Vᵀ cut to its `rank` largest singular values, up = U_r S_r, down = V_rᵀ.
-    Its error is ‖delta − up·down‖²_F = Σ_{i>r} s_i², the smallest any rank-r matrix can reach."""
-    on = delta.device
-    if on.type == "mps":  # torch has no MPS kernel for linalg.svd: that one step runs on the CPU
-        delta = delta.cpu()
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return (U[:, :rank] * S[:rank]).to(on), Vh[:rank].to(on)
-
-
-@torch.no_grad()
-def extract_offset(model, tuned, name, rank, conv_rank=None, targets=DEFAULT_TARGETS, device="cpu", progress=None):
-    """η = θ_ft − θ on the `targets` layers as the offset `name` on `model` (θ), each layer's ΔW cut to its best
-    rank-r approximation (`truncated_svd`), as kohya's extract_lora_from_models does, without its clamping of
-    outlying entries (which gives up the optimum). A conv weight (out, in, k, k) is the matrix (out, in·k·k); 3x3
-    convs get `conv_rank` (default `rank`); no layer gets more than min(out, in·k·k).
-
-    Each layer's two weights go to `device` for the subtraction and the SVD, in float32; the models stay where they
-    are. `progress(i, n, layer, share)` is called after layer i of n, `share` the part of the work done (an SVD of an
-    m × n matrix costs ∝ m·n·min(m, n)).
-
-    Every layer stores alpha = `rank`, one alpha for the whole file (what diffusers reads correctly); a layer of
-    lower rank r' carries r'/rank in its up factor, since ΔW = (alpha / r')·up·down. Layers with θ_ft = θ get no
-    offset. Returns {layer: (‖ΔW − ΔW_r‖²_F, ‖ΔW‖²_F)}, measured on the stored factors (`relative_errors`)."""
-    _check_new_name(model, name)
-    if rank < 1 or (conv_rank is not None and conv_rank < 1):
-        raise UserError(f"LoRA ranks must be at least 1 (got --rank {rank}, --conv-rank {conv_rank}).")
-    tuned_layers, stats = targetable(tuned), {}
-    names = select_layers(model, targets)
-    shapes = [model.get_submodule(n).weight.flatten(1).shape for n in names]
-    if all(torch.equal(tuned_layers[n].weight.float(), model.get_submodule(n).weight.float()) for n in names):
-        raise UserError(f"the two models are identical on the target layers ({', '.join(target_list(targets))}); "
-                        "there is no offset to extract: check --tuned, or --targets.")
-    costs = [m * k * min(m, k) for m, k in shapes]
-    cumulative = [c / sum(costs) for c in itertools.accumulate(costs)]
-    for i, layer_name in enumerate(names):
-        layer = model.get_submodule(layer_name)
-        delta = (tuned_layers[layer_name].weight.to(device, torch.float32)
-                 - layer.weight.to(device, torch.float32)).flatten(1)
-        if delta.any():
-            wide = isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1)
-            r = min((conv_rank or rank) if wide else rank, *delta.shape)
-            up, down = truncated_svd(delta, r)
-            offset = _attach(model, layer_name, name, r, rank, torch.float32)
-            offset.lora_up.weight.copy_((up * (r / rank)).view(offset.lora_up.weight.shape))
-            offset.lora_down.weight.copy_(down.view(offset.lora_down.weight.shape))
-            offset.requires_grad_(False)
-            residual = delta - offset.delta_weight().to(device).flatten(1)
-            stats[layer_name] = (residual.square().sum().item(), delta.square().sum().item())
-        if progress is not None:
-            progress(i + 1, len(names), layer_name, cumulative[i])
-    return stats
-
-
-def relative_errors(stats):
-    """‖ΔW − ΔW_r‖_F / ‖ΔW‖_F of `extract_offset`'s layers, per block (down_blocks.0, mid_block, up_blocks.2, ...)
-    and "overall": over all the entries of a block's layers together, so a large layer weighs more."""
-    sums = {}
-    for layer_name, (residual, norm) in stats.items():
-        parts = layer_name.split(".")
-        block = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks") else parts[0]
-        r, n = sums.get(block, (0.0, 0.0))
-        sums[block] = (r + residual, n + norm)
-    sums["overall"] = tuple(sum(v) for v in zip(*stats.values()))
-    return {key: (r / n) ** 0.5 for key, (r, n) in sums.items()}

@@ -26,6 +26,7 @@ import data
 import distributed
 import evaluate
 import experiment
+import extract
 import images
 import lora
 import pipeline
@@ -148,6 +149,8 @@ def a1111_hashes(args):
     hashes = {}
     if os.path.isfile(args.model):
         hashes["Model hash"] = checkpoint.sha256_file(args.model)[:10]
+    if args.npo_model and os.path.isfile(args.npo_model):  # the same hash, for a single-file NPO model
+        hashes["NPO model hash"] = checkpoint.sha256_file(args.npo_model)[:10]
     loras = dict.fromkeys([path for path, _ in args.lora] + ([args.npo] if args.npo else []))
     if loras:
         names = [os.path.splitext(os.path.basename(p))[0].replace(":", "").replace(",", "") for p in loras]
@@ -179,16 +182,21 @@ def a1111_parameters(args, job, size):
     if job.get("chunks") and job["chunks"][0] != job["chunks"][1]:
         settings["Pad conds"] = True  # A1111's key for padding the shorter text with empty chunks, as we did
     if args.lora:
-        settings["Lora"] = "; ".join(f"{os.path.basename(path)}:{w:g}" for path, w in args.lora)
+        settings["Lora"] = "; ".join(f"{lora_label(path)}:{w:g}" for path, w in args.lora)
     if args.eta_model:
         settings["NPO eta model"] = os.path.basename(os.path.normpath(args.eta_model))
     if args.npo:
-        settings["NPO"] = os.path.basename(args.npo)
-    if args.lora or args.npo or args.eta_model:
+        settings["NPO"] = lora_label(args.npo)
+    if args.npo_model:
+        if "NPO model hash" in hashes:
+            settings["NPO model hash"] = hashes["NPO model hash"]
+        settings["NPO model"] = os.path.basename(os.path.normpath(args.npo_model))
+    if args.lora or args.npo or args.eta_model or args.npo_model:
         settings.update({"NPO alpha": job["alpha"], "NPO beta": job["beta"]})
     if "Lora hashes" in hashes:
         settings["Lora hashes"] = hashes["Lora hashes"]
-    settings["NPO mode"] = "dense eta" if args.eta_model else args.mode
+    dense = [name for name, path in (("eta", args.eta_model), ("delta", args.npo_model)) if path]
+    settings["NPO mode"] = f"dense {'+'.join(dense)}" if dense else args.mode
     return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + \
         ", ".join(f"{k}: {a1111_quote(v)}" for k, v in settings.items())
 
@@ -219,6 +227,26 @@ def parse_lora(text):
     return text, 1.0
 
 
+def run_lora(path, role, flag):
+    """A LoRA flag's path, where a training run's folder, or one of its checkpoints (OUT/checkpoints/step-XXXXXX,
+    the paper's table 4), stands for its LoRA file of `role`: delta.safetensors or eta.safetensors of a --joint run,
+    else lora.safetensors."""
+    if path is None or not os.path.isdir(path):
+        return path
+    for name in (f"{role}.safetensors", "lora.safetensors"):
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    raise UserError(f"{flag} {path} is a folder without {role}.safetensors or lora.safetensors; pass a LoRA file, a "
+                    "training run's folder or one of its checkpoints/step-XXXXXX folders.")
+
+
+def lora_label(path):
+    """A LoRA's name in the PNG parameters: its file name, after its checkpoint folder's (step-000500/lora.safetensors)
+    when it is one of a training run's checkpoints, so that pictures of different checkpoints say which."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return f"{folder}/{os.path.basename(path)}" if re.fullmatch(r"step-\d+", folder) else os.path.basename(path)
+
+
 def check_sample_arguments(args):
     """Everything a user can get wrong, checked before the model loads; fills in α and β. Returns the sweeps."""
     for flag in ("height", "width"):
@@ -235,7 +263,8 @@ def check_sample_arguments(args):
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance {args.guidance:g} is negative, which would push images away from the prompt; "
                         "pass 0 or more (7.5 is SD's usual scale; 1 or less samples the prompt's branch alone).")
-    args.lora = [parse_lora(text) for text in args.lora or []]
+    args.lora = [(run_lora(path, "eta", "--lora"), w) for path, w in map(parse_lora, args.lora or [])]
+    args.npo = run_lora(args.npo, "delta", "--npo")
     for path, flag in [(path, "--lora") for path, _ in args.lora] + [(args.npo, "--npo")]:
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{flag} {path} does not exist; pass a LoRA .safetensors file.")
@@ -246,11 +275,14 @@ def check_sample_arguments(args):
         raise UserError(f"--ddim-eta is DDIM's noise and does nothing with --sampler {args.sampler}; drop it or use "
                         "--sampler ddim.")
     check_eta_model_arguments(args)
+    check_npo_model_arguments(args)
     sweep_a = parse_floats(args.sweep_alpha, "--sweep-alpha") if args.sweep_alpha else None
     sweep_b = parse_floats(args.sweep_beta, "--sweep-beta") if args.sweep_beta else None
     # α weighs η and β weighs δ on the unconditional branch: without that offset they would do nothing
     eta = args.lora or args.eta_model
-    for flag, value, offset, needs in (("--alpha", args.alpha, eta, "--lora"), ("--beta", args.beta, args.npo, "--npo"),
+    delta = args.npo or args.npo_model
+    for flag, value, offset, needs in (("--alpha", args.alpha, eta, "--lora"),
+                                       ("--beta", args.beta, delta, "--npo or --npo-model"),
                                        ("--sweep-alpha", args.sweep_alpha, eta, "--lora"),
                                        ("--sweep-beta", args.sweep_beta, args.npo, "--npo")):
         if value is not None and not offset:
@@ -279,6 +311,24 @@ def check_eta_model_arguments(args):
         raise UserError("--lora and --eta-model both give η; pass one of them.")
     if args.mode == "merged":
         raise UserError("--eta-model always runs two weight sets (θ_ft and θ + α·η), as --mode merged does; drop --mode.")
+
+
+def check_npo_model_arguments(args):
+    """--npo-model (a whole NPO-tuned UNet as δ) excludes a LoRA δ, the merged mode (which it is already) and more than
+    one β (each β would need its own dense weight set)."""
+    if args.npo_model is None:
+        return
+    if not os.path.exists(args.npo_model):
+        raise UserError(f"--npo-model {args.npo_model} does not exist; pass an NPO model's folder, unet/ folder or "
+                        "single-file checkpoint.")
+    if args.npo:
+        raise UserError("--npo and --npo-model both give δ; pass one of them.")
+    if args.mode == "merged":
+        raise UserError("--npo-model always runs two weight sets (θ + η and θ + α·η + β·δ), as --mode merged does; "
+                        "drop --mode.")
+    if args.sweep_beta or args.compare:
+        raise UserError(f"{'--sweep-beta' if args.sweep_beta else '--compare'} samples several β, and with --npo-model "
+                        "each β is a dense weight set of its own (θ + β·(θ_δ − θ)); run once per --beta instead.")
 
 
 def plan_jobs(args, rows, sweep_a, sweep_b):
@@ -412,7 +462,9 @@ def load_for_sampling(args, texts, alpha):
         pipeline.load_offset(pipe, args.lora, "eta")
     if args.npo:
         pipeline.load_offset(pipe, [(args.npo, 1.0)], "delta")
-    if args.eta_model:
+    if args.npo_model:  # before η's θ + α·η is made of θ, which δ = θ_δ − θ needs
+        pipeline.attach_npo_model(pipe, args.npo_model, args.beta, args.eta_model, alpha)
+    elif args.eta_model:
         pipeline.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
     pipe.prompt_syntax = args.prompt_syntax
@@ -423,8 +475,9 @@ def load_for_sampling(args, texts, alpha):
     args.hashes = a1111_hashes(args)  # once per run, for every picture's parameters
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)  # merged mode compiles its two weight sets (pipeline.merged_unets)
-        if pipe.eta_unet is not None:
-            pipe.eta_unet = torch.compile(pipe.eta_unet)
+        for name in ("eta_unet", "npo_unet"):
+            if getattr(pipe, name) is not None:
+                setattr(pipe, name, torch.compile(getattr(pipe, name)))
     return pipe
 
 
@@ -522,7 +575,7 @@ def layer_progress():
 
 
 def cmd_extract_lora(args):
-    """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (lora.extract_offset); prints the
+    """η = θ_ft − θ as a kohya LoRA file: per layer the best rank-r approximation (extract.extract_offset); prints the
     relative error per block and overall, to choose r."""
     folder = os.path.dirname(os.path.abspath(args.out))
     if not args.out.endswith(".safetensors") or not os.access(folder, os.W_OK | os.X_OK):
@@ -533,10 +586,10 @@ def cmd_extract_lora(args):
     base = pipeline.load_unet(args.base)
     tuned = pipeline.load_unet(args.tuned)
     pipeline.check_same_architecture(base, tuned, f"--tuned {args.tuned}")
-    stats = lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
+    stats = extract.extract_offset(base, tuned, "eta", args.rank, args.conv_rank, args.targets, device, layer_progress())
     if sys.stderr.isatty():
         print(file=sys.stderr)
-    errors = lora.relative_errors(stats)
+    errors = extract.relative_errors(stats)
     per_layer = {name: round((r / n) ** 0.5, 6) for name, (r, n) in stats.items()}
     lora.save_lora(base, "eta", args.out, role="eta", base_model=args.base, metadata={
         "npo_source_base": args.base, "npo_source_tuned": args.tuned, "npo_rank": args.rank,
@@ -554,6 +607,21 @@ MODEL_HELP = ("a diffusers model folder, or a single-file SD1.x / SD2.x / SDXL c
               "without running code) (default: the embedded model in weights/)")
 
 
+def add_offset_arguments(p):
+    """The sample flags of eq. 10: η (--lora or --eta-model), δ (--npo or --npo-model), and their α and β."""
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft, text-encoder keys "
+                        "included); repeat it to sum several, each times its weight (default 1). WEIGHT is what "
+                        "follows the last ':' when that is a number and PATH[:WEIGHT] is not itself a file")
+    p.add_argument("--eta-model", help="a fully fine-tuned model as η = θ_ft − θ (its folder, unet/ folder or single "
+                                       "file): ε_pos runs θ_ft, ε_neg θ + α·η + β·δ; without δ it is eq. 4's weight merge")
+    p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
+    p.add_argument("--npo-model", help="a whole NPO-tuned model as δ = θ_δ − θ (its folder, unet/ folder or single "
+                                       "file): ε_neg runs θ + α·η + β·δ in a weight set of its own; one --beta per run")
+    p.add_argument("--alpha", type=finite_float, help="weight of η on the unconditional branch (eq. 10; default 1)")
+    p.add_argument("--beta", type=finite_float, help="weight of δ on the unconditional branch (eq. 10; default 1)")
+
+
 def add_sample_arguments(p):
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     pipeline.add_source_arguments(p)
@@ -569,15 +637,7 @@ def add_sample_arguments(p):
                    help="the negative prompt c' of the unconditional branch (default: none, which is the empty prompt; "
                         "for SDXL zeros, as diffusers, while --negative-prompt \"\" encodes the empty prompt; a JSONL "
                         "row's own negative_prompt wins)")
-    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
-                   help="the preference offset η (LoRA .safetensors, kohya or diffusers/peft, text-encoder keys "
-                        "included); repeat it to sum several, each times its weight (default 1). WEIGHT is what "
-                        "follows the last ':' when that is a number and PATH[:WEIGHT] is not itself a file")
-    p.add_argument("--eta-model", help="a fully fine-tuned model as η = θ_ft − θ (its folder, unet/ folder or single "
-                                       "file): ε_pos runs θ_ft, ε_neg θ + α·η + β·δ; without δ it is eq. 4's weight merge")
-    p.add_argument("--npo", help="the NPO offset δ (LoRA .safetensors), used on the unconditional branch")
-    p.add_argument("--alpha", type=finite_float, help="weight of η on the unconditional branch (eq. 10; default 1)")
-    p.add_argument("--beta", type=finite_float, help="weight of δ on the unconditional branch (eq. 10; default 1)")
+    add_offset_arguments(p)
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")

@@ -16,8 +16,9 @@ step is one forward of [x_t; x_t] (`npo_multipliers`, `guided_denoiser`). `merge
 two weight sets instead, as a reference. A LoRA with text-encoder keys makes η (or δ) a pair of offsets, on the
 UNet and on the text encoder; the same multipliers apply to both, so c' is encoded by θ_te + α·η_te + β·δ_te and
 c by θ_te + η_te (eq. 10 read for the whole model). A fully fine-tuned model as η (η = θ_ft − θ, dense) runs two
-weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`). The sampler (DDIM, DPM-Solver++ 2M, Euler, ...)
-only sees the denoiser.
+weight sets, θ_ft and θ + α·η (`attach_eta_model`, `dense_eta`); a whole NPO-tuned UNet as δ (δ = θ_δ − θ, dense)
+two as well, θ + η and θ + α·η + β·δ, or θ_ft and θ + α·η + β·δ (`attach_npo_model`). The sampler (DDIM,
+DPM-Solver++ 2M, Euler, ...) only sees the denoiser.
 
 A model is a diffusers folder or a single-file checkpoint (singlefile.py unpacks it into the same configs and
 state dicts); `load_unet` reads the UNet alone of either, for --eta-model and extract-lora. An SDXL folder or file loads
@@ -59,6 +60,9 @@ class Pipeline:
     origin: str = ""  # what was read: a folder, or a single file with its family and prediction type (and why)
     eta_unet: Optional[unet.UNet2DCondition] = None  # θ_ft of a dense η (attach_eta_model); then unet holds θ + α·η
     eta_alpha: Optional[float] = None
+    # a dense δ (attach_npo_model): β is in the weights; with θ on the positive branch, npo_unet holds θ + β·δ
+    npo_unet: Optional[unet.UNet2DCondition] = None
+    npo_beta: Optional[float] = None
     # SDXL only: the second text encoder (OpenCLIP bigG with its projection), its tokenizer (pad token "!"), and
     # model_index.json's force_zeros_for_empty_prompt (the unconditional branch is zeros when no negative prompt is given)
     text_encoder_2: Optional[clip.CLIPTextModelWithProjection] = None
@@ -581,10 +585,18 @@ def dense_eta(model, tuned, alpha):
     hold two weight sets, θ_ft and θ + α·η, and never a third: θ itself is not kept. δ stays `model`'s LoRA offset
     "delta", run at β per row (`dense_eta_denoiser`). Without δ (or β = 0) ε_neg is the paper's weight merge
     θ + γ·η (eq. 4, γ = α)."""
-    tuned_state = tuned.state_dict()
-    for key, weight in lora.merged_state_dict(model, {}).items():  # θ's own tensors, shared with `model`
+    reweigh(model, lambda theta, ft: theta.lerp(ft, alpha), tuned)
+
+
+@torch.no_grad()
+def reweigh(model, rule, *others):
+    """Each floating weight W of `model` (its LoRA offsets aside) becomes rule(W, W_1, ...) in place, computed in
+    float32 and rounded once to the model's dtype; W_k is the same weight of the k-th model of `others`. In place:
+    the result costs no memory beyond the models themselves."""
+    states = [lora.merged_state_dict(o, {}) for o in others]
+    for key, weight in lora.merged_state_dict(model, {}).items():  # the model's own tensors, not copies
         if weight.is_floating_point():
-            weight.copy_(weight.float().lerp(tuned_state[key].float(), alpha))
+            weight.copy_(rule(weight.float(), *(state[key].float() for state in states)))
 
 
 def attach_eta_model(pipe, path, alpha):
@@ -600,21 +612,111 @@ def attach_eta_model(pipe, path, alpha):
     pipe.eta_unet, pipe.eta_alpha = tuned, float(alpha)
 
 
-def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
-    """Two passes per step: ε_neg from θ + α·η (pipe.unet) with δ at β per row, ε_pos from θ_ft (pipe.eta_unet)."""
-    if any(a != pipe.eta_alpha for a in torch.as_tensor(alpha, dtype=torch.float64).flatten().tolist()):
-        raise UserError(f"the base weights hold θ + α·η for α = {pipe.eta_alpha:g} (--eta-model); sample at that α, "
+def check_built_in(built, asked, name, offset, flag):
+    """The multiplier `name` (α or β) that a dense η or δ put into the weights (`built`) must be the one sampled at
+    (`asked`: a float or one per image)."""
+    if built is not None and any(v != built for v in torch.as_tensor(asked, dtype=torch.float64).flatten().tolist()):
+        raise UserError(f"the weights hold θ + {name}·{offset} for {name} = {built:g} ({flag}); sample at that {name}, "
                         "or load the model again for another.")
-    # eq. 10's branches: η's α is in pipe.unet's weights (dense_eta) and its 1 is θ_ft; δ runs at β on ε_neg, and
-    # not at all on ε_pos (θ_ft carries no δ, δ's 0)
-    neg = sampler.npo_branch(sampler.npo_weights(alpha, beta), 0)
-    weights = {"delta": neg["delta"]} if "delta" in lora.offset_names(pipe.unet) else {}
+
+
+def two_sets_denoiser(unet_neg, unet_pos, neg_embeds, pos_embeds, guidance, alpha, beta):
+    """Two passes per step, ε_neg from `unet_neg` and ε_pos from `unet_pos`. Each weight set runs the LoRA offsets it
+    carries at its branch's multipliers of eq. 10 (`npo_multipliers`: η at [α, 1], δ at [β, 0], per row); what a
+    dense η or δ adds is in the weights already, and is not an offset of that set."""
+    rows = len(as_kwargs(pos_embeds)["encoder_hidden_states"])
+    both = npo_multipliers(rows, alpha, beta, next(unet_neg.parameters()).device)  # [negative rows; positive rows]
+
+    def branch(unet, i):
+        present = lora.offset_names(unet)
+        return {k: v[i * rows:(i + 1) * rows] for k, v in both.items() if k in present}
+    w_neg, w_pos = branch(unet_neg, 0), branch(unet_pos, 1)
 
     def denoise(x, t):
-        with lora.multipliers(pipe.unet, **weights):
-            eps_neg = run_unet(pipe.unet, x, t, neg_embeds)
-        return sampler.cfg_combine(eps_neg, run_unet(pipe.eta_unet, x, t, pos_embeds), guidance)
+        with lora.multipliers(unet_neg, **w_neg):  # the sets may share an offset (η of a dense δ): set it per pass
+            eps_neg = run_unet(unet_neg, x, t, neg_embeds)
+        with lora.multipliers(unet_pos, **w_pos):
+            eps_pos = run_unet(unet_pos, x, t, pos_embeds)
+        return sampler.cfg_combine(eps_neg, eps_pos, guidance)
     return denoise
+
+
+def dense_eta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
+    """Two passes per step: ε_neg from θ + α·η (pipe.unet) with δ at β per row, ε_pos from θ_ft (pipe.eta_unet).
+    (η's α is in pipe.unet's weights (dense_eta) and its 1 is θ_ft; θ_ft carries no δ: δ's 0.)"""
+    check_built_in(pipe.eta_alpha, alpha, "α", "η", "--eta-model")
+    return two_sets_denoiser(pipe.unet, pipe.eta_unet, neg_embeds, pos_embeds, guidance, alpha, beta)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole NPO-tuned UNet as δ (some published NPO weights are not LoRAs): δ = θ_δ − θ is dense.
+
+def attach_npo_model(pipe, path, beta, eta_model=None, alpha=1.0):
+    """Make the NPO-tuned UNet at `path` (a diffusers folder, a `unet/` folder or a single file) δ = θ_δ − θ at
+    `beta`, for `generate`: the negative branch runs θ + α·η + β·(θ_δ − θ). With η a LoRA (or no η) the positive
+    branch keeps θ + η and the negative one gets a weight set of its own (`dense_delta`); with a fine-tuned η at
+    `eta_model` (not attached yet: it would overwrite θ) the two sets are θ_ft and the negative one
+    (`dense_eta_and_delta`). Either way one UNet's weights beside θ's, at every moment.
+
+    β = 0 weighs δ by nothing: the file is not read, and the run is the one without δ, pixel for pixel. After a
+    UserError the pipeline may hold half-made weights: load it again."""
+    if "delta" in lora.offset_names(pipe.unet):
+        raise UserError("the model already carries a LoRA δ; a whole NPO model is δ itself, so pass one of --npo and "
+                        "--npo-model.")
+    if pipe.eta_unet is not None:
+        raise ValueError("attach_eta_model has made θ + α·η of θ; pass eta_model to attach_npo_model instead")
+    # eq. 10's weights (sampler.npo_weights): the dense offsets go into the negative branch's weights at its
+    # multipliers; the positive branch's set is θ + η or θ_ft, so it must weigh δ by 0 (and a dense η by 1)
+    neg, pos = (sampler.npo_branch(sampler.npo_weights(alpha, beta), b) for b in (0, 1))
+    if pos["delta"] != 0 or (eta_model is not None and pos["eta"] != 1):
+        raise ValueError(f"a dense δ is built for a positive branch of δ at 0 (and η at 1), not {pos}")
+    if neg["delta"] == 0:
+        if eta_model is not None:
+            attach_eta_model(pipe, eta_model, neg["eta"])
+    elif eta_model is None:
+        dense_delta(pipe, path, neg["delta"])
+    else:
+        dense_eta_and_delta(pipe, eta_model, path, neg["eta"], neg["delta"])
+    pipe.npo_beta = float(beta)
+
+
+def dense_delta(pipe, path, beta):
+    """ε_neg = ε(x_t, c'; θ + α·η + β·(θ_δ − θ)) beside ε_pos = ε(x_t, c; θ + η), η a LoRA: θ_δ is read and turned
+    into θ + β·(θ_δ − θ) in place (a lerp per tensor, in fp32), which becomes pipe.npo_unet; η's LoRA modules are
+    put on it too (shared, not copied), to run at α there and at 1 on θ."""
+    p = next(pipe.unet.parameters())
+    model = load_unet(path, p.dtype, p.device)
+    check_same_architecture(pipe.unet, model, f"--npo-model {path}")
+    reweigh(model, lambda npo, theta: theta.lerp(npo, beta), pipe.unet)
+    if "eta" in lora.offset_names(pipe.unet):
+        lora.share_offset(pipe.unet, model, "eta")
+    pipe.npo_unet = model
+
+
+def dense_eta_and_delta(pipe, eta_model, path, alpha, beta):
+    """A fine-tuned η and a dense δ: ε_pos runs θ_ft, ε_neg θ + α·(θ_ft − θ) + β·(θ_δ − θ)
+    = (1 − α − β)·θ + β·θ_δ + α·θ_ft, built in θ's own tensors in two steps, so that θ, θ_δ and θ_ft are never all
+    in memory: θ ← (1 − α − β)·θ + β·θ_δ with θ_δ read, and let go; then θ_ft read (kept: ε_pos) and θ ← θ + α·θ_ft.
+    Each step is computed in fp32; in a half dtype the middle result is rounded once more than `dense_eta`'s."""
+    if "eta" in lora.offset_names(pipe.unet):
+        raise UserError("the model already carries a LoRA η; a fine-tuned --eta-model is η itself, so pass one of "
+                        "the two.")
+    p = next(pipe.unet.parameters())
+    npo = load_unet(path, p.dtype, p.device)
+    check_same_architecture(pipe.unet, npo, f"--npo-model {path}")
+    reweigh(pipe.unet, lambda theta, d: theta.lerp(d, beta) - alpha * theta, npo)
+    del npo  # before θ_ft is read: two UNets at most
+    tuned = load_unet(eta_model, p.dtype, p.device)
+    check_same_architecture(pipe.unet, tuned, f"--eta-model {eta_model}")
+    reweigh(pipe.unet, lambda w, ft: w + alpha * ft, tuned)
+    pipe.eta_unet, pipe.eta_alpha = tuned, float(alpha)
+
+
+def dense_delta_denoiser(pipe, neg_embeds, pos_embeds, guidance, alpha, beta):
+    """Two passes per step: ε_neg from θ + β·δ (pipe.npo_unet) with η at α per row, ε_pos from θ + η (pipe.unet, η
+    at 1). (With --eta-model the negative set is pipe.unet itself, and `dense_eta_denoiser` runs it.)"""
+    check_built_in(pipe.npo_beta, beta, "β", "δ", "--npo-model")
+    return two_sets_denoiser(pipe.npo_unet, pipe.unet, neg_embeds, pos_embeds, guidance, alpha, beta)
 
 
 def load_offset(pipe, files, name):
@@ -693,7 +795,8 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     mode "batched" (default): one forward of [x_t; x_t] per step with per-row LoRA multipliers (one copy of θ).
     mode "merged": the authors' two weight sets and two passes (pass `unets=merged_unets(...)` to reuse them).
     The text encoder's offsets follow eq. 10 in both: c' is encoded with α·η + β·δ, c with η. With a fine-tuned η
-    attached (`attach_eta_model`) both modes run its two weight sets (`dense_eta_denoiser`).
+    attached (`attach_eta_model`), or a whole NPO model as δ (`attach_npo_model`), both modes run their two weight
+    sets (`dense_eta_denoiser`, `dense_delta_denoiser`).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
     (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0)."""
     height, width = height or pipe.image_size, width or pipe.image_size
@@ -705,7 +808,10 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
         latents = run(conditional_denoiser(pipe, prompts, time_ids, clip_skip))
     else:
         neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
-        if pipe.eta_unet is not None:
+        check_built_in(pipe.npo_beta, beta, "β", "δ", "--npo-model")  # a dense δ's β is in the weights
+        if pipe.npo_unet is not None:
+            denoise = dense_delta_denoiser(pipe, neg, pos, guidance, alpha, beta)
+        elif pipe.eta_unet is not None:
             denoise = dense_eta_denoiser(pipe, neg, pos, guidance, alpha, beta)
         elif mode == "merged":
             unet_neg, unet_pos = unets or merged_unets(pipe.unet, alpha, beta)

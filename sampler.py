@@ -208,8 +208,8 @@ def npo_weights(alpha=1.0, beta=1.0):
     weight-merge baseline θ + γ·η (eq. 4); δ absent (or β = 0) with α = 1 is plain CFG of the model θ + η.
     α and β may be one value per image (an α × β sweep in one batch). Every path of npo takes its weights from
     here: the batched LoRA rows (pipeline.npo_multipliers), the two merged weight sets (pipeline.merged_unets),
-    a fully fine-tuned η (pipeline.dense_eta_denoiser), the text encoder's offsets, and guidance g ≤ 1, which
-    runs the conditional branch alone."""
+    a fully fine-tuned η (pipeline.dense_eta_denoiser), a whole NPO model as δ (pipeline.attach_npo_model), the text
+    encoder's offsets, and guidance g ≤ 1, which runs the conditional branch alone."""
     return {"eta": (alpha, 1.0), "delta": (beta, 0.0)}
 
 

@@ -91,7 +91,8 @@ def cmd_singlefile(args):
 
 
 def cmd_extract(args):
-    """lora.extract_offset at SD1.5 shapes: the base UNet against a copy with every weight moved."""
+    """extract.extract_offset at SD1.5 shapes: the base UNet against a copy with every weight moved."""
+    import extract
     import lora
     import pipeline
     folder = bench_folder(args.small)
@@ -100,11 +101,11 @@ def cmd_extract(args):
     with torch.no_grad():
         for p in tuned.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
-    stats, seconds = harness.once(lambda: lora.extract_offset(base, tuned, "eta", args.rank, args.conv_rank,
+    stats, seconds = harness.once(lambda: extract.extract_offset(base, tuned, "eta", args.rank, args.conv_rank,
                                                               args.targets))
     print(f"| targets | rank | conv rank | layers | s | overall relative error (random ΔW) |\n|---|---|---|---|---|---|")
     print(f"| {args.targets} | {args.rank} | {args.conv_rank or args.rank} | {len(stats)} | {seconds:.1f} "
-          f"| {lora.relative_errors(stats)['overall']:.3f} |")
+          f"| {extract.relative_errors(stats)['overall']:.3f} |")
 
 
 # ----------------------------------------------------------------------------------------------------------

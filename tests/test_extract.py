@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import extract
 import lora
 import npo
 import pipeline
@@ -35,7 +36,7 @@ def optimum(tiny_model, tuned_model, layer, rank):
 @pytest.mark.parametrize("rank, conv_rank", [(2, 3), (4, None)])
 def test_error_is_the_truncated_svd_optimum(tiny_model, tuned, rank, conv_rank):
     base = pipeline.load_unet(tiny_model[0])
-    stats = lora.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", rank, conv_rank, TARGETS)
+    stats = extract.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", rank, conv_rank, TARGETS)
     assert len(stats) == len(lora.select_layers(base, TARGETS))
     for layer, (residual, norm) in stats.items():
         offset = lora.offsets(base, "eta")[layer]
@@ -44,7 +45,7 @@ def test_error_is_the_truncated_svd_optimum(tiny_model, tuned, rank, conv_rank):
         best = optimum(tiny_model, tuned[1], layer, offset.rank)
         assert abs((residual / norm) ** 0.5 - best) <= 1e-5 + 1e-4 * best, layer
     # per block and overall: over all the entries of the layers together
-    errors = lora.relative_errors(stats)
+    errors = extract.relative_errors(stats)
     assert list(errors)[-1] == "overall" and "mid_block" in errors
     total = sum(r for r, _ in stats.values()) / sum(n for _, n in stats.values())
     assert errors["overall"] == pytest.approx(total ** 0.5)
@@ -52,7 +53,7 @@ def test_error_is_the_truncated_svd_optimum(tiny_model, tuned, rank, conv_rank):
 
 def test_full_rank_is_exact(tiny_model, tuned):
     base = pipeline.load_unet(tiny_model[0])
-    stats = lora.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 10_000, None, "to_q,conv1")
+    stats = extract.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 10_000, None, "to_q,conv1")
     assert max(r / n for r, n in stats.values()) < 1e-10
 
 
@@ -106,7 +107,7 @@ def test_progress_per_layer(tiny_model, tuned, tmp_path, capsys):
     """extract-lora reports on stderr as it goes: layer i/N with elapsed time and an ETA, ending at N/N; the share of
     work it reports grows to 1, by each layer's SVD cost m·n·min(m, n)."""
     base, calls = pipeline.load_unet(tiny_model[0]), []
-    lora.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 2, None, TARGETS, "cpu",
+    extract.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 2, None, TARGETS, "cpu",
                         lambda *call: calls.append(call))
     names = lora.select_layers(base, TARGETS)
     assert [(i, n, layer) for i, n, layer, _ in calls] == [(i + 1, len(names), name) for i, name in enumerate(names)]
@@ -127,7 +128,7 @@ def test_device_cuda_equals_cpu(tiny_model, tuned):
     stats = {}
     for device in ("cpu", "cuda"):
         base = pipeline.load_unet(tiny_model[0])
-        stats[device] = lora.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 3, None, TARGETS, device)
+        stats[device] = extract.extract_offset(base, pipeline.load_unet(tuned[0]), "eta", 3, None, TARGETS, device)
     for layer, (residual, norm) in stats["cpu"].items():
         on_gpu = stats["cuda"][layer]
         assert on_gpu[1] == pytest.approx(norm, rel=1e-5)
