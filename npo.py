@@ -4,6 +4,7 @@
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
     python npo.py evaluate out/base out/npo --scorer pickscore:PickScore_v1 --out report   # tables 1-3, fig. 7
     python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
+    python npo.py reproduce recipes/table1-sd15.json --weights DIR --out repro   # one command per table (1, 2; fig. 7)
     python npo.py info --model PATH        # what a model folder or single file holds, loaded strictly
     python npo.py extract-lora --base SD15 --tuned ft.safetensors --rank 64 --out eta.safetensors   # η as a LoRA
 
@@ -27,10 +28,12 @@ import distributed
 import evaluate
 import experiment
 import extract
+import guiders
 import images
 import lora
 import pipeline
 import prompt_syntax
+import reproduce
 import sampler
 import train
 import trainconfig
@@ -197,6 +200,7 @@ def a1111_parameters(args, job, size):
         settings["Lora hashes"] = hashes["Lora hashes"]
     dense = [name for name, path in (("eta", args.eta_model), ("delta", args.npo_model)) if path]
     settings["NPO mode"] = f"dense {'+'.join(dense)}" if dense else args.mode
+    settings.update(guiders.png_settings(args))
     return f"{job['prompt']}\nNegative prompt: {job['negative'] or ''}\n" + \
         ", ".join(f"{k}: {a1111_quote(v)}" for k, v in settings.items())
 
@@ -249,6 +253,7 @@ def lora_label(path):
 
 def check_sample_arguments(args):
     """Everything a user can get wrong, checked before the model loads; fills in α and β. Returns the sweeps."""
+    args.guider = guiders.from_arguments(args)
     for flag in ("height", "width"):
         value = getattr(args, flag)
         if value is not None and (value <= 0 or value % 8):
@@ -292,6 +297,8 @@ def check_sample_arguments(args):
         raise UserError("--compare shows the effect of δ; pass the NPO offset with --npo.")
     args.alpha = 1.0 if args.alpha is None else args.alpha
     args.beta = 1.0 if args.beta is None else args.beta
+    if args.guidance_method == "autoguidance" and args.guider is None:  # the paper's: θ itself on ε_neg, eq. 10 at 0, 0
+        args.alpha, args.beta = 0.0, 0.0
     for name, values in (("alpha", sweep_a or [args.alpha]), ("beta", sweep_b or [args.beta])):
         if any(not 0 <= v <= 1 for v in values):
             warn(f"{name} outside [0, 1] extrapolates beyond the paper's range (eq. 10).")
@@ -364,7 +371,7 @@ def run_jobs(pipe, args, work, progress):
                                 callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
                                 clip_skip=args.clip_skip - 1,  # A1111's N is diffusers' N − 1
                                 original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
-                                target_size=args.target_size)
+                                target_size=args.target_size, guider=args.guider)
         pictures += images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
@@ -485,6 +492,9 @@ def check_model_arguments(args, pipe):
     """What depends on the model: the default CFG scale (7.5; SDXL 5), and SDXL's size flags, refused for SD1/2."""
     if args.guidance is None:
         args.guidance = pipe.default_guidance
+    if args.guider is not None:  # the layer names against this UNet's blocks
+        flag = "--seg-layers" if args.guider.method == "seg" else "--auto-layers"
+        guiders.named_blocks(pipe.unet, args.guider.layers, flag)
     sizes = [f for f in ("original_size", "crop_top_left", "target_size") if getattr(args, f) is not None]
     if sizes and not pipe.is_sdxl:
         raise UserError(f"--{sizes[0].replace('_', '-')} is SDXL's size conditioning and {args.model} is not an SDXL "
@@ -642,6 +652,7 @@ def add_sample_arguments(p):
                    help="CFG scale g ≥ 0: ε = ε_neg + g·(ε_pos − ε_neg); g ≤ 1 samples the prompt's branch alone, "
                         "θ + η, without CFG, as diffusers (default 7.5; 5 for SDXL, as the authors)")
     add_sampler_arguments(p)
+    guiders.add_arguments(p)
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="weights and activations (float16 on CUDA only; LoRA offsets stay float32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
@@ -656,7 +667,8 @@ def add_sample_arguments(p):
                    help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
                         "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
                         "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
-    p.set_defaults(hashes={})  # the files' A1111 hashes for the PNG parameters, filled in by load_for_sampling
+    # the files' A1111 hashes for the PNG parameters (load_for_sampling fills them); the guider (guiders.from_arguments)
+    p.set_defaults(hashes={}, guider=None)
 
 
 def add_sampler_arguments(p):
@@ -740,6 +752,11 @@ def build_parser():
     p = sub.add_parser("experiment", help="the paper's protocol in miniature on the embedded model (EXPERIMENT.md)")
     experiment.add_arguments(p)
     p.set_defaults(func=experiment.main)
+
+    p = sub.add_parser("reproduce", help="sample and score a table of the paper from a recipe (recipes/): table 1's "
+                                         "means and fig. 7's win rates; run again to continue an interrupted run")
+    reproduce.add_arguments(p)
+    p.set_defaults(func=reproduce.main)
     return parser
 
 

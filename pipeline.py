@@ -766,6 +766,8 @@ def conditional_denoiser(pipe, prompts, time_ids, clip_skip):
         with lora.multipliers(pipe.unet, **weights):
             return run_unet(unet, x, t, pos)
     return denoise
+
+
 def same_length(pipe, neg, pos):
     """(c', c) with as many 77-token chunks each (only `prompt_syntax` "a1111" makes more than one), so that one
     batched forward takes both: the shorter gets the empty prompt's encoding appended, as A1111 pads them with its
@@ -785,7 +787,7 @@ def same_length(pipe, neg, pos):
 @torch.no_grad()
 def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
              height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
-             original_size=None, crop_top_left=(0, 0), target_size=None):
+             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None):
     """Prompts -> images (B, 3, H, W) in [-1, 1], with NPO guidance from the offsets named "eta" / "delta" on the UNet
     (and on the text encoder, for LoRAs with text-encoder keys).
 
@@ -798,13 +800,17 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     attached (`attach_eta_model`), or a whole NPO model as δ (`attach_npo_model`), both modes run their two weight
     sets (`dense_eta_denoiser`, `dense_delta_denoiser`).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
-    (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0)."""
+    (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0). `guider`: SEG or
+    autoguidance beside NPO (`guiders.Guider`, its `denoiser`; None is plain CFG), with η as a LoRA."""
     height, width = height or pipe.image_size, width or pipe.image_size
     guidance = pipe.default_guidance if guidance is None else guidance
     prompts = list(prompts)
     time_ids = pipe.time_ids(height, width, original_size, crop_top_left, target_size)
     run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback)
-    if guidance <= 1:
+    if guider is not None:  # SEG or autoguidance (guiders.Guider), beside eq. 10
+        neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
+        latents = run(guider.denoiser(pipe, neg, pos, guidance, alpha, beta))
+    elif guidance <= 1:
         latents = run(conditional_denoiser(pipe, prompts, time_ids, clip_skip))
     else:
         neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)

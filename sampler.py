@@ -197,6 +197,16 @@ def cfg_combine(eps_neg, eps_pos, guidance):
     return eps_neg + guidance * (eps_pos - eps_neg)
 
 
+def seg_combine(eps_neg, eps_pos, eps_seg, guidance, seg_scale):
+    """Smoothed Energy Guidance beside CFG (Hong 2024; the authors' SDXL code, and diffusers' guider):
+
+        ε = ε_neg + g·(ε_pos − ε_neg) + s·(ε_pos − ε_seg)
+
+    ε_seg is the conditional prediction of the UNet with blurred self-attention queries (`guiders.smooth_query`).
+    Without CFG (g ≤ 1) pass ε_neg = ε_pos: ε = ε_pos + s·(ε_pos − ε_seg), the authors' SEG alone."""
+    return cfg_combine(eps_neg, eps_pos, guidance) + seg_scale * (eps_pos - eps_seg)
+
+
 def npo_weights(alpha=1.0, beta=1.0):
     """NPO's guided prediction (Diffusion-NPO, sec. 3.2, eq. 10) as the multipliers of the offsets η and δ per branch:
 

@@ -216,10 +216,14 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # the dropout slot keeps the key to_out.0
+        self.query_blur = None  # SEG: q, (H, W) -> q with some rows blurred, while guiders.smoothed_queries is on
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, hw=None):
+        q = self.to_q(x)
+        if self.query_blur is not None:  # SEG's perturbed rows attend with a smoothed query over the (H, W) grid
+            q = self.query_blur(q, hw)
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, self.upcast)
+        out = attention(q, self.to_k(context), self.to_v(context), self.heads, self.upcast)
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -257,11 +261,16 @@ class BasicTransformerBlock(nn.Module):
         self.attn2 = Attention(dim, heads, context_dim, upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
+        self.skip_rows = None  # autoguidance's weak model: rows that bypass this block (guiders.skipped_blocks)
 
-    def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+    def forward(self, x, context, hw=None):
+        out = x + self.attn1(self.norm1(x), hw=hw)
+        out = out + self.attn2(self.norm2(out), context)
+        out = out + self.ff(self.norm3(out))
+        if self.skip_rows is not None:
+            out = out.clone()
+            out[self.skip_rows] = x[self.skip_rows]
+        return out
 
 
 class Transformer2DModel(nn.Module):
@@ -286,7 +295,7 @@ class Transformer2DModel(nn.Module):
         if self.linear_proj:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, (h, w))
         if self.linear_proj:
             x = self.proj_out(x)
         x = x.reshape(b, h, w, c).permute(0, 3, 1, 2)
