@@ -24,6 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import checkpoint
+import distributed
 import rewards
 import scorers
 from checkpoint import UserError
@@ -98,11 +99,13 @@ def pair(folders):
 class Progress:
     """A progress bar on stderr: redrawn in place on a terminal, a line every tenth of the way in a log."""
 
-    def __init__(self, total):
-        self.total, self.done, self.start, self.tty = total, 0, time.time(), sys.stderr.isatty()
+    def __init__(self, total, show=True):
+        self.total, self.done, self.start, self.tty, self.show = total, 0, time.time(), sys.stderr.isatty(), show
 
     def update(self, what, k):
         before, self.done = self.done, self.done + k
+        if not self.show:  # a torchrun rank other than 0
+            return
         if not self.tty and self.done * 10 // self.total == before * 10 // self.total and self.done < self.total:
             return
         elapsed = time.time() - self.start
@@ -117,10 +120,13 @@ def read_rgb(path):
         return image.convert("RGB")
 
 
-def score_images(reward, paths, prompts, batch_size, device, progress, what):
-    """The reward of each image (N,), in batches; PIL images for a learned scorer, else tensors in [0, 1]."""
-    scores = []
-    for start in range(0, len(paths), batch_size):
+def score_images(reward, paths, prompts, batch_size, device, progress, what, rank=0, ranks=1):
+    """{b: the rewards (n,) of batch b}, for the batches paths[b·batch_size:(b + 1)·batch_size] this rank scores (b
+    = rank, rank + ranks, ...; all of them in one process); PIL images for a learned scorer, else tensors in [0, 1].
+    A score's last bits may depend on the batch it is computed in, so the batches are always cut from the start, as
+    one process cuts them."""
+    scores = {}
+    for start in distributed.share(range(0, len(paths), batch_size), rank, ranks):
         batch = [read_rgb(p) for p in paths[start:start + batch_size]]
         texts = prompts[start:start + batch_size]
         with torch.no_grad():
@@ -132,9 +138,16 @@ def score_images(reward, paths, prompts, batch_size, device, progress, what):
                 s = torch.cat([reward(scorers.unit_pixels(im)[None].to(device), texts[i:i + 1])
                                for i, im in enumerate(batch)])
         rewards.check_scores(s, len(batch), what)
-        scores.append(s.detach().double().cpu())
+        scores[start // batch_size] = s.detach().double().cpu()
         progress.update(what, len(batch))
-    return torch.cat(scores)
+    return scores
+
+
+def gather_scores(mine):
+    """{folder: scores (N,)} in the one-process order, from every rank's {folder: {b: scores of batch b}}."""
+    everyone = distributed.gather(mine)
+    return {f: torch.cat([s for _, s in sorted((b, s) for part in everyone for b, s in part[f].items())])
+            for f in mine}
 
 
 def interval(x):
@@ -201,7 +214,7 @@ def check_spec(spec, prompts):
 
 def evaluate(folders, specs, out, batch_size=8, device="cpu"):
     """Score every paired image of `folders` with every scorer SPEC; write out/results.json and out/results.md.
-    Returns the results dict."""
+    Returns the results dict. Under torchrun each rank scores its share and every rank returns the whole dict."""
     if not specs:
         raise UserError("evaluate needs at least one --scorer SPEC, e.g. --scorer pickscore:PATH.")
     if batch_size < 1:
@@ -214,17 +227,22 @@ def evaluate(folders, specs, out, batch_size=8, device="cpu"):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the report folder {out} ({e.strerror}); pick a writable --out.")
-    progress = Progress(len(keys) * len(folders) * len(specs))
+    # under torchrun (`distributed`), rank r scores batches r, r + N, ... of each folder and rank 0 writes the report
+    rank, ranks = distributed.rank_and_size()
+    mine = sum(1 for i in range(len(keys)) if i // batch_size % ranks == rank)
+    progress = Progress(mine * len(folders) * len(specs), show=rank == 0)  # rank 0's share stands for the whole
     results = {"scorers": {}, "pairs": len(keys)}
     for spec in specs:  # one scorer in memory at a time: each CLIP-H is 4 GB
         reward = rewards.load(spec)
         if isinstance(reward, torch.nn.Module):
             reward.to(device)
-        scores = {f: score_images(reward, paths[f], prompts, batch_size, device, progress, spec) for f in folders}
-        results["scorers"][spec] = summarize(scores)
+        results["scorers"][spec] = summarize(gather_scores({f: score_images(
+            reward, paths[f], prompts, batch_size, device, progress, spec, rank, ranks) for f in folders}))
         del reward
-    if progress.tty:
+    if progress.tty and progress.show:
         print(file=sys.stderr)
+    if rank > 0:
+        return results
     text = json.dumps(results, indent=2, ensure_ascii=False) + "\n"
     checkpoint.atomic_write(os.path.join(out, "results.json"), lambda f: f.write(text.encode("utf-8")))
     report = markdown(results, folders)

@@ -24,6 +24,7 @@ import torch
 
 import checkpoint
 import data
+import distributed
 import evaluate
 import experiment
 import extract
@@ -52,7 +53,8 @@ def cmd_info(args):
 
 
 def warn(message):
-    print(f"warning: {message}", file=sys.stderr)
+    if distributed.world()[0] == 0:  # once, not once per torchrun rank
+        print(f"warning: {message}", file=sys.stderr)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif")
@@ -118,11 +120,13 @@ def parse_floats(text, flag):
 class Progress:
     """Step i/N, images done, elapsed time and ETA, on stderr."""
 
-    def __init__(self, total_images):
-        self.total, self.done, self.start = total_images, 0, time.time()
+    def __init__(self, total_images, show=True):
+        self.total, self.done, self.start, self.show = total_images, 0, time.time(), show
         self.tty = sys.stderr.isatty()
 
     def step(self, i, n, batch):
+        if not self.show:  # a torchrun rank other than 0
+            return
         if not self.tty and (i + 1) % max(1, n // 5) and i + 1 != n:
             return  # logs get a few lines per batch, a terminal every step
         elapsed = time.time() - self.start
@@ -348,16 +352,16 @@ def plan_jobs(args, rows, sweep_a, sweep_b):
             for i, (p, n) in enumerate(row for row in rows for _ in range(args.n))]
 
 
-def run_jobs(pipe, args, jobs, progress):
-    """Generate every job in batches of --batch-size; returns PIL images in job order. In merged mode a batch
-    shares one (α, β), whose two weight sets are built once and reused while it stays the same."""
+def run_jobs(pipe, args, work, progress):
+    """Generate every batch of jobs in `work` (cut by `batches`); returns PIL images in job order. In merged mode a
+    batch shares one (α, β), whose two weight sets are built once and reused while it stays the same."""
     pictures, unets, unets_key = [], None, None
-    for batch in batches(jobs, args.batch_size):
+    for batch in work:
         alpha, beta = [j["alpha"] for j in batch], [j["beta"] for j in batch]
         if args.mode == "merged":
             if len(set(zip(alpha, beta))) > 1:
                 for job in batch:
-                    pictures += run_jobs(pipe, argparse.Namespace(**{**vars(args), "batch_size": 1}), [job], progress)
+                    pictures += run_jobs(pipe, args, [[job]], progress)
                 continue
             alpha, beta = alpha[0], beta[0]
             if unets_key != (alpha, beta):
@@ -406,7 +410,8 @@ def batches(jobs, size):
 def write_pictures(args, prompts, jobs, pictures, sweeps, size):
     """Save the images (or, with --compare / --sweep-*, one labelled grid per prompt); returns the paths. In a folder
     the files are numbered on from the highest number of their kind already there (`next_number`):
-    NNNNN-seedS.png, compare-NNNN-seedS.png, sweep-NNNN.png."""
+    NNNNN-seedS.png, compare-NNNN-seedS.png, sweep-NNNN.png; an image's N is that first number + its job's "index",
+    so that each torchrun rank can write its share of `jobs`."""
     folder = output_folder(args.out)
 
     def destination(prefix, name):
@@ -429,9 +434,11 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
             written.append(destination("compare-", f"{first + k:04d}-seed{jobs[2 * k]['seed']}.png"))
             images.save_png(grid, written[-1], a1111_parameters(args, jobs[2 * k + 1], size))
     else:
-        first = next_number(folder)
-        for k, (job, picture) in enumerate(zip(jobs, pictures)):
-            written.append(destination("", f"{first + k:05d}-seed{job['seed']}.png"))
+        # rank 0's listing numbers every rank's files: each waits in `broadcast` until it is made, so none has
+        # written a file yet that rank 0 could count
+        first = distributed.broadcast(next_number(folder))
+        for job, picture in zip(jobs, pictures):
+            written.append(destination("", f"{first + job['index']:05d}-seed{job['seed']}.png"))
             images.save_png(picture, written[-1], a1111_parameters(args, job, size))
     return written
 
@@ -498,35 +505,57 @@ def check_model_arguments(args, pipe):
                         "drop it.")
 
 
-def cmd_sample(args):
-    sweeps = check_sample_arguments(args)
+def plan_sample(args, sweeps):
+    """(rows, jobs, whether the default prompt stands in) of a run, checked before the model loads: the (prompt,
+    negative prompt) rows, the jobs of `plan_jobs`, each with its "index" in the one-process order, and --out."""
     default_prompt = args.prompt is None and not args.prompts_file
     rows = data.read_prompts(args.prompts_file, negatives=True) if args.prompts_file else \
         [(DEFAULT_PROMPT if default_prompt else args.prompt, None)]
     rows = [(p, args.negative_prompt if n is None else n) for p, n in rows]  # a row's own negative prompt wins
-    prompts = [p for p, _ in rows]
     if args.prompt_syntax == "a1111":  # a weight that is not a number is refused before the model loads
         for text in {t for row in rows for t in row if t}:
             prompt_syntax.parse_attention(text)
     jobs = plan_jobs(args, rows, *sweeps)
+    for i, job in enumerate(jobs):
+        job["index"] = i  # its file is number first + i, whichever process makes it
     if args.eta_model and len({j["alpha"] for j in jobs}) > 1:
         raise UserError("with --eta-model every image must share one α, because the base weights become θ + α·η in "
                         "place (one extra weight set, not one per α); drop --sweep-alpha, or --compare with α ≠ 1.")
     grids = sweeps != (None, None) or args.compare
-    check_writable(args.out, len(prompts) if grids else len(jobs))
-    pipe = load_for_sampling(args, [text for row in rows for text in row], jobs[0]["alpha"])
-    if default_prompt:  # said once the run is sure to start, so that an error stays the one line printed
-        print(f"no --prompt given: sampling the default prompt {DEFAULT_PROMPT!r} (pass --prompt TEXT or "
-              "--prompts-file FILE)", file=sys.stderr)
-    if args.prompt_syntax == "a1111":
-        count_chunks(pipe, jobs)
-    progress = Progress(len(jobs))
-    pictures = run_jobs(pipe, args, jobs, progress)
-    if progress.tty:
-        print(file=sys.stderr)
-    size = (args.width or pipe.image_size, args.height or pipe.image_size)
-    written = write_pictures(args, prompts, jobs, pictures, sweeps, size)
-    print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {args.out}", file=sys.stderr)
+    if grids and distributed.world()[1] > 1:
+        raise UserError("--compare and --sweep-* make one grid per prompt in one process; run them without torchrun.")
+    check_writable(args.out, len(rows) if grids else len(jobs))
+    return rows, jobs, default_prompt
+
+
+def cmd_sample(args):
+    """Sample the planned jobs in batches of --batch-size and write them. Under torchrun (`distributed`) rank r of N
+    generates batches r, r + N, ... of the one-process run, cut as that run cuts them (an image's last bits depend on
+    the batch it is made in: the shapes of the matmuls), and writes each under the number that run gives it: the
+    same files."""
+    sweeps = check_sample_arguments(args)
+    rows, jobs, default_prompt = plan_sample(args, sweeps)
+    with distributed.processes(str(pipeline.resolve_device(args.device))) as (rank, ranks, device):
+        args.device = device  # cuda:LOCAL_RANK under torchrun
+        pipe = load_for_sampling(args, [text for row in rows for text in row], jobs[0]["alpha"])
+        if default_prompt and rank == 0:  # said once the run is sure to start, so that an error stays the one line
+            print(f"no --prompt given: sampling the default prompt {DEFAULT_PROMPT!r} (pass --prompt TEXT or "
+                  "--prompts-file FILE)", file=sys.stderr)
+        if args.prompt_syntax == "a1111":
+            count_chunks(pipe, jobs)
+        work = distributed.share(batches(jobs, args.batch_size), rank, ranks)
+        progress = Progress(sum(map(len, work)), show=rank == 0)  # rank 0's share stands for the whole
+        pictures = run_jobs(pipe, args, work, progress)
+        if progress.tty and progress.show:
+            print(file=sys.stderr)
+        size = (args.width or pipe.image_size, args.height or pipe.image_size)
+        mine = [job for batch in work for job in batch]
+        written = write_pictures(args, [p for p, _ in rows], mine, pictures, sweeps, size)
+        if ranks > 1:  # every rank returns every path, in job order
+            parts = distributed.gather([(job["index"], path) for job, path in zip(mine, written)])
+            written = [path for _, path in sorted(pair for part in parts for pair in part)]
+    if rank == 0:
+        print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {args.out}", file=sys.stderr)
     return written
 
 
@@ -535,8 +564,11 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    evaluate.evaluate(args.folders, args.scorer, args.out, args.batch_size, args.device)
-    print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
+    """Score the folders; under torchrun each rank scores its share of the batches and rank 0 writes the report."""
+    with distributed.processes(str(pipeline.resolve_device(args.device))) as (rank, _, device):
+        evaluate.evaluate(args.folders, args.scorer, args.out, args.batch_size, device)
+    if rank == 0:
+        print(f"wrote {os.path.join(args.out, 'results.json')} and results.md", file=sys.stderr)
 
 
 def layer_progress():
@@ -658,7 +690,9 @@ def add_sampler_arguments(p):
                         "chunks of 75 tokens (BREAK starts a new chunk); prompt and negative prompt padded to as "
                         "many chunks (A1111's \"Pad prompt/negative prompt\" setting)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i (default 0)")
-    p.add_argument("--n", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--n", "--images-per-prompt", type=int, default=1,
+                   help="images per prompt (default 1); under torchrun spell it --images-per-prompt, or put -- before "
+                        "npo.py: torchrun reads --n as an abbreviation of its own --nnodes / --nproc-per-node")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")

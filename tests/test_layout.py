@@ -26,6 +26,7 @@ LAYERS = {
     "images": 8, "unet": 8, "clip": 8, "blip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards
     "singlefile": 8,                                             # single-file checkpoints unpacked to diffusers' layout
     "prompt_syntax": 8,                                          # A1111's emphasis and long prompts, for the text encoders
+    "distributed": 8,                                            # torchrun's ranks sharing sampling and scoring
     "checkpoint": 9,                                             # files and the one user-facing error
 }
 
