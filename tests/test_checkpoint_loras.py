@@ -9,6 +9,7 @@ from PIL import Image
 
 import checkpoint
 import npo
+import sample
 import runs
 from conftest import write_random_pairs
 
@@ -29,7 +30,7 @@ def trained(tiny_model, tmp_path_factory):
     return runs_
 
 
-def sample(tiny_model, out, *flags):
+def sampled(tiny_model, out, *flags):
     assert npo.main(["sample", "--model", tiny_model[0], "--seed", "2", "--steps", "3", "--height", "16", "--width",
                      "16", "--out", str(out), *flags]) == 0
     return Image.open(out)
@@ -40,11 +41,11 @@ def test_checkpoints_sample_as_the_loras_they_hold(tiny_model, trained, tmp_path
     same weights, trained another time), given as its file or as its folder."""
     folders = runs.list_checkpoints(os.path.join(trained[3], "checkpoints"))
     assert [os.path.basename(f) for f in folders] == ["step-000001", "step-000002", "step-000003"]
-    last = sample(tiny_model, tmp_path / "last.png", "--npo", os.path.join(folders[-1], "lora.safetensors"))
-    final = sample(tiny_model, tmp_path / "final.png", "--npo", os.path.join(trained[3], "lora.safetensors"))
+    last = sampled(tiny_model, tmp_path / "last.png", "--npo", os.path.join(folders[-1], "lora.safetensors"))
+    final = sampled(tiny_model, tmp_path / "final.png", "--npo", os.path.join(trained[3], "lora.safetensors"))
     assert np.array_equal(np.asarray(last), np.asarray(final))
-    first = sample(tiny_model, tmp_path / "first.png", "--npo", folders[0])  # the folder itself
-    one_step = sample(tiny_model, tmp_path / "one.png", "--npo", trained[1])  # a run's folder: its lora.safetensors
+    first = sampled(tiny_model, tmp_path / "first.png", "--npo", folders[0])  # the folder itself
+    one_step = sampled(tiny_model, tmp_path / "one.png", "--npo", trained[1])  # a run's folder: its lora.safetensors
     assert np.array_equal(np.asarray(first), np.asarray(one_step))
     assert not np.array_equal(np.asarray(first), np.asarray(last))  # training moved δ: the checkpoints differ
     for k, folder in enumerate(folders, 1):
@@ -63,7 +64,7 @@ def test_joint_checkpoint_folder(tiny_model, trained, tmp_path):
     shutil.copy(source, folder / "delta.safetensors")
     shutil.copy(source, folder / "eta.safetensors")
     args = npo.build_parser().parse_args(["sample", "--lora", f"{folder}:0.5", "--npo", str(folder)])
-    npo.check_sample_arguments(args)
+    sample.check_sample_arguments(args)
     assert args.lora == [(os.path.join(folder, "eta.safetensors"), 0.5)]
     assert args.npo == os.path.join(folder, "delta.safetensors")
 

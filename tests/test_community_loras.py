@@ -14,6 +14,7 @@ import guided
 import images
 import lora
 import npo
+import sample
 import pipeline
 from checkpoint import UserError
 from conftest import diffusers_pipeline
@@ -158,15 +159,15 @@ def test_weighted_sum_is_the_sum_of_the_offsets():
 
 
 def test_parse_lora_rule(tmp_path):
-    assert npo.parse_lora("a.safetensors") == ("a.safetensors", 1.0)
-    assert npo.parse_lora("a.safetensors:0.8") == ("a.safetensors", 0.8)
-    assert npo.parse_lora("dir/a.safetensors:-1e-1") == ("dir/a.safetensors", -0.1)
-    assert npo.parse_lora(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
-    assert npo.parse_lora(r"C:\loras\a.safetensors:0.5") == (r"C:\loras\a.safetensors", 0.5)
-    assert npo.parse_lora("my:lora.safetensors") == ("my:lora.safetensors", 1.0)
+    assert sample.parse_lora("a.safetensors") == ("a.safetensors", 1.0)
+    assert sample.parse_lora("a.safetensors:0.8") == ("a.safetensors", 0.8)
+    assert sample.parse_lora("dir/a.safetensors:-1e-1") == ("dir/a.safetensors", -0.1)
+    assert sample.parse_lora(r"C:\loras\a.safetensors") == (r"C:\loras\a.safetensors", 1.0)
+    assert sample.parse_lora(r"C:\loras\a.safetensors:0.5") == (r"C:\loras\a.safetensors", 0.5)
+    assert sample.parse_lora("my:lora.safetensors") == ("my:lora.safetensors", 1.0)
     odd = tmp_path / "b:2"  # an existing file whose name ends like a weight is a path
     odd.write_bytes(b"")
-    assert npo.parse_lora(str(odd)) == (str(odd), 1.0)
+    assert sample.parse_lora(str(odd)) == (str(odd), 1.0)
 
 
 def test_cli_several_loras(tiny_model, community, tmp_path):

@@ -11,6 +11,7 @@ from PIL import Image
 import evaluate
 import images
 import npo
+import sample
 import rewards
 from checkpoint import UserError
 from conftest import make_clip_dir
@@ -23,7 +24,7 @@ def parameters(prompt, seed):
     """The text `npo.py sample` writes (its own function, with the settings of a plain run from the real parser)."""
     args = npo.build_parser().parse_args(["sample", "--prompt", prompt, "--negative-prompt", "blurry"])
     job = dict(prompt=prompt, negative="blurry", seed=seed, alpha=1.0, beta=1.0)
-    return npo.a1111_parameters(args, job, (32, 32))
+    return sample.a1111_parameters(args, job, (32, 32))
 
 
 def write_folder(folder, greys, shuffle_names=None):

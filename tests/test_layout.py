@@ -10,6 +10,7 @@ from conftest import ROOT
 LAYERS = {
     "npo": 0,                                                    # the command line
     "experiment": 1,
+    "sample": 1,                                                 # npo.py sample: jobs, batches, PNGs with their parameters
     "reproduce": 1,                                              # one command per table of the paper (recipes/)
     "train": 2,                                                  # training: the loop and the table of methods
     "evaluate": 2,                                               # scoring folders of samples
