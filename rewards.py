@@ -9,6 +9,10 @@ image, and, where 1 − R is trained, each in [0, 1]. A reward may also state it
     reward.bounded          True: scores lie in [0, 1]; False: they do not (1 − R then needs a range or a sigmoid)
     reward.check_prompts    a function(prompts) that raises ValueError for prompts the reward cannot score, called
                             on every training prompt before any model loads
+    reward.step_aware       True: it scores x̂_0 of a noisy latent knowing its timestep, called by SPO as
+                            reward(images, prompts, timesteps=t) with t (B,) (0: a finished image) and by everything
+                            else without timesteps (then it must score finished images); the built-ins and
+                            scorers.py's are blind to the timestep
 
     r = rewards.load("rewards:brightness")             # a built-in, or "my_module:my_reward" of your own
     r = rewards.load("pickscore:/models/PickScore_v1")  # a learned scorer on weights you give (scorers.py)
@@ -53,13 +57,18 @@ def is_bounded(r):
     return getattr(r, "bounded", None)
 
 
+def is_step_aware(r):
+    """Whether the reward takes `timesteps=` (SPO's step-aware preference model); the wrappers below keep it."""
+    return bool(getattr(r, "step_aware", False))
+
+
 def name_of(r):
     return getattr(r, "__name__", type(r).__name__)
 
 
 def _wrapped(r, fn, name, bounded):
     """`fn` as a reward derived from `r`: r's differentiability and prompt check, the given bounds and name."""
-    fn.differentiable, fn.bounded, fn.__name__ = is_differentiable(r), bounded, name
+    fn.differentiable, fn.bounded, fn.__name__, fn.step_aware = is_differentiable(r), bounded, name, is_step_aware(r)
     if hasattr(r, "check_prompts"):
         fn.check_prompts = r.check_prompts
     return fn
@@ -84,8 +93,8 @@ def check_scores(scores, batch, name, unit_range=False):
 
 def checked(r, unit_range=False):
     """R whose every call's scores pass `check_scores` (in [0, 1] too when `unit_range`)."""
-    def checked_reward(images, prompts):
-        scores = r(images, prompts)
+    def checked_reward(images, prompts, **timesteps):
+        scores = r(images, prompts, **timesteps)
         check_scores(scores, len(images), name_of(r), unit_range)
         return scores
     return _wrapped(r, checked_reward, name_of(r), is_bounded(r))
@@ -135,8 +144,8 @@ def negate(r):
     if is_bounded(r) is False:
         raise UserError(f"the reward {name_of(r)} is not bounded to [0, 1], so 1 − R is not a reward; {RANGE_HINT}.")
 
-    def npo_reward(images, prompts):
-        scores = r(images, prompts)
+    def npo_reward(images, prompts, **timesteps):
+        scores = r(images, prompts, **timesteps)
         check_scores(scores, len(images), name_of(r), unit_range=True)
         return 1 - scores
     return _wrapped(r, npo_reward, f"1 - {name_of(r)}", True)
@@ -147,8 +156,8 @@ def affine(r, low, high):
     if not (math.isfinite(low) and math.isfinite(high) and high > low):
         raise UserError(f"a reward range needs LOW < HIGH, got {low}, {high}; pass e.g. --reward-range 0,40.")
 
-    def mapped(images, prompts):
-        return ((r(images, prompts) - low) / (high - low)).clamp(0, 1)
+    def mapped(images, prompts, **timesteps):
+        return ((r(images, prompts, **timesteps) - low) / (high - low)).clamp(0, 1)
     return _wrapped(r, mapped, f"{name_of(r)} in [{low:g}, {high:g}]", True)
 
 
@@ -157,8 +166,8 @@ def sigmoid(r, scale, center=0.0):
     if not (math.isfinite(scale) and scale > 0):
         raise UserError(f"a reward sigmoid scale must be a positive number, got {scale}.")
 
-    def squashed(images, prompts):
-        return torch.sigmoid((r(images, prompts) - center) / scale)
+    def squashed(images, prompts, **timesteps):
+        return torch.sigmoid((r(images, prompts, **timesteps) - center) / scale)
     return _wrapped(r, squashed, f"sigmoid({name_of(r)})", True)
 
 

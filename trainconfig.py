@@ -23,26 +23,30 @@ import runs
 from checkpoint import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-METHODS = ("dpo", "sft", "reward", "ddpo")  # train.METHODS maps each to its module
+METHODS = ("dpo", "sft", "reward", "ddpo", "spo")  # train.METHODS maps each to its module
 
 # Flags that only some methods read. Given to another method, a flag would silently do nothing, so `check` refuses
 # it. A flag's default is DEFAULTS' unless METHOD_DEFAULTS gives its method another.
-PAIR_METHODS, SAMPLING_METHODS = ("dpo", "sft"), ("reward", "ddpo")
+PAIR_METHODS, SAMPLING_METHODS = ("dpo", "sft"), ("reward", "ddpo", "spo")
 METHOD_FLAGS = {
     "data": PAIR_METHODS, "beta_dpo": ("dpo",), "cache_latents": PAIR_METHODS, "random_crop": PAIR_METHODS,
     "caption_dropout": PAIR_METHODS, "skip_bad_rows": PAIR_METHODS, "num_workers": PAIR_METHODS,
     "ties": PAIR_METHODS, "shuffle_buffer": PAIR_METHODS,
     "reward": SAMPLING_METHODS, "reward_range": SAMPLING_METHODS, "reward_sigmoid": SAMPLING_METHODS,
     "prompts_file": SAMPLING_METHODS, "sample_steps": SAMPLING_METHODS, "guidance": SAMPLING_METHODS,
-    "joint": SAMPLING_METHODS, "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
-    "ddim_eta": ("ddpo",), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
+    "joint": ("reward", "ddpo"), "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
+    "ddim_eta": ("ddpo", "spo"), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
     "adv_clip": ("ddpo",), "timestep_fraction": ("ddpo",),
+    **{name: ("spo",) for name in ("spo_candidates", "spo_threshold", "spo_score_scale", "spo_plain_steps",
+                                   "spo_beta", "spo_clip")},
 }
 DEFAULTS = {"lr": 5e-6, "beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "ties": "drop", "shuffle_buffer": 2,
             "sample_steps": 20, "grad_steps": 1, "guidance": 7.5, "alpha": 1.0, "beta": 1.0, "train_branch": "both",
             "ddim_eta": 1.0, "sample_batches": 2, "inner_epochs": 1, "clip_range": 1e-4, "adv_clip": 5.0,
-            "timestep_fraction": 1.0}
-METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0}}  # ddpo-pytorch's config/base.py
+            "timestep_fraction": 1.0, "rank": 8, "spo_candidates": 4, "spo_threshold": 0.3, "spo_score_scale": 1.0,
+            "spo_plain_steps": 4, "spo_beta": 10.0, "spo_clip": 0.1}
+METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0},  # ddpo-pytorch's config/base.py
+                   "spo": {"lr": 6e-5, "sample_steps": 20, "guidance": 5.0, "rank": 4}}  # SPO's SD1.5 config
 
 
 @dataclass
@@ -59,7 +63,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = None  # None: cuda if available, else cpu
     # the offset
-    rank: int = 8
+    rank: int = None  # None: 8 (spo: 4)
     lora_alpha: float = None  # None: alpha = rank
     targets: str = ",".join(lora.DEFAULT_TARGETS)
     init_lora: str = None
@@ -87,6 +91,13 @@ class TrainConfig:
     clip_range: float = None
     adv_clip: float = None
     timestep_fraction: float = None
+    # SPO (spo)
+    spo_candidates: int = None
+    spo_threshold: float = None
+    spo_score_scale: float = None
+    spo_plain_steps: int = None
+    spo_beta: float = None
+    spo_clip: float = None
     # the optimizer
     lr: float = None
     warmup_steps: int = 0
@@ -168,6 +179,7 @@ def add_arguments(p):
     _add_objective_arguments(p.add_argument_group("the objective"))
     _add_reward_arguments(p.add_argument_group("training through the sampler (--method reward, ddpo)"))
     _add_ddpo_arguments(p.add_argument_group("RL (--method ddpo)"))
+    _add_spo_arguments(p.add_argument_group("step-aware preference optimization (--method spo)"))
     _add_optimizer_arguments(p.add_argument_group("the optimizer"))
     _add_data_arguments(p.add_argument_group("preference pairs (--method dpo, sft)"))
     _add_bookkeeping_arguments(p.add_argument_group("checkpoints, logs and validation"))
@@ -261,6 +273,17 @@ def _add_ddpo_arguments(g):
                    help="fraction of the sampling steps trained on, a random subset per batch (1: all)")
 
 
+def _add_spo_arguments(g):
+    g.add_argument("--spo-candidates", type=int, help="k, the candidates x_{t−1} drawn from each shared x_t (default 4, SPO's SD1.5; 2 SDXL)")
+    g.add_argument("--spo-threshold", type=float, help="keep (best, worst) when their softmaxed scores differ by more than this, in [0, 1) "
+                        "(default 0.3, SPO's SD1.5; 0.4 SDXL): a pair forms when scale·(s_best − s_worst) > 2·atanh(threshold)")
+    g.add_argument("--spo-score-scale", type=float, help="multiply the scores by this before the softmax (default 1: SPO's rule for logit-scale "
+                        "scorers such as pickscore:, 100·cos; a reward in [0, 1] needs tens to hundreds)")
+    g.add_argument("--spo-plain-steps", type=int, help="sampling steps before the first candidates (default 4, SPO's divert_start_step)")
+    g.add_argument("--spo-beta", type=float, help="β of L = −log σ(β (log r_w − log r_l)) (default 10)")
+    g.add_argument("--spo-clip", type=float, help="ε: each ratio p_θ/p_ref is clamped to [1 − ε, 1 + ε] (default 0.1)")
+
+
 def _add_optimizer_arguments(g):
     g.add_argument("--lr", type=float, help="AdamW learning rate, constant after the warmup")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warmup over this many steps")
@@ -352,6 +375,8 @@ def check(config):
                         "(or a w/+l/ folder, or a .parquet file).")
     if config.method == "ddpo":
         _check_ddpo(config)
+    if config.method == "spo":
+        _check_spo(config)
 
 
 def _check_branches(config):
@@ -389,6 +414,23 @@ def _check_ddpo(config):
     if config.sample_batches % config.grad_accum:
         raise UserError(f"--sample-batches {config.sample_batches} is not a multiple of --grad-accum "
                         f"{config.grad_accum}; each optimizer step takes --grad-accum of an epoch's sampled batches.")
+
+
+def _check_spo(config):
+    if config.spo_candidates < 2:
+        raise UserError(f"--spo-candidates must be at least 2 (got {config.spo_candidates}); a pair needs two candidates.")
+    if not 0 <= config.spo_threshold < 1:
+        raise UserError(f"--spo-threshold must lie in [0, 1) (got {config.spo_threshold}); it bounds a difference of two "
+                        "softmaxed scores.")
+    for flag, value in (("--spo-score-scale", config.spo_score_scale), ("--spo-beta", config.spo_beta),
+                        ("--ddim-eta", config.ddim_eta)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive finite number (got {value}).")
+    if not 0 < config.spo_clip < 1:
+        raise UserError(f"--spo-clip must lie in (0, 1) (got {config.spo_clip}); the ratios are clamped to [1 − ε, 1 + ε].")
+    if not 0 <= config.spo_plain_steps < config.sample_steps:
+        raise UserError(f"--spo-plain-steps must lie in [0, --sample-steps) (got {config.spo_plain_steps} of "
+                        f"{config.sample_steps}); SPO needs at least one step with candidates.")
 
 
 def _check_numbers(config):

@@ -12,7 +12,7 @@ LAYERS = {
     "experiment": 1,
     "train": 2,                                                  # training: the loop and the table of methods
     "evaluate": 2,                                               # scoring folders of samples
-    "method_dpo": 3, "method_reward": 3, "method_ddpo": 3,       # one module per training method
+    "method_dpo": 3, "method_reward": 3, "method_ddpo": 3, "method_spo": 3,      # one module per training method
     "machinery": 4,                                              # a run's machinery: resume, DDP, mixed precision, log
     "trainconfig": 5,                                            # TrainConfig, the flags and their checks
     "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6, "pipeline": 6,  # their parts; the pipeline
