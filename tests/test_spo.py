@@ -321,7 +321,7 @@ def test_a_reward_without_gradient_rises_with_spo_and_falls_with_npo(prompts_fil
                          "scores:brightness", *EMBEDDED, *extra]) == 0
     base = mean_brightness()
     up = mean_brightness(tmp_path / "up" / "lora.safetensors")
-    down = mean_brightness(tmp_path / "down" / "lora.safetensors", "delta")  # δ as a fine-tuned model runs it
+    down = mean_brightness(tmp_path / "down" / "lora.safetensors")  # δ as a fine-tuned model runs it (role η)
     assert up > base + 0.005 and down < base - 0.005, (base, up, down)
     for line in logged(tmp_path / "down"):  # every candidate step kept pairs
         assert all(line[f"kept_{j:02d}"] > 0 for j in range(2, 6)), line
