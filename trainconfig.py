@@ -210,7 +210,7 @@ def default_text(name):
 
 
 def _add_offset_arguments(g):
-    g.add_argument("--rank", type=int, help="LoRA rank r (8 is the authors' NPO setting)")
+    g.add_argument("--rank", type=int, help="LoRA rank r (8 is the authors' NPO setting, 4 SPO's)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha; the offset is scaled by alpha / rank")
     g.add_argument("--targets", help="comma-separated layer-name suffixes that get the LoRA (the default names both "
                                      "attentions of every transformer block)")
@@ -225,7 +225,8 @@ def _add_objective_arguments(g):
     g.add_argument("--method", choices=METHODS,
                    help="dpo: Diffusion-DPO; sft: plain denoising loss on the preferred image (for comparison); "
                         "reward: differentiable-reward fine-tuning through the sampler (DRaFT-K / AlignProp); "
-                        "ddpo: RL (DDPO-IS with PPO clipping), for rewards with or without a gradient")
+                        "ddpo: RL (DDPO-IS with PPO clipping), for rewards with or without a gradient; spo: step-aware preference "
+                        "optimization, pairs of candidates ranked by a reward at each sampling step")
     g.add_argument("--beta-dpo", type=float,
                    help="β of L = −log σ(β (d_ref − d_θ)), diffusers' SD1.5 convention (Salesforce's β, and the β "
                         "of the −0.5·β in diffusers' SDXL script, are twice this: the authors' SDXL NPO β 2000 is "
@@ -274,14 +275,19 @@ def _add_ddpo_arguments(g):
 
 
 def _add_spo_arguments(g):
-    g.add_argument("--spo-candidates", type=int, help="k, the candidates x_{t−1} drawn from each shared x_t (default 4, SPO's SD1.5; 2 SDXL)")
-    g.add_argument("--spo-threshold", type=float, help="keep (best, worst) when their softmaxed scores differ by more than this, in [0, 1) "
-                        "(default 0.3, SPO's SD1.5; 0.4 SDXL): a pair forms when scale·(s_best − s_worst) > 2·atanh(threshold)")
-    g.add_argument("--spo-score-scale", type=float, help="multiply the scores by this before the softmax (default 1: SPO's rule for logit-scale "
-                        "scorers such as pickscore:, 100·cos; a reward in [0, 1] needs tens to hundreds)")
-    g.add_argument("--spo-plain-steps", type=int, help="sampling steps before the first candidates (default 4, SPO's divert_start_step)")
-    g.add_argument("--spo-beta", type=float, help="β of L = −log σ(β (log r_w − log r_l)) (default 10)")
-    g.add_argument("--spo-clip", type=float, help="ε: each ratio p_θ/p_ref is clamped to [1 − ε, 1 + ε] (default 0.1)")
+    g.add_argument("--spo-candidates", type=int,
+                   help="k, the candidates x_{t−1} drawn from each shared x_t (4 is SPO's SD1.5 setting, 2 its SDXL one)")
+    g.add_argument("--spo-threshold", type=float,
+                   help="keep (best, worst) when their softmaxed scores differ by more than this, in [0, 1) (0.3 is "
+                        "SPO's SD1.5 setting, 0.4 its SDXL one): a pair forms when scale·(s_best − s_worst) > "
+                        "2·atanh(threshold)")
+    g.add_argument("--spo-score-scale", type=float,
+                   help="multiply the scores by this before the softmax (1 is SPO's rule for logit-scale scorers such "
+                        "as pickscore:, 100·cos; a reward in [0, 1] needs a hundred or more)")
+    g.add_argument("--spo-plain-steps", type=int,
+                   help="sampling steps before the first candidates (SPO's divert_start_step)")
+    g.add_argument("--spo-beta", type=float, help="β of L = −log σ(β (log r_w − log r_l))")
+    g.add_argument("--spo-clip", type=float, help="ε: each ratio p_θ/p_ref is clamped to [1 − ε, 1 + ε]")
 
 
 def _add_optimizer_arguments(g):

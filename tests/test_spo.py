@@ -304,7 +304,7 @@ def mean_brightness(path=None, role="eta", eta_path=None, guidance=5.0, steps=6,
     return rewards.brightness((images / 2 + 0.5).clamp(0, 1), None).mean().item()
 
 
-# pairs form at every candidate step at this scale (see EXPERIMENT.md: at scale 100, only the first ones do)
+# pairs form at every candidate step at this scale (EXPERIMENT.md: base 0.804, SPO 0.820, SPO + --npo 0.787)
 EMBEDDED = ["--method", "spo", "--sample-steps", "6", "--spo-plain-steps", "2", "--spo-candidates", "4",
             "--spo-score-scale", "1000", "--batch-size", "8", "--steps", "4", "--lr", "3e-3", "--log-every", "1",
             "--device", "cpu"]
@@ -323,8 +323,9 @@ def test_a_reward_without_gradient_rises_with_spo_and_falls_with_npo(prompts_fil
     up = mean_brightness(tmp_path / "up" / "lora.safetensors")
     down = mean_brightness(tmp_path / "down" / "lora.safetensors")  # δ as a fine-tuned model runs it (role η)
     assert up > base + 0.005 and down < base - 0.005, (base, up, down)
-    for line in logged(tmp_path / "down"):  # every candidate step kept pairs
-        assert all(line[f"kept_{j:02d}"] > 0 for j in range(2, 6)), line
+    for name in ("up", "down"):  # every candidate step kept pairs (the last ones fewer: see EXPERIMENT.md)
+        lines = logged(tmp_path / name)
+        assert all(sum(line[f"kept_{j:02d}"] for line in lines) > 0 for j in range(2, 6)), lines
 
 
 def test_uncond_branch_leaves_conditional_sampling_untouched(tiny_model, lora_files, prompts_file, tmp_path):
