@@ -46,7 +46,7 @@ DEFAULTS = {"lr": 5e-6, "beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers"
             "timestep_fraction": 1.0, "rank": 8, "spo_candidates": 4, "spo_threshold": 0.3, "spo_score_scale": 1.0,
             "spo_plain_steps": 4, "spo_beta": 10.0, "spo_clip": 0.1}
 METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0},  # ddpo-pytorch's config/base.py
-                   "spo": {"lr": 6e-5, "sample_steps": 20, "guidance": 5.0, "rank": 4}}  # SPO's SD1.5 config
+                   "spo": {"lr": 6e-5, "guidance": 5.0, "rank": 4}}  # SPO's SD1.5 config
 
 
 @dataclass
