@@ -154,7 +154,8 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
     candidate DDIMScheduler.step(…, variance_noise=z) from the shared x_t; its x̂_0 the scheduler's
     pred_original_sample at the next timestep (the last step's candidates themselves), decoded by the VAE and scored by
     brightness × SCALE; SPO's compare rule; then SPO's loss over every kept pair with ddpo-pytorch's log p, its mean
-    backpropagated. The reference is the adapters' weights with the trained ones at 0."""
+    backpropagated. The reference is the adapters' weights with the trained ones at 0. Returns (pairs as ranked,
+    kept (B, candidate steps), the peft gradient of (role, layer, part))."""
     from diffusers import DDIMScheduler
     pipe = diffusers_pipeline(model, refs)
     for role, path in files.items():
@@ -171,60 +172,66 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
     scheduler.set_timesteps(steps)
     names = list(files)
 
-    def eps(x, t, weights=None, rows=slice(None)):
-        w_neg, w_pos = weights or (neg_weights, pos_weights)
-        pipe.set_adapters(names, [w_neg[n] for n in names])
+    def eps(x, t, weights=(neg_weights, pos_weights), rows=slice(None)):
+        pipe.set_adapters(names, [weights[0][n] for n in names])
         e_neg = pipe.unet(x, t, neg[rows]).sample
-        pipe.set_adapters(names, [w_pos[n] for n in names])
+        pipe.set_adapters(names, [weights[1][n] for n in names])
         return e_neg + guidance * (pipe.unet(x, t, pos[rows]).sample - e_neg)
 
     def score(latents):
         images = (refs["vae"].decode(latents / refs["vae"].config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         return rewards.brightness(images, None) * SCALE
 
-    pairs, kept = [], []
     with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
-            e = eps(x, t)
-            if i < plain:
-                z = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-                x = scheduler.step(e, t, x, eta=1.0, variance_noise=z).prev_sample
-                continue
-            z = torch.stack([torch.randn((k, 4, 8, 8), generator=g) for g in gens], dim=1)  # (k, B, ...)
-            candidates = torch.stack([scheduler.step(e, t, x, eta=1.0, variance_noise=z[c]).prev_sample
-                                      for c in range(k)])
-            if i + 1 < steps:
-                t_next = scheduler.timesteps[i + 1]
-                x0 = [scheduler.step(eps(c, t_next), t_next, c, eta=1.0,
-                                     variance_noise=torch.zeros_like(c)).pred_original_sample for c in candidates]
-            else:
-                x0 = list(candidates)
-            best, worst, keep = spo_compare(torch.stack([score(c) for c in x0]), 0.3)
-            for b in keep.nonzero().flatten().tolist():
-                w, l = candidates[best[b], b], candidates[worst[b], b]
-                pairs.append((i, b, x[b], w, l))  # as ranked
-            kept.append(keep)
-            pick = [int(torch.randint(k, (1,), generator=g)) for g in gens]
-            x = torch.stack([candidates[c, b] for b, c in enumerate(pick)])
-
-    def log_prob(e, t, x, x_prev):
-        mean = scheduler.step(e, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
-        std = scheduler._get_variance(int(t), int(t) - 1000 // steps) ** 0.5
-        return (-((x_prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))).mean()
-
+        pairs, kept = reference_rollout(scheduler, eps, score, gens, x, plain, k)
     off = ({**neg_weights, **{r: 0.0 for r in trained}}, {**pos_weights, **{r: 0.0 for r in trained}})
     for i, b, x, w, l in pairs:
         w, l = (l, w) if npo else (w, l)  # NPO: the worst candidate is preferred
-        t = scheduler.timesteps[i]
-        e = eps(x[None], t, rows=slice(b, b + 1))
-        with torch.no_grad():
-            e_ref = eps(x[None], t, off, rows=slice(b, b + 1))
-        r_w = torch.clamp(torch.exp(log_prob(e, t, x[None], w[None]) - log_prob(e_ref, t, x[None], w[None])), 0.9, 1.1)
-        r_l = torch.clamp(torch.exp(log_prob(e, t, x[None], l[None]) - log_prob(e_ref, t, x[None], l[None])), 0.9, 1.1)
-        (-torch.log(torch.sigmoid(10 * torch.log(r_w) - 10 * torch.log(r_l))) / len(pairs)).backward()
+        loss = reference_loss(scheduler, eps, off, scheduler.timesteps[i], b, x[None], w[None], l[None])
+        (loss / len(pairs)).backward()
     parts = {"down": "lora_A", "up": "lora_B"}
     grad = lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad  # noqa
-    return pairs, torch.stack(kept, dim=1), grad
+    return pairs, kept, grad
+
+
+def reference_rollout(scheduler, eps, score, gens, x, plain, k):
+    """SPO's sampling with candidates (multi_sample_pipeline) on the scheduler: the pairs (step, example, x_t, x_w,
+    x_l) and which examples kept one at each candidate step."""
+    pairs, kept, timesteps = [], [], scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        e = eps(x, t)
+        if i < plain:
+            z = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+            x = scheduler.step(e, t, x, eta=1.0, variance_noise=z).prev_sample
+            continue
+        z = torch.stack([torch.randn((k, 4, 8, 8), generator=g) for g in gens], dim=1)  # (k, B, ...)
+        candidates = torch.stack([scheduler.step(e, t, x, eta=1.0, variance_noise=z[c]).prev_sample for c in range(k)])
+        if i + 1 < len(timesteps):
+            t_next = timesteps[i + 1]
+            x0 = [scheduler.step(eps(c, t_next), t_next, c, eta=1.0,
+                                 variance_noise=torch.zeros_like(c)).pred_original_sample for c in candidates]
+        else:
+            x0 = list(candidates)
+        best, worst, keep = spo_compare(torch.stack([score(c) for c in x0]), 0.3)
+        pairs += [(i, b, x[b], candidates[best[b], b], candidates[worst[b], b]) for b in keep.nonzero().flatten().tolist()]
+        kept.append(keep)
+        pick = [int(torch.randint(k, (1,), generator=g)) for g in gens]
+        x = torch.stack([candidates[c, b] for b, c in enumerate(pick)])
+    return pairs, torch.stack(kept, dim=1)
+
+
+def reference_loss(scheduler, eps, off, t, b, x, w, l):
+    """SPO's loss of one pair (train_spo.py): ddpo-pytorch's log p of each candidate under θ and the reference."""
+    def log_prob(e, x_prev):
+        mean = scheduler.step(e, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        std = scheduler._get_variance(int(t), int(t) - 1000 // len(scheduler.timesteps)) ** 0.5
+        return (-((x_prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))).mean()
+    e = eps(x, t, rows=slice(b, b + 1))
+    with torch.no_grad():
+        e_ref = eps(x, t, off, rows=slice(b, b + 1))
+    r_w = torch.clamp(torch.exp(log_prob(e, w) - log_prob(e_ref, w)), 0.9, 1.1)
+    r_l = torch.clamp(torch.exp(log_prob(e, l) - log_prob(e_ref, l)), 0.9, 1.1)
+    return -torch.log(torch.sigmoid(10 * torch.log(r_w) - 10 * torch.log(r_l)))
 
 
 # log p carries 1/σ_t² (as DDPO's): fp32 rounding in another summation order differs by ~1e-4 of a layer's largest
