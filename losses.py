@@ -3,8 +3,9 @@
     dpo_loss + swap_pairs / swap_halves   Diffusion-DPO, and NPO's only change to it: each pair swapped (eq. 8)
     sft_loss, diffusion_loss              the plain denoising loss (on the preferred image)
     step_log_prob, ppo_loss               DDPO: the log-probability of a DDIM step, PPO's clipped objective
+    spo_loss                              SPO: a DPO-like loss on clamped step ratios of a (better, worse) pair
 The reward methods maximize R(x, c) itself; NPO's reward is 1 − R (eq. 7), `rewards.negate`, applied to the reward
-rather than written as a loss here. (SPO's objective comes here next.)
+rather than written as a loss here. SPO's NPO swaps its pairs (`swap_pairs`).
 
 Batch layout for preference pairs: `[preferred; rejected]` along dim 0, i.e. rows `0..B-1` are the winners
 `x_w` and rows `B..2B-1` their losers `x_l`, pair `i` being rows `i` and `B+i`. Both halves share the noise `ε`
@@ -120,3 +121,23 @@ def ppo_loss(log_prob, old_log_prob, advantages, clip_range):
     metrics = {"approx_kl": 0.5 * (diff.detach() ** 2).mean(),
                "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean()}
     return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPO (Liang et al. 2024). At one denoising step, two candidates x_{t−1} drawn from the same x_t are ranked by a
+# step-aware preference model; the policy is pushed to raise the step probability of the better one against the
+# worse, each measured as a ratio to the frozen reference's (method_spo).
+
+def spo_loss(log_prob_w, log_prob_l, ref_log_prob_w, ref_log_prob_l, beta, clip):
+    """SPO's loss per pair (RockeyCoss/SPO train_spo.py), with log p the DDIM step's log-probability (`step_log_prob`)
+    of the preferred x_w and the rejected x_l, both drawn from one x_t, under θ and under the reference:
+
+        r_w = clamp(exp(log p_θ(x_w) − log p_ref(x_w)), 1 − ε, 1 + ε)     (r_l likewise)
+        L   = −log σ(β (log r_w − log r_l))                              SPO: β = 10, ε = 0.1
+
+    The clamp stops the gradient of a ratio outside [1 − ε, 1 + ε] (a trust region on each step). Returns
+    (L per pair (P,), r_w, r_l); the caller averages. With the pair swapped, dL/d(log r_w − log r_l) goes from
+    −β σ(−β d) to +β σ(β d): exactly the negative where d = 0 (θ = the reference), not elsewhere."""
+    ratio_w = torch.clamp(torch.exp(log_prob_w - ref_log_prob_w.detach()), 1 - clip, 1 + clip)
+    ratio_l = torch.clamp(torch.exp(log_prob_l - ref_log_prob_l.detach()), 1 - clip, 1 + clip)
+    return -F.logsigmoid(beta * (torch.log(ratio_w) - torch.log(ratio_l))), ratio_w, ratio_l

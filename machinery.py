@@ -5,6 +5,7 @@ images, and the seeded generators that make every example's random numbers a fun
 train.py's loop drives these; the method modules (method_*.py) use the generators and helpers at the end.
 """
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -115,7 +116,7 @@ def setup(run, state, resume_from):
     run.settings = run_settings(run, fingerprint)
     # AdamW(0.9, 0.999, wd 1e-2) as the Diffusion-DPO and NPO recipes (wd 1e-4 as ddpo-pytorch's for DDPO); the lr
     # is set by hand every step
-    decay = 1e-4 if config.method == "ddpo" else 1e-2
+    decay = 1e-4 if config.method in ("ddpo", "spo") else 1e-2  # SPO's adam_weight_decay too
     run.optimizer = torch.optim.AdamW(run.params, lr=config.lr, betas=(0.9, 0.999), weight_decay=decay)
     if state is not None:
         runs.check_resume(state["settings"], run.settings, resume_from, run.say)
@@ -152,7 +153,8 @@ def run_settings(run, fingerprint):
         clip_range=config.clip_range, adv_clip=config.adv_clip, timestep_fraction=config.timestep_fraction,
         init_lora=os.path.abspath(config.init_lora) if config.init_lora else None,
         # table 7's options; None when off, as in checkpoints older than them (so resuming those warns of nothing)
-        perturb_prompts=config.perturb_prompts or None, corrupt=config.corrupt)
+        perturb_prompts=config.perturb_prompts or None, corrupt=config.corrupt,
+        **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name.startswith("spo_")})
 
 
 def model_fingerprint(unet):

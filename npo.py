@@ -39,6 +39,7 @@ import sample
 import sampler
 import train
 import trainconfig
+import trainflags
 from checkpoint import UserError, finite_float
 from pipeline import DEFAULT_MODEL
 
@@ -226,7 +227,7 @@ def build_parser():
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT, a reward, or RL: DDPO)")
-    trainconfig.add_arguments(p)
+    trainflags.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score folders of samples with preference scorers: mean scores and win rates at "

@@ -32,7 +32,7 @@ def file_metadata(settings, step):
     meta = {"npo_method": settings["method"], "npo_steps": str(step), "npo_lr": f"{settings['lr']:g}",
             "npo_global_batch": str(settings["global_batch"]), "npo_resolution": str(settings["resolution"]),
             "npo_seed": str(settings["seed"])}
-    if settings["method"] in ("reward", "ddpo"):
+    if settings["method"] in ("reward", "ddpo", "spo"):
         uncond = settings["train_branch"] == "uncond"  # δ trained from R itself, on the unconditional branch
         meta.update(npo_reward=settings["reward"], npo_sample_steps=str(settings["sample_steps"]),
                     npo_guidance=f"{settings['guidance']:g}", npo_train_branch=settings["train_branch"],
@@ -40,7 +40,10 @@ def file_metadata(settings, step):
         if uncond:
             meta.update(npo_alpha=f"{settings['alpha']:g}",
                         npo_eta=os.path.basename(settings["lora"]) if settings["lora"] else "none")
-        if settings["method"] == "reward":
+        if settings["method"] == "spo":  # NPO swaps SPO's pairs rather than train on 1 − R
+            meta.update(npo_objective="R, pairs swapped" if settings["role"] == "delta" and not uncond else "R",
+                        **{f"npo_{k}": f"{settings[k]:g}" for k in settings if k.startswith("spo_")})
+        elif settings["method"] == "reward":
             meta.update(npo_grad_steps=str(settings["grad_steps"]))
         else:
             meta.update(npo_clip_range=f"{settings['clip_range']:g}", npo_inner_epochs=str(settings["inner_epochs"]),

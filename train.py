@@ -16,6 +16,7 @@ Each method is one module with the same three functions (METHODS below); everyth
     method_dpo.py     --method dpo, sft: Diffusion-DPO on preference pairs, each pair swapped for NPO's δ
     method_reward.py  --method reward: differentiable-reward fine-tuning through the sampler (DRaFT-K), R or 1 − R
     method_ddpo.py    --method ddpo: RL (DDPO with PPO's clipping), R or 1 − R
+    method_spo.py     --method spo: step-aware preference optimization, pairs as ranked or swapped
 A method's `read_inputs(config, world_size)` reads and checks its inputs (the pairs, or the prompts and the reward)
 before the model loads; `micro_step(run, inputs)` returns the function that does the forward and backward of one
 micro-batch and returns its metrics; `describe(config, inputs)` says what it trains on. This file holds the loop
@@ -44,13 +45,14 @@ import machinery
 import method_ddpo
 import method_dpo
 import method_reward
+import method_spo
 import pipeline
 import runs
 import trainconfig
 from checkpoint import UserError
 from trainconfig import DTYPES
 
-METHODS = {"dpo": method_dpo, "sft": method_dpo, "reward": method_reward, "ddpo": method_ddpo}
+METHODS = {"dpo": method_dpo, "sft": method_dpo, "reward": method_reward, "ddpo": method_ddpo, "spo": method_spo}
 
 
 def train(config):

@@ -8,7 +8,6 @@ A field left at None is "not given": a method that does not read it refuses it (
 silently do nothing), and `check` fills in the method's default (DEFAULTS, or METHOD_DEFAULTS for DDPO, which keeps
 ddpo-pytorch's). The flags carry no defaults of their own (argparse.SUPPRESS): a flag not given leaves the field's.
 """
-import argparse
 import dataclasses
 import math
 import os
@@ -18,32 +17,35 @@ import torch
 
 import data
 import lora
-import pipeline
 import rewards
 import runs
-from checkpoint import UserError, finite_float
+from checkpoint import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-METHODS = ("dpo", "sft", "reward", "ddpo")  # train.METHODS maps each to its module
+METHODS = ("dpo", "sft", "reward", "ddpo", "spo")  # train.METHODS maps each to its module
 
 # Flags that only some methods read. Given to another method, a flag would silently do nothing, so `check` refuses
 # it. A flag's default is DEFAULTS' unless METHOD_DEFAULTS gives its method another.
-PAIR_METHODS, SAMPLING_METHODS = ("dpo", "sft"), ("reward", "ddpo")
+PAIR_METHODS, SAMPLING_METHODS = ("dpo", "sft"), ("reward", "ddpo", "spo")
 METHOD_FLAGS = {
     "data": PAIR_METHODS, "beta_dpo": ("dpo",), "cache_latents": PAIR_METHODS, "random_crop": PAIR_METHODS,
     "caption_dropout": PAIR_METHODS, "skip_bad_rows": PAIR_METHODS, "num_workers": PAIR_METHODS,
     "ties": PAIR_METHODS, "shuffle_buffer": PAIR_METHODS, "perturb_prompts": PAIR_METHODS, "corrupt": PAIR_METHODS,
     "reward": SAMPLING_METHODS, "reward_range": SAMPLING_METHODS, "reward_sigmoid": SAMPLING_METHODS,
     "prompts_file": SAMPLING_METHODS, "sample_steps": SAMPLING_METHODS, "guidance": SAMPLING_METHODS,
-    "joint": SAMPLING_METHODS, "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
-    "ddim_eta": ("ddpo",), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
+    "joint": ("reward", "ddpo"), "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
+    "ddim_eta": ("ddpo", "spo"), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
     "adv_clip": ("ddpo",), "timestep_fraction": ("ddpo",),
+    **{name: ("spo",) for name in ("spo_candidates", "spo_threshold", "spo_score_scale", "spo_plain_steps",
+                                   "spo_beta", "spo_clip")},
 }
 DEFAULTS = {"lr": 5e-6, "beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "ties": "drop", "shuffle_buffer": 2,
             "sample_steps": 20, "grad_steps": 1, "guidance": 7.5, "alpha": 1.0, "beta": 1.0, "train_branch": "both",
             "ddim_eta": 1.0, "sample_batches": 2, "inner_epochs": 1, "clip_range": 1e-4, "adv_clip": 5.0,
-            "timestep_fraction": 1.0}
-METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0}}  # ddpo-pytorch's config/base.py
+            "timestep_fraction": 1.0, "rank": 8, "spo_candidates": 4, "spo_threshold": 0.3, "spo_score_scale": 1.0,
+            "spo_plain_steps": 4, "spo_beta": 10.0, "spo_clip": 0.1}
+METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0},  # ddpo-pytorch's config/base.py
+                   "spo": {"lr": 6e-5, "guidance": 5.0, "rank": 4}}  # SPO's SD1.5 config
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = None  # None: cuda if available, else cpu
     # the offset
-    rank: int = 8
+    rank: int = None  # None: 8 (spo: 4)
     lora_alpha: float = None  # None: alpha = rank
     targets: str = ",".join(lora.DEFAULT_TARGETS)
     init_lora: str = None
@@ -88,6 +90,13 @@ class TrainConfig:
     clip_range: float = None
     adv_clip: float = None
     timestep_fraction: float = None
+    # SPO (spo)
+    spo_candidates: int = None
+    spo_threshold: float = None
+    spo_score_scale: float = None
+    spo_plain_steps: int = None
+    spo_beta: float = None
+    spo_clip: float = None
     # the optimizer
     lr: float = None
     warmup_steps: int = 0
@@ -121,11 +130,7 @@ class TrainConfig:
     validation_steps: int = 25
 
 
-def parse_args(argv):
-    """The flags of `npo.py train` (without the subcommand) as a TrainConfig."""
-    parser = argparse.ArgumentParser(prog="npo.py train")
-    add_arguments(parser)
-    return from_namespace(parser.parse_args(argv))
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def from_namespace(namespace):
@@ -151,185 +156,6 @@ def settings_to_save(config):
             saved[name] = os.path.abspath(saved[name])
     del saved["resume"]
     return saved
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command line: `npo.py train` adds these flags to its subparser, in groups.
-
-def add_arguments(p):
-    p.argument_default = argparse.SUPPRESS  # a flag not given leaves the TrainConfig field's default
-    g = p.add_argument_group("model and output")
-    g.add_argument("--model", help="the frozen base model: a diffusers folder or a single-file .safetensors / .ckpt "
-                                   "checkpoint")
-    pipeline.add_source_arguments(g)
-    g.add_argument("--out", help="output folder: the LoRA goes to OUT/lora.safetensors, checkpoints to "
-                                 "OUT/checkpoints/, the settings to OUT/settings.json, the log to OUT/log.jsonl and "
-                                 "its plot to OUT/log.png (required, unless --resume names the run)")
-    g.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="dtype of the frozen base model (the LoRA parameters are float32 always)")
-    g.add_argument("--device", help="cpu, cuda or cuda:N (under torchrun a CUDA run puts rank r on cuda:LOCAL_RANK)")
-    _add_offset_arguments(p.add_argument_group("the offset (a LoRA on the frozen UNet)"))
-    _add_objective_arguments(p.add_argument_group("the objective"))
-    _add_reward_arguments(p.add_argument_group("training through the sampler (--method reward, ddpo)"))
-    _add_ddpo_arguments(p.add_argument_group("RL (--method ddpo)"))
-    _add_optimizer_arguments(p.add_argument_group("the optimizer"))
-    _add_data_arguments(p.add_argument_group("preference pairs (--method dpo, sft)"))
-    _add_corruption_arguments(p.add_argument_group("the appendix's table 7: NPO on corrupted pairs (--method dpo, sft)"))
-    _add_bookkeeping_arguments(p.add_argument_group("checkpoints, logs and validation"))
-    for action in p._actions:  # every flag's help ends with its default, from the one place defaults live
-        if action.dest in FIELDS and action.dest != "out":
-            action.help += f" (default: {default_text(action.dest)})"
-
-
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-# What "not given" means for the fields whose default is None and that no method fills in
-UNSET = {"model": "the embedded model in weights/", "device": "cuda if available, else cpu",
-         "lora_alpha": "alpha = rank, scale 1", "resolution": "the model's own size", "lora": "none, base + δ",
-         "resume": "none, a fresh run"}
-
-
-def default_text(name):
-    """A field's default as --help shows it; a method-dependent one names each method's value."""
-    if name in DEFAULTS:
-        others = [f"; --method {m}: {d[name]:g}" for m, d in METHOD_DEFAULTS.items() if name in d]
-        value = DEFAULTS[name]
-        return (f"{value:g}" if isinstance(value, float) else str(value)) + "".join(others)
-    value = FIELDS[name].default
-    if value is None:
-        return UNSET.get(name, "none")
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
-
-
-def _add_offset_arguments(g):
-    g.add_argument("--rank", type=int, help="LoRA rank r (8 is the authors' NPO setting)")
-    g.add_argument("--lora-alpha", type=finite_float, help="LoRA alpha; the offset is scaled by alpha / rank")
-    g.add_argument("--targets", help="comma-separated layer-name suffixes that get the LoRA (the default names both "
-                                     "attentions of every transformer block)")
-    g.add_argument("--init-lora", help="start from this LoRA file instead of a zero offset (its rank, alpha and "
-                                       "layers are used)")
-
-
-def _add_objective_arguments(g):
-    g.add_argument("--npo", action="store_true",
-                   help="train the NPO offset δ (role 'delta'): dpo/sft swap every pair (eq. 8), reward and ddpo "
-                        "maximize 1 − R (eq. 7); without it the run trains the preference offset η (role 'eta')")
-    g.add_argument("--method", choices=METHODS,
-                   help="dpo: Diffusion-DPO; sft: plain denoising loss on the preferred image (for comparison); "
-                        "reward: differentiable-reward fine-tuning through the sampler (DRaFT-K / AlignProp); "
-                        "ddpo: RL (DDPO-IS with PPO clipping), for rewards with or without a gradient")
-    g.add_argument("--beta-dpo", type=finite_float,
-                   help="β of L = −log σ(β (d_ref − d_θ)), diffusers' SD1.5 convention (Salesforce's β, and the β "
-                        "of the −0.5·β in diffusers' SDXL script, are twice this: the authors' SDXL NPO β 2000 is "
-                        "1000 here); 500 is the authors' NPO value for SD1.5")
-
-
-def _add_reward_arguments(g):
-    g.add_argument("--reward",
-                   help="module:function of a reward R(images in [0,1], prompts) -> (B,), e.g. rewards:brightness; "
-                        "or a learned scorer on your weights: pickscore:PATH, hpsv2:PATH, aesthetic:CLIP_PATH,MLP_PATH, "
-                        "clipscore:PATH, imagereward:DIR, spm:PATH (SPO's step-aware preference model: it scores at t = 0 where a method "
-                        "gives no timestep)")
-    g.add_argument("--reward-range", help="LOW,HIGH: map an unbounded reward to [0, 1] (affine, clamped), as 1 − R needs")
-    g.add_argument("--reward-sigmoid", type=finite_float, help="map an unbounded reward to [0, 1] by σ(R / SCALE) instead")
-    g.add_argument("--prompts-file",
-                   help="training prompts: a .txt with one per line, or a .jsonl with a \"prompt\" per row")
-    g.add_argument("--sample-steps", type=int, help="DDIM steps of each training sample")
-    g.add_argument("--grad-steps", type=int,
-                   help="reward: K, gradients flow through the last K denoising steps only (DRaFT-K)")
-    g.add_argument("--guidance", type=finite_float, help="CFG scale of the training samples")
-    g.add_argument("--joint", action="store_true",
-                   help="train η (conditional branch) and δ (unconditional branch) at once in the eq. 10 "
-                        "sampler, into OUT/eta.safetensors and OUT/delta.safetensors")
-    g.add_argument("--train-branch", choices=["both", "uncond"],
-                   help="both: the offset runs on both CFG branches, as a fine-tuned model; uncond: train δ "
-                        "only where eq. 10 puts it, on the unconditional branch inside CFG, from R (the authors' "
-                        "SPO-NPO / VADER-NPO arrangement: δ learns through the (1 − g) of CFG); with --lora ETA")
-    g.add_argument("--lora", help="--train-branch uncond: the preference offset η (a LoRA file), frozen, on the "
-                                  "conditional branch and at --alpha on the unconditional one")
-    g.add_argument("--alpha", type=finite_float,
-                   help="--joint, or --train-branch uncond with --lora: weight of η on the unconditional branch")
-    g.add_argument("--beta", type=finite_float, help="--joint: weight of δ on the unconditional branch")
-
-
-def _add_ddpo_arguments(g):
-    g.add_argument("--ddim-eta", type=finite_float,
-                   help="η_ddim of the training samples: above 0, so that every step has a log-probability")
-    g.add_argument("--sample-batches", type=int,
-                   help="batches of --batch-size prompts each rank samples per epoch, a multiple of --grad-accum; an "
-                        "epoch then makes --inner-epochs passes over them, one optimizer step per --grad-accum batches")
-    g.add_argument("--inner-epochs", type=int, help="passes over each epoch's samples")
-    g.add_argument("--clip-range", type=finite_float, help="PPO's ε: the ratio p_θ/p_old is clipped to [1 − ε, 1 + ε] "
-                                                    "(small because log p is a mean over the latent)")
-    g.add_argument("--adv-clip", type=finite_float, help="clip the advantages to ±this")
-    g.add_argument("--timestep-fraction", type=finite_float,
-                   help="fraction of the sampling steps trained on, a random subset per batch (1: all)")
-
-
-def _add_optimizer_arguments(g):
-    g.add_argument("--lr", type=finite_float, help="AdamW learning rate, constant after the warmup")
-    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warmup over this many steps")
-    g.add_argument("--batch-size", type=int, help="pairs (or prompts) per rank per micro-step; pairs per optimizer "
-                                                  "step = batch size × grad accum × ranks")
-    g.add_argument("--grad-accum", type=int, help="micro-steps whose gradients add up to one optimizer step")
-    g.add_argument("--max-grad-norm", type=finite_float, help="clip the gradient's global norm to this (0: no clipping)")
-    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
-                   help="run the frozen base under autocast in bf16 or fp16; the LoRA master weights, the optimizer "
-                        "and the loss stay float32, the VAE encodes in float32; fp16 scales the loss dynamically and "
-                        "skips steps whose gradients overflow")
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute the UNet blocks' activations in the backward pass: less memory, about 30%% more time")
-    g.add_argument("--steps", type=int, help="optimizer steps in total, counting those of a resumed run")
-    g.add_argument("--seed", type=int,
-                   help="seed of everything random: LoRA init, data order, crops, flips, caption dropout, t, ε")
-    g.add_argument("--resolution", type=int, help="training image size in pixels, a multiple of 8")
-
-
-def _add_data_arguments(g):
-    g.add_argument("--data", help="preference pairs: a .jsonl file ({prompt, chosen, rejected}), a folder with w/ "
-                                  "and l/, or a Pick-a-Pic .parquet file")
-    g.add_argument("--random-crop", action="store_true",
-                   help="crop at a random position (the same for both images of a pair) instead of the center")
-    g.add_argument("--caption-dropout", type=finite_float,
-                   help="probability of training a pair with the empty prompt (the unconditional branch of CFG)")
-    g.add_argument("--cache-latents", action="store_true",
-                   help="VAE-encode each image once per flip and keep the posterior in memory "
-                        "(center crops only; costs 2 · 2 · 4 · (R/8)² values per pair)")
-    g.add_argument("--skip-bad-rows", action="store_true",
-                   help="skip pairs whose images are missing or unreadable (counted at the end) instead of stopping")
-    g.add_argument("--num-workers", type=int,
-                   help="processes decoding images in the background (the batches are the same either way)")
-    g.add_argument("--ties", choices=["drop", "keep"],
-                   help="Pick-a-Pic ties (label_0 = 0.5): drop them (as Salesforce's Diffusion-DPO) or keep them "
-                        "with jpg_0 as the winner (as the NPO authors' runs)")
-    g.add_argument("--shuffle-buffer", type=int, help="parquet shards (a folder or glob): shuffle rows within "
-                                                      "windows of this many row groups (memory holds one window)")
-
-
-def _add_corruption_arguments(g):
-    g.add_argument("--perturb-prompts", action="store_true",
-                   help="shuffle the captions within each rank's batch (a random permutation, seeded by --seed and "
-                        "the step), so pairs train with mismatched text; needs --batch-size 2 or more")
-    g.add_argument("--corrupt", metavar="blur:SIGMA",
-                   help="with --npo: Gaussian-blur (SIGMA pixels, radius 3·SIGMA, reflected borders) the image the "
-                        "swapped pair prefers, the original loser x_l, which δ learns toward, before the VAE")
-
-
-def _add_bookkeeping_arguments(g):
-    g.add_argument("--checkpoint-every", type=int,
-                   help="write OUT/checkpoints/step-XXXXXX every N steps (0: only at the end and on Ctrl-C)")
-    g.add_argument("--keep-checkpoints", type=int, help="keep the last K checkpoints (0: keep all)")
-    g.add_argument("--resume", help="continue a run with the settings it saved (OUT/settings.json): the run folder "
-                                    "OUT, one of its checkpoint folders, or 'latest' for the newest checkpoint in "
-                                    "--out; a flag given beside it changes that setting, or is refused if it would "
-                                    "make another run")
-    g.add_argument("--log-every", type=int, help="print and log the metrics averaged over every N steps")
-    g.add_argument("--validation-prompts", nargs="+",
-                   help="prompts to sample with the current LoRA into OUT/validation/ (one image each)")
-    g.add_argument("--validation-every", type=int,
-                   help="sample the validation prompts every N steps (0: only at the end)")
-    g.add_argument("--validation-steps", type=int, help="DDIM steps of the validation images")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,6 +194,8 @@ def check(config):
                         "(or a w/+l/ folder, or a .parquet file).")
     if config.method == "ddpo":
         _check_ddpo(config)
+    if config.method == "spo":
+        _check_spo(config)
 
 
 def _check_corruption(config):
@@ -417,6 +245,23 @@ def _check_ddpo(config):
     if config.sample_batches % config.grad_accum:
         raise UserError(f"--sample-batches {config.sample_batches} is not a multiple of --grad-accum "
                         f"{config.grad_accum}; each optimizer step takes --grad-accum of an epoch's sampled batches.")
+
+
+def _check_spo(config):
+    if config.spo_candidates < 2:
+        raise UserError(f"--spo-candidates must be at least 2 (got {config.spo_candidates}); a pair needs two candidates.")
+    if not 0 <= config.spo_threshold < 1:
+        raise UserError(f"--spo-threshold must lie in [0, 1) (got {config.spo_threshold}); it bounds a difference of two "
+                        "softmaxed scores.")
+    for flag, value in (("--spo-score-scale", config.spo_score_scale), ("--spo-beta", config.spo_beta),
+                        ("--ddim-eta", config.ddim_eta)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"{flag} must be a positive finite number (got {value}).")
+    if not 0 < config.spo_clip < 1:
+        raise UserError(f"--spo-clip must lie in (0, 1) (got {config.spo_clip}); the ratios are clamped to [1 − ε, 1 + ε].")
+    if not 0 <= config.spo_plain_steps < config.sample_steps:
+        raise UserError(f"--spo-plain-steps must lie in [0, --sample-steps) (got {config.spo_plain_steps} of "
+                        f"{config.sample_steps}); SPO needs at least one step with candidates.")
 
 
 def _check_numbers(config):

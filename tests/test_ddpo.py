@@ -27,6 +27,7 @@ import rewards
 import runs
 import sampler
 import trainconfig
+import trainflags
 from conftest import ROOT, diffusers_reference, make_sdxl_dir, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
@@ -153,7 +154,7 @@ def test_npo_of_compressibility_is_incompressibility():
 def our_ddpo_gradients(model, trained, frozen, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method ddpo` (sampling its epoch, then the PPO loss over every step) on
     the given offsets: {(role, layer, part): grad} of the trained ones."""
-    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
+    args = trainflags.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
                              "rewards:brightness", "--prompts-file", prompts_file, "--sample-batches", "1", *flags])
     trainconfig.check(args)
     pipe = pipeline.load_pipeline(model)
@@ -451,11 +452,11 @@ def test_empty_prompts_file_and_defaults(tiny_model, prompts_file, tmp_path, cap
     empty.write_text("\n\n")
     assert run(model, str(empty), tmp_path / "o", "--reward", "rewards:brightness") == 2
     assert "holds no prompts" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    args = trainconfig.parse_args(["--out", "x", "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file", "p"])
+    args = trainflags.parse_args(["--out", "x", "--method", "ddpo", "--reward", "rewards:brightness", "--prompts-file", "p"])
     trainconfig.check(args)  # ddpo-pytorch's config/base.py
     assert (args.sample_steps, args.guidance, args.lr, args.ddim_eta, args.clip_range, args.adv_clip,
             args.timestep_fraction, args.inner_epochs) == (50, 5.0, 3e-4, 1.0, 1e-4, 5.0, 1.0, 1)
-    args = trainconfig.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
+    args = trainflags.parse_args(["--out", "x", "--method", "reward", "--reward", "rewards:brightness", "--prompts-file", "p"])
     trainconfig.check(args)  # the other methods keep theirs
     assert (args.sample_steps, args.guidance, args.lr) == (20, 7.5, 5e-6)
 

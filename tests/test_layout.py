@@ -14,8 +14,9 @@ LAYERS = {
     "reproduce": 1,                                              # one command per table of the paper (recipes/)
     "train": 2,                                                  # training: the loop and the table of methods
     "evaluate": 2,                                               # scoring folders of samples
-    "method_dpo": 3, "method_reward": 3, "method_ddpo": 3,       # one module per training method
+    "method_dpo": 3, "method_reward": 3, "method_ddpo": 3, "method_spo": 3,      # one module per training method
     "machinery": 4,                                              # a run's machinery: resume, DDP, mixed precision, log
+    "trainflags": 4,                                             # the flags of npo.py train, their defaults in --help
     "trainconfig": 5,                                            # TrainConfig, the flags and their checks
     "guiders": 5,                                                # SEG and autoguidance beside eq. 10, their flags
     "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6,  # their parts

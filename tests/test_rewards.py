@@ -20,6 +20,7 @@ import rewards
 import shapes
 import train
 import trainconfig
+import trainflags
 from checkpoint import UserError
 from conftest import diffusers_reference, record_calls
 
@@ -187,7 +188,7 @@ def test_gradients_flow_through_the_last_k_steps_only(tiny_model, prompts_file, 
     model, _ = tiny_model
     calls = []
     record_calls(monkeypatch, "unet", "forward", lambda x, t, context: calls.append((int(t), torch.is_grad_enabled())))
-    train.train(trainconfig.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
+    train.train(trainflags.parse_args(["--model", model, "--prompts-file", prompts_file, "--out", str(tmp_path / "run"),
                                  *FAST, "--reward", "rewards:brightness", "--steps", "1", "--sample-steps", "5",
                                  "--grad-steps", "2"]))
     # 5 sampling calls, of which only the last 2 build a graph (the first 3 run under no_grad), then the backward
@@ -281,7 +282,7 @@ def test_a_plain_reward_function_trains_up_and_with_npo_down(tiny_model, prompts
 
 def our_gradients(model, files, prompts_file, tmp_path, flags):
     """One micro-step of `npo.py train --method reward` on the given offsets: {(role, layer, "down"|"up"): grad}."""
-    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
+    args = trainflags.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward",
                              "--reward", "rewards:brightness", "--prompts-file", prompts_file, "--resolution", "16",
                              "--batch-size", "2", "--device", "cpu", *flags])
     trainconfig.check(args)

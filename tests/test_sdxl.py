@@ -25,6 +25,7 @@ import method_reward
 import npo
 import pipeline
 import trainconfig
+import trainflags
 import unet
 from checkpoint import UserError
 from conftest import diffusers_sdxl_pipeline, write_random_pairs
@@ -326,7 +327,7 @@ def test_reward_step_gradient_equals_autograd_through_diffusers(tiny_sdxl, tmp_p
     files, peft_model = peft_offsets(refs, tmp_path)
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("a red circle\n")
-    args = trainconfig.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward", "--reward",
+    args = trainflags.parse_args(["--model", model, "--out", str(tmp_path / "unused"), "--method", "reward", "--reward",
                              "rewards:brightness", "--prompts-file", str(prompts_file), "--resolution", "16",
                              "--device", "cpu", "--sample-steps", "2", "--grad-steps", "1", "--guidance", "3"])
     trainconfig.check(args)

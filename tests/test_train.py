@@ -25,7 +25,7 @@ import npo
 import pipeline
 import runs
 import train
-import trainconfig
+import trainflags
 from conftest import ROOT, diffusers_pipeline, make_model_dir, record_calls, write_random_pairs
 
 # tiny model: the VAE downsamples by 2, so 16 px images are 8x8 latents, the UNet's sample size
@@ -178,7 +178,7 @@ def test_cache_latents_encodes_each_image_once_per_flip(tiny_model, pairs, tmp_p
     results = {}
     for name, extra in (("plain", []), ("cached", ["--cache-latents"])):
         counts.append(0)
-        train.train(trainconfig.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
+        train.train(trainflags.parse_args(["--model", model, "--data", pairs, "--out", str(tmp_path / name),
                                      *FAST, "--steps", "18", *extra]))
         results[name] = read_lora(tmp_path / name / "lora.safetensors")
     assert counts[0] == 18 * 2  # three epochs of six pairs, two images each
@@ -233,7 +233,7 @@ def test_resume_needs_only_the_run_folder(tiny_model, pairs, tmp_path, monkeypat
 
 def test_help_shows_every_default(capsys, monkeypatch):
     parser = argparse.ArgumentParser()
-    trainconfig.add_arguments(parser)
+    trainflags.add_arguments(parser)
     hidden = [a.option_strings[0] for a in parser._actions if a.dest != "help" and "default" not in a.help
               and "required" not in a.help]
     assert hidden == []
@@ -241,9 +241,9 @@ def test_help_shows_every_default(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         npo.main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "AdamW learning rate, constant after the warmup (default: 5e-06; --method ddpo: 0.0003)" in text
+    assert "AdamW learning rate, constant after the warmup (default: 5e-06; --method ddpo: 0.0003; --method spo: 6e-05)" in text
     assert "DDIM steps of each training sample (default: 20; --method ddpo: 50)" in text
-    assert "CFG scale of the training samples (default: 7.5; --method ddpo: 5)" in text
+    assert "CFG scale of the training samples (default: 7.5; --method ddpo: 5; --method spo: 5)" in text
     assert "(default: 500)" in text and "(default: to_q,to_k,to_v,to_out.0)" in text and "(default: 2000)" in text
 
 

@@ -1,0 +1,468 @@
+"""`npo.py train --method spo`: SPO's pairing rule and loss by hand, one SPO step (candidates, pairs, LoRA gradients)
+against the same step built from diffusers' DDIMScheduler, UNet, VAE and peft adapters, --npo's exactly opposite
+first update, a reward without a gradient trained up (SPO) and down (NPO), δ on the unconditional branch, resume,
+two ranks against one, and the bad-input contract."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import checkpoint
+import guided
+import lora
+import losses
+import machinery
+import method_spo
+import npo
+import pipeline
+import rewards
+import sampler
+import trainconfig
+import trainflags
+from conftest import ROOT, diffusers_pipeline, random_lora_files
+
+WEIGHTS = os.path.join(ROOT, "weights")
+# tiny model: 16 px images are 8x8 latents; 4 sampling steps, the first plain, then 3 with 3 candidates each
+FAST = ["--method", "spo", "--resolution", "16", "--sample-steps", "4", "--spo-plain-steps", "1", "--spo-candidates",
+        "3", "--guidance", "3", "--log-every", "1", "--device", "cpu", "--batch-size", "2"]
+PROMPTS = ["a red circle", "a blue square"]
+SCALE = 1e4  # the tiny model's candidates differ in brightness by 3e-5 to 1e-3: ×1e4 keeps some pairs, not all
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_model, tmp_path_factory):
+    """Random η and δ LoRA files (attention layers) with small non-zero up weights: θ ≠ the reference, yet the
+    step ratios stay inside SPO's clamp."""
+    files = random_lora_files(tiny_model[0], str(tmp_path_factory.mktemp("spo_loras")), [("eta", {}), ("delta", {})],
+                              seed=40)
+    for name, path in files.items():
+        tensors = checkpoint.read_safetensors(path)
+        from safetensors.torch import save_file
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        save_file({k: v * 0.1 if k.endswith("lora_up.weight") else v for k, v in tensors.items()}, path, meta)
+    return files
+
+
+def run(model, prompts_file, out, *flags):
+    return npo.main(["train", "--model", model, "--prompts-file", prompts_file, "--out", str(out), *FAST, *flags])
+
+
+def logged(out):
+    return [line for line in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in line]
+
+
+def read_lora(path):
+    return checkpoint.read_safetensors(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pieces by hand.
+
+def spo_compare(scores, threshold):
+    """SPO's preference_score_compare, written from its code: scores (k, B) sorted descending, the first and last
+    rows softmaxed, kept where their difference exceeds the threshold."""
+    s, i = torch.sort(scores, dim=0, descending=True)
+    p = s[[0, -1]].softmax(dim=0)
+    return i[0], i[-1], p[0] - p[1] > threshold
+
+
+def test_pairs_are_spos_rule_and_the_threshold_is_an_atanh():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(64, 4, generator=g, dtype=torch.float64)
+    for scale, threshold in ((1.0, 0.3), (0.5, 0.4), (3.0, 0.9)):
+        best, worst, kept = method_spo.pick_pairs(scores, scale, threshold)
+        ref_best, ref_worst, ref_kept = spo_compare((scale * scores).T, threshold)
+        assert torch.equal(best, ref_best) and torch.equal(worst, ref_worst) and torch.equal(kept, ref_kept)
+        assert 0 < kept.sum() < 64
+        # a softmax of two: p_best − p_worst = tanh(scale·Δ/2), so the rule is Δ > 2·atanh(threshold) / scale
+        gap = scores.max(1).values - scores.min(1).values
+        assert torch.equal(kept, gap > 2 * math.atanh(threshold) / scale)
+    assert 2 * math.atanh(0.3) == pytest.approx(0.619, abs=1e-3)
+    # a reward in [0, 1] at scale 1 keeps a pair only when the candidates' scores differ by more than 0.62
+    assert not method_spo.pick_pairs(torch.tensor([[0.2, 0.8]]), 1.0, 0.3)[2].item()
+    assert method_spo.pick_pairs(torch.tensor([[0.1, 0.8]]), 1.0, 0.3)[2].item()
+    # all k equal: best and worst coincide and nothing is kept, whatever the scale
+    assert not method_spo.pick_pairs(torch.full((1, 4), 0.5), 1e9, 0.0)[2].item()
+
+
+def test_spo_loss_by_hand():
+    # log p − log p_ref = log 1.05 (w), log 0.8 (l; clamped to 0.9): L = −log σ(10 (log 1.05 − log 0.9))
+    lp_w = torch.tensor([math.log(1.05), 0.3], dtype=torch.float64, requires_grad=True)
+    lp_l = torch.tensor([math.log(0.8), 0.0], dtype=torch.float64, requires_grad=True)
+    zero = torch.zeros(2, dtype=torch.float64)
+    loss, r_w, r_l = losses.spo_loss(lp_w, lp_l, zero, torch.tensor([0.0, 0.3], dtype=torch.float64), 10.0, 0.1)
+    z = 10 * (math.log(1.05) - math.log(0.9))
+    assert loss[0].item() == pytest.approx(math.log1p(math.exp(-z)), abs=1e-12)
+    assert r_w.tolist() == pytest.approx([1.05, 1.1]) and r_l.tolist() == pytest.approx([0.9, 0.9])
+    loss.sum().backward()
+    # the clamped ratios pass no gradient: the loser of pair 0 (0.8 < 0.9), both of pair 1 (1.35 > 1.1, 0.74 < 0.9)
+    assert lp_l.grad[0] == 0 and lp_w.grad[1] == 0 and lp_l.grad[1] == 0
+    assert lp_w.grad[0].item() == pytest.approx(-10 / (1 + math.exp(z)), abs=1e-12)
+
+
+def test_a_swapped_pair_negates_the_gradient_exactly_where_theta_is_the_reference():
+    """dL/dd for d = log r_w − log r_l is −β σ(−β d) and, swapped, β σ(β d): opposite at d = 0 (θ = the reference,
+    as at a run's first step), not elsewhere."""
+    for d, opposite in ((0.0, True), (0.02, False)):
+        lp = torch.tensor([d, 0.0], requires_grad=True)
+        zero = torch.zeros(())
+        (g_plain,) = torch.autograd.grad(losses.spo_loss(lp[0], lp[1], zero, zero, 10.0, 0.1)[0], lp)
+        (g_swap,) = torch.autograd.grad(losses.spo_loss(lp[1], lp[0], zero, zero, 10.0, 0.1)[0], lp)
+        assert torch.equal(g_swap, -g_plain) == opposite, (d, g_plain, g_swap)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One SPO step against the same step from diffusers' UNet (peft adapters), DDIMScheduler and VAE.
+
+def our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags):
+    """The rollout of examples 0, 1 and one micro-step of `npo.py train --method spo` on the given offsets:
+    (rollout, {(role, layer, part): grad} of the trained offsets)."""
+    config = trainflags.parse_args(["--model", model, "--out", str(tmp_path / "unused"), *FAST, "--reward",
+                                     "rewards:brightness", "--prompts-file", prompts_file, "--spo-score-scale",
+                                     str(SCALE), *flags])
+    trainconfig.check(config)
+    pipe = pipeline.load_pipeline(model)
+    for role, path in {**frozen, **trained}.items():
+        lora.load_lora(pipe.unet, path, role)
+    run = machinery.Run(config, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
+    run.params = [p.requires_grad_(True) for role in trained for p in lora.parameters(pipe.unet, role)]
+    schedule = pipe.ddim_config()
+    steps = sampler.ddim_steps(schedule, config.sample_steps)
+    rollout = method_spo.rollout(run, PROMPTS, method_spo.scorer(config, PROMPTS), steps, schedule, 0)
+    method_spo.micro_step(run, PROMPTS)(0, 1.0)
+    assert all(p.grad is None for role in frozen for p in lora.parameters(pipe.unet, role))
+    grads = {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
+             for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
+    return rollout, grads
+
+
+def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, guidance=3.0, steps=4, plain=1, k=3,
+                       npo=False):
+    """SPO's multi_sample_pipeline and training step on diffusers parts: each example's prompt, x_T, plain-step noise,
+    candidate noises (k, C, h, w) and continuing candidate drawn from its generator as training draws them; each
+    candidate DDIMScheduler.step(…, variance_noise=z) from the shared x_t; its x̂_0 the scheduler's
+    pred_original_sample at the next timestep (the last step's candidates themselves), decoded by the VAE and scored by
+    brightness × SCALE; SPO's compare rule; then SPO's loss over every kept pair with ddpo-pytorch's log p, its mean
+    backpropagated. The reference is the adapters' weights with the trained ones at 0. Returns (pairs as ranked,
+    kept (B, candidate steps), the peft gradient of (role, layer, part))."""
+    from diffusers import DDIMScheduler
+    pipe = diffusers_pipeline(model, refs)
+    for role, path in files.items():
+        pipe.load_lora_weights(path, adapter_name=role)
+    for name, p in pipe.unet.named_parameters():
+        p.requires_grad_(any(f".{role}." in name for role in trained) and "lora_" in name)
+    gens = [machinery.example_generator(0, j) for j in range(2)]
+    chosen = [PROMPTS[int(torch.randint(2, (1,), generator=g))] for g in gens]
+    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+    with torch.no_grad():
+        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
+        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
+    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
+    scheduler.set_timesteps(steps)
+    names = list(files)
+
+    def eps(x, t, weights=(neg_weights, pos_weights), rows=slice(None)):
+        pipe.set_adapters(names, [weights[0][n] for n in names])
+        e_neg = pipe.unet(x, t, neg[rows]).sample
+        pipe.set_adapters(names, [weights[1][n] for n in names])
+        return e_neg + guidance * (pipe.unet(x, t, pos[rows]).sample - e_neg)
+
+    def score(latents):
+        images = (refs["vae"].decode(latents / refs["vae"].config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+        return rewards.brightness(images, None) * SCALE
+
+    with torch.no_grad():
+        pairs, kept = reference_rollout(scheduler, eps, score, gens, x, plain, k)
+    off = ({**neg_weights, **{r: 0.0 for r in trained}}, {**pos_weights, **{r: 0.0 for r in trained}})
+    for i, b, x, w, l in pairs:
+        w, l = (l, w) if npo else (w, l)  # NPO: the worst candidate is preferred
+        loss = reference_loss(scheduler, eps, off, scheduler.timesteps[i], b, x[None], w[None], l[None])
+        (loss / len(pairs)).backward()
+    parts = {"down": "lora_A", "up": "lora_B"}
+    grad = lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad  # noqa
+    return pairs, kept, grad
+
+
+def reference_rollout(scheduler, eps, score, gens, x, plain, k):
+    """SPO's sampling with candidates (multi_sample_pipeline) on the scheduler: the pairs (step, example, x_t, x_w,
+    x_l) and which examples kept one at each candidate step."""
+    pairs, kept, timesteps = [], [], scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        e = eps(x, t)
+        if i < plain:
+            z = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+            x = scheduler.step(e, t, x, eta=1.0, variance_noise=z).prev_sample
+            continue
+        z = torch.stack([torch.randn((k, 4, 8, 8), generator=g) for g in gens], dim=1)  # (k, B, ...)
+        candidates = torch.stack([scheduler.step(e, t, x, eta=1.0, variance_noise=z[c]).prev_sample for c in range(k)])
+        if i + 1 < len(timesteps):
+            t_next = timesteps[i + 1]
+            x0 = [scheduler.step(eps(c, t_next), t_next, c, eta=1.0,
+                                 variance_noise=torch.zeros_like(c)).pred_original_sample for c in candidates]
+        else:
+            x0 = list(candidates)
+        best, worst, keep = spo_compare(torch.stack([score(c) for c in x0]), 0.3)
+        pairs += [(i, b, x[b], candidates[best[b], b], candidates[worst[b], b]) for b in keep.nonzero().flatten().tolist()]
+        kept.append(keep)
+        pick = [int(torch.randint(k, (1,), generator=g)) for g in gens]
+        x = torch.stack([candidates[c, b] for b, c in enumerate(pick)])
+    return pairs, torch.stack(kept, dim=1)
+
+
+def reference_loss(scheduler, eps, off, t, b, x, w, l):
+    """SPO's loss of one pair (train_spo.py): ddpo-pytorch's log p of each candidate under θ and the reference."""
+    def log_prob(e, x_prev):
+        mean = scheduler.step(e, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+        std = scheduler._get_variance(int(t), int(t) - 1000 // len(scheduler.timesteps)) ** 0.5
+        return (-((x_prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))).mean()
+    e = eps(x, t, rows=slice(b, b + 1))
+    with torch.no_grad():
+        e_ref = eps(x, t, off, rows=slice(b, b + 1))
+    r_w = torch.clamp(torch.exp(log_prob(e, w) - log_prob(e_ref, w)), 0.9, 1.1)
+    r_l = torch.clamp(torch.exp(log_prob(e, l) - log_prob(e_ref, l)), 0.9, 1.1)
+    return -torch.log(torch.sigmoid(10 * torch.log(r_w) - 10 * torch.log(r_l)))
+
+
+# log p carries 1/σ_t² (as DDPO's): fp32 rounding in another summation order differs by ~1e-4 of a layer's largest
+# gradient; a wrong multiplier, branch, pair or sign differs by order 1
+RTOL = 1e-3
+
+
+def assert_same_step(ours, reference):
+    (rollout, grads), (pairs, kept, ref_grad) = ours, reference
+    assert torch.equal(rollout.kept, kept) and kept.any() and not kept.all(), kept
+    mine = [(j, b, x, w, l) for j, rows, xs, ws, ls in rollout.pairs for b, x, w, l in zip(rows.tolist(), xs, ws, ls)]
+    assert [(j, b) for j, b, *_ in mine] == [(i, b) for i, b, *_ in pairs]
+    for (_, _, *a), (_, _, *b) in zip(mine, pairs, strict=True):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    assert grads
+    for (role, layer, part), g in grads.items():
+        r = ref_grad(role, layer, part).view_as(g)
+        assert r.abs().max() > 0, (role, layer, part)
+        assert (g - r).abs().max() <= RTOL * r.abs().max() + 1e-12, (role, layer, part)
+
+
+@pytest.mark.parametrize("npo_flag", [False, True])
+def test_one_spo_step_equals_spos_on_diffusers(tiny_model, lora_files, prompts_file, tmp_path, npo_flag):
+    model, refs = tiny_model
+    files = {"eta": lora_files["eta"]}
+    ours = our_spo_step(model, files, {}, prompts_file, tmp_path, ["--npo"] * npo_flag)
+    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, npo=npo_flag))
+
+
+def test_uncond_branch_step_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
+    """--train-branch uncond --lora ETA: η frozen at α on the unconditional rows and 1 on the conditional ones, δ at
+    1 and 0, SPO's labels unchanged; the reference is that CFG with δ off. At guidance 1, δ gets no gradient."""
+    model, refs = tiny_model
+    flags = ["--train-branch", "uncond", "--lora", lora_files["eta"], "--alpha", "0.5"]
+    trained, frozen = {"delta": lora_files["delta"]}, {"eta": lora_files["eta"]}
+    ours = our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags)
+    reference = reference_spo_step(model, refs, lora_files, trained, {"eta": 0.5, "delta": 1.0}, {"eta": 1.0, "delta": 0.0})
+    assert_same_step(ours, reference)
+    rollout, grads = our_spo_step(model, trained, frozen, prompts_file, tmp_path, [*flags, "--guidance", "1"])
+    assert rollout.kept.any() and all(g.abs().max() == 0 for g in grads.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training.
+
+def test_npo_first_update_is_exactly_the_opposite(tiny_model, prompts_file, tmp_path):
+    """From the same zero-up LoRA (θ = the reference, every log r = 0) and the same random streams, the pairs are the
+    same and --npo swaps them: the gradient is negated exactly, so Adam's first step moves lora_up by exactly the
+    opposite, and lora_down (no gradient while lora_up = 0) only by the same weight decay."""
+    model, _ = tiny_model
+    flags = ["--reward", "rewards:brightness", "--spo-score-scale", str(SCALE), "--steps", "1", "--lr", "1e-3"]
+    assert run(model, prompts_file, tmp_path / "plain", *flags) == 0
+    assert run(model, prompts_file, tmp_path / "npo", *flags, "--npo") == 0
+    plain, swapped = read_lora(tmp_path / "plain" / "lora.safetensors"), read_lora(tmp_path / "npo" / "lora.safetensors")
+    assert logged(tmp_path / "plain")[0]["pairs"] > 0
+    assert logged(tmp_path / "plain")[0]["loss"] == logged(tmp_path / "npo")[0]["loss"] == pytest.approx(math.log(2))
+    ups = [k for k in plain if k.endswith("lora_up.weight")]
+    assert ups and max(plain[k].abs().max() for k in ups) > 1e-4
+    for k in plain:
+        assert torch.equal(swapped[k], -plain[k] if k in ups else plain[k]), k
+    with safe_open(str(tmp_path / "npo" / "lora.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["npo_role"] == "delta" and meta["npo_method"] == "spo" and meta["npo_objective"] == "R, pairs swapped"
+    assert meta["npo_spo_threshold"] == "0.3" and meta["npo_spo_candidates"] == "3"
+
+
+def mean_brightness(path=None, role="eta", eta_path=None, guidance=5.0, steps=6, n=16):
+    """Mean brightness of n fixed-seed samples of the embedded model, as SPO samples (DDIM η 1), 64 px."""
+    pipe = pipeline.load_pipeline(WEIGHTS)
+    if eta_path:
+        lora.load_lora(pipe.unet, eta_path, "eta")
+    if path:
+        lora.load_lora(pipe.unet, path, role)
+    images = guided.generate(pipe, ["a red circle", "a blue square"] * (n // 2), list(range(200, 200 + n)),
+                               steps=steps, guidance=guidance, ddim_eta=1.0)
+    return rewards.brightness((images / 2 + 0.5).clamp(0, 1), None).mean().item()
+
+
+# pairs form at every candidate step at this scale (EXPERIMENT.md: base 0.804, SPO 0.820, SPO + --npo 0.787)
+EMBEDDED = ["--method", "spo", "--sample-steps", "6", "--spo-plain-steps", "2", "--spo-candidates", "4",
+            "--spo-score-scale", "1000", "--batch-size", "8", "--steps", "4", "--lr", "3e-3", "--log-every", "1",
+            "--device", "cpu"]
+
+
+def test_a_reward_without_gradient_rises_with_spo_and_falls_with_npo(prompts_file, tmp_path, monkeypatch):
+    (tmp_path / "scores.py").write_text(
+        "def brightness(images, prompts):\n"
+        "    return images.mean(dim=(1, 2, 3)).detach()  # a score, no gradient\n")
+    monkeypatch.chdir(tmp_path)
+    assert not rewards.probe(rewards.load("scores:brightness"), PROMPTS)
+    for name, extra in (("up", []), ("down", ["--npo"])):
+        assert npo.main(["train", "--prompts-file", prompts_file, "--out", str(tmp_path / name), "--reward",
+                         "scores:brightness", *EMBEDDED, *extra]) == 0
+    base = mean_brightness()
+    up = mean_brightness(tmp_path / "up" / "lora.safetensors")
+    down = mean_brightness(tmp_path / "down" / "lora.safetensors")  # δ as a fine-tuned model runs it (role η)
+    assert up > base + 0.005 and down < base - 0.005, (base, up, down)
+    for name in ("up", "down"):  # every candidate step kept pairs (the last ones fewer: see EXPERIMENT.md)
+        lines = logged(tmp_path / name)
+        assert all(sum(line[f"kept_{j:02d}"] for line in lines) > 0 for j in range(2, 6)), lines
+
+
+def test_uncond_branch_leaves_conditional_sampling_untouched(tiny_model, lora_files, prompts_file, tmp_path):
+    model, _ = tiny_model
+    eta = lora_files["eta"]
+    before = read_lora(eta)
+    assert run(model, prompts_file, tmp_path / "run", "--reward", "rewards:brightness", "--spo-score-scale", str(SCALE),
+               "--steps", "2", "--train-branch", "uncond", "--lora", eta, "--alpha", "0.5", "--lr", "1e-2") == 0
+    delta = str(tmp_path / "run" / "lora.safetensors")
+    with safe_open(delta, "pt") as f:
+        meta = f.metadata()
+    assert meta["npo_role"] == "delta" and meta["npo_train_branch"] == "uncond" and meta["npo_objective"] == "R"
+    assert all(torch.equal(v, before[k]) for k, v in read_lora(eta).items())  # η frozen
+    assert max(v.abs().max() for k, v in read_lora(delta).items() if k.endswith("lora_up.weight")) > 0
+
+    def sample(with_delta, guidance):
+        pipe = pipeline.load_pipeline(model)
+        lora.load_lora(pipe.unet, eta, "eta")
+        if with_delta:
+            lora.load_lora(pipe.unet, delta, "delta")
+        return guided.generate(pipe, PROMPTS * 2, [1, 2, 3, 4], steps=4, guidance=guidance, height=16, width=16,
+                                 ddim_eta=1.0)
+    # conditional-only sampling (guidance 1: ε = ε_pos = ε(θ + η)) is the same image with or without δ; guided
+    # sampling (where δ runs on the unconditional branch) is not
+    assert torch.equal(sample(True, 1.0), sample(False, 1.0))
+    assert not torch.equal(sample(True, 3.0), sample(False, 3.0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing is lost: resume; two ranks are one with the combined batch.
+
+def test_spo_run_resumes_bit_for_bit(tiny_model, prompts_file, tmp_path):
+    model, _ = tiny_model
+    flags = ["--reward", "rewards:brightness", "--spo-score-scale", str(SCALE), "--lr", "1e-2", "--checkpoint-every",
+             "1"]
+    assert run(model, prompts_file, tmp_path / "whole", *flags, "--steps", "3") == 0
+    assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "2") == 0
+    assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "3", "--resume", "latest") == 0
+    a, b = read_lora(tmp_path / "whole" / "lora.safetensors"), read_lora(tmp_path / "split" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    whole = logged(tmp_path / "whole")
+    assert [x["loss"] for x in logged(tmp_path / "split")] == [x["loss"] for x in whole]
+    assert whole[-1]["loss"] != pytest.approx(math.log(2))  # the later steps trained on a moved θ
+
+
+def test_two_gloo_processes_equal_one_with_the_combined_batch(tiny_model, prompts_file, tmp_path):
+    """Each rank samples its own examples, whose pair counts differ; the loss is the mean over all ranks' pairs."""
+    model, _ = tiny_model
+    flags = ["--reward", "rewards:brightness", "--spo-score-scale", str(SCALE), "--steps", "2", "--lr", "1e-3"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "npo.py"), "train", "--model", model, "--prompts-file", prompts_file, "--out",
+               str(tmp_path / "ddp"), *FAST, *flags, "--batch-size", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert run(model, prompts_file, tmp_path / "one", *flags) == 0
+    for a, b in zip(logged(tmp_path / "ddp"), logged(tmp_path / "one"), strict=True):
+        for key in ("loss", "pairs", "reward", "grad_norm", "kept_01", "kept_03"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
+    ddp, one = read_lora(tmp_path / "ddp" / "lora.safetensors"), read_lora(tmp_path / "one" / "lora.safetensors")
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=0, atol=5e-5)  # 5% of one Adam step of lr 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input: one sentence, exit 2, nothing written; SPO's defaults.
+
+@pytest.mark.parametrize("flags, words", [
+    (["--spo-candidates", "1"], "--spo-candidates must be at least 2"),
+    (["--spo-threshold", "1"], "--spo-threshold must lie in [0, 1)"),
+    (["--spo-threshold=-0.1"], "--spo-threshold must lie in [0, 1)"),
+    (["--spo-score-scale", "0"], "--spo-score-scale must be a positive"),
+    (["--spo-beta", "nan"], "--spo-beta must be a positive"),
+    (["--spo-clip", "1"], "--spo-clip must lie in (0, 1)"),
+    (["--spo-plain-steps", "4"], "--spo-plain-steps must lie in [0, --sample-steps)"),
+    (["--ddim-eta", "0"], "--ddim-eta must be a positive"),
+    (["--data", "pairs.jsonl"], "--data does nothing with --method spo"),
+    (["--joint"], "--joint does nothing with --method spo"),
+    (["--clip-range", "0.2"], "--clip-range does nothing with --method spo"),
+    (["--train-branch", "uncond", "--npo"], "drop --npo"),
+])
+def test_bad_spo_flags(tiny_model, prompts_file, tmp_path, capsys, flags, words):
+    model, _ = tiny_model
+    assert run(model, prompts_file, tmp_path / "o", "--reward", "rewards:brightness", *flags) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["dpo", "ddpo"])
+def test_spo_flags_are_refused_by_other_methods(tiny_model, prompts_file, tmp_path, capsys, method):
+    model, _ = tiny_model
+    needed = ["--data", "x.jsonl"] if method == "dpo" else ["--reward", "rewards:brightness", "--prompts-file",
+                                                           prompts_file]
+    assert npo.main(["train", "--model", model, "--method", method, "--out", str(tmp_path / "o"), *needed,
+                     "--spo-threshold", "0.5"]) == 2
+    assert f"--spo-threshold does nothing with --method {method}" in capsys.readouterr().err
+
+
+def test_spo_defaults_are_spos_sd15_config():
+    """RockeyCoss/SPO configs/basic_config.py + spo_sd-v1-5_…_num-sam-4: 20 steps, guidance 5, η 1, 4 candidates,
+    threshold 0.3, divert_start_step 4, β 10, ε 0.1, LoRA rank 4, lr 6e-5 (AdamW weight decay 1e-4, clip 1)."""
+    config = trainflags.parse_args(["--out", "x", "--method", "spo", "--reward", "rewards:brightness",
+                                     "--prompts-file", "p"])
+    trainconfig.check(config)
+    assert (config.sample_steps, config.guidance, config.ddim_eta, config.spo_candidates, config.spo_threshold,
+            config.spo_plain_steps, config.spo_beta, config.spo_clip, config.rank, config.lr, config.max_grad_norm,
+            config.spo_score_scale) == (20, 5.0, 1.0, 4, 0.3, 4, 10.0, 0.1, 4, 6e-5, 1.0, 1.0)
+    config = trainflags.parse_args(["--out", "x", "--data", "d.jsonl"])
+    trainconfig.check(config)
+    assert config.rank == 8  # the others keep theirs
+
+
+def test_a_step_aware_reward_gets_each_candidates_timestep(tiny_model, prompts_file, tmp_path, monkeypatch):
+    """A reward that states timestep_aware = True is called with timesteps= (one per image): the next DDIM timestep
+    for a candidate's x̂_0, 0 for the finished samples; it keeps the flag through --reward-range."""
+    model, _ = tiny_model
+    (tmp_path / "aware.py").write_text(
+        "seen = []\n"
+        "def score(images, prompts, timesteps=None):\n"
+        "    seen.append(None if timesteps is None else timesteps.tolist())\n"
+        "    return images.mean(dim=(1, 2, 3))\n"
+        "score.timestep_aware = True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import aware
+    assert run(model, prompts_file, tmp_path / "o", "--reward", "aware:score", "--reward-range", "0,1",
+               "--steps", "1") == 0
+    scheduler = pipeline.load_pipeline(model).ddim_config()
+    ts = [int(t) for t, _, _ in sampler.ddim_steps(scheduler, 4)]
+    calls = [c for c in aware.seen if c is not None]
+    assert calls == [[t] * 6 for t in (ts[2], ts[3], 0)]  # 2 examples × 3 candidates at each candidate step
