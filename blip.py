@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import BertWordPieceTokenizer
 
-import checkpoint
-from checkpoint import UserError
+from . import checkpoint
+from .checkpoint import UserError
 
 FILES = ("ImageReward.pt", "med_config.json", "vocab.txt")  # what an imagereward:DIR folder holds
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's normalisation of the head's output

@@ -25,8 +25,8 @@ from PIL import Image
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-import checkpoint
-from checkpoint import UserError
+from . import checkpoint
+from .checkpoint import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------

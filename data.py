@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import shards
-from checkpoint import UserError
+from . import shards
+from .checkpoint import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")

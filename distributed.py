@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from checkpoint import UserError
+from .checkpoint import UserError
 
 
 def world():

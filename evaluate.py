@@ -23,11 +23,11 @@ import time
 import torch
 from PIL import Image, UnidentifiedImageError
 
-import checkpoint
-import distributed
-import rewards
-import scorers
-from checkpoint import UserError
+from . import checkpoint
+from . import distributed
+from . import rewards
+from . import scorers
+from .checkpoint import UserError
 
 SEED = re.compile(r"(?:^|, )Seed: (-?\d+)(?:,|$)")
 

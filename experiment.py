@@ -31,16 +31,16 @@ import time
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import checkpoint
-import evaluate
-import guided
-import images
-import lora
-import machinery
-import pipeline
-import shapes
-import train
-import trainconfig
+from . import checkpoint
+from . import evaluate
+from . import guided
+from . import images
+from . import lora
+from . import machinery
+from . import pipeline
+from . import shapes
+from . import train
+from . import trainconfig
 
 HELD_OUT = ("a green triangle", "a yellow square")  # never in the training pairs
 # Each judge: (function(images in [0, 1], prompts) -> (B,), higher is better?). Only "reward" labelled the pairs.

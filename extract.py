@@ -5,8 +5,8 @@ import itertools
 import torch
 import torch.nn as nn
 
-import lora
-from checkpoint import UserError
+from . import lora
+from .checkpoint import UserError
 
 
 def truncated_svd(delta, rank):

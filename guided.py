@@ -22,12 +22,12 @@ DPM-Solver++ 2M, Euler, ...) only sees the denoiser.
 """
 import torch
 
-import checkpoint
-import lora
-import pipeline
-import sampler
-import unet
-from checkpoint import UserError
+from . import checkpoint
+from . import lora
+from . import pipeline
+from . import sampler
+from . import unet
+from .checkpoint import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------

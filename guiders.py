@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import guided
-import lora
-import sampler
-from checkpoint import UserError, finite_float
+from . import guided
+from . import lora
+from . import sampler
+from .checkpoint import UserError, finite_float
 
 SEG_INFINITE_SIGMA = 9999.0  # SEG's threshold: a larger σ is the infinite blur, every token's query the mean
 

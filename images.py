@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-import checkpoint
+from . import checkpoint
 
 
 def to_uint8(images):

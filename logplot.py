@@ -11,7 +11,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-import images
+from . import images
 
 WIDTH, PANEL_HEIGHT = 640, 180
 LEFT, RIGHT, TOP, BOTTOM = 72, 16, 26, 30  # the frame's margins inside each panel, in pixels

@@ -48,8 +48,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save
 
-import checkpoint
-from checkpoint import UserError, few
+from . import checkpoint
+from .checkpoint import UserError, few
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # both attn1 (self) and attn2 (cross), as the NPO authors
 ROLES = ("eta", "delta")

@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
 
-import guided
-import images
-import logplot
-import lora
-import pipeline
-import runs
-from checkpoint import UserError
-from trainconfig import TrainConfig
+from . import guided
+from . import images
+from . import logplot
+from . import lora
+from . import pipeline
+from . import runs
+from .checkpoint import UserError
+from .trainconfig import TrainConfig
 
 # data.py's epoch generators use the spawn keys (epoch,); ours are (NOISE_STREAM, example), a separate stream
 NOISE_STREAM = 0x6E6F697365

@@ -23,15 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import data
-import guided
-import lora
-import losses
-import sampler
-import trainconfig
-from checkpoint import UserError
-from machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator, gather, stream_generator
-from trainconfig import DTYPES
+from . import data
+from . import guided
+from . import lora
+from . import losses
+from . import sampler
+from . import trainconfig
+from .checkpoint import UserError
+from .machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator, gather, stream_generator
+from .trainconfig import DTYPES
 
 BUFFER_SIZE, MIN_COUNT = 16, 16  # ddpo-pytorch's per_prompt_stat_tracking defaults
 DDPO_STREAM = 0x6464706F  # DDPO's shuffles: (DDPO_STREAM, epoch, inner epoch) and (…, batch)

@@ -28,15 +28,15 @@ import hashlib
 
 import torch
 
-import data
-import guided
-import lora
-import losses
-import sampler
-import shards
-from checkpoint import UserError
-from machinery import checkpoint_unet_blocks, example_generator, stream_generator
-from trainconfig import DTYPES
+from . import data
+from . import guided
+from . import lora
+from . import losses
+from . import sampler
+from . import shards
+from .checkpoint import UserError
+from .machinery import checkpoint_unet_blocks, example_generator, stream_generator
+from .trainconfig import DTYPES
 
 SHOWN = ("implicit_acc", "reward_margin")  # printed beside the loss (the log file has every metric)
 PERTURB_STREAM = 0x70657274  # --perturb-prompts: (PERTURB_STREAM, first example of the micro-batch)

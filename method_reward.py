@@ -12,12 +12,12 @@ last K denoising steps (each UNet call checkpointed), decodes, and minimizes −
 import torch
 import torch.utils.checkpoint
 
-import data
-import guided
-import sampler
-import trainconfig
-from machinery import branch_weights, draw_prompt, example_generator
-from trainconfig import DTYPES
+from . import data
+from . import guided
+from . import sampler
+from . import trainconfig
+from .machinery import branch_weights, draw_prompt, example_generator
+from .trainconfig import DTYPES
 
 SHOWN = ("reward",)  # printed beside the loss (the log file has every metric)
 

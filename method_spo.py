@@ -30,15 +30,15 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 
-import data
-import guided
-import losses
-import rewards
-import sampler
-import trainconfig
-from checkpoint import UserError
-from machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator
-from trainconfig import DTYPES
+from . import data
+from . import guided
+from . import losses
+from . import rewards
+from . import sampler
+from . import trainconfig
+from .checkpoint import UserError
+from .machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator
+from .trainconfig import DTYPES
 
 SHOWN = ("pairs", "reward", "ratio_w", "ratio_l")  # printed beside the loss (the log file has every metric)
 

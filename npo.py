@@ -22,26 +22,33 @@ import time
 
 import torch
 
-import checkpoint
-import data
-import distributed
-import evaluate
-import experiment
-import extract
-import guided
-import guiders
-import images
-import lora
-import pipeline
-import prompt_syntax
-import reproduce
-import sample
-import sampler
-import train
-import trainconfig
-import trainflags
-from checkpoint import UserError, finite_float
-from pipeline import DEFAULT_MODEL
+# npo is one import package: installed, these modules are npo.pipeline, npo.train, … (pyproject.toml maps this folder
+# onto the package), so nothing with a generic name (clip, evaluate, data) lands at the top level. In a checkout this
+# file stands for the package: imported as `npo`, its folder is the package's path, and `npo.pipeline` is the
+# pipeline.py beside it.
+if __name__ == "npo":
+    __path__ = [os.path.dirname(os.path.abspath(__file__))]
+
+from npo import checkpoint  # noqa: E402
+from npo import data  # noqa: E402
+from npo import distributed  # noqa: E402
+from npo import evaluate  # noqa: E402
+from npo import experiment  # noqa: E402
+from npo import extract  # noqa: E402
+from npo import guided  # noqa: E402
+from npo import guiders  # noqa: E402
+from npo import images  # noqa: E402
+from npo import lora  # noqa: E402
+from npo import pipeline  # noqa: E402
+from npo import prompt_syntax  # noqa: E402
+from npo import reproduce  # noqa: E402
+from npo import sample  # noqa: E402
+from npo import sampler  # noqa: E402
+from npo import train  # noqa: E402
+from npo import trainconfig  # noqa: E402
+from npo import trainflags  # noqa: E402
+from npo.checkpoint import UserError, finite_float  # noqa: E402
+from npo.pipeline import DEFAULT_MODEL  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------
 # The command line.

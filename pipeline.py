@@ -19,14 +19,14 @@ from typing import Optional
 
 import torch
 
-import checkpoint
-import clip
-import lora
-import prompt_syntax
-import sampler
-import singlefile
-import unet
-from checkpoint import UserError
+from . import checkpoint
+from . import clip
+from . import lora
+from . import prompt_syntax
+from . import sampler
+from . import singlefile
+from . import unet
+from .checkpoint import UserError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the embedded shapes model
 TOKENIZER = os.path.join(DEFAULT_MODEL, "tokenizer")  # CLIP's BPE vocabulary, for single files (they have none)

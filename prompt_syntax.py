@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from checkpoint import UserError
+from .checkpoint import UserError
 
 EMPHASIS = 1.1  # "(x)" multiplies x's weight by 1.1, "[x]" by 1 / 1.1
 CHUNK = 75      # tokens per chunk, without <BOS> and <EOS>

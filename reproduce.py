@@ -39,16 +39,16 @@ import sys
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-import blip
-import checkpoint
-import data
-import evaluate
-import guided
-import images
-import pipeline
-import sampler
-import scorers
-from checkpoint import UserError
+from . import blip
+from . import checkpoint
+from . import data
+from . import evaluate
+from . import guided
+from . import images
+from . import pipeline
+from . import sampler
+from . import scorers
+from .checkpoint import UserError
 
 EMBEDDED = "(embedded)"  # a recipe's name for pipeline.DEFAULT_MODEL, the model in npo's weights/
 RECIPE_KEYS = {"name", "note", "files", "prompts", "max_prompts", "seed", "images_per_prompt", "sampler", "steps",

@@ -40,8 +40,8 @@ import sys
 import torch
 from PIL import Image
 
-import scorers
-from checkpoint import UserError
+from . import scorers
+from .checkpoint import UserError
 
 RANGE_HINT = "give it a range (--reward-range LOW,HIGH) or a sigmoid scale (--reward-sigmoid SCALE)"
 
@@ -275,7 +275,7 @@ OWN = ("rewards", "shapes")  # npo's own modules of rewards, named as in `reward
 def _import(spec, module_name, attr, flag):
     """The module of `module_name:attr`: npo's own, an importable one, or NAME.py in the current folder."""
     if module_name in OWN:  # from npo itself, whatever the current folder holds
-        return importlib.import_module(f"{__package__}.{module_name}" if __package__ else module_name)
+        return importlib.import_module(f".{module_name}", __package__)
     if importlib.util.find_spec(module_name.split(".")[0]) is None:
         # `python npo.py` imports from the script's folder, not the current one: read NAME.py there from its file
         local = os.path.join(*module_name.split(".")) + ".py"

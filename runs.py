@@ -16,9 +16,9 @@ import tempfile
 
 import torch
 
-import checkpoint
-import lora
-from checkpoint import UserError
+from . import checkpoint
+from . import lora
+from .checkpoint import UserError
 
 CHECKPOINT_FORMAT = "npo-train-checkpoint-1"
 SETTINGS = "settings.json"

@@ -12,16 +12,16 @@ import time
 
 import torch
 
-import checkpoint
-import data
-import distributed
-import guided
-import guiders
-import images
-import pipeline
-import prompt_syntax
-import sampler
-from checkpoint import UserError
+from . import checkpoint
+from . import data
+from . import distributed
+from . import guided
+from . import guiders
+from . import images
+from . import pipeline
+from . import prompt_syntax
+from . import sampler
+from .checkpoint import UserError
 
 DEFAULT_PROMPT = "a red circle"  # one of the embedded model's captions (weights/README.md)
 

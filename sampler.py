@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import checkpoint
-from checkpoint import UserError
+from . import checkpoint
+from .checkpoint import UserError
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,10 +42,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import blip
-import checkpoint
-import clip
-from checkpoint import UserError
+from . import blip
+from . import checkpoint
+from . import clip
+from .checkpoint import UserError
 
 SCORERS = ("pickscore", "hpsv2", "aesthetic", "clipscore", "imagereward", "spm")  # the names before the ':' of a SCORER:PATH spec
 BUNDLED_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "tokenizer")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from checkpoint import UserError
+from .checkpoint import UserError
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 SKIP_HINT = "skip_bad_rows=True, or --skip-bad-rows on the command line"

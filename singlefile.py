@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors import safe_open
 
-from checkpoint import UserError
+from .checkpoint import UserError
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 UNET, VAE = "model.diffusion_model.", "first_stage_model."

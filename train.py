@@ -41,16 +41,16 @@ import os
 
 import torch
 
-import machinery
-import method_ddpo
-import method_dpo
-import method_reward
-import method_spo
-import pipeline
-import runs
-import trainconfig
-from checkpoint import UserError
-from trainconfig import DTYPES
+from . import machinery
+from . import method_ddpo
+from . import method_dpo
+from . import method_reward
+from . import method_spo
+from . import pipeline
+from . import runs
+from . import trainconfig
+from .checkpoint import UserError
+from .trainconfig import DTYPES
 
 METHODS = {"dpo": method_dpo, "sft": method_dpo, "reward": method_reward, "ddpo": method_ddpo, "spo": method_spo}
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-import data
-import lora
-import rewards
-import runs
-from checkpoint import UserError
+from . import data
+from . import lora
+from . import rewards
+from . import runs
+from .checkpoint import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("dpo", "sft", "reward", "ddpo", "spo")  # train.METHODS maps each to its module

@@ -2,9 +2,9 @@
 trainconfig.DEFAULTS, the one place defaults live), and `parse_args`, which turns them into a TrainConfig."""
 import argparse
 
-import pipeline
-import trainconfig
-from checkpoint import finite_float
+from . import pipeline
+from . import trainconfig
+from .checkpoint import finite_float
 
 
 def parse_args(argv):

@@ -51,7 +51,7 @@ def load_one(path):
     """Seconds to load `path` (a folder or a single file) with pipeline.load_pipeline, and the peak resident memory
     (VmHWM above the RSS just before) of the load and a first read of every weight, against the weights' bytes.
     The read counts: a memory-mapped file's pages become resident only when touched, so the load alone shows none."""
-    import pipeline
+    from npo import pipeline
     harness.reset_peak_rss()
     base = harness.rss_gib("VmRSS")
     pipe, seconds = harness.once(lambda: pipeline.load_pipeline(path))
@@ -92,9 +92,9 @@ def cmd_singlefile(args):
 
 def cmd_extract(args):
     """extract.extract_offset at SD1.5 shapes: the base UNet against a copy with every weight moved."""
-    import extract
-    import lora
-    import pipeline
+    from npo import extract
+    from npo import lora
+    from npo import pipeline
     folder = bench_folder(args.small)
     base, tuned = pipeline.load_unet(folder), pipeline.load_unet(folder)
     g = torch.Generator().manual_seed(0)
@@ -114,7 +114,7 @@ def cmd_extract(args):
 def pickscore_fn(impl, path):
     """score(pixels, prompts) = exp(logit_scale) · cos, loaded the way each side loads it."""
     if impl == "ours":
-        import scorers
+        from npo import scorers
         return scorers.load("pickscore", path).score
     from transformers import CLIPModel, CLIPTokenizer
     model, tokenizer = CLIPModel.from_pretrained(path).eval(), CLIPTokenizer.from_pretrained(path)

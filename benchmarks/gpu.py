@@ -27,7 +27,7 @@ def timed(device, fns, repeats):
 
 def gpu_unet_rows(device, weights, size, repeats):
     """One UNet forward (batch 2) in fp16 and bf16, ours vs diffusers; and ours under torch.compile (fp16)."""
-    import unet as ours_unet
+    from npo import unet as ours_unet
     from diffusers import UNet2DConditionModel
     rows = []
     for dtype in (torch.float16, torch.bfloat16) if device.type == "cuda" else (torch.bfloat16,):
@@ -49,9 +49,9 @@ def gpu_unet_rows(device, weights, size, repeats):
 
 def guided_step_rows(device, model, neg, pos, x, guidance, label, repeats):
     """A guided step of plain CFG, then of NPO with η and δ added as unmerged rank-8 offsets (eq. 10, α = β = 1)."""
-    import guided
-    import lora
-    import pipeline
+    from npo import guided
+    from npo import lora
+    from npo import pipeline
     t = torch.tensor(500, device=device)
     with torch.inference_mode():
         plain = guided.npo_denoiser(model, neg, pos, guidance)
@@ -65,7 +65,7 @@ def guided_step_rows(device, model, neg, pos, x, guidance, label, repeats):
 
 def gpu_sampling_rows(device, weights, size, repeats):
     """One guided step: plain CFG vs NPO (one batched forward), fp16 (bf16 on the CPU)."""
-    import unet as ours_unet
+    from npo import unet as ours_unet
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     model = ours_unet.load_unet(f"{weights}/unet", dtype=dtype, device=device)
     x = torch.randn(1, 4, size, size, device=device, dtype=dtype)
@@ -89,7 +89,7 @@ def gpu_train_rows(device, weights, size):
 def gpu_sdxl_rows(device, weights, preset, size, repeats):
     """SDXL (latent 128: 1024 px): one UNet forward (batch 2), ours vs diffusers, and a guided step, NPO (η and δ
     unmerged, rank 8) vs plain CFG; fp16 (bf16 on the CPU). `preset` "small" is SDXL's layout at toy size."""
-    import unet as ours_unet
+    from npo import unet as ours_unet
     from diffusers import UNet2DConditionModel
     path = os.path.join(os.path.dirname(os.path.abspath(weights)), f"sdxl-{preset}")  # beside the SD1.5 weights
     make_sdxl_weights(path, preset)

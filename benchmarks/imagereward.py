@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import blip
+from npo import blip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from benchmarks.harness import ROOT
-from shapes import COLORS, SHAPES
+from npo.shapes import COLORS, SHAPES
 
 WAYS = {  # name: (the command's launcher, torch threads per process)
     "1 process × 1 thread": ([sys.executable], 1),

@@ -26,8 +26,8 @@ MODULE = "benchmarks.sampling"
 
 def load(impl, part):
     if impl == "ours":
-        import clip
-        import unet
+        from npo import clip
+        from npo import unet
         loader = {"unet": unet.load_unet, "vae": unet.load_vae, "text": clip.load_text_encoder}[part]
         return loader(f"{WEIGHTS}/{dict(text='text_encoder').get(part, part)}")
     if part == "text":
@@ -96,7 +96,7 @@ def cmd_models(args):
 
 def random_offsets(model, seed=0):
     """Two rank-8 offsets η and δ on to_q, to_k, to_v, to_out.0 (the authors' targets), small random weights."""
-    import lora
+    from npo import lora
     g = torch.Generator().manual_seed(seed)
     for name in ("eta", "delta"):
         lora.add_offset(model, name, rank=8)
@@ -107,10 +107,10 @@ def random_offsets(model, seed=0):
 
 def sampling_denoiser(variant, model, neg, pos, dtype):
     """The guided denoiser (x_t, t) -> ε of one way of running CFG / NPO (eq. 10: α = β = 1, g = 7.5)."""
-    import guided
-    import lora
-    import pipeline
-    import unet
+    from npo import guided
+    from npo import lora
+    from npo import pipeline
+    from npo import unet
     if variant == "eta-model":  # a dense η: θ_ft as a second UNet, θ + α·η in place of θ, δ a LoRA on it
         tuned = unet.load_unet(f"{WEIGHTS}/unet", dtype=dtype)
         g = torch.Generator().manual_seed(1)
@@ -131,7 +131,7 @@ def sampling_denoiser(variant, model, neg, pos, dtype):
 def sampling_one(variant, size, steps):
     """Seconds per denoising step (median of `steps` after a warm-up, which compiles) and whole-process peak memory
     for one way of running the guided UNet."""
-    import unet
+    from npo import unet
     dtype = torch.bfloat16 if "bf16" in variant else torch.float32
     model = unet.load_unet(f"{WEIGHTS}/unet", dtype=dtype)
     if variant != "plain":
@@ -172,7 +172,7 @@ def cmd_sampling(args):
 def cmd_solvers(args):
     """The samplers' own arithmetic per step (DDIM vs DPM-Solver++ 2M) at SD's latent shape, with a denoiser that
     costs nothing, so what is timed is the update alone; compare it with a UNet step (`sampling` above)."""
-    import sampler
+    from npo import sampler
     x = torch.randn(2, 4, args.size, args.size, generator=torch.Generator().manual_seed(0))
     out = torch.randn_like(x) * 0.1
     print(f"| sampler | ms / step (latent 2x4x{args.size}x{args.size}, {args.steps} steps, median of {args.repeats}) |")
@@ -197,7 +197,7 @@ def sdxl_unet_inputs(model_config, batch, size):
 def sdxl_unet_fn(impl, path, size):
     """One forward of the CFG batch (2 rows) through our UNet or diffusers'."""
     if impl == "ours":
-        import unet
+        from npo import unet
         model = unet.load_unet(f"{path}/unet")
         x, c, pooled, ids = sdxl_unet_inputs(model.config, 2, size)
         return lambda: model(x, 500, c, text_embeds=pooled, time_ids=ids)
@@ -211,7 +211,7 @@ def sdxl_text_fn(impl, path):
     """Both text encoders on 2 prompts, as each pipeline encodes them (penultimate states, pooled projection)."""
     prompts = ["a photo of a cat", "an astronaut riding a horse on the moon"]
     if impl == "ours":
-        import clip
+        from npo import clip
         encoders = [clip.load_text_encoder(f"{path}/text_encoder"),
                     clip.load_text_encoder(f"{path}/text_encoder_2", projection=True)]
         tokenizers = [clip.load_tokenizer(f"{path}/tokenizer"), clip.load_tokenizer(f"{path}/tokenizer_2")]
@@ -229,8 +229,8 @@ def sdxl_text_fn(impl, path):
 
 def sdxl_guided_fn(variant, path, size):
     """One guided denoising step (CFG 5) of ours: plain CFG, NPO with η and δ unmerged (rank 8), or two merged UNets."""
-    import pipeline
-    import unet
+    from npo import pipeline
+    from npo import unet
     model = unet.load_unet(f"{path}/unet")
     if variant != "plain":
         random_offsets(model)

@@ -19,13 +19,13 @@ import time
 
 import torch
 
-import clip
-import machinery
-import method_spo
-import pipeline
-import train
-import trainconfig
-import unet
+from npo import clip
+from npo import machinery
+from npo import method_spo
+from npo import pipeline
+from npo import train
+from npo import trainconfig
+from npo import unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

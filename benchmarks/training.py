@@ -46,8 +46,8 @@ def logged_step_seconds(run):
 def train_ours(variant, size, steps, device="cpu", extra=None, weights=None):
     """Our whole training loop (`npo.py train`, in this process): seconds per step from its own log, which times
     everything a step does (data, text encoder, VAE encode unless cached, both UNet passes, backward, AdamW)."""
-    import train
-    from trainconfig import TrainConfig
+    from npo import train
+    from npo.trainconfig import TrainConfig
     tmp = tempfile.mkdtemp()
     data = random_pair_dataset(f"{tmp}/data", 8 * size)
     options = {"ours": {}, "ours-gc": {"gradient_checkpointing": True}, "ours-cache": {"cache_latents": True},
@@ -163,8 +163,8 @@ def prompts_file(tmp):
 def reward_one(sample_steps, grad_steps, size):
     """`npo.py train --method reward` for one step in this process (its many UNet calls amortize any warm-up): the
     step's time from its log, and the process's peak memory (the model load included, the same for every row)."""
-    import train
-    from trainconfig import TrainConfig
+    from npo import train
+    from npo.trainconfig import TrainConfig
     tmp = tempfile.mkdtemp()
     train.train(TrainConfig(method="reward", reward="rewards:brightness", model=WEIGHTS, prompts_file=prompts_file(tmp),
                             out=f"{tmp}/run", steps=1, resolution=8 * size, sample_steps=sample_steps,
@@ -190,9 +190,9 @@ def ddpo_one(sample_steps, size):
     optimizer steps over every stored step). The epoch's time from its log; the sampling's (DDIM with log-probs,
     decode, reward) by timing `method_ddpo.sample_epoch`; the peak memory of the whole process and of the loop alone
     (VmHWM reset when the loop starts, after the model has loaded)."""
-    import method_ddpo
-    import train
-    from trainconfig import TrainConfig
+    from npo import method_ddpo
+    from npo import train
+    from npo.trainconfig import TrainConfig
     tmp = tempfile.mkdtemp()
     sampling, rollout, loop = [], method_ddpo.sample_epoch, train.loop
 
@@ -259,7 +259,7 @@ def write_fake_shards(folder, shards, rows, size, group_rows=8):
 
 def data_one(folder, resolution, batches, workers):
     """Pairs per second out of data.batches over `folder` (after one warm-up batch), and the process's peak RSS."""
-    import data
+    from npo import data
     stream = data.batches(data.open_pairs(folder), 8, 0, resolution, random_crop=True, num_workers=workers)
     timing = harness.measure(lambda: next(stream), batches)
     stream.close()
@@ -268,7 +268,7 @@ def data_one(folder, resolution, batches, workers):
 
 def epoch_peak(folder):
     """One whole epoch of rows (no decoding) over `folder`: the peak RSS, whatever the number of shards."""
-    import data
+    from npo import data
     dataset = data.open_pairs(folder)
     for (epoch, _), _ in dataset.rows(0):
         if epoch:

@@ -149,7 +149,7 @@ def diffusers_reference(model, refs, files, prompts, gens, steps, trainable, sdx
 def record_calls(monkeypatch, part, method, record):
     """Make every pipeline that pipeline.load_pipeline loads from now on call `record(*args)` before each
     `pipe.<part>.<method>(*args)`: a recorder of what training asks of a model (UNet calls, VAE encodes)."""
-    import pipeline
+    from npo import pipeline
     load = pipeline.load_pipeline
 
     def recording_pipeline(*args, **kwargs):
@@ -219,8 +219,8 @@ def tiny_sdxl(tmp_path_factory):
 def random_lora_files(model, folder, specs, seed):
     """LoRA files made by our writer with random, non-zero up weights (a fresh offset is zero): {name: path}, one per
     (name, add_offset keyword arguments) in `specs`, the k-th drawn from a generator seeded seed + k."""
-    import lora
-    import pipeline
+    from npo import lora
+    from npo import pipeline
     pipe = pipeline.load_pipeline(model)
     files = {}
     for k, (name, kwargs) in enumerate(specs):

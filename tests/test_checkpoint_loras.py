@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import checkpoint
+from npo import checkpoint
 import npo
-import sample
-import runs
+from npo import sample
+from npo import runs
 from conftest import write_random_pairs
 
 TRAIN = ["--resolution", "16", "--log-every", "1", "--lr", "1e-2", "--device", "cpu", "--npo"]

@@ -11,8 +11,8 @@ import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import clip
-from checkpoint import UserError
+from npo import clip
+from npo.checkpoint import UserError
 from conftest import TINY_CLIP_VISION, TOKENIZER_DIR, make_clip_dir, make_open_clip, open_clip_modules, randomize
 
 # Tiny versions of the two text towers. vocab_size stays 49408 so that the real BOS/EOS ids (49406/49407) exist.

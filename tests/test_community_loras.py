@@ -10,13 +10,13 @@ import torch.nn as nn
 from PIL import Image
 from safetensors.torch import save_file
 
-import guided
-import images
-import lora
+from npo import guided
+from npo import images
+from npo import lora
 import npo
-import sample
-import pipeline
-from checkpoint import UserError
+from npo import sample
+from npo import pipeline
+from npo.checkpoint import UserError
 from conftest import diffusers_pipeline
 from test_sample import ATOL, to01, two_unet_reference
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import data
-import guided
-import machinery
-import method_dpo
+from npo import data
+from npo import guided
+from npo import machinery
+from npo import method_dpo
 import npo
-import pipeline
+from npo import pipeline
 from conftest import write_random_pairs
 from test_train import FAST, assert_same, logged, read_lora
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 import npo
-from checkpoint import UserError
+from npo.checkpoint import UserError
 from conftest import within
-from data import batches, open_pairs, preprocess_pair, read_prompts
+from npo.data import batches, open_pairs, preprocess_pair, read_prompts
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -14,20 +14,20 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import checkpoint
-import guided
-import logplot
-import lora
-import losses
-import machinery
-import method_ddpo
+from npo import checkpoint
+from npo import guided
+from npo import logplot
+from npo import lora
+from npo import losses
+from npo import machinery
+from npo import method_ddpo
 import npo
-import pipeline
-import rewards
-import runs
-import sampler
-import trainconfig
-import trainflags
+from npo import pipeline
+from npo import rewards
+from npo import runs
+from npo import sampler
+from npo import trainconfig
+from npo import trainflags
 from conftest import ROOT, diffusers_reference, make_sdxl_dir, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls

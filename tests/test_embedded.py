@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import guided
-import images
+from npo import guided
+from npo import images
 import npo
-import pipeline
-import shapes
+from npo import pipeline
+from npo import shapes
 from conftest import ROOT
 
 WEIGHTS = f"{ROOT}/weights"

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import guided
+from npo import guided
 import ldm
-import lora
+from npo import lora
 import npo
-import pipeline
-from checkpoint import UserError
+from npo import pipeline
+from npo.checkpoint import UserError
 
 ATOL = 1e-4  # images in [0, 1]; as tests/test_sample.py
 KW = dict(steps=4, guidance=6.0, height=16, width=16)

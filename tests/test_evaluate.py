@@ -8,12 +8,12 @@ import random
 import pytest
 from PIL import Image
 
-import evaluate
-import images
+from npo import evaluate
+from npo import images
 import npo
-import sample
-import rewards
-from checkpoint import UserError
+from npo import sample
+from npo import rewards
+from npo.checkpoint import UserError
 from conftest import make_clip_dir
 
 PROMPTS = ["a red circle", "a blue square", "a red circle", "two cats, one dog\nand a newline"]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import npo
-import train
+from npo import train
 
 QUICK = ["--seeds", "0", "--lr-sweep", "", "--pairs-per-prompt", "2", "--train-steps", "2", "--reward-steps", "1",
          "--eval-seeds", "1", "--steps", "2"]

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-import extract
-import guided
-import lora
+from npo import extract
+from npo import guided
+from npo import lora
 import npo
-import pipeline
-from checkpoint import read_safetensors_metadata
+from npo import pipeline
+from npo.checkpoint import read_safetensors_metadata
 from conftest import TINY_UNET, diffusers_pipeline, make_model_dir
 from test_eta_model import perturbed
 

@@ -4,8 +4,8 @@ import gc
 import pytest
 import torch
 
-import clip
-import unet
+from npo import clip
+from npo import unet
 from conftest import randomize
 
 pytestmark = pytest.mark.full_size

@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-import guided
-import guiders
-import images
-import lora
+from npo import guided
+from npo import guiders
+from npo import images
+from npo import lora
 import npo
-import pipeline
-from checkpoint import UserError
+from npo import pipeline
+from npo.checkpoint import UserError
 from conftest import diffusers_pipeline
 
 ATOL = 1e-4  # images in [0, 1], as tests/test_sample.py: fp32 agreement ~1e-6, a visible difference is 4e-3

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 import transformers
 from PIL import Image
 
-import blip
-import images
+from npo import blip
+from npo import images
 import npo
-import rewards
-import scorers
-from checkpoint import UserError
+from npo import rewards
+from npo import scorers
+from npo.checkpoint import UserError
 
 # A WordPiece vocabulary in bert-base-uncased's form: special tokens, punctuation, letters and their "##"
 # continuations (so every ASCII word has a spelling), and a few whole words and pieces.

@@ -1,5 +1,6 @@
 """The layout is the architecture: every import arrow points down, from the command line to training to the pipeline
-to the models, with no circle; no function is longer than about 60 lines."""
+to the models, with no circle; no function is longer than about 60 lines. The modules are one import package, `npo`:
+they import each other relatively (`from . import unet`), never by a bare top-level name, and none edits sys.path."""
 import ast
 import glob
 import os
@@ -39,32 +40,58 @@ def module_tree(name):
 
 
 def project_imports(name):
-    """The project modules `name` imports, anywhere in the file (top level or inside functions)."""
+    """The project modules `name` imports, anywhere in the file (top level or inside functions): relatively
+    (`from . import a`, `from .a import x`) or, in npo.py, through the package's name (`from npo import a`)."""
     found = set()
     for node in ast.walk(module_tree(name)):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            found.add(node.module)
+        if isinstance(node, ast.ImportFrom) and (node.level == 1 or node.module == "npo"):
+            found |= {a.name for a in node.names} if node.module in (None, "npo") else {node.module}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("npo."):
+            found.add(node.module.split(".")[1])
     return found & LAYERS.keys()
 
 
+def bare_imports(name):
+    """Project modules imported by a bare top-level name (`import clip`): in an install they do not exist."""
+    found = set()
+    for node in ast.walk(module_tree(name)):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add((node.module or "").split(".")[0])
+    return found & (LAYERS.keys() - {"npo"})
+
+
 def test_every_module_has_a_layer():
-    # benchmarks/ is not library code: a folder of its own, outside LAYERS and the wheel
     modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
     assert modules == LAYERS.keys()
 
 
-def test_the_wheel_ships_every_module():
+def test_the_wheel_is_one_package_of_this_folder():
     with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
         text = f.read()
-    listed = text[text.index("py-modules = [") + len("py-modules = ["):].split("]")[0]
-    assert {m.strip().strip('"') for m in listed.split(",") if m.strip()} == LAYERS.keys()
+    assert 'package-dir = {"npo" = "."}' in text and 'packages = ["npo"]' in text and "py-modules" not in text
 
 
 def test_imports_point_down():
     upward = [(m, d) for m in LAYERS for d in project_imports(m) if LAYERS[d] <= LAYERS[m]]
     assert upward == []
+
+
+def test_modules_import_each_other_as_one_package():
+    assert {m: bare_imports(m) for m in LAYERS if bare_imports(m)} == {}
+    # only the command line names the package; every other module is relative, so the folder can have any name
+    assert [m for m in LAYERS if m != "npo" and any(
+        isinstance(n, ast.ImportFrom) and n.level == 0 and (n.module or "").split(".")[0] == "npo"
+        for n in ast.walk(module_tree(m)))] == []
+
+
+def test_no_module_edits_sys_path():
+    editing = [m for m in LAYERS for n in ast.walk(module_tree(m))
+               if isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name)
+               and n.value.id == "sys"]
+    assert editing == []
+
 
 
 def module_lines():
@@ -74,11 +101,24 @@ def module_lines():
 
 def test_modules_are_short():
     """A reader finds each concern on its own page: no training module over 500 lines (train.py, its config, its
-    machinery and each method), no module of the project over 700."""
+    flags, its machinery and each method), no module of the project over 700."""
     lines = module_lines()
     training = {m for m in LAYERS if m == "train" or m.startswith(("train", "method_")) or m in ("machinery", "runs")}
     assert {m: n for m, n in lines.items() if m in training and n > 500} == {}
     assert {m: n for m, n in lines.items() if n > 700} == {}
+
+
+def test_benchmarks_import_no_tests_and_edit_no_path():
+    """benchmarks/ is not library code (outside LAYERS and the wheel), but it imports npo as a user would: not
+    tests/ through sys.path, and it never edits sys.path."""
+    for path in glob.glob(os.path.join(ROOT, "benchmarks", "*.py")):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"conftest", "tests", "ldm"} - {"benchmarks"}, path
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "path"
+                    and isinstance(n.value, ast.Name) and n.value.id == "sys"], path
 
 
 def test_functions_are_short():

@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-import logplot
+from npo import logplot
 
 
 def line_pixels(picture, color, panel):

@@ -9,9 +9,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import lora
-import unet
-from checkpoint import UserError
+from npo import lora
+from npo import unet
+from npo.checkpoint import UserError
 from conftest import TINY_TEXT, TINY_UNET, TINY_VAE, TOKENIZER_DIR, randomize
 
 # Same reasoning as test_unet.py: fp32 reordering noise (batched vs single rows, fused vs unfused weights, ours vs

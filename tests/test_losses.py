@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import diffusion_loss, dpo_loss, per_sample_mse, sft_loss, swap_halves, swap_pairs
+from npo.losses import diffusion_loss, dpo_loss, per_sample_mse, sft_loss, swap_halves, swap_pairs
 
 
 def random_batch(pairs=6, seed=0, shape=(4, 8, 8)):

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.distributed.run import get_args_parser
 
-import distributed
-import evaluate
+from npo import distributed
+from npo import evaluate
 import npo
-from checkpoint import UserError
+from npo.checkpoint import UserError
 from conftest import ROOT
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

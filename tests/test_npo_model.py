@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-import guided
+from npo import guided
 import ldm
-import lora
+from npo import lora
 import npo
-import pipeline
-import sampler
-from checkpoint import UserError
+from npo import pipeline
+from npo import sampler
+from npo.checkpoint import UserError
 from test_eta_model import perturbed, to01
 
 ATOL = 1e-4  # images in [0, 1]; as tests/test_sample.py

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint
+from npo import checkpoint
 import npo
-import pipeline
-from checkpoint import UserError
+from npo import pipeline
+from npo.checkpoint import UserError
 from conftest import ROOT
 
 RTOL = 1e-4  # see test_unet.py: fp32 reordering noise is ~1e-7 relative, real bugs are O(1)

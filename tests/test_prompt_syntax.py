@@ -23,13 +23,13 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-import clip
-import guided
-import lora
+from npo import clip
+from npo import guided
+from npo import lora
 import npo
-import pipeline
-import prompt_syntax
-from checkpoint import UserError
+from npo import pipeline
+from npo import prompt_syntax
+from npo.checkpoint import UserError
 from conftest import TOKENIZER_DIR, diffusers_pipeline, make_model_dir, randomize
 from test_sample import ATOL, to01
 
@@ -406,7 +406,7 @@ def test_cli_prompt_syntax(tiny_model, tmp_path, capsys):
     pipe = pipeline.load_pipeline(path)
     pipe.prompt_syntax = "a1111"
     expected = guided.generate(pipe, [prompt], [0], ["[blurry]"], steps=3, height=32, width=32)
-    from images import to_pil
+    from npo.images import to_pil
     assert np.array_equal(np.asarray(picture.convert("RGB")), np.asarray(to_pil(expected)[0]))
 
     assert npo.main(["sample", "--model", path, *SMALL, "--prompt", words(80), "--out", str(tmp_path / "p.png")]) == 0

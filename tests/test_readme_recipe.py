@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import guided
-import lora
+from npo import guided
+from npo import lora
 import npo
-import pipeline
+from npo import pipeline
 from conftest import ROOT
 
 ATOL = 1e-4  # images in [0, 1], as in test_sample.py's NPO-vs-diffusers tests

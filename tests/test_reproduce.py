@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-import guided
-import images
+from npo import guided
+from npo import images
 import npo
-import pipeline
-import reproduce
-import scorers
-import shapes
-from checkpoint import UserError
+from npo import pipeline
+from npo import reproduce
+from npo import scorers
+from npo import shapes
+from npo.checkpoint import UserError
 from conftest import ROOT, random_lora_files
 
 RECIPES = os.path.join(ROOT, "recipes")

@@ -10,18 +10,18 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-import guided
-import lora
-import machinery
-import method_reward
+from npo import guided
+from npo import lora
+from npo import machinery
+from npo import method_reward
 import npo
-import pipeline
-import rewards
-import shapes
-import train
-import trainconfig
-import trainflags
-from checkpoint import UserError
+from npo import pipeline
+from npo import rewards
+from npo import shapes
+from npo import train
+from npo import trainconfig
+from npo import trainflags
+from npo.checkpoint import UserError
 from conftest import diffusers_reference, record_calls
 
 
@@ -216,7 +216,7 @@ def test_reward_run_resumes_bit_for_bit(tiny_model, prompts_file, tmp_path):
     assert run(model, prompts_file, tmp_path / "whole", *flags, "--steps", "3") == 0
     assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "2") == 0
     assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "3", "--resume", "latest") == 0
-    from checkpoint import read_safetensors
+    from npo.checkpoint import read_safetensors
     a, b = (read_safetensors(str(tmp_path / r / "lora.safetensors")) for r in ("whole", "split"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-import guided
-import images
-import lora
+from npo import guided
+from npo import images
+from npo import lora
 import npo
-import pipeline
-import sampler
+from npo import pipeline
+from npo import sampler
 from conftest import ROOT, diffusers_pipeline
 
 # Images in [0, 1]. Ours and diffusers' agree to ~1e-6 (same fp32 ops; batching the two CFG branches in one

@@ -15,11 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import guided
-import images
+from npo import checkpoint
+from npo import guided
+from npo import images
 import npo
-import pipeline
+from npo import pipeline
 from conftest import diffusers_pipeline, random_lora_files
 from test_sample import ATOL, SD15_SCHEDULER, dpm_scheduler, to01
 
@@ -292,7 +292,7 @@ def test_sha256_file_against_hashlib(tmp_path):
     does not change when only the metadata does. Chunked reading gives the same digests."""
     import hashlib
     import struct
-    import checkpoint
+    from npo import checkpoint
     tensors = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.float16)}
     digests = []
     for k, meta in enumerate([{"ss_note": "one"}, {"ss_note": "another, longer text"}]):
@@ -314,7 +314,7 @@ def test_png_hashes_once_per_run(tmp_path, offsets, monkeypatch):
     three pictures. Computed independently here with hashlib."""
     import hashlib
     import struct
-    import checkpoint
+    from npo import checkpoint
     import ldm
     folder = str(tmp_path / "sd1")
     model = ldm.save_ldm(ldm.to_ldm(ldm.make_family_dir(folder, "sd1"), "sd1"), str(tmp_path / "my,model.safetensors"))

@@ -16,8 +16,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers import schedulers as diffusers_schedulers
 from diffusers.utils.torch_utils import randn_tensor
 
-import sampler
-from checkpoint import UserError
+from npo import sampler
+from npo.checkpoint import UserError
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
           set_alpha_to_one=False, steps_offset=1, clip_sample=False, prediction_type="epsilon",

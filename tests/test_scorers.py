@@ -10,10 +10,10 @@ import transformers
 from PIL import Image
 from safetensors.torch import save_file
 
-import clip
-import rewards
-import scorers
-from checkpoint import UserError
+from npo import clip
+from npo import rewards
+from npo import scorers
+from npo.checkpoint import UserError
 from conftest import TINY_CLIP_VISION, TOKENIZER_DIR, make_clip_dir, make_open_clip, open_clip_modules, randomize
 
 PROMPTS = ["a photo of a cat", "A red circle on a blue square, oil painting", "two dogs playing chess", "x",

@@ -14,20 +14,20 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import checkpoint
-import clip
-import data
-import guided
-import images
-import lora
-import machinery
-import method_reward
+from npo import checkpoint
+from npo import clip
+from npo import data
+from npo import guided
+from npo import images
+from npo import lora
+from npo import machinery
+from npo import method_reward
 import npo
-import pipeline
-import trainconfig
-import trainflags
-import unet
-from checkpoint import UserError
+from npo import pipeline
+from npo import trainconfig
+from npo import trainflags
+from npo import unet
+from npo.checkpoint import UserError
 from conftest import diffusers_sdxl_pipeline, write_random_pairs
 
 # Images in [0, 1]: same reasoning as test_sample.py (fp32 reordering noise ~1e-6, a visible change 4e-3).
@@ -322,7 +322,7 @@ def test_reward_step_gradient_equals_autograd_through_diffusers(tiny_sdxl, tmp_p
     """DRaFT-K on SDXL: one step's LoRA gradient (η on both branches, the negative branch SDXL's zeros, time ids of
     the training resolution) against plain autograd through diffusers' UNet with a peft adapter."""
     from diffusers import DDIMScheduler
-    import rewards
+    from npo import rewards
     model, refs = tiny_sdxl
     files, peft_model = peft_offsets(refs, tmp_path)
     prompts_file = tmp_path / "prompts.txt"

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-import rewards
-import shapes
+from npo import rewards
+from npo import shapes
 
 
 def pictures(n, seed):

@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from npo import data
 import npo
-import shards
-from checkpoint import UserError
+from npo import shards
+from npo.checkpoint import UserError
 from conftest import ROOT, within
 
 pa = pytest.importorskip("pyarrow")
@@ -133,7 +133,7 @@ def test_bad_rows_and_shards(tmp_path):
 
 PEAK = """
 import resource, sys
-import data
+from npo import data
 dataset = data.open_pairs(sys.argv[1])
 for (epoch, _), pair in dataset.rows(0):
     if epoch:
@@ -161,7 +161,7 @@ def test_training_on_shards_resumes_bit_for_bit(tiny_model, tmp_path):
     assert npo.main(["train", *flags, "--out", str(tmp_path / "whole"), "--steps", "5"]) == 0
     assert npo.main(["train", *flags, "--out", str(tmp_path / "split"), "--steps", "3"]) == 0
     assert npo.main(["train", *flags, "--out", str(tmp_path / "split"), "--steps", "5", "--resume", "latest"]) == 0
-    from checkpoint import read_safetensors
+    from npo.checkpoint import read_safetensors
     a, b = (read_safetensors(str(tmp_path / run / "lora.safetensors")) for run in ("whole", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "split" / "checkpoints" / "step-000005" / "state.pt", weights_only=True)

@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import guided
+from npo import guided
 import ldm
 import npo
-import pipeline
-import singlefile
-from checkpoint import UserError
+from npo import pipeline
+from npo import singlefile
+from npo.checkpoint import UserError
 from conftest import ROOT
 from test_train import pairs  # noqa: F401 (a fixture: six preference pairs)
 
@@ -311,8 +311,8 @@ def test_sdxl_published_configs(tmp_path):
     into our modules: transformer depths [1, 2, 10], 2816 = 1280 + 6 x 256, bigG's 1280 x 1280 projection."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    import clip
-    import unet
+    from npo import clip
+    from npo import unet
     from test_sdxl import SDXL_TEXT, SDXL_TEXT_2, SDXL_UNET
     vae_kw = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, scaling_factor=0.13025,
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import clip
+from npo import clip
 import npo
-import rewards
-import scorers
+from npo import rewards
+from npo import scorers
 from conftest import randomize
 from test_evaluate import write_folder
 

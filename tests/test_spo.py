@@ -12,18 +12,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import checkpoint
-import guided
-import lora
-import losses
-import machinery
-import method_spo
+from npo import checkpoint
+from npo import guided
+from npo import lora
+from npo import losses
+from npo import machinery
+from npo import method_spo
 import npo
-import pipeline
-import rewards
-import sampler
-import trainconfig
-import trainflags
+from npo import pipeline
+from npo import rewards
+from npo import sampler
+from npo import trainconfig
+from npo import trainflags
 from conftest import ROOT, diffusers_pipeline, random_lora_files
 
 WEIGHTS = os.path.join(ROOT, "weights")

@@ -15,17 +15,17 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-import checkpoint
-import data
-import logplot
-import lora
-import losses
-import machinery
+from npo import checkpoint
+from npo import data
+from npo import logplot
+from npo import lora
+from npo import losses
+from npo import machinery
 import npo
-import pipeline
-import runs
-import train
-import trainflags
+from npo import pipeline
+from npo import runs
+from npo import train
+from npo import trainflags
 from conftest import ROOT, diffusers_pipeline, make_model_dir, record_calls, write_random_pairs
 
 # tiny model: the VAE downsamples by 2, so 16 px images are 8x8 latents, the UNet's sample size

@@ -3,9 +3,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-import checkpoint
-import unet
-from checkpoint import UserError
+from npo import checkpoint
+from npo import unet
+from npo.checkpoint import UserError
 from conftest import randomize
 
 # fp32 on CPU: the two implementations order some reductions differently (attention, GroupNorm, conv

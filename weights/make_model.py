@@ -31,11 +31,11 @@ from safetensors.torch import save
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import checkpoint  # noqa: E402
-import clip  # noqa: E402
-import sampler  # noqa: E402
-import shapes  # noqa: E402
-import unet  # noqa: E402
+from npo import checkpoint  # noqa: E402
+from npo import clip  # noqa: E402
+from npo import sampler  # noqa: E402
+from npo import shapes  # noqa: E402
+from npo import unet  # noqa: E402
 
 # norm_num_groups 4: at least 4 channels per group everywhere (SD's VAE has 4 at its widest level). With one channel
 # per group, the decoder's last GroupNorm would erase each channel's absolute level, i.e. the colors of flat regions.
