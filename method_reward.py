@@ -52,11 +52,11 @@ def micro_step(run, prompts):
         pos = pipe.conditioning(chosen, pipe.time_ids(size, size))
         neg = pipe.negative_conditioning(None, pos)  # "", or SDXL's zeros: diffusers without a negative prompt
         weights = branch_weights(config, run.files, len(chosen), device)
-        guided = guided.guided_denoiser(unet, neg, pos, config.guidance, weights)
+        guide = guided.guided_denoiser(unet, neg, pos, config.guidance, weights)
 
         def denoise(x, t):  # the UNet under autocast (--mixed-precision); the DDIM update in x's dtype
             with amp.autocast():
-                return guided(x, t).to(x.dtype)
+                return guide(x, t).to(x.dtype)
         for i, (t, a_t, a_prev) in enumerate(steps):
             if i < len(steps) - config.grad_steps:
                 with torch.no_grad():

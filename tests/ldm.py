@@ -3,7 +3,7 @@ SDXL family, built on conftest.make_sdxl_dir. The SDXL family keeps the rules a 
 others do (64-dim heads, 32 groups, 256 features per size id)."""
 import os
 
-from benchmarks.ldm import TEXT, VAE, make_family_dir, save_ldm, to_ldm  # noqa: F401 -- the tests' names for them
+from benchmarks.ldm import FAMILIES, TEXT, VAE, make_family_dir, save_ldm, to_ldm  # noqa: F401 -- the tests' names for them
 
 # SDXL: no attention on the first level, a transformer depth per level ([1, 2, 10] in SDXL base; 1 where a level does
 # not attend; the mid block has the last level's), a context of both encoders' widths (128 + 192), the added

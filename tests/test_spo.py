@@ -407,7 +407,7 @@ def test_two_gloo_processes_equal_one_with_the_combined_batch(tiny_model, prompt
     (["--spo-threshold", "1"], "--spo-threshold must lie in [0, 1)"),
     (["--spo-threshold=-0.1"], "--spo-threshold must lie in [0, 1)"),
     (["--spo-score-scale", "0"], "--spo-score-scale must be a positive"),
-    (["--spo-beta", "nan"], "--spo-beta must be a positive"),
+    (["--spo-beta", "0"], "--spo-beta must be a positive"),
     (["--spo-clip", "1"], "--spo-clip must lie in (0, 1)"),
     (["--spo-plain-steps", "4"], "--spo-plain-steps must lie in [0, --sample-steps)"),
     (["--ddim-eta", "0"], "--ddim-eta must be a positive"),
@@ -421,6 +421,15 @@ def test_bad_spo_flags(tiny_model, prompts_file, tmp_path, capsys, flags, words)
     assert run(model, prompts_file, tmp_path / "o", "--reward", "rewards:brightness", *flags) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_non_finite_spo_numbers_are_refused_by_the_parser(tiny_model, prompts_file, tmp_path, capsys):
+    model, _ = tiny_model
+    for flag in ("--spo-beta", "--spo-threshold", "--spo-score-scale", "--spo-clip"):
+        with pytest.raises(SystemExit) as e:
+            run(model, prompts_file, tmp_path / "o", "--reward", "rewards:brightness", flag, "nan")
+        assert e.value.code == 2 and "not a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("method", ["dpo", "ddpo"])
