@@ -405,7 +405,7 @@ def head_widths(state, prefix="mlp.layers."):
 def load_imagereward(folder, dtype=torch.float32, device="cpu"):
     """ImageReward from the user's folder: the published `ImageReward.pt` (a plain state dict, read with
     `torch.load(weights_only=True)`), its `med_config.json`, and bert-base-uncased's `vocab.txt`. Frozen. ImageReward's
-    own loader calls `load_state_dict(strict=False)`, which would score with random weights for a file of other
+    own loader calls a non-strict `load_state_dict`, which would score with random weights for a file of other
     names; here every key must match."""
     if not os.path.isdir(folder):
         raise UserError(f"imagereward:{folder}: {folder} is not a folder; pass imagereward:DIR, a folder holding "
