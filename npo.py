@@ -9,14 +9,12 @@
     python npo.py extract-lora --base SD15 --tuned ft.safetensors --rank 64 --out eta.safetensors   # η as a LoRA
 
 This file is the command line only: one argparse with subcommands, each a thin shell over functions the tests call
-directly (pipeline.py: loading and eq. 10; train.py: training; evaluate.py: scoring samples; experiment.py: the
-experiment).
+directly (sample.py: the sample command; pipeline.py: loading; guided.py: eq. 10 and generate; train.py: training;
+evaluate.py: scoring samples; experiment.py, reproduce.py: the experiment and the paper's tables).
 """
 import argparse
 import json
-import math
 import os
-import re
 import sys
 import time
 
@@ -29,24 +27,8 @@ import torch
 if __name__ == "npo":
     __path__ = [os.path.dirname(os.path.abspath(__file__))]
 
-from npo import checkpoint  # noqa: E402
-from npo import data  # noqa: E402
-from npo import distributed  # noqa: E402
-from npo import evaluate  # noqa: E402
-from npo import experiment  # noqa: E402
-from npo import extract  # noqa: E402
-from npo import guided  # noqa: E402
-from npo import guiders  # noqa: E402
-from npo import images  # noqa: E402
-from npo import lora  # noqa: E402
-from npo import pipeline  # noqa: E402
-from npo import prompt_syntax  # noqa: E402
-from npo import reproduce  # noqa: E402
-from npo import sample  # noqa: E402
-from npo import sampler  # noqa: E402
-from npo import train  # noqa: E402
-from npo import trainconfig  # noqa: E402
-from npo import trainflags  # noqa: E402
+from npo import (distributed, evaluate, experiment, extract, guided, guiders, lora, pipeline, reproduce,  # noqa: E402
+                 sample, sampler, train, trainconfig, trainflags)
 from npo.checkpoint import UserError, finite_float  # noqa: E402
 from npo.pipeline import DEFAULT_MODEL  # noqa: E402
 
