@@ -4,8 +4,9 @@ the CPU, a check that the command works.
     python -m benchmarks.gpu [--out gpu.md] [--size 64] [--repeats 10] [--sdxl full|small|none] [--cpu] [--tiny]
 
 Rows: one UNet forward in fp16 / bf16 / under torch.compile, a guided step of NPO against plain CFG, a Diffusion-DPO
-step against diffusers' recipe, and SDXL's UNet and NPO step. Times are the median of --repeats after a warm-up,
-waiting for the device; memory is torch.cuda.max_memory_allocated above what was allocated before (harness.py).
+step against diffusers' recipe, an SPO epoch against its sampling, and SDXL's UNet and NPO step. Times are the
+median of --repeats after a warm-up, waiting for the device; memory is torch.cuda.max_memory_allocated above what was
+allocated before (harness.py).
 """
 import argparse
 import os
@@ -86,6 +87,16 @@ def gpu_train_rows(device, weights, size):
             ("DPO step, diffusers recipe, fp32", recipe["seconds"], float("nan"), (recipe["seconds"], 0))]
 
 
+def gpu_spo_rows(device, weights, size):
+    """One SPO epoch (`--method spo`: 1 prompt, 20 DDIM steps of which 4 plain, k = 4, threshold 0 so every candidate
+    step keeps a pair; fp32) against its sampling alone (`method_spo.rollout`)."""
+    from benchmarks import spo
+    from npo import pipeline
+    r = spo.spo_epoch(pipeline.load_pipeline(weights, device=device), device, size, 20, 4, 4)
+    return [("SPO epoch (sampling + update), fp32", r["epoch"], float("nan"), (r["sampling"], 0)),
+            ("SPO sampling alone, fp32", r["sampling"], float("nan"), (r["sampling"], 0))]
+
+
 def gpu_sdxl_rows(device, weights, preset, size, repeats):
     """SDXL (latent 128: 1024 px): one UNet forward (batch 2), ours vs diffusers, and a guided step, NPO (η and δ
     unmerged, rank 8) vs plain CFG; fp16 (bf16 on the CPU). `preset` "small" is SDXL's layout at toy size."""
@@ -121,7 +132,7 @@ def cmd_gpu(args):
              "| what | s | vs reference | peak GiB above weights |", "|---|---|---|---|"]
     rows = gpu_unet_rows(device, weights, args.size, args.repeats) + gpu_sampling_rows(device, weights, args.size, args.repeats)
     if not args.skip_train:
-        rows += gpu_train_rows(device, weights, args.size)
+        rows += gpu_train_rows(device, weights, args.size) + gpu_spo_rows(device, weights, args.size)
     if args.sdxl != "none":
         lines[0] += f"; SDXL-shaped ({args.sdxl}) at latent {args.sdxl_size}x{args.sdxl_size} ({8 * args.sdxl_size} px)"
         rows += gpu_sdxl_rows(device, weights, args.sdxl, args.sdxl_size, args.repeats)
@@ -140,7 +151,7 @@ def main():
     p.add_argument("--cpu", action="store_true", help="run on the CPU even if CUDA is there (a check that it runs)")
     p.add_argument("--tiny", action="store_true", help="tiny random weights instead of SD1.5-shaped ones (a quick check)")
     p.add_argument("--weights", default=None, help="folder for the random weights (default: NPO_BENCH_DIR)")
-    p.add_argument("--skip-train", action="store_true", help="leave out the DPO step rows")
+    p.add_argument("--skip-train", action="store_true", help="leave out the DPO step and SPO epoch rows")
     p.add_argument("--sdxl", choices=["full", "small", "none"], default="full",
                    help="SDXL rows: SDXL base's shapes (full, default), its layout at toy size (small), or none")
     p.add_argument("--sdxl-size", type=int, default=128, help="SDXL latent side (default 128: 1024 px)")

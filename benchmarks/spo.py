@@ -54,16 +54,22 @@ def peak_gib():
 
 def bench(args):
     torch.set_num_threads(args.threads)
+    return spo_epoch(sd15_pipeline(), torch.device("cpu"), args.size, args.sample_steps, args.plain_steps,
+                     args.candidates)
+
+
+def spo_epoch(pipe, device, size, sample_steps, plain_steps, candidates):
+    """One SPO epoch of `pipe` on `device` (one micro-batch of 1 prompt, threshold 0, then the optimizer step) and
+    its sampling alone: seconds (wall and CPU), pairs kept, and peak resident GiB (sampling, update, load)."""
     out = tempfile.mkdtemp()
     with open(os.path.join(out, "prompts.txt"), "w") as f:
         f.write("a photo of a cat\n")
     config = trainconfig.TrainConfig(
         out=out, method="spo", reward="rewards:brightness", prompts_file=os.path.join(out, "prompts.txt"),
-        sample_steps=args.sample_steps, spo_plain_steps=args.plain_steps, spo_candidates=args.candidates,
-        spo_threshold=0.0, resolution=8 * args.size, device="cpu", steps=1)
+        sample_steps=sample_steps, spo_plain_steps=plain_steps, spo_candidates=candidates,
+        spo_threshold=0.0, resolution=8 * size, device=str(device), steps=1)
     trainconfig.check(config)
-    pipe = sd15_pipeline()
-    run = machinery.Run(config, pipe, out, 0, 1, torch.device("cpu"))
+    run = machinery.Run(config, pipe, out, 0, 1, device)
     machinery.setup(run, None, None)
     prompts = ["a photo of a cat"]
     load_peak = peak_gib()
@@ -71,19 +77,31 @@ def bench(args):
 
     def timed_rollout(*a):
         reset_peak()
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         result = rollout(*a)
+        sync(device)
         timings.update(sampling=time.perf_counter() - t0, sampling_cpu=time.process_time() - c0,
                        sampling_peak=peak_gib(), pairs=int(result.kept.sum()))
         reset_peak()
         return result
     method_spo.rollout = timed_rollout
-    step = method_spo.micro_step(run, prompts)
-    t0, c0 = time.perf_counter(), time.process_time()
-    metrics = step(0, 1.0)
-    train.update(run, metrics)
+    try:
+        step = method_spo.micro_step(run, prompts)
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        metrics = step(0, 1.0)
+        train.update(run, metrics)
+        sync(device)
+    finally:
+        method_spo.rollout = rollout
     epoch, epoch_cpu = time.perf_counter() - t0, time.process_time() - c0
     return dict(timings, epoch=epoch, epoch_cpu=epoch_cpu, update_peak=peak_gib(), load_peak=load_peak)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None):

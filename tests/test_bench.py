@@ -45,6 +45,7 @@ def test_gpu_command_cpu_fallback(tmp_path):
     assert names == ["UNet forward, bfloat16, ours", "UNet forward, bfloat16, diffusers",
                      "guided step, bfloat16, plain CFG", "guided step, bfloat16, NPO (η, δ unmerged)",
                      "DPO step, ours, --mixed-precision bf16", "DPO step, ours, fp32", "DPO step, diffusers recipe, fp32",
+                     "SPO epoch (sampling + update), fp32", "SPO sampling alone, fp32",
                      "SDXL UNet forward, bfloat16, ours", "SDXL UNet forward, bfloat16, diffusers",
                      "SDXL guided step, bfloat16, plain CFG", "SDXL guided step, bfloat16, NPO (η, δ unmerged)"]
     assert all(float(row[1]) > 0 for row in rows)

@@ -24,7 +24,7 @@ from npo import rewards
 from npo import sampler
 from npo import trainconfig
 from npo import trainflags
-from conftest import ROOT, diffusers_pipeline, random_lora_files
+from conftest import ROOT, diffusers_reference, make_sdxl_dir, random_lora_files
 
 WEIGHTS = os.path.join(ROOT, "weights")
 # tiny model: 16 px images are 8x8 latents; 4 sampling steps, the first plain, then 3 with 3 candidates each
@@ -45,11 +45,16 @@ def prompts_file(tmp_path_factory):
 def lora_files(tiny_model, tmp_path_factory):
     """Random η and δ LoRA files (attention layers) with small non-zero up weights: θ ≠ the reference, yet the
     step ratios stay inside SPO's clamp."""
-    files = random_lora_files(tiny_model[0], str(tmp_path_factory.mktemp("spo_loras")), [("eta", {}), ("delta", {})],
-                              seed=40)
+    return small_lora_files(tiny_model[0], str(tmp_path_factory.mktemp("spo_loras")), [("eta", {}), ("delta", {})],
+                            seed=40)
+
+
+def small_lora_files(model, folder, roles, seed):
+    """random_lora_files with their up weights × 0.1."""
+    from safetensors.torch import save_file
+    files = random_lora_files(model, folder, roles, seed=seed)
     for name, path in files.items():
         tensors = checkpoint.read_safetensors(path)
-        from safetensors.torch import save_file
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         save_file({k: v * 0.1 if k.endswith("lora_up.weight") else v for k, v in tensors.items()}, path, meta)
@@ -150,35 +155,27 @@ def our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags):
 
 
 def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, guidance=3.0, steps=4, plain=1, k=3,
-                       npo=False):
+                       npo=False, sdxl=False):
     """SPO's multi_sample_pipeline and training step on diffusers parts: each example's prompt, x_T, plain-step noise,
     candidate noises (k, C, h, w) and continuing candidate drawn from its generator as training draws them; each
     candidate DDIMScheduler.step(…, variance_noise=z) from the shared x_t; its x̂_0 the scheduler's
     pred_original_sample at the next timestep (the last step's candidates themselves), decoded by the VAE and scored by
     brightness × SCALE; SPO's compare rule; then SPO's loss over every kept pair with ddpo-pytorch's log p, its mean
-    backpropagated. The reference is the adapters' weights with the trained ones at 0. Returns (pairs as ranked,
-    kept (B, candidate steps), the peft gradient of (role, layer, part))."""
-    from diffusers import DDIMScheduler
-    pipe = diffusers_pipeline(model, refs)
-    for role, path in files.items():
-        pipe.load_lora_weights(path, adapter_name=role)
-    for name, p in pipe.unet.named_parameters():
-        p.requires_grad_(any(f".{role}." in name for role in trained) and "lora_" in name)
+    backpropagated. The reference is the adapters' weights with the trained ones at 0. `sdxl`:
+    StableDiffusionXLPipeline's conditioning (both encoders, the pooled embedding, zeros for no negative prompt, the
+    time ids of a 16 x 16 image) as the UNet's added_cond_kwargs. Returns (pairs as ranked, kept (B, candidate
+    steps), the peft gradient of (role, layer, part))."""
     gens = [machinery.example_generator(0, j) for j in range(2)]
-    chosen = [PROMPTS[int(torch.randint(2, (1,), generator=g))] for g in gens]
-    x = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-    with torch.no_grad():
-        pos, _ = pipe.encode_prompt(chosen, "cpu", 1, False)
-        neg, _ = pipe.encode_prompt([""] * 2, "cpu", 1, False)
-    scheduler = DDIMScheduler.from_pretrained(os.path.join(model, "scheduler"))
-    scheduler.set_timesteps(steps)
-    names = list(files)
+    ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
+                              lambda name: any(f".{role}." in name for role in trained) and "lora_" in name, sdxl=sdxl)
+    pipe, x, scheduler, names = ref.pipe, ref.x, ref.scheduler, ref.names
+    pos, neg = (ref.pos, ref.neg) if sdxl else ({"encoder_hidden_states": ref.pos}, {"encoder_hidden_states": ref.neg})
 
     def eps(x, t, weights=(neg_weights, pos_weights), rows=slice(None)):
         pipe.set_adapters(names, [weights[0][n] for n in names])
-        e_neg = pipe.unet(x, t, neg[rows]).sample
+        e_neg = pipe.unet(x, t, **rows_of(neg, rows)).sample
         pipe.set_adapters(names, [weights[1][n] for n in names])
-        return e_neg + guidance * (pipe.unet(x, t, pos[rows]).sample - e_neg)
+        return e_neg + guidance * (pipe.unet(x, t, **rows_of(pos, rows)).sample - e_neg)
 
     def score(latents):
         images = (refs["vae"].decode(latents / refs["vae"].config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
@@ -194,6 +191,11 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
     parts = {"down": "lora_A", "up": "lora_B"}
     grad = lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad  # noqa
     return pairs, kept, grad
+
+
+def rows_of(kwargs, rows):
+    """The UNet keyword arguments of some rows (SDXL's added_cond_kwargs is a dict of its own)."""
+    return {k: rows_of(v, rows) if isinstance(v, dict) else v[rows] for k, v in kwargs.items()}
 
 
 def reference_rollout(scheduler, eps, score, gens, x, plain, k):
@@ -262,6 +264,20 @@ def test_one_spo_step_equals_spos_on_diffusers(tiny_model, lora_files, prompts_f
     files = {"eta": lora_files["eta"]}
     ours = our_spo_step(model, files, {}, prompts_file, tmp_path, ["--npo"] * npo_flag)
     assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, npo=npo_flag))
+
+
+def test_one_spo_step_on_sdxl_equals_spos_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file, tmp_path):
+    """The same step on a tiny SDXL: both text encoders, the pooled embedding and the time ids condition each branch
+    (the unconditional one zeros) in the rollout, the candidates' x̂_0 and the loss. The folder's DDIM config is SDXL
+    base's (set_alpha_to_one false, leading timesteps with offset 1), under which the last step keeps a density."""
+    from diffusers import DDIMScheduler
+    model = str(tmp_path_factory.mktemp("spo_sdxl"))
+    refs = make_sdxl_dir(model, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                                                        beta_schedule="scaled_linear", set_alpha_to_one=False,
+                                                        steps_offset=1, timestep_spacing="leading"))
+    files = small_lora_files(model, str(tmp_path_factory.mktemp("spo_sdxl_lora")), [("eta", {})], seed=41)
+    ours = our_spo_step(model, files, {}, prompts_file, tmp_path, [])
+    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, sdxl=True))
 
 
 def test_uncond_branch_step_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
