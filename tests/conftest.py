@@ -306,3 +306,15 @@ def make_open_clip(seed=0):
     vision = model.CLIPVisionCfg(layers=2, width=192, head_width=64, mlp_ratio=2, patch_size=32, image_size=224)
     text = model.CLIPTextCfg(context_length=77, vocab_size=49408, width=128, heads=2, layers=2, mlp_ratio=2)
     return randomize(model.CLIP(16, vision, text), seed).eval()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Torch on one thread, as each rank of a gloo test runs (OMP_NUM_THREADS=1): the one-process side of a DDP
+    comparison then sums in the same order, so what differs is DDP's alone."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

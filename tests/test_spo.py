@@ -24,7 +24,7 @@ from npo import rewards
 from npo import sampler
 from npo import trainconfig
 from npo import trainflags
-from conftest import ROOT, diffusers_reference, make_sdxl_dir, random_lora_files
+from conftest import ROOT, diffusers_reference, make_sdxl_dir, one_thread, random_lora_files
 
 WEIGHTS = os.path.join(ROOT, "weights")
 # tiny model: 16 px images are 8x8 latents; 4 sampling steps, the first plain, then 3 with 3 candidates each
@@ -406,12 +406,8 @@ def test_two_gloo_processes_equal_one_with_the_combined_batch(tiny_model, prompt
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             timeout=300)
     assert result.returncode == 0, result.stderr
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread, as each rank runs: the same summation order, so what differs is DDP's
-    try:
+    with one_thread():
         assert run(model, prompts_file, tmp_path / "one", *flags) == 0
-    finally:
-        torch.set_num_threads(threads)
     for a, b in zip(logged(tmp_path / "ddp"), logged(tmp_path / "one"), strict=True):
         for key in ("loss", "pairs", "reward", "grad_norm", "kept_01", "kept_03"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), key
