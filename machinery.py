@@ -170,11 +170,6 @@ def model_fingerprint(unet):
 # ----------------------------------------------------------------------------------------------------------
 # Data parallelism (torchrun): every rank runs the same loop on its own examples; rank 0 writes the files.
 
-def ranks():
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) without it."""
-    return tuple(int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-
-
 def init_distributed(device, world_size, local_rank):
     """Join the process group of a run of several ranks (NCCL on CUDA, rank r on cuda:LOCAL_RANK; else gloo);
     returns this rank's device."""

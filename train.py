@@ -41,6 +41,7 @@ import os
 
 import torch
 
+from . import distributed
 from . import machinery
 from . import method_ddpo
 from . import method_dpo
@@ -64,7 +65,7 @@ def train(config):
     trainconfig.check(config)
     method = METHODS[config.method]
     out = os.path.abspath(config.out)
-    rank, world_size, local_rank = machinery.ranks()
+    rank, world_size, local_rank = distributed.world()
     inputs = method.read_inputs(config, world_size)
     state, resume_from = machinery.find_start(config, out, say=print if rank == 0 else lambda m: None)
     device = pipeline.resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
