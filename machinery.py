@@ -154,6 +154,7 @@ def run_settings(run, fingerprint):
         init_lora=os.path.abspath(config.init_lora) if config.init_lora else None,
         # table 7's options; None when off, as in checkpoints older than them (so resuming those warns of nothing)
         perturb_prompts=config.perturb_prompts or None, corrupt=config.corrupt,
+        frames=config.frames, score_frames=config.score_frames,  # video models (None: the defaults, or an image)
         **{f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name.startswith("spo_")})
 
 
@@ -401,9 +402,11 @@ def checkpoint_unet_blocks(unet):
     """Gradient checkpointing: every resnet and transformer of the UNet keeps only its inputs in the forward pass
     and recomputes its activations in the backward pass (torch.utils.checkpoint, non-reentrant: the frozen inputs
     need no grad for the LoRA weights inside to get theirs). The down/upsampling convs between them are cheap to
-    keep and are not recomputed; this is the granularity diffusers' UNet checkpoints at, too."""
+    keep and are not recomputed; this is the granularity diffusers' UNet checkpoints at, too. A video UNet's temporal
+    convs and transformers (video.py) are checkpointed the same way."""
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
-        for layer in [*block.resnets, *(block.attentions or [])]:
+        temporal = [*getattr(block, "temp_convs", []), *(getattr(block, "temp_attentions", None) or [])]
+        for layer in [*block.resnets, *(block.attentions or []), *temporal]:
             layer.forward = _recomputed(layer.forward)
 
 

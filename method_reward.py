@@ -1,5 +1,5 @@
-"""--method reward: differentiable-reward fine-tuning through the sampler (DRaFT-K, Clark et al. 2024; AlignProp),
-on R for η or on 1 − R for NPO's δ (paper eq. 7).
+"""--method reward: differentiable-reward fine-tuning through the sampler (DRaFT-K, Clark et al. 2024; AlignProp;
+VADER, Prabhudesai et al. 2024, on video models), on R for η or on 1 − R for NPO's δ (paper eq. 7).
 
     python npo.py train --method reward --reward shapes:reward --prompts-file p.txt --out runs/r --npo   # eq. 7
     python npo.py train --method reward ... --train-branch uncond --lora eta.safetensors   # δ on ε_neg only
@@ -8,6 +8,12 @@ One micro-step samples each example from noise with DDIM and CFG, the offsets on
 last K denoising steps (each UNet call checkpointed), decodes, and minimizes −R(x_0, c) (δ: −(1 − R)). With
 --train-branch uncond the trained offset is δ on the unconditional branch only, beside a frozen η (--lora):
 `machinery.branch_weights`.
+
+On a video model (VADER) the same loop runs on 5-D latents (B, C, F, h, w): x_T as diffusers' TextToVideoSDPipeline
+draws it, the batched CFG forward of eq. 10 unchanged (the LoRA multipliers follow the batch-major folds of the
+video UNet), and instead of decoding every frame, --score-frames N frames of each video, chosen at random, are
+decoded one by one and scored with the image reward; the video's reward is their mean. VADER's own default is
+K = 1 and one random frame; the authors' VADER-NPO (DR-Video-NPO) is --train-branch uncond --lora ETA.
 """
 import torch
 import torch.utils.checkpoint
@@ -16,10 +22,12 @@ from . import data
 from . import guided
 from . import sampler
 from . import trainconfig
-from .machinery import branch_weights, draw_prompt, example_generator
+from .checkpoint import UserError
+from .machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator
 from .trainconfig import DTYPES
 
 SHOWN = ("reward",)  # printed beside the loss (the log file has every metric)
+DEFAULT_FRAMES = 16  # diffusers' TextToVideoSDPipeline's num_frames (and VideoCrafter2's temporal length)
 
 
 def read_inputs(config, world_size):
@@ -35,11 +43,15 @@ def describe(config, prompts):
 
 def micro_step(run, prompts):
     """Sample each example from noise with DDIM and CFG, the offsets on; gradients flow only through the last K
-    (--grad-steps) denoising steps, each UNet call of which is checkpointed; decode; loss = −R (δ: −(1 − R)).
+    (--grad-steps) denoising steps, each UNet call of which is checkpointed; decode (a video: its scored frames);
+    loss = −R (δ: −(1 − R)).
 
     The offsets run on the CFG branches that `branch_weights` gives."""
     config, pipe, device, amp = run.config, run.pipe, run.device, run.amp
     unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[config.dtype]
+    frames, scored = video_frames(config, pipe)
+    if config.gradient_checkpointing:  # inside each checkpointed UNet call, its recomputation checkpoints every block
+        checkpoint_unet_blocks(unet)
     schedule = pipe.ddim_config()
     steps = sampler.ddim_steps(schedule, config.sample_steps)
     objective = trainconfig.reward_objective(config, prompts)  # R, or 1 − R with --npo
@@ -48,7 +60,7 @@ def micro_step(run, prompts):
     def step(first, weight):
         gens = [example_generator(config.seed, first + j) for j in range(config.batch_size)]
         chosen = [draw_prompt(prompts, g) for g in gens]
-        x = sampler.initial_latents(gens, size, size, channels, device, dtype, vae.downscale)
+        x = initial_noise(gens, size, channels, frames, device, dtype, vae.downscale)
         pos = pipe.conditioning(chosen, pipe.time_ids(size, size))
         neg = pipe.negative_conditioning(None, pos)  # "", or SDXL's zeros: diffusers without a negative prompt
         weights = branch_weights(config, run.files, len(chosen), device)
@@ -64,10 +76,49 @@ def micro_step(run, prompts):
             else:  # one of the last K steps: keep its graph, but only its inputs in memory
                 out = torch.utils.checkpoint.checkpoint(denoise, x, t, use_reentrant=False)
                 x = sampler.ddim_step(x, out, a_t, a_prev, schedule)
-        pixels = vae.decode(x.to(next(vae.parameters()).dtype) / vae.scaling_factor)
-        scores = objective((pixels.float() / 2 + 0.5).clamp(0, 1), chosen)
+        pixels = decode_scored(vae, x, scored, gens)  # (B·N, 3, H, W): N scored frames per example (1 for images)
+        per_image = objective((pixels.float() / 2 + 0.5).clamp(0, 1), [p for p in chosen for _ in range(scored or 1)])
+        scores = per_image.view(len(chosen), -1).mean(1)  # a video's reward: the mean over its scored frames
         loss = -scores.mean()
         amp.backward(loss * weight)
         r = (1 - scores) if config.npo else scores  # the reward R itself is logged, also when training 1 − R
         return {"loss": loss.item(), "reward": r.mean().item()}
     return step
+
+
+def video_frames(config, pipe):
+    """(frames per video, frames scored per video) of a video model; (None, None) for an image model, which
+    refuses --frames and --score-frames. Checked here, once the model has loaded and says which it is."""
+    if not pipe.is_video:
+        given = [flag for flag, v in (("--frames", config.frames), ("--score-frames", config.score_frames)) if v]
+        if given:
+            flags = " and ".join(given)
+            raise UserError(f"{flags} only apply to video models, and {config.model or 'the embedded model'} is an "
+                            f"image model; drop {flags}, or pass --model a video model.")
+        return None, None
+    frames, scored = config.frames or DEFAULT_FRAMES, config.score_frames or 1
+    if scored > frames:
+        raise UserError(f"--score-frames {scored} exceeds the {frames} frames of each video; pass --score-frames "
+                        f"at most {frames}, or more --frames.")
+    return frames, scored
+
+
+def initial_noise(gens, size, channels, frames, device, dtype, downscale):
+    """x_T ~ N(0, I), one draw per example from its generator: (B, C, h, w) for an image model; for a video model
+    (B, C, F, h, w), one (1, C, F, h, w) draw per generator, as diffusers' TextToVideoSDPipeline draws it."""
+    if frames is None:
+        return sampler.initial_latents(gens, size, size, channels, device, dtype, downscale)
+    return sampler.randn((len(gens), channels, frames, size // downscale, size // downscale), gens).to(device, dtype)
+
+
+def decode_scored(vae, x, scored, gens, chunk=8):
+    """The images the reward scores, (B·N, 3, H, W) in [−1, 1], with their graph: an image model's x_0 decoded; for
+    a video, N frames of each, chosen without repetition from the example's generator (its draw after the prompt
+    and x_T, so a resumed run chooses the same), decoded as images (`video.decode_frames` without its no_grad: the
+    VAE sees single frames, at most `chunk` per call)."""
+    x = x.to(next(vae.parameters()).dtype) / vae.scaling_factor
+    if scored is None:
+        return vae.decode(x)
+    picks = [torch.randperm(x.shape[2], generator=g)[:scored].sort().values for g in gens]
+    rows = torch.cat([x[b][:, p.to(x.device)].transpose(0, 1) for b, p in enumerate(picks)])  # (B·N, C, h, w)
+    return torch.cat([vae.decode(part) for part in rows.split(chunk)])

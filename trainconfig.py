@@ -34,6 +34,7 @@ METHOD_FLAGS = {
     "reward": SAMPLING_METHODS, "reward_range": SAMPLING_METHODS, "reward_sigmoid": SAMPLING_METHODS,
     "prompts_file": SAMPLING_METHODS, "sample_steps": SAMPLING_METHODS, "guidance": SAMPLING_METHODS,
     "joint": ("reward", "ddpo"), "train_branch": SAMPLING_METHODS, "lora": SAMPLING_METHODS, "grad_steps": ("reward",),
+    "frames": ("reward",), "score_frames": ("reward",),
     "ddim_eta": ("ddpo", "spo"), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
     "adv_clip": ("ddpo",), "timestep_fraction": ("ddpo",),
     **{name: ("spo",) for name in ("spo_candidates", "spo_threshold", "spo_score_scale", "spo_plain_steps",
@@ -77,6 +78,8 @@ class TrainConfig:
     prompts_file: str = None
     sample_steps: int = None
     grad_steps: int = None
+    frames: int = None  # video models only; None: method_reward.DEFAULT_FRAMES
+    score_frames: int = None  # video models only; None: 1, VADER's one random frame
     guidance: float = None
     joint: bool = False
     train_branch: str = None
@@ -189,6 +192,9 @@ def check(config):
         if config.method == "reward" and config.grad_steps > config.sample_steps:
             raise UserError(f"--grad-steps {config.grad_steps} exceeds --sample-steps {config.sample_steps}; "
                             "K counts the last of the sampling steps.")
+        if config.frames is not None and config.score_frames is not None and config.score_frames > config.frames:
+            raise UserError(f"--score-frames {config.score_frames} exceeds --frames {config.frames}; score at most "
+                            "every frame of the video.")
     elif not config.data:
         raise UserError(f"--method {config.method} trains on preference pairs; pass --data pairs.jsonl "
                         "(or a w/+l/ folder, or a .parquet file).")
@@ -268,7 +274,9 @@ def _check_numbers(config):
     positive = {"--rank": config.rank, "--batch-size": config.batch_size, "--grad-accum": config.grad_accum,
                 "--steps": config.steps, "--log-every": config.log_every, "--validation-steps": config.validation_steps,
                 "--sample-steps": config.sample_steps, "--grad-steps": config.grad_steps,
-                "--sample-batches": config.sample_batches, "--inner-epochs": config.inner_epochs}
+                "--sample-batches": config.sample_batches, "--inner-epochs": config.inner_epochs,
+                **{flag: value for flag, value in (("--frames", config.frames), ("--score-frames", config.score_frames))
+                   if value is not None}}
     for flag, value in positive.items():
         if value < 1:
             raise UserError(f"{flag} must be at least 1 (got {value}).")

@@ -46,7 +46,7 @@ def add_arguments(p):
 # What "not given" means for the fields whose default is None and that no method fills in
 UNSET = {"model": "the embedded model in weights/", "device": "cuda if available, else cpu",
          "lora_alpha": "alpha = rank, scale 1", "resolution": "the model's own size", "lora": "none, base + δ",
-         "resume": "none, a fresh run"}
+         "resume": "none, a fresh run", "frames": "16, diffusers' text-to-video default", "score_frames": "1"}
 
 
 def default_text(name):
@@ -100,6 +100,10 @@ def _add_reward_arguments(g):
     g.add_argument("--sample-steps", type=int, help="DDIM steps of each training sample")
     g.add_argument("--grad-steps", type=int,
                    help="reward: K, gradients flow through the last K denoising steps only (DRaFT-K)")
+    g.add_argument("--frames", type=int, help="reward on a video model: frames of each training video")
+    g.add_argument("--score-frames", type=int,
+                   help="reward on a video model: frames of each video decoded and scored (chosen at random per video, "
+                        "from its seeded generator); the reward is their mean (VADER scores one random frame)")
     g.add_argument("--guidance", type=finite_float, help="CFG scale of the training samples")
     g.add_argument("--joint", action="store_true",
                    help="train η (conditional branch) and δ (unconditional branch) at once in the eq. 10 "
