@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 from . import data
 from . import guided
+from . import rewards
 from . import sampler
 from . import trainconfig
 from .checkpoint import UserError
@@ -49,12 +50,12 @@ def micro_step(run, prompts):
     The offsets run on the CFG branches that `branch_weights` gives."""
     config, pipe, device, amp = run.config, run.pipe, run.device, run.amp
     unet, vae, dtype = pipe.unet, pipe.vae, DTYPES[config.dtype]
-    frames, scored = video_frames(config, pipe)
+    objective = trainconfig.reward_objective(config, prompts)  # R, or 1 − R with --npo
+    frames, scored = video_frames(config, pipe, objective)
     if config.gradient_checkpointing:  # inside each checkpointed UNet call, its recomputation checkpoints every block
         checkpoint_unet_blocks(unet)
     schedule = pipe.ddim_config()
     steps = sampler.ddim_steps(schedule, config.sample_steps)
-    objective = trainconfig.reward_objective(config, prompts)  # R, or 1 − R with --npo
     size, channels = config.resolution, unet.config.in_channels
 
     def step(first, weight):
@@ -77,8 +78,7 @@ def micro_step(run, prompts):
                 out = torch.utils.checkpoint.checkpoint(denoise, x, t, use_reentrant=False)
                 x = sampler.ddim_step(x, out, a_t, a_prev, schedule)
         pixels = decode_scored(vae, x, scored, gens)  # (B·N, 3, H, W): N scored frames per example (1 for images)
-        per_image = objective((pixels.float() / 2 + 0.5).clamp(0, 1), [p for p in chosen for _ in range(scored or 1)])
-        scores = per_image.view(len(chosen), -1).mean(1)  # a video's reward: the mean over its scored frames
+        scores = reward_of(objective, (pixels.float() / 2 + 0.5).clamp(0, 1), chosen)
         loss = -scores.mean()
         amp.backward(loss * weight)
         r = (1 - scores) if config.npo else scores  # the reward R itself is logged, also when training 1 − R
@@ -86,21 +86,40 @@ def micro_step(run, prompts):
     return step
 
 
-def video_frames(config, pipe):
-    """(frames per video, frames scored per video) of a video model; (None, None) for an image model, which
-    refuses --frames and --score-frames. Checked here, once the model has loaded and says which it is."""
+def video_frames(config, pipe, objective):
+    """(frames per video, frames scored per video) of a video model: every frame for a reward of whole clips
+    (`rewards.scores_videos`); (None, None) for an image model, which refuses --frames, --score-frames and a clip
+    reward. Checked here, once the model has loaded and says which it is."""
+    clips = rewards.scores_videos(objective)
     if not pipe.is_video:
         given = [flag for flag, v in (("--frames", config.frames), ("--score-frames", config.score_frames)) if v]
+        model = config.model or "the embedded model"
         if given:
             flags = " and ".join(given)
-            raise UserError(f"{flags} only apply to video models, and {config.model or 'the embedded model'} is an "
-                            f"image model; drop {flags}, or pass --model a video model.")
+            raise UserError(f"{flags} only apply to video models, and {model} is an image model; drop {flags}, "
+                            "or pass --model a video model.")
+        if clips:
+            raise UserError(f"the reward {config.reward} scores videos, and {model} is an image model; pass --model "
+                            "a video model, or an image reward.")
         return None, None
-    frames, scored = config.frames or DEFAULT_FRAMES, config.score_frames or 1
+    frames = config.frames or DEFAULT_FRAMES
+    if clips and config.score_frames is not None:
+        raise UserError(f"--score-frames does nothing with {config.reward}, which scores whole videos (all "
+                        f"{frames} frames); drop it.")
+    scored = frames if clips else config.score_frames or 1
     if scored > frames:
         raise UserError(f"--score-frames {scored} exceeds the {frames} frames of each video; pass --score-frames "
                         f"at most {frames}, or more --frames.")
     return frames, scored
+
+
+def reward_of(objective, images, prompts):
+    """Each example's reward from its decoded images (B·N, 3, H, W) in [0, 1]: an image's score; for a video, the
+    mean of its N scored frames' scores, or a clip reward's score of the whole (B, F, 3, H, W) video."""
+    n = len(images) // len(prompts)
+    if rewards.scores_videos(objective):
+        return objective(images.view(len(prompts), n, *images.shape[1:]), prompts)
+    return objective(images, [p for p in prompts for _ in range(n)]).view(len(prompts), n).mean(1)
 
 
 def initial_noise(gens, size, channels, frames, device, dtype, downscale):

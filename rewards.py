@@ -76,6 +76,12 @@ def is_bounded(r):
     return getattr(r, "bounded", None)
 
 
+def scores_videos(r):
+    """Whether the reward scores whole clips (B, F, 3, H, W) rather than images (B, 3, H, W): it says so with
+    `r.video = True` (e.g. shapes.video_reward, which follows the shape across the frames)."""
+    return bool(getattr(r, "video", False))
+
+
 def name_of(r):
     return getattr(r, "__name__", type(r).__name__)
 
@@ -84,7 +90,7 @@ def _wrapped(r, fn, name, bounded):
     """`fn` as a reward derived from `r`: r's differentiability, timestep awareness and prompt check, the given
     bounds and name."""
     fn.differentiable, fn.bounded, fn.__name__ = is_differentiable(r), bounded, name
-    fn.timestep_aware = takes_timesteps(r)
+    fn.timestep_aware, fn.video = takes_timesteps(r), scores_videos(r)
     if hasattr(r, "check_prompts"):
         fn.check_prompts = r.check_prompts
     return fn
@@ -128,11 +134,12 @@ def check_prompts(r, prompts):
 
 
 def probe(r, prompts, size=64):
-    """Call the reward once on 2 random images that require grad. Returns whether it is differentiable: what it
-    states, else whether its scores depend on the pixels through autograd. Raises a UserError if it fails or its
-    scores are malformed."""
+    """Call the reward once on 2 random images (a reward of clips: 2 random clips of 4 frames) that require grad.
+    Returns whether it is differentiable: what it states, else whether its scores depend on the pixels through
+    autograd. Raises a UserError if it fails or its scores are malformed."""
     prompts = (list(prompts) * 2)[:2]
-    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    shape = (2, 4, 3, size, size) if scores_videos(r) else (2, 3, size, size)
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
     try:
         scores = r(images, prompts)
     except UserError:

@@ -61,3 +61,13 @@ def test_single_file_loads_in_a_fresh_process(tmp_path, monkeypatch):
     child = harness.run_child("benchmarks.files", "_load", single, threads=1)
     here = files.load_one(folder)
     assert child["weights_gib"] == here["weights_gib"] > 0 and child["seconds"] > 0
+
+
+def test_vader_memory_command_at_toy_size(tmp_path):
+    """benchmarks.vader at toy size: a row per sampling-step count at K = 1 and the contrast row with a graph through
+    every step (K = steps), each with its time and the training loop's peak memory."""
+    out = run_benchmark(tmp_path, "benchmarks.vader", "--tiny", "--size", "8", "--frames", "3", "--sample-steps", "1,2",
+                        "--threads", "1")
+    rows = table_rows(out)
+    assert [(row[0].removeprefix("| "), row[1]) for row in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 and float(row[4].removesuffix(" |")) > 0 for row in rows)

@@ -13,6 +13,19 @@ from npo.checkpoint import read_safetensors
 PROMPTS = ["a red circle", "a blue square"]
 FAST = ["--method", "reward", "--resolution", "16", "--log-every", "1", "--device", "cpu", "--guidance", "3",
         "--reward", "rewards:brightness"]
+CLIP_REWARD = '''
+import torch
+
+
+def brightening(videos, prompts):
+    """A reward of whole clips (B, F, 3, H, W) in [0, 1]: the frames' brightness weighted by their place in the clip,
+    frame f by f + 1, so that the later frames count more."""
+    weights = torch.arange(1, videos.shape[1] + 1, dtype=videos.dtype)
+    return (videos.mean(dim=(2, 3, 4)) * weights).sum(1) / weights.sum()
+
+
+brightening.video = True
+'''
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +41,16 @@ def video_loras(tiny_video_dir, tmp_path_factory):
     to_v of every spatial and temporal attention), δ on the default ones."""
     specs = [("eta", dict(alpha=2, targets=("to_q", "to_k", "to_v"))), ("delta", dict(alpha=2))]
     return random_lora_files(tiny_video_dir, str(tmp_path_factory.mktemp("video_loras")), specs, seed=20)
+
+
+@pytest.fixture
+def clip_reward(tmp_path, monkeypatch):
+    """`--reward clip_reward:brightening`, a user's reward of whole clips, importable from the working folder."""
+    (tmp_path / "clip_reward.py").write_text(CLIP_REWARD)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(CLIP_REWARD, namespace)
+    return namespace["brightening"]
 
 
 def our_gradients(model, files, prompts_file, tmp_path, flags):
@@ -71,12 +94,12 @@ def lora_by_hand(unet, path, role, multiplier):
     return leaves
 
 
-def reference_gradients(model, files, frames, scored, steps, k, guidance, neg_weights, pos_weights):
+def reference_gradients(model, files, frames, scored, steps, k, guidance, neg_weights, pos_weights, clips=None):
     """The same micro-step from diffusers' parts: each example's prompt, x_T (1, C, F, h, w) and scored frames (a
     permutation's first `scored`, sorted) drawn from its generator in that order; DDIM (DDIMScheduler) with CFG as two
     forwards of UNet3DConditionModel, the LoRAs at `neg_weights` for ε_neg and `pos_weights` for ε_pos, the first
     steps − k under no_grad; each scored frame decoded alone; loss = −mean over videos of the frames' mean
-    brightness; a plain backward."""
+    brightness (or of `clips`, a reward of the whole (1, F, 3, H, W) clip); a plain backward."""
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
     pipe = TextToVideoSDPipeline.from_pretrained(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -101,7 +124,10 @@ def reference_gradients(model, files, frames, scored, steps, k, guidance, neg_we
     for b in range(2):
         frames_b = [vae.decode(x[b:b + 1, :, f] / vae.config.scaling_factor).sample for f in picks[b].tolist()]
         images = (torch.cat(frames_b) / 2 + 0.5).clamp(0, 1)
-        per_video.append(rewards.brightness(images, [chosen[b]] * len(frames_b)).mean())
+        if clips is not None:
+            per_video.append(clips(images[None], [chosen[b]])[0])
+        else:
+            per_video.append(rewards.brightness(images, [chosen[b]] * len(frames_b)).mean())
     (-torch.stack(per_video).mean()).backward()
     return leaves
 
@@ -124,6 +150,16 @@ def test_vader_gradient_equals_autograd_through_diffusers_unet3d(tiny_video_dir,
              *more]
     ours = our_gradients(model, files, prompts_file, tmp_path, flags)
     ref = reference_gradients(model, files, frames, scored, steps, k, 3.0, {"eta": 1.0}, {"eta": 1.0})
+    assert_gradients_equal(ours, ref)
+
+
+def test_a_reward_of_whole_clips_gets_every_frame_in_order(tiny_video_dir, video_loras, prompts_file, tmp_path,
+                                                         clip_reward):
+    """A reward marked `video = True` (shapes.video_reward) scores (B, F, 3, H, W): every frame decoded, in order."""
+    model, files = tiny_video_dir, {"eta": video_loras["eta"]}
+    flags = ["--frames", "3", "--sample-steps", "2", "--grad-steps", "1", "--reward", "clip_reward:brightening"]
+    ours = our_gradients(model, files, prompts_file, tmp_path, flags)
+    ref = reference_gradients(model, files, 3, 3, 2, 1, 3.0, {"eta": 1.0}, {"eta": 1.0}, clips=clip_reward)
     assert_gradients_equal(ours, ref)
 
 
@@ -167,9 +203,9 @@ def test_video_reward_run_resumes_bit_for_bit(tiny_video_dir, prompts_file, tmp_
     assert any("temp_attentions" in k for k in a)  # the temporal layers trained too
 
 
-def test_video_flags_refused(tiny_model, tiny_video_dir, prompts_file, tmp_path, capsys):
-    """--frames / --score-frames on an image model, more scored frames than frames, a zero: one sentence, exit 2,
-    nothing left behind."""
+def test_video_flags_refused(tiny_model, tiny_video_dir, prompts_file, tmp_path, capsys, clip_reward):
+    """--frames / --score-frames or a clip reward on an image model, more scored frames than frames, a zero,
+    --score-frames with a clip reward: one sentence, exit 2, nothing left behind."""
     out = tmp_path / "never"
 
     def run(model, *flags):
@@ -183,5 +219,7 @@ def test_video_flags_refused(tiny_model, tiny_video_dir, prompts_file, tmp_path,
     assert "--score-frames 5 exceeds --frames 4" in run(tiny_video_dir, "--frames", "4", "--score-frames", "5")
     assert "exceeds the 16 frames" in run(tiny_video_dir, "--score-frames", "17")
     assert "--frames must be at least 1" in run(tiny_video_dir, "--frames", "0")
+    assert "scores videos, and" in run(tiny_model[0], "--reward", "clip_reward:brightening")
+    assert "scores whole videos" in run(tiny_video_dir, "--reward", "clip_reward:brightening", "--score-frames", "2")
     assert "--score-frames does nothing with --method ddpo" in run(
         tiny_video_dir, "--score-frames", "1", "--method", "ddpo")
