@@ -28,7 +28,7 @@ from .machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, exam
 from .trainconfig import DTYPES
 
 SHOWN = ("reward",)  # printed beside the loss (the log file has every metric)
-DEFAULT_FRAMES = 16  # diffusers' TextToVideoSDPipeline's num_frames (and VideoCrafter2's temporal length)
+DEFAULT_FRAMES = 16  # a video model that names none: diffusers' TextToVideoSDPipeline's num_frames
 
 
 def read_inputs(config, world_size):
@@ -102,7 +102,7 @@ def video_frames(config, pipe, objective):
             raise UserError(f"the reward {config.reward} scores videos, and {model} is an image model; pass --model "
                             "a video model, or an image reward.")
         return None, None
-    frames = config.frames or DEFAULT_FRAMES
+    frames = config.frames or getattr(pipe, "default_frames", None) or DEFAULT_FRAMES  # as `npo.py sample` picks
     if clips and config.score_frames is not None:
         raise UserError(f"--score-frames does nothing with {config.reward}, which scores whole videos (all "
                         f"{frames} frames); drop it.")

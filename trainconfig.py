@@ -78,7 +78,7 @@ class TrainConfig:
     prompts_file: str = None
     sample_steps: int = None
     grad_steps: int = None
-    frames: int = None  # video models only; None: method_reward.DEFAULT_FRAMES
+    frames: int = None  # video models only; None: the model's, else method_reward.DEFAULT_FRAMES
     score_frames: int = None  # video models only; None: 1, VADER's one random frame
     guidance: float = None
     joint: bool = False

@@ -46,7 +46,7 @@ def add_arguments(p):
 # What "not given" means for the fields whose default is None and that no method fills in
 UNSET = {"model": "the embedded model in weights/", "device": "cuda if available, else cpu",
          "lora_alpha": "alpha = rank, scale 1", "resolution": "the model's own size", "lora": "none, base + δ",
-         "resume": "none, a fresh run", "frames": "16, diffusers' text-to-video default", "score_frames": "1"}
+         "resume": "none, a fresh run", "frames": "the model's, else 16 as diffusers' text-to-video", "score_frames": "1"}
 
 
 def default_text(name):
