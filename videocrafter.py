@@ -22,10 +22,11 @@ import re
 
 import torch
 
+from . import checkpoint
 from . import clip
 from . import singlefile
 from . import unet
-# from . import video
+from . import video
 from .checkpoint import UserError
 
 UNET, VAE, TEXT = singlefile.UNET, singlefile.VAE, singlefile.OPEN_CLIP_TEXT
@@ -110,3 +111,120 @@ def rename_unet(sd):
         key = unet_key(key, L)
         out[key] = value.squeeze(-1) if key.startswith("transformer_in.proj_") and value.ndim == 3 else value
     return out
+
+
+def unet_config(sd):
+    """UNet3DConfig fields of the renamed UNet, read from shapes: channels per level, ResBlocks per level, which levels
+    attend, the context width, and the head width: init_attn has 8 heads (openaimodel3d.py:383), so its inner width
+    is 8 × num_head_channels (64 in VideoCrafter2; heads per level = channels / 64, as diffusers' attention_head_dim)."""
+    levels = singlefile._count(sd, r"down_blocks\.(\d+)\.resnets\.0\.conv1\.weight")
+    channels = [sd[f"down_blocks.{b}.resnets.0.conv1.weight"].shape[0] for b in range(levels)]
+    attends = [f"down_blocks.{b}.attentions.0.norm.weight" in sd for b in range(levels)]
+    up_attends = [f"up_blocks.{b}.attentions.0.norm.weight" in sd for b in range(levels)]
+    return dict(
+        sample_size=64,  # 512 px wide; the authors' videos are 320 x 512 (DEFAULTS)
+        in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
+        block_out_channels=channels, layers_per_block=singlefile._count(sd, r"down_blocks\.0\.resnets\.(\d+)\."),
+        down_block_types=["CrossAttnDownBlock3D" if a else "DownBlock3D" for a in attends],
+        up_block_types=["CrossAttnUpBlock3D" if a else "UpBlock3D" for a in up_attends],
+        cross_attention_dim=sd["mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        attention_head_dim=sd["transformer_in.proj_in.weight"].shape[0] // 8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The UNet: ModelScope's (video.UNet3DCondition) with the fps embedding.
+
+UNET_FPS = 16  # the frame rate UNetModel.forward assumes when given none (openaimodel3d.py:534)
+
+
+class VideoCrafterUNet(video.UNet3DCondition):
+    """ε_θ(x_t, t, c, fps): VideoCrafter2's UNet. The frame rate is embedded as the timestep is, through the same
+    sinusoid and an MLP of the same shape, and added to the time embedding (openaimodel3d.py:538-542):
+
+        emb = MLP_t(sin(t)) + MLP_fps(sin(fps))"""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        c0 = cfg.block_out_channels[0]
+        self.fps_embedding = unet.TimestepEmbedding(c0, 4 * c0, cfg.act_fn)
+
+    def time_features(self, t, dtype, fps=None):
+        fps = torch.as_tensor(UNET_FPS if fps is None else fps, device=t.device)
+        fps = fps.expand(len(t)) if fps.ndim == 0 else fps.reshape(-1).expand(len(t))
+        c0 = self.config.block_out_channels[0]
+        fps_features = unet.timestep_embedding(fps, c0, flip_sin_to_cos=True, freq_shift=0).to(dtype)
+        return super().time_features(t, dtype) + self.fps_embedding(fps_features)
+
+
+def build_unet(sd, where, dtype=torch.float32):
+    """VideoCrafter2's UNet from its renamed state dict, loaded strictly (a missing or unexpected key names itself)."""
+    cfg = video.unet3d_config(unet_config(sd), where)
+    model = checkpoint.build_on_meta(lambda: VideoCrafterUNet(cfg))
+    checkpoint.load_strict(model, sd, where, dtype)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The file: model.diffusion_model.* (the UNet), first_stage_model.* (SD's VAE, read as singlefile reads it),
+# cond_stage_model.model.* (OpenCLIP ViT-H's text tower, as SD2's). The DDPM buffers and scale_arr are not read.
+
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def choose_keys(keys, path, parts=PARTS):
+    """{part: {file key: key in the part}} of `parts`, VideoCrafter1 refused first."""
+    check_videocrafter2(keys, path)
+    chosen = {"unet": {k: k[len(UNET):] for k in keys if k.startswith(UNET)},
+              "vae": {k: k[len(VAE):] for k in keys if k.startswith(VAE) and k[len(VAE):].startswith(singlefile.VAE_PARTS)},
+              "text_encoder": singlefile.text_keys(keys, (TEXT,))}
+    chosen = {part: chosen[part] for part in parts}
+    missing = [part for part, names in chosen.items() if not names]
+    if missing:
+        raise UserError(f"{os.path.basename(path)} is a VideoCrafter2 checkpoint without its {' and '.join(missing)} "
+                        "(model.diffusion_model.*, first_stage_model.*, cond_stage_model.model.*); pass the whole "
+                        "model.ckpt.")
+    return chosen
+
+
+def read(path, device="cpu", parts=PARTS):
+    """{part: (config dict, state dict)} of `parts` of a VideoCrafter2 file, each in our names (the UNet's config is
+    video.UNet3DConfig's fields, the VAE's and text encoder's those singlefile gives SD2's); only their tensors are
+    read."""
+    chosen = {}
+
+    def select(keys):
+        chosen.update(choose_keys(set(keys), path, parts))
+        return [k for names in chosen.values() for k in names]
+
+    tensors = singlefile.read_tensors(path, select, device)
+    result = {}
+    if "unet" in chosen:
+        unet_sd = rename_unet({own: tensors[k] for k, own in chosen["unet"].items()})
+        result["unet"] = (unet_config(unet_sd), unet_sd)
+    if "vae" in chosen:
+        vae_sd = singlefile.rename_vae({own: tensors[k] for k, own in chosen["vae"].items()})
+        result["vae"] = (singlefile.vae_config(vae_sd, singlefile.SD2), vae_sd)
+    if "text_encoder" in chosen:
+        result["text_encoder"] = singlefile.text_encoder({k: tensors[k] for k in chosen["text_encoder"]})
+    return result
+
+
+def file_keys(path):
+    """The tensor names of a checkpoint file, no tensor read (a .ckpt is memory-mapped)."""
+    seen = []
+    singlefile.read_tensors(path, lambda keys: seen.extend(keys) or [])
+    return seen
+
+
+def load_unet(path, dtype=torch.float32, device="cpu"):
+    """The UNet alone of a VideoCrafter2 file (--eta-model, extract-lora)."""
+    return build_unet(read(path, device, ("unet",))["unet"][1], path, dtype)
+
+
+def load_parts(path, dtype=torch.float32, device="cpu"):
+    """(UNet, VAE, text encoder) of a VideoCrafter2 file, each loaded strictly into our modules."""
+    parts = read(path, device)
+    model = build_unet(parts["unet"][1], path, dtype)
+    vae = unet.build_vae(unet.vae_config(parts["vae"][0], path), parts["vae"][1], path, dtype)
+    config, state = parts["text_encoder"]
+    return model, vae, clip.build_text_encoder(clip.text_config(config, path), state, path, dtype)

@@ -85,47 +85,59 @@ def resblock(p, ch, out, emb, cfg):
     return keys
 
 
-def attending(p, ch, cfg):
-    """A level's spatial then temporal transformer (l.404-425): ch // 64 heads of 64 dims, Linear projections."""
-    heads, d = ch // cfg.num_head_channels, cfg.num_head_channels
-    return {**transformer(f"{p}.1", ch, heads, d, cfg.transformer_depth, cfg.context_dim, True, False, cfg),
-            **transformer(f"{p}.2", ch, heads, d, 1, cfg.context_dim, True, True, cfg)}
+def plan(cfg=Layout()):
+    """The UNet's blocks in forward order (openaimodel3d.py:374-526): [(prefix, [(kind, in, out), ...])] with kinds
+    conv_in, init_attn, res, spatial, temporal, down, up; input_blocks.*, middle_block, output_blocks.*."""
+    mc = cfg.model_channels
+    blocks = [("input_blocks.0", [("conv_in", cfg.in_channels, mc)]), ("init_attn", [("init_attn", mc, mc)])]
+    chans, ch, ds = [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers, ch = [("res", ch, mult * mc)], mult * mc
+            if ds in cfg.attention_resolutions:
+                layers += [("spatial", ch, ch), ("temporal", ch, ch)]
+            blocks.append((f"input_blocks.{len(blocks) - 1}", layers))
+            chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            blocks.append((f"input_blocks.{len(blocks) - 1}", [("down", ch, ch)]))
+            chans.append(ch)
+            ds *= 2
+    blocks.append(("middle_block", [("res", ch, ch), ("spatial", ch, ch), ("temporal", ch, ch), ("res", ch, ch)]))
+    i = 0
+    for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
+        for r in range(cfg.num_res_blocks + 1):
+            layers, ch = [("res", ch + chans.pop(), mc * mult)], mc * mult
+            if ds in cfg.attention_resolutions:
+                layers += [("spatial", ch, ch), ("temporal", ch, ch)]
+            if level and r == cfg.num_res_blocks:
+                layers.append(("up", ch, ch))
+                ds //= 2
+            blocks.append((f"output_blocks.{i}", layers))
+            i += 1
+    return blocks
+
+
+def layer_keys(p, kind, i, o, emb, cfg):
+    d = cfg.num_head_channels
+    if kind == "conv_in":
+        return conv(p, i, o, (3, 3))
+    if kind == "init_attn":  # 8 heads of num_head_channels, use_linear left at False: Conv1d projections (l.379-389)
+        return transformer(p, i, 8, d, cfg.transformer_depth, cfg.context_dim, False, True, cfg)
+    if kind == "res":
+        return resblock(p, i, o, emb, cfg)
+    if kind == "spatial":  # ch // 64 heads of 64 dims (l.405-416), Linear projections (use_linear)
+        return transformer(p, i, i // d, d, cfg.transformer_depth, cfg.context_dim, True, False, cfg)
+    if kind == "temporal":  # temporal_transformer_depth 1 (l.417-425)
+        return transformer(p, i, i // d, d, 1, cfg.context_dim, True, True, cfg)
+    return conv(f"{p}.op" if kind == "down" else f"{p}.conv", i, o, (3, 3))
 
 
 def unet_keys(cfg=Layout()):
     """{key: shape} of the UNet of `cfg` (keys without `model.diffusion_model.`), in construction order."""
     mc, emb = cfg.model_channels, cfg.model_channels * 4
     keys = {**linear("time_embed.0", mc, emb), **linear("time_embed.2", emb, emb),
-            **linear("fps_embedding.0", mc, emb), **linear("fps_embedding.2", emb, emb),
-            **conv("input_blocks.0.0", cfg.in_channels, mc, (3, 3)),
-            # init_attn: 8 heads of num_head_channels, use_linear left at False: Conv1d projections (l.379-389)
-            **transformer("init_attn.0", mc, 8, cfg.num_head_channels, cfg.transformer_depth, cfg.context_dim,
-                          False, True, cfg)}
-    chans, ch, ds, i = [mc], mc, 1, 1
-    for level, mult in enumerate(cfg.channel_mult):
-        for _ in range(cfg.num_res_blocks):
-            keys.update(resblock(f"input_blocks.{i}.0", ch, mult * mc, emb, cfg))
-            ch = mult * mc
-            if ds in cfg.attention_resolutions:
-                keys.update(attending(f"input_blocks.{i}", ch, cfg))
-            chans.append(ch)
-            i += 1
-        if level != len(cfg.channel_mult) - 1:
-            keys.update(conv(f"input_blocks.{i}.0.op", ch, ch, (3, 3)))
-            chans.append(ch)
-            ds, i = ds * 2, i + 1
-    keys.update({**resblock("middle_block.0", ch, ch, emb, cfg), **attending("middle_block", ch, cfg),
-                 **resblock("middle_block.3", ch, ch, emb, cfg)})
-    i = 0
-    for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
-        for r in range(cfg.num_res_blocks + 1):
-            keys.update(resblock(f"output_blocks.{i}.0", ch + chans.pop(), mc * mult, emb, cfg))
-            ch, j = mc * mult, 1
-            if ds in cfg.attention_resolutions:
-                keys.update(attending(f"output_blocks.{i}", ch, cfg))
-                j = 3
-            if level and r == cfg.num_res_blocks:
-                keys.update(conv(f"output_blocks.{i}.{j}.conv", ch, ch, (3, 3)))
-                ds //= 2
-            i += 1
-    return {**keys, **norm("out.0", ch), **conv("out.2", mc, cfg.out_channels, (3, 3))}
+            **linear("fps_embedding.0", mc, emb), **linear("fps_embedding.2", emb, emb)}
+    for prefix, layers in plan(cfg):
+        for j, (kind, i, o) in enumerate(layers):
+            keys.update(layer_keys(f"{prefix}.{j}", kind, i, o, emb, cfg))
+    return {**keys, **norm("out.0", mc), **conv("out.2", mc, cfg.out_channels, (3, 3))}
