@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import ldm
+from benchmarks.ldm import ldm_open_clip, ldm_vae
 import npo
+from npo import guided
 from npo import pipeline
 from npo import sampler
 from npo import video
@@ -97,7 +99,9 @@ def lvdm_mlp(sd, p, x):  # Linear, SiLU, Linear (time_embed, fps_embedding)
 
 def lvdm_emb(sd, t, fps, mc):
     """emb = time_embed(sin(t)) + fps_embedding(sin(fps)) (openaimodel3d.py:535-542)."""
-    return lvdm_mlp(sd, "time_embed", lvdm_sinusoid(t, mc)) + lvdm_mlp(sd, "fps_embedding", lvdm_sinusoid(fps, mc))
+    dtype = sd["time_embed.0.weight"].dtype
+    return (lvdm_mlp(sd, "time_embed", lvdm_sinusoid(t, mc).to(dtype))
+            + lvdm_mlp(sd, "fps_embedding", lvdm_sinusoid(fps, mc).to(dtype)))
 
 
 def gn(sd, p, x, eps=1e-5):
@@ -274,3 +278,108 @@ def test_unet_is_lvdms():
     got = ours_of(sd)(x, t, context, fps=fps)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert expected.abs().mean() > 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A tiny synthetic model.ckpt: the UNet's LDM keys (vc2_layout, random), SD2's VAE and OpenCLIP text tower in LDM
+# names (ldm's tiny SD2 family, converted by benchmarks/ldm.py), the DDPM buffers and lvdm's scale_arr beside them.
+
+def vc2_file(path, layout=TINY, seed=0, drop=()):
+    folder = os.path.join(os.path.dirname(path), f"sd2-{seed}")
+    sd2 = ldm.make_family_dir(folder, "sd2", seed=seed)
+    sd = {f"model.diffusion_model.{k}": v for k, v in random_ldm_unet(layout, seed).items()}
+    sd.update({f"first_stage_model.{k}": v for k, v in ldm_vae(sd2.vae).items()})
+    sd.update(ldm_open_clip(sd2.text_encoder, seed))
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    sd.update(betas=betas, alphas_cumprod=torch.cumprod(1 - betas, 0), scale_arr=torch.ones(1400))
+    sd = {k: v for k, v in sd.items() if not any(d in k for d in drop)}
+    return ldm.save_ldm(sd, path), folder
+
+
+@pytest.fixture(scope="module")
+def tiny_vc2(tmp_path_factory):
+    return vc2_file(str(tmp_path_factory.mktemp("vc2") / "model.ckpt"))
+
+
+def test_file_loads_into_the_pipeline(tiny_vc2):
+    """load_pipeline reads the file by its rules: the UNet is lvdm's (above), the VAE and text encoder are those of
+    the SD2 folder they were written from, the scheduler and defaults are the authors'."""
+    path, folder = tiny_vc2
+    pipe, sd2 = pipeline.load_pipeline(path), pipeline.load_pipeline(folder)
+    assert pipe.is_video and isinstance(pipe.unet, videocrafter.VideoCrafterUNet)
+    assert pipe.origin.startswith("single file model.ckpt: VideoCrafter2")
+    for part in ("vae", "text_encoder"):
+        ours, theirs = getattr(pipe, part).state_dict(), getattr(sd2, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
+    assert torch.equal(pipe.tokenizer(["a cat!"]), sd2.tokenizer(["a cat!"]))  # OpenCLIP pads with "!", as SD2
+    assert pipe.scheduler_config["use_scale"] and pipe.default_guidance == 12.0 and pipe.defaults["fps"] == 28
+    assert isinstance(pipeline.load_unet(path), videocrafter.VideoCrafterUNet)
+
+
+def test_file_samples_a_video_as_lvdm(tiny_vc2):
+    """A 2-frame video from the loaded file (CFG with fps in both branches' conditioning, DDIM with the x̂0 rescale at
+    η = 1, frames decoded one by one) equals lvdm's: its UNet forward and DDIM loop above, on the file's tensors.
+    In float64, so that CFG's 12x does not amplify float32 rounding past the tolerance."""
+    path, _ = tiny_vc2
+    pipe = pipeline.load_pipeline(path, dtype=torch.float64)
+    sd = {k[len("model.diffusion_model."):]: v.double() for k, v in
+          torch.load(path, weights_only=True)["state_dict"].items() if k.startswith("model.diffusion_model.")}
+    pos, neg = pipe.conditioning(["a red circle", "a cat"]), pipe.conditioning(["", ""])
+    fps, guidance, steps = torch.tensor([28, 28]), 12.0, 4
+    x_T = torch.randn(2, 4, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    denoise = guided.npo_denoiser(pipe.unet, {**neg, "fps": fps}, {**pos, "fps": fps}, guidance)
+    latents = sampler.sample("ddim", denoise, x_T, pipe.scheduler_config, steps, ddim_eta=1.0,
+                             generator=torch.Generator().manual_seed(1))
+    frames = video.decode_frames(pipe.vae, latents)
+
+    def lvdm_eps(x, t):
+        tt = torch.full((2,), t)
+        e_c = lvdm_unet(sd, TINY, x, tt, pos["encoder_hidden_states"], fps)
+        e_u = lvdm_unet(sd, TINY, x, tt, neg["encoder_hidden_states"], fps)
+        return e_u + guidance * (e_c - e_u)  # ddim.py:236
+
+    gen = torch.Generator().manual_seed(1)
+    noises = [torch.randn(x_T.shape, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    expected = lvdm_ddim(lvdm_eps, x_T, steps, 1.0, noises)
+    torch.testing.assert_close(latents, expected, rtol=1e-6, atol=1e-6)
+    # decode_first_stage_2DAE (ddpm3d.py:556-562): each frame z[:, :, i] / scale_factor through the VAE
+    with torch.no_grad():
+        want = torch.stack([pipe.vae.decode(expected[:, :, i] / 0.18215) for i in range(2)], dim=1)
+    assert frames.shape == (2, 2, 3, 16, 16)
+    torch.testing.assert_close(frames, want.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["t2v_512_v1", "t2v_1024_v1", "i2v_512_v1"])
+def test_videocrafter1_is_refused(tmp_path, kind):
+    """VideoCrafter1's files (relative-position temporal attention, no temporal convs; the i2v model's image
+    cross-attention) are one sentence, also through the command line (exit 2, nothing written)."""
+    layout = vc2_layout.Layout(**{**TINY.__dict__, "temporal_conv": kind == "i2v_512_v1",
+                                  "relative_position": kind != "i2v_512_v1"})
+    path, _ = vc2_file(str(tmp_path / f"{kind}.ckpt"), layout)
+    if kind == "i2v_512_v1":  # its image cross-attention (attention.py:62-64)
+        sd = torch.load(path, weights_only=True)["state_dict"]
+        key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
+        sd[key.replace("to_k", "to_k_ip")] = sd[key]
+        ldm.save_ldm(sd, path)
+    with pytest.raises(UserError, match=r"VideoCrafter1 checkpoint .*; pass VideoCrafter2's model.ckpt\.$"):
+        pipeline.load_pipeline(path)
+    assert npo.main(["sample", "--model", path, "--prompt", "a cat", "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_truncated_and_partial_files(tiny_vc2, tmp_path, capsys):
+    """A truncated file, and a file without its text encoder, are one sentence each (exit 2 on the command line)."""
+    path, _ = tiny_vc2
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="is not a readable checkpoint"):
+        pipeline.load_pipeline(str(cut))
+    assert npo.main(["sample", "--model", str(cut), "--prompt", "a cat", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cut.ckpt is not a readable checkpoint") and "Traceback" not in err
+    partial, _ = vc2_file(str(tmp_path / "partial.safetensors"), seed=1, drop=("cond_stage_model.",))
+    with pytest.raises(UserError, match="VideoCrafter2 checkpoint without its text_encoder"):
+        pipeline.load_pipeline(partial)
+    with pytest.raises(UserError, match="drop --ema"):
+        pipeline.load_pipeline(path, ema=True)
