@@ -2,17 +2,20 @@
 the paper's VADER experiment, as one `model.ckpt`, loaded into our video UNet (video.py, diffusers' UNet3DCondition
 names), SD's VAE and the OpenCLIP ViT-H text encoder that SD2 uses (penultimate layer, then ln_final).
 
-VideoCrafter2's UNet is ModelScope's (diffusers' UNet3DConditionModel) by construction, with three differences:
+VideoCrafter2's UNet is ModelScope's (diffusers' UNet3DConditionModel) by construction: the same levels, heads of 64,
+Linear projections around the spatial transformers, temporal convs and temporal transformers in the same order. It
+differs in three things:
 
     fps embedding     emb = MLP_t(sin(t)) + MLP_fps(sin(fps)): the frame rate, through the timestep's sinusoid
                       and an MLP of the same shape, is added to the time embedding (openaimodel3d.py:367-372, 538-542)
-    projections       the spatial transformers' proj_in / proj_out are Linear (SD2.1's use_linear_projection),
-                      ModelScope's 1x1 convs; `init_attn` (diffusers' transformer_in) keeps kernel-1 Conv1d ones
+    init_attn         diffusers' transformer_in, with kernel-1 Conv1d projections (its use_linear is left False,
+                      attention.py:298-302): the same map as a Linear layer, so the weights are squeezed
     names             the LDM layout: input_blocks / middle_block / output_blocks, each ResBlock holding its
                       temporal conv as `temopral_conv` (sic), each block [ResBlock, spatial, temporal transformer]
 
-and its sampler rescales x̂_0 (sampler.ddim_posterior's `x0_scale`; lvdm/models/samplers/ddim.py:280-289). The facts,
-each with its file and line, are in the branch's notes (notes/videocrafter2.md of the session).
+Its sampler rescales x̂_0: the model was trained on x_t = √ᾱ_t s(t) x_0 + √(1−ᾱ_t) ε (lvdm/models/ddpm3d.py:412-417,
+s from 1 at t = 0 to 0.7 at t = 400, then 0.7), and each DDIM step multiplies x̂_0 by s(t_prev)/s(t) (ddim.py:280-289;
+sampler.x0_scales). File:line references are to AILab-CVC/VideoCrafter at commit 11bcd76.
 
 The file is read by rules, as singlefile.py reads SD's: no rename table. VideoCrafter1 (relative-position temporal
 attention, no temporal convs; its image-to-video model's image cross-attention) is refused.
