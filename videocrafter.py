@@ -203,7 +203,11 @@ def read(path, device="cpu", parts=PARTS):
     result = {}
     if "unet" in chosen:
         unet_sd = rename_unet({own: tensors[k] for k, own in chosen["unet"].items()})
-        result["unet"] = (unet_config(unet_sd), unet_sd)
+        try:
+            result["unet"] = (unet_config(unet_sd), unet_sd)
+        except KeyError as e:
+            raise UserError(f"{os.path.basename(path)} has a VideoCrafter UNet without {e.args[0]} (in our names), so it "
+                            "is damaged or another model; pass VideoCrafter2's model.ckpt.")
     if "vae" in chosen:
         vae_sd = singlefile.rename_vae({own: tensors[k] for k, own in chosen["vae"].items()})
         result["vae"] = (singlefile.vae_config(vae_sd, singlefile.SD2), vae_sd)

@@ -368,7 +368,8 @@ def test_videocrafter1_is_refused(tmp_path, kind):
 
 
 def test_truncated_and_partial_files(tiny_vc2, tmp_path, capsys):
-    """A truncated file, and a file without its text encoder, are one sentence each (exit 2 on the command line)."""
+    """A truncated file, a file without its text encoder or with a UNet short of a layer, and --ema (VideoCrafter2 keeps
+    no EMA copy) are one sentence each (exit 2 on the command line)."""
     path, _ = tiny_vc2
     data = open(path, "rb").read()
     cut = tmp_path / "cut.ckpt"
@@ -381,5 +382,8 @@ def test_truncated_and_partial_files(tiny_vc2, tmp_path, capsys):
     partial, _ = vc2_file(str(tmp_path / "partial.safetensors"), seed=1, drop=("cond_stage_model.",))
     with pytest.raises(UserError, match="VideoCrafter2 checkpoint without its text_encoder"):
         pipeline.load_pipeline(partial)
+    broken, _ = vc2_file(str(tmp_path / "broken.safetensors"), seed=1, drop=("middle_block.1.",))
+    with pytest.raises(UserError, match=r"has a VideoCrafter UNet without mid_block\.attentions\.0\..*; pass"):
+        pipeline.load_pipeline(broken)
     with pytest.raises(UserError, match="drop --ema"):
         pipeline.load_pipeline(path, ema=True)
