@@ -419,6 +419,8 @@ def load_unet(path, dtype=torch.float32, device="cpu", ema=False):
         raise UserError(f"{path} does not exist; pass a diffusers model folder, a unet/ folder or a single-file "
                         "checkpoint.")
     if os.path.isfile(path) and videocrafter.is_videocrafter(videocrafter.file_keys(path)):
+        if ema:
+            raise UserError(f"{os.path.basename(path)} is a VideoCrafter2 checkpoint, which keeps no EMA copy; drop --ema.")
         return videocrafter.load_unet(path, dtype, device)
     if os.path.isfile(path):
         config, state = singlefile.read(path, device, ema, ("unet",)).parts["unet"]

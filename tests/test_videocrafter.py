@@ -385,5 +385,6 @@ def test_truncated_and_partial_files(tiny_vc2, tmp_path, capsys):
     broken, _ = vc2_file(str(tmp_path / "broken.safetensors"), seed=1, drop=("middle_block.1.",))
     with pytest.raises(UserError, match=r"has a VideoCrafter UNet without mid_block\.attentions\.0\..*; pass"):
         pipeline.load_pipeline(broken)
-    with pytest.raises(UserError, match="drop --ema"):
-        pipeline.load_pipeline(path, ema=True)
+    for load in (pipeline.load_pipeline, pipeline.load_unet):
+        with pytest.raises(UserError, match="drop --ema"):
+            load(path, ema=True)
