@@ -122,6 +122,16 @@ class Pipeline:
         9 for a video model, diffusers' TextToVideoSDPipeline default; the model's `defaults` first (VideoCrafter2: 12)."""
         return self.defaults.get("guidance", 5.0 if self.is_sdxl else 9.0 if self.is_video else 7.5)
 
+    @property
+    def default_frames(self):
+        """A video model's own frame count when none is given (VideoCrafter2: 16), else None."""
+        return self.defaults.get("frames")
+
+    @property
+    def default_fps(self):
+        """A video model's own frame rate when none is given (VideoCrafter2: 28, its conditioning's), else None."""
+        return self.defaults.get("fps")
+
     def ddim_config(self):
         """The DDIM config that diffusers' pipeline for this model runs with `DDIMScheduler.from_config` of the
         folder's scheduler config: StableDiffusionPipeline fixes old configs (sampler.pipeline_config);

@@ -312,7 +312,8 @@ def test_file_loads_into_the_pipeline(tiny_vc2):
         ours, theirs = getattr(pipe, part).state_dict(), getattr(sd2, part).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
     assert torch.equal(pipe.tokenizer(["a cat!"]), sd2.tokenizer(["a cat!"]))  # OpenCLIP pads with "!", as SD2
-    assert pipe.scheduler_config["use_scale"] and pipe.default_guidance == 12.0 and pipe.defaults["fps"] == 28
+    assert pipe.scheduler_config["use_scale"] and pipe.default_guidance == 12.0
+    assert (pipe.default_fps, pipe.default_frames) == (28, 16) and (sd2.default_fps, sd2.default_frames) == (None, None)
     assert isinstance(pipeline.load_unet(path), videocrafter.VideoCrafterUNet)
 
 
