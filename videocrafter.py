@@ -54,8 +54,8 @@ def check_videocrafter2(keys, path):
         ".temopral_conv." in k for k in keys)
     if vc1:
         raise UserError(f"{os.path.basename(path)} is a VideoCrafter1 checkpoint (relative-position temporal attention "
-                        "or image cross-attention, no temporal convs), which npo does not load; pass VideoCrafter2's "
-                        "model.ckpt.")
+                        "and no temporal convs) or an image-to-video one (image cross-attention), which npo does not "
+                        "load; pass VideoCrafter2's text-to-video model.ckpt.")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -362,7 +362,7 @@ def test_videocrafter1_is_refused(tmp_path, kind):
         key = next(k for k in sd if k.endswith("attn2.to_k.weight"))
         sd[key.replace("to_k", "to_k_ip")] = sd[key]
         ldm.save_ldm(sd, path)
-    with pytest.raises(UserError, match=r"VideoCrafter1 checkpoint .*; pass VideoCrafter2's model.ckpt\.$"):
+    with pytest.raises(UserError, match=r"VideoCrafter1 checkpoint .*; pass VideoCrafter2's text-to-video model.ckpt\.$"):
         pipeline.load_pipeline(path)
     assert npo.main(["sample", "--model", path, "--prompt", "a cat", "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
