@@ -36,7 +36,9 @@ UNET, VAE, TEXT = singlefile.UNET, singlefile.VAE, singlefile.OPEN_CLIP_TEXT
 
 # The sampler of the authors' text-to-video script (scripts/run_text2video.sh, lvdm/models/samplers/ddim.py): SD's DDIM
 # ("uniform" timesteps = leading + 1, ᾱ_prev of the last step = ᾱ_0) with the x̂_0 rescale of `use_scale`
-# (ddpm3d.py:343-376: s(t) from scale_a at t = 0 linearly to scale_b at mid_step, then scale_b).
+# (ddpm3d.py:343-376: s(t) from scale_a at t = 0 linearly to scale_b at mid_step, then scale_b). The same timesteps
+# when S divides 1000 (their 50); otherwise lvdm runs range(0, 1000, 1000 // S) + 1, more than S steps (31 for S = 30,
+# utils_diffusion.py:57-59), and npo runs diffusers' S.
 SCHEDULER = dict(singlefile.SCHEDULER, use_scale=True, scale_a=1.0, scale_b=0.7, mid_step=400)
 # run_text2video.sh: 320x512, 16 frames (temporal_length), CFG 12, 50 DDIM steps at eta 1, fps 28
 DEFAULTS = dict(height=320, width=512, frames=16, guidance=12.0, steps=50, ddim_eta=1.0, fps=28)
