@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -476,10 +477,11 @@ def test_uncond_branch_leaves_conditional_sampling_untouched(tiny_model, lora_fi
 # ----------------------------------------------------------------------------------------------------------
 # Nothing is lost: resume; two ranks are one with the combined batch.
 
-def test_spo_run_resumes_bit_for_bit(tiny_model, prompts_file, tmp_path):
+@pytest.mark.parametrize("inner", ["0", "1"])
+def test_spo_run_resumes_bit_for_bit(tiny_model, prompts_file, tmp_path, inner):
     model, _ = tiny_model
     flags = ["--reward", "rewards:brightness", "--spo-score-scale", str(SCALE), "--lr", "1e-2", "--checkpoint-every",
-             "1"]
+             "1", "--spo-inner-steps", inner]
     assert run(model, prompts_file, tmp_path / "whole", *flags, "--steps", "3") == 0
     assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "2") == 0
     assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "3", "--resume", "latest") == 0
@@ -521,6 +523,7 @@ def test_two_gloo_processes_equal_one_with_the_combined_batch(tiny_model, prompt
     (["--spo-beta", "0"], "--spo-beta must be a positive"),
     (["--spo-clip", "1"], "--spo-clip must lie in (0, 1)"),
     (["--spo-plain-steps", "4"], "--spo-plain-steps must lie in [0, --sample-steps)"),
+    (["--spo-inner-steps=-1"], "--spo-inner-steps must not be negative"),
     (["--ddim-eta", "0"], "--ddim-eta must be a positive"),
     (["--data", "pairs.jsonl"], "--data does nothing with --method spo"),
     (["--joint"], "--joint does nothing with --method spo"),
@@ -565,6 +568,44 @@ def test_spo_defaults_are_spos_sd15_config():
     config = trainflags.parse_args(["--out", "x", "--data", "d.jsonl"])
     trainconfig.check(config)
     assert config.rank == 8  # the others keep theirs
+
+
+SDXL = ("rank", "lr", "spo_inner_steps", "spo_threshold", "spo_candidates")
+
+
+def test_spo_defaults_on_sdxl_are_spos_sdxl_config(tmp_path, capsys):
+    """RockeyCoss/SPO configs/spo_sdxl_4k-prompts_num-sam-2_3-is_10ep_bs2_gradacc2.py over basic_config.py: LoRA rank
+    64, lr 1e-5, num_inner_step 3, threshold 0.4, and basic_config's 2 candidates, on an SDXL folder or single file;
+    SD1.5's on the others; a flag given wins; the run says which it took."""
+    import ldm
+
+    def defaults(model, *flags):
+        config = trainflags.parse_args(["--out", "x", "--method", "spo", "--reward", "rewards:brightness",
+                                         "--prompts-file", "p", *(["--model", model] if model else []), *flags])
+        taken = trainconfig.check(config)
+        return tuple(getattr(config, name) for name in SDXL), taken
+
+    folder = str(tmp_path / "sdxl")
+    refs = make_sdxl_dir(folder)
+    file = ldm.save_ldm(ldm.to_ldm(SimpleNamespace(**refs), "sdxl"), str(tmp_path / "sdxl.safetensors"))
+    sd_file = ldm.save_ldm(ldm.to_ldm(ldm.make_family_dir(str(tmp_path / "sd1"), "sd1"), "sd1"),
+                           str(tmp_path / "sd1.safetensors"))
+    spo_sdxl = (64, 1e-5, 3, 0.4, 2)
+    for model in (folder, file):
+        assert defaults(model) == (spo_sdxl, dict(zip(SDXL, spo_sdxl))), model
+    for model in (None, WEIGHTS, str(tmp_path / "sd1"), sd_file, str(tmp_path / "missing")):
+        assert defaults(model) == ((4, 6e-5, 0, 0.3, 4), {}), model
+    assert defaults(folder, "--rank", "8", "--spo-inner-steps", "0") == (
+        (8, 1e-5, 0, 0.4, 2), {"lr": 1e-5, "spo_threshold": 0.4, "spo_candidates": 2})
+    config = trainflags.parse_args(["--out", "x", "--data", "d.jsonl", "--model", folder])
+    assert trainconfig.check(config) == {} and (config.rank, config.lr) == (8, 5e-6)  # DPO keeps its own
+    assert trainflags.default_text("rank") == "8; --method spo: 4; --method spo on SDXL: 64"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert npo.main(["train", "--model", folder, "--prompts-file", str(prompts), "--out", str(tmp_path / "o"),
+                     "--reward", "rewards:brightness", *FAST, "--steps", "1", "--spo-inner-steps", "1"]) == 0
+    assert ("an SDXL model: --method spo's SDXL defaults for the flags not given: --rank 64, --lr 1e-05, "
+            "--spo-threshold 0.4") in capsys.readouterr().out
 
 
 def test_a_step_aware_reward_gets_each_candidates_timestep(tiny_model, prompts_file, tmp_path, monkeypatch):
