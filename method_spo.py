@@ -8,17 +8,20 @@ Each micro-batch samples its prompts with DDIM (η_ddim = 1) and CFG (`rollout`)
 are plain sampling. At every later step, k = --spo-candidates candidates x_{t−1} are drawn from the one shared
 x_t, each with its own noise; each candidate's x̂_0 (at the last step: the sample x_0 itself) is decoded and scored
 at the candidate's own timestep, and the best and the worst candidates form a pair when their softmaxed scores
-differ by more than the threshold (`pick_pairs`). One random candidate continues the chain. The loss
+differ by more than the threshold (`pick_pairs`). One random candidate continues the chain. With
+--spo-inner-steps N > 0 (SPO's num_inner_step, its SDXL setting 3) the candidates first run N more steps each along
+its own chain, and the pair is every step of the best and the worst chain since they left x_t (`blocks`). The loss
 (losses.spo_loss) compares each kept pair's step log-probability under θ with the reference's, the same UNet
 and CFG with the trained offset off:
 
     r = clamp(p_θ(x_{t−1} | x_t) / p_ref(x_{t−1} | x_t), 1 − ε, 1 + ε)      L = −log σ(β (log r_w − log r_l))
 
-averaged over the pairs kept on all ranks. NPO: `--npo` swaps each pair (the worst candidate is preferred, the
-rule of eq. 8); `--train-branch uncond --lora ETA` trains δ on the unconditional branch beside a frozen η with
-SPO's labels unchanged (the authors' RL-SPO-NPO). The whole state of a run is its step, LoRA and optimizer: every
-random number of example i (its prompt, x_T, every candidate's noise, the candidate that continues) comes from the
-generator of (seed, i), so a run resumes bit for bit and W ranks train as one with W times the batch.
+averaged over the pairs (× their steps) kept on all ranks. The last step goes to ᾱ_0 (machinery.logprob_steps). NPO:
+`--npo` swaps each pair (the worst candidate is preferred, the rule of eq. 8); `--train-branch uncond --lora ETA`
+trains δ on the unconditional branch beside a frozen η with SPO's labels unchanged (the authors' RL-SPO-NPO). The
+whole state of a run is its step, LoRA and optimizer: every random number of example i (its prompt, x_T, every
+candidate's noise, the candidate that continues) comes from the generator of (seed, i), so a run resumes bit for bit
+and W ranks train as one with W times the batch.
 
 The scorer is --reward, scored on x̂_0. Ours are blind to the timestep; a reward that states `timestep_aware = True`
 (rewards.takes_timesteps, as scorers' spm:PATH does) is called as `reward(images, prompts, timesteps=t)`, one
@@ -51,8 +54,8 @@ def read_inputs(config, world_size):
 
 def describe(config, prompts):
     return (f"{len(prompts)} prompts, reward {config.reward}, {config.spo_candidates} candidates per step after "
-            f"{config.spo_plain_steps} plain steps, threshold {config.spo_threshold:g} on softmax(scores × "
-            f"{config.spo_score_scale:g})")
+            f"{config.spo_plain_steps} plain steps, {config.spo_inner_steps} inner steps, threshold "
+            f"{config.spo_threshold:g} on softmax(scores × {config.spo_score_scale:g})")
 
 
 def scorer(config, prompts):
