@@ -153,9 +153,9 @@ def rollout(run, prompts, objective, steps, schedule, first):
         if not last:  # every candidate's ε̂ at the next step: its x̂_0 there, or its next inner step
             eps_all = many(xs.flatten(0, 1).to(dtype), steps[j + 1][0]).float()
         if last or j + 1 in starts:  # the block ends: score, pair, and go on from one random candidate
-            scores, keep, chosen_pairs = close_block(run, objective, chosen, block, steps, j, schedule,
-                                                     None if last else eps_all)
-            pairs += chosen_pairs
+            following = None if last else (steps[j + 1], eps_all)
+            scores, keep, block_pairs = close_block(run, objective, chosen, block, schedule, following)
+            pairs += block_pairs
             kept.append(keep)
             pick = torch.cat([torch.randint(k, (1,), generator=g) for g in gens]).to(device)
             rows = torch.arange(size, device=device)
@@ -165,16 +165,17 @@ def rollout(run, prompts, objective, steps, schedule, first):
     return Rollout(pairs, torch.stack(kept, dim=1), scores, neg, pos)
 
 
-def close_block(run, objective, prompts, block, steps, j, schedule, eps_all):
-    """Score the block's k candidates of each example, each on its x̂_0 at the next step's timestep (after the last
-    step: the finished sample x_0 itself, at timestep 0), and pick the pairs. Returns (scores (B, k), kept (B,), the
-    pair entries of Rollout.pairs: one per step of the block, for the examples that kept a pair)."""
+def close_block(run, objective, prompts, block, schedule, following):
+    """Score the block's k candidates of each example, each on its x̂_0 at the following step (`following`: that
+    step and the candidates' ε̂ there; None after the last step, where the candidates are the finished samples x_0,
+    scored at timestep 0), and pick the pairs. Returns (scores (B, k), kept (B,), the entries of Rollout.pairs: one
+    per step of the block, for the examples that kept a pair)."""
     xs = block[-1][2]
     size, k = xs.shape[:2]
-    if eps_all is None:  # the candidates are finished samples x_0
+    if following is None:
         x0, t_score = xs.flatten(0, 1), 0
     else:
-        t_score, a_next, _ = steps[j + 1]
+        (t_score, a_next, _), eps_all = following
         x0 = x0_of(xs.flatten(0, 1), eps_all, a_next, schedule)
     scores = score(objective, decode(run.pipe, x0), [c for c in prompts for _ in range(k)], t_score).view(size, k)
     best, worst, keep = pick_pairs(scores, run.config.spo_score_scale, run.config.spo_threshold)
