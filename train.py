@@ -78,6 +78,9 @@ def train(config):
     try:
         pipe = pipeline.load_pipeline(os.path.abspath(config.model or pipeline.DEFAULT_MODEL), DTYPES[config.dtype],
                                       device, **pipeline.source_options(config))
+        if pipe.is_video and config.method != "reward":  # the other methods sample and train on images
+            raise UserError(f"--method {config.method} trains image models, and {config.model} is a video model; "
+                            "train it with --method reward (VADER), or pass an image model.")
         run = machinery.Run(config, pipe, out, rank, world_size, device, given=given)
         machinery.setup(run, state, resume_from)
         return loop(run, method, inputs)

@@ -221,5 +221,7 @@ def test_video_flags_refused(tiny_model, tiny_video_dir, prompts_file, tmp_path,
     assert "--frames must be at least 1" in run(tiny_video_dir, "--frames", "0")
     assert "scores videos, and" in run(tiny_model[0], "--reward", "clip_reward:brightening")
     assert "scores whole videos" in run(tiny_video_dir, "--reward", "clip_reward:brightening", "--score-frames", "2")
+    assert "trains image models, and" in run(tiny_video_dir, "--method", "ddpo")
+    assert "trains image models, and" in run(tiny_video_dir, "--method", "spo", "--spo-plain-steps", "1")
     assert "--score-frames does nothing with --method ddpo" in run(
         tiny_video_dir, "--score-frames", "1", "--method", "ddpo")
