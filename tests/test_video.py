@@ -111,7 +111,8 @@ def test_decode_frames_is_the_vae_frame_by_frame(tiny_video_dir):
     ref = AutoencoderKL.from_pretrained(os.path.join(tiny_video_dir, "vae")).eval()
     vae = unet.load_vae(os.path.join(tiny_video_dir, "vae"))
     z = torch.randn(2, 4, 5, 8, 8, generator=torch.Generator().manual_seed(1))
-    frames = video.decode_frames(vae, z, chunk=3)  # chunks of 3, 3, 3, 1 frames
+    with torch.no_grad():
+        frames = video.decode_frames(vae, z, chunk=3)  # 10 frames in chunks of 3, 3, 3, 1
     assert frames.shape == (2, 5, 3, 16, 16)
     with torch.no_grad():
         for b in range(2):
