@@ -237,3 +237,21 @@ def test_a_video_folder_with_a_wrong_weight_is_refused(tiny_video_dir, tmp_path)
     with pytest.raises(UserError, match="missing keys .*temp_convs.0.conv1.2.weight"):
         pipeline.load_pipeline(folder)
     assert npo.main(["info", "--model", folder]) == 2
+
+
+def test_eq10_batched_on_video_latents_equals_two_merged_unets(pair):
+    """guided.npo_denoiser (one batched forward, η at [α, 1] and δ at [β, 0]) on 5-D latents equals the authors' way,
+    two merged weight sets and two passes (guided.merged_denoiser), unchanged code for videos."""
+    from npo import guided
+    model = copy.deepcopy(pair[1])
+    lora.add_offset(model, "eta", rank=2)
+    lora.add_offset(model, "delta", rank=2, targets="to_k,to_out.0,conv2")
+    randomize_offset(model, "eta", 6)
+    randomize_offset(model, "delta", 7)
+    x, t, c = inputs(batch=1)
+    neg = torch.randn_like(c)
+    with torch.no_grad():
+        batched = guided.npo_denoiser(model, neg, c, 7.5, 0.4, 0.8)(x, t)
+        reference = guided.merged_denoiser(*guided.merged_unets(model, 0.4, 0.8), neg, c, 7.5)(x, t)
+    assert batched.shape == x.shape
+    assert_close(batched, reference)
