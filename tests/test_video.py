@@ -187,6 +187,18 @@ def test_an_image_lora_on_a_video_unet_is_refused(pair, tmp_path):
     assert not lora.offset_names(model)
 
 
+def test_a_text_encoder_lora_is_not_asked_for_temporal_keys(tiny_video_dir, tmp_path):
+    """The temporal-key rule is about UNet keys: a file of text-encoder offsets alone loads beside a video UNet."""
+    pipe = pipeline.load_pipeline(tiny_video_dir)
+    g = torch.Generator().manual_seed(0)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    path = str(tmp_path / "te.safetensors")
+    save_file({f"{key}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 2, generator=g)}, path)
+    lora.load_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, [(path, 1.0)], "eta")
+    assert lora.offset_names(pipe.text_encoder) == ["eta"] and not lora.offset_names(pipe.unet)
+
+
 def test_a_video_lora_round_trips(pair, tmp_path):
     """An offset written as a kohya file by save_lora loads back onto a fresh video UNet with the same output."""
     model = copy.deepcopy(pair[1])
