@@ -213,6 +213,30 @@ def test_a_video_lora_round_trips(pair, tmp_path):
         assert_close(loaded(x, t, c), model(x, t, c))
 
 
+def test_a_peft_lora_on_diffusers_unet3d_loads_into_ours(pair, tmp_path):
+    """A peft adapter injected into diffusers' UNet3DConditionModel (every attention, spatial and temporal, random
+    non-zero weights, alpha = rank), saved in diffusers' `unet.<layer>.lora_A.weight` names, loads into ours with the
+    reference's output."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    ref = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                             init_lora_weights=False), copy.deepcopy(pair[0]), adapter_name="npo")
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6 / p[0].numel() ** 0.5)
+    path = str(tmp_path / "peft.safetensors")
+    save_file({f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(ref, adapter_name="npo").items()}, path)
+    model = copy.deepcopy(pair[1])
+    lora.load_lora(model, path, "eta")
+    assert any(n.startswith("transformer_in.") for n in lora.offsets(model, "eta"))
+    x, t, c = inputs()
+    with torch.no_grad():
+        expected = ref(x, t, c).sample
+        assert (expected - pair[0](x, t, c).sample).abs().max() > 1e-2 * expected.abs().max()  # the LoRA matters
+        assert_close(model(x, t, c), expected)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Folders: ModelScope's text-to-video-ms layout, as diffusers writes it.
 
