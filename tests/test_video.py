@@ -80,6 +80,17 @@ def test_state_dict_keys_are_diffusers(pair):
         ours_from_state(ref, missing)
 
 
+def test_modelscope_shapes_have_diffusers_keys():
+    """At ModelScope's own shapes (UNet3DConditionModel's defaults: text-to-video-ms, 1.4B parameters), built on the
+    meta device so nothing is allocated: every key and shape is diffusers'."""
+    from diffusers import UNet3DConditionModel
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in UNet3DConditionModel().state_dict().items()}
+        ours = video.UNet3DCondition(video.UNet3DConfig())
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
+    assert ours.transformer_in.proj_in.weight.shape == (512, 320)  # 8 heads of 64 on 320 channels
+
+
 def ours_from_state(ref, state):
     return video.build_unet3d(video.unet3d_config(dict(ref.config), "cfg"), state, "weights")
 
