@@ -23,6 +23,7 @@ from . import guided
 from . import rewards
 from . import sampler
 from . import trainconfig
+from . import video
 from .checkpoint import UserError
 from .machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator
 from .trainconfig import DTYPES
@@ -130,14 +131,12 @@ def initial_noise(gens, size, channels, frames, device, dtype, downscale):
     return sampler.randn((len(gens), channels, frames, size // downscale, size // downscale), gens).to(device, dtype)
 
 
-def decode_scored(vae, x, scored, gens, chunk=8):
+def decode_scored(vae, x, scored, gens):
     """The images the reward scores, (B·N, 3, H, W) in [−1, 1], with their graph: an image model's x_0 decoded; for
     a video, N frames of each, chosen without repetition from the example's generator (its draw after the prompt
-    and x_T, so a resumed run chooses the same), decoded as images (`video.decode_frames` without its no_grad: the
-    VAE sees single frames, at most `chunk` per call)."""
-    x = x.to(next(vae.parameters()).dtype) / vae.scaling_factor
+    and x_T, so a resumed run chooses the same) and decoded frame by frame (`video.decode_frames`)."""
     if scored is None:
-        return vae.decode(x)
+        return vae.decode(x.to(next(vae.parameters()).dtype) / vae.scaling_factor)
     picks = [torch.randperm(x.shape[2], generator=g)[:scored].sort().values for g in gens]
-    rows = torch.cat([x[b][:, p.to(x.device)].transpose(0, 1) for b, p in enumerate(picks)])  # (B·N, C, h, w)
-    return torch.cat([vae.decode(part) for part in rows.split(chunk)])
+    chosen = torch.stack([x[b][:, p.to(x.device)] for b, p in enumerate(picks)])  # (B, C, N, h, w)
+    return video.decode_frames(vae, chosen).flatten(0, 1)  # (B, N, 3, H, W) -> (B·N, 3, H, W)

@@ -9,6 +9,8 @@ state dicts); `load_unet` reads the UNet alone of either, for --eta-model and ex
 into the same Pipeline (plus `text_encoder_2`, `tokenizer_2`). Its UNet takes more than the text embeddings: a
 branch's conditioning is then a dict of the UNet's keyword arguments (`Pipeline.conditioning`: context, pooled text
 embedding, size time ids), and eq. 10 runs unchanged on it.
+A ModelScope text-to-video folder (its unet/config.json names UNet3DConditionModel) loads into the same Pipeline with
+video.py's UNet (`Pipeline.is_video`): latents (B, C, F, h, w), the same conditioning, eq. 10 unchanged.
 
 Prompts are read as diffusers reads them, or with `pipe.prompt_syntax = "a1111"` as A1111 does (emphasis, prompts of
 any length in 77-token chunks: prompt_syntax.py); only the encoding functions differ.

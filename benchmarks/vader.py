@@ -20,7 +20,7 @@ from benchmarks.random_weights import TOKENIZER_DIR, randomize
 
 MODULE = "benchmarks.vader"
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(os.environ.get("NPO_BENCH_DIR", "/tmp/npo-bench/sd15"))),
-                       "video")
+                       "vader")  # + "-PRESET": a whole text-to-video folder (benchmarks.video's are video-PRESET)
 # ModelScope's text-to-video-ms UNet (diffusers' UNet3DConditionModel): 4 levels, heads of 64 dims; here at a fifth of
 # its widths (320, 640, 1280, 1280 -> 64, 128, 256, 256), context 256; `tiny`: a few channels, to check the command
 PRESETS = {"small": dict(channels=(64, 128, 256, 256), head=64, context=256, groups=32, vae=(32, 64, 64, 64)),

@@ -68,6 +68,20 @@ def test_single_file_loads_in_a_fresh_process(tmp_path, monkeypatch):
     assert child["weights_gib"] == here["weights_gib"] > 0 and child["seconds"] > 0
 
 
+def test_video_unet_and_decode_at_toy_size(tmp_path, monkeypatch):
+    """benchmarks.video: the UNet row (ours and diffusers' UNet3DConditionModel, each in its own process) end to end,
+    and a chunked decode in this process, at toy size."""
+    out = run_benchmark(tmp_path, "benchmarks.video", "unet", "--preset", "tiny", "--frames", "2", "--size", "8",
+                        "--repeats", "1", "--threads", "1")
+    rows = table_rows(out)
+    assert [row[0] for row in rows] == ["| 2 x 2 frames, latent 8x8"]
+    assert all(float(v.strip(" |x")) > 0 for v in rows[0][1:7])
+    from benchmarks import video
+    monkeypatch.setattr(video, "WEIGHTS", str(tmp_path / "weights" / "sd15"))
+    r = video.decode_one(video.vae_folder("tiny"), 3, 8, 2, 1)
+    assert r["seconds"] > 0 and r["peak_gib"] > 0
+
+
 def test_vader_memory_command_at_toy_size(tmp_path):
     """benchmarks.vader at toy size: a row per sampling-step count at K = 1 and the contrast row with a graph through
     every step (K = steps), each with its time and the training loop's peak memory."""
