@@ -94,6 +94,9 @@ def mean_se(values):
 
 def run(args):
     os.makedirs(args.out, exist_ok=True)
+    pipe = pipeline.load_pipeline(args.model)  # the model's own frames and guidance where none are given
+    args.frames = args.frames or pipe.default_frames or shapes.FRAMES
+    args.guidance = pipe.default_guidance if args.guidance is None else args.guidance
     train_prompts = [p for p in shapes.video_prompts() if p not in HELD_OUT]
     args.prompts_file = os.path.join(args.out, "prompts.txt")
     with open(args.prompts_file, "w") as f:
@@ -141,9 +144,9 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of each training")
     p.add_argument("--batch-size", type=int, default=4, help="videos per step (and per sampling batch)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every training")
-    p.add_argument("--frames", type=int, default=shapes.FRAMES, help="frames per video")
+    p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of training and evaluation")
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG scale of training and evaluation")
+    p.add_argument("--guidance", type=float, help="CFG scale of training and evaluation (default: the model's)")
     p.add_argument("--eval-seeds", type=int, default=4, help="videos per evaluation prompt (8 prompts)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args()
