@@ -343,7 +343,7 @@ def same_length(pipe, neg, pos):
 @torch.no_grad()
 def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
              height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
-             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None):
+             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None, frames=None, fps=None):
     """Prompts -> images (B, 3, H, W) in [-1, 1], with NPO guidance from the offsets named "eta" / "delta" on the UNet
     (and on the text encoder, for LoRAs with text-encoder keys).
 
@@ -358,6 +358,8 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
     (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0). `guider`: SEG or
     autoguidance beside NPO (`guiders.Guider`, its `denoiser`; None is plain CFG), with η as a LoRA."""
+    if frames or fps:  # video models: video.py (models layer) comes first
+        raise NotImplementedError("video sampling needs video.py")
     height, width = height or pipe.image_size, width or pipe.image_size
     guidance = pipe.default_guidance if guidance is None else guidance
     prompts = list(prompts)

@@ -183,6 +183,11 @@ def add_sampler_arguments(p):
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--frames", type=int, help="video models only: frames per video (default: the model's, 16 for "
+                                              "ModelScope); each video is written as NNNNN-seedS/FFF.png and "
+                                              "NNNNN-seedS.webp")
+    p.add_argument("--fps", type=int, help="video models only: the .webp preview's frames per second, and "
+                                           "VideoCrafter2's fps conditioning (default: the model's, else 8)")
     p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
                    help="SDXL's size conditioning: the original image size (default: --height --width)")
     p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),

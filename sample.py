@@ -21,6 +21,7 @@ from . import images
 from . import pipeline
 from . import prompt_syntax
 from . import sampler
+from . import videos
 from .checkpoint import UserError
 
 DEFAULT_PROMPT = "a red circle"  # one of the embedded model's captions (weights/README.md)
@@ -149,6 +150,8 @@ def a1111_parameters(args, job, size):
     hashes = args.hashes
     settings = {"Steps": args.steps, "Sampler": sampler.SAMPLERS[args.sampler], "CFG scale": args.guidance,
                 "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}"}
+    if args.frames:  # a video's: its frame count and the preview's (for VideoCrafter2 also the conditioning's) fps
+        settings.update({"Frames": args.frames, "FPS": args.fps})
     if "Model hash" in hashes:  # before the name, in A1111's order
         settings["Model hash"] = hashes["Model hash"]
     settings["Model"] = os.path.basename(os.path.normpath(args.model))
@@ -236,8 +239,8 @@ def check_sample_arguments(args):
         value = getattr(args, flag)
         if value is not None and min(value) < (0 if flag == "crop_top_left" else 1):
             raise UserError(f"--{flag.replace('_', '-')} {value[0]} {value[1]} is not a size in pixels; pass e.g. 1024 1024.")
-    for flag in ("n", "batch_size", "steps"):
-        if getattr(args, flag) < 1:
+    for flag in ("n", "batch_size", "steps", "frames", "fps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance {args.guidance:g} is negative, which would push images away from the prompt; "
@@ -345,8 +348,8 @@ def run_jobs(pipe, args, work, progress):
                                 callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
                                 clip_skip=args.clip_skip - 1,  # A1111's N is diffusers' N − 1
                                 original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
-                                target_size=args.target_size, guider=args.guider)
-        pictures += images.to_pil(out)
+                                target_size=args.target_size, guider=args.guider, frames=args.frames, fps=args.fps)
+        pictures += videos.to_frames(out) if args.frames else images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
 
@@ -411,7 +414,11 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
         # written a file yet that rank 0 could count
         first = distributed.broadcast(next_number(folder))
         for job, picture in zip(jobs, pictures):
-            written.append(destination("", f"{first + job['index']:05d}-seed{job['seed']}.png"))
+            name = f"{first + job['index']:05d}-seed{job['seed']}"
+            if args.frames:  # a video: NNNNN-seedS/FFF.png and NNNNN-seedS.webp
+                written.append(videos.save_video(picture, folder, name, a1111_parameters(args, job, size), args.fps))
+                continue
+            written.append(destination("", name + ".png"))
             images.save_png(picture, written[-1], a1111_parameters(args, job, size))
     return written
 
@@ -448,6 +455,7 @@ def load_for_sampling(args, texts, alpha):
     elif args.eta_model:
         guided.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
+    check_video_arguments(args, pipe)
     pipe.prompt_syntax = args.prompt_syntax
     for p in set(texts) - {None}:
         if args.prompt_syntax == "plain" and pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
@@ -476,6 +484,31 @@ def check_model_arguments(args, pipe):
     if pipe.is_sdxl and args.clip_skip != 1:
         raise UserError("--clip-skip is for SD1.x/2.x text encoders; SDXL already reads the penultimate layer, so "
                         "drop it.")
+
+
+def check_video_arguments(args, pipe):
+    """--frames and --fps are a video model's, refused for an image model; for a video model they default to the
+    model's (`Pipeline.default_frames`, `default_fps`; else 16 frames, 8 fps), and what does not make videos is
+    refused: a .png --out, --compare and --sweep-* grids, SEG and autoguidance, a dense --eta-model / --npo-model."""
+    video = getattr(pipe, "is_video", False)
+    if not video:
+        for flag in ("frames", "fps"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} is for video models and {args.model} is an image model; drop --{flag}.")
+        return
+    args.frames = args.frames or getattr(pipe, "default_frames", None) or 16
+    args.fps = args.fps or getattr(pipe, "default_fps", None) or videos.DEFAULT_FPS
+    refused = [(args.out.lower().endswith(".png"), f"--out {args.out} names one PNG, but a video is a folder of "
+                "frames and a .webp; pass a folder"),
+               (args.compare or args.sweep_alpha or args.sweep_beta, "--compare and --sweep-* make grids of "
+                "images, not videos; run once per α or β instead"),
+               (args.guider is not None, f"--guidance-method {args.guidance_method} is not supported for video "
+                "models; drop it (plain CFG with NPO)"),
+               (args.eta_model or args.npo_model, "--eta-model and --npo-model are not supported for video models; "
+                "pass η and δ as LoRAs (--lora, --npo)")]
+    for wrong, message in refused:
+        if wrong:
+            raise UserError(f"{message}.")
 
 
 def plan_sample(args, sweeps):
@@ -528,5 +561,6 @@ def run(args):
             parts = distributed.gather([(job["index"], path) for job, path in zip(mine, written)])
             written = [path for _, path in sorted(pair for part in parts for pair in part)]
     if rank == 0:
-        print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {args.out}", file=sys.stderr)
+        kind = "video" if args.frames else "image"
+        print(f"wrote {len(written)} {kind}{'s' * (len(written) != 1)} to {args.out}", file=sys.stderr)
     return written

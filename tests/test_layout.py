@@ -25,6 +25,7 @@ LAYERS = {
     "pipeline": 7,                                               # loading a model, encoding prompts
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
     "logplot": 7,                                                # a run's log drawn as a PNG
+    "videos": 7,                                                 # videos on disk: frames + WebP preview, parameters
     "extract": 7,                                                # η from a full fine-tune as a LoRA (truncated SVD)
     "images": 8, "unet": 8, "clip": 8, "blip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards
     "singlefile": 8,                                             # single-file checkpoints unpacked to diffusers' layout
