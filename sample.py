@@ -436,13 +436,15 @@ def load_for_sampling(args, texts, alpha):
     pipe = pipeline.load_pipeline(args.model, dtype, args.device, args.variant, **pipeline.source_options(args))
     if pipe.origin.startswith("single file"):
         print(pipe.origin, file=sys.stderr)  # which family and prediction type were read, and how
+    check_video_arguments(args, pipe)  # before any offset or dense model is attached to a UNet it cannot fit
     if args.scheduler_config:
         pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
-    cfg = sampler.sampler_config(args.sampler, pipe.scheduler_config, not pipe.is_sdxl)
+    fix_old = not (pipe.is_sdxl or pipe.is_video)  # StableDiffusionPipeline's fix of old configs, not theirs
+    cfg = sampler.sampler_config(args.sampler, pipe.scheduler_config, fix_old)
     if args.steps > cfg.num_train_timesteps:
         raise UserError(f"--steps {args.steps} exceeds the model's {cfg.num_train_timesteps} training timesteps; "
                         "use fewer steps.")
-    sampler.check_steps(args.sampler, pipe.scheduler_config, args.steps, not pipe.is_sdxl)  # before any compute
+    sampler.check_steps(args.sampler, pipe.scheduler_config, args.steps, fix_old)  # before any compute
     layers = pipe.text_encoder.config.num_hidden_layers
     if args.clip_skip > layers:
         raise UserError(f"--clip-skip {args.clip_skip} is more than this text encoder's {layers} layers; use 1 to {layers}.")
@@ -455,7 +457,6 @@ def load_for_sampling(args, texts, alpha):
     elif args.eta_model:
         guided.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
-    check_video_arguments(args, pipe)
     pipe.prompt_syntax = args.prompt_syntax
     for p in set(texts) - {None}:
         if args.prompt_syntax == "plain" and pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
@@ -489,9 +490,9 @@ def check_model_arguments(args, pipe):
 def check_video_arguments(args, pipe):
     """--frames and --fps are a video model's, refused for an image model; for a video model they default to the
     model's (`Pipeline.default_frames`, `default_fps`; else 16 frames, 8 fps), and what does not make videos is
-    refused: a .png --out, --compare and --sweep-* grids, SEG and autoguidance, a dense --eta-model / --npo-model."""
-    video = getattr(pipe, "is_video", False)
-    if not video:
+    refused: a .png --out, --compare and --sweep-* grids, SEG and autoguidance's block skip, a dense --eta-model /
+    --npo-model."""
+    if not pipe.is_video:
         for flag in ("frames", "fps"):
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag} is for video models and {args.model} is an image model; drop --{flag}.")
@@ -502,8 +503,8 @@ def check_video_arguments(args, pipe):
                 "frames and a .webp; pass a folder"),
                (args.compare or args.sweep_alpha or args.sweep_beta, "--compare and --sweep-* make grids of "
                 "images, not videos; run once per α or β instead"),
-               (args.guider is not None, f"--guidance-method {args.guidance_method} is not supported for video "
-                "models; drop it (plain CFG with NPO)"),
+               (args.guider is not None, f"{'--guidance-method seg' if args.guidance_method == 'seg' else '--auto-layers'}"
+                " perturbs blocks of an image UNet and is not supported for video models; drop it"),
                (args.eta_model or args.npo_model, "--eta-model and --npo-model are not supported for video models; "
                 "pass η and δ as LoRAs (--lora, --npo)")]
     for wrong, message in refused:
