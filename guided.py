@@ -6,6 +6,7 @@ the denoiser a sampler steps with. Eq. 10's weights of the two CFG branches are 
     guided.load_offset(pipe, [("dpo.safetensors", 1.0)], "eta")   # η, the preference offset (UNet + text encoder)
     guided.load_offset(pipe, [("npo.safetensors", 1.0)], "delta") # δ, the NPO offset
     images = guided.generate(pipe, ["a red circle"], seeds=[0], alpha=1.0, beta=1.0)   # (B, 3, H, W) in [-1, 1]
+    videos = guided.generate(video_pipe, ["a red circle moving left"], [0], frames=16)  # (B, F, 3, H, W)
 
 with g the guidance scale in diffusers' convention:
 

@@ -2,6 +2,7 @@
 
     python npo.py sample --prompt "a red circle" --lora dpo.safetensors --npo npo.safetensors
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
+    python npo.py sample --model text-to-video-ms --frames 16 --lora eta.safetensors --npo npo.safetensors  # videos
     python npo.py evaluate out/base out/npo --scorer pickscore:PickScore_v1 --out report   # tables 1-3, fig. 7
     python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
     python npo.py reproduce recipes/table1-sd15.json --weights DIR --out repro   # one command per table (1, 2; fig. 7)
@@ -154,7 +155,8 @@ def add_sample_arguments(p):
     p.add_argument("--out", default="out",
                    help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
                         "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
-                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
+                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids; a video model's NNNNN-seedS/FFF.png frames and "
+                        "NNNNN-seedS.webp), so no run overwrites another")
     # the files' A1111 hashes for the PNG parameters (load_for_sampling fills them); the guider (guiders.from_arguments)
     p.set_defaults(hashes={}, guider=None)
 

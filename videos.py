@@ -68,7 +68,11 @@ def save_video(frames, folder, name, parameters=None, fps=DEFAULT_FPS):
         for k, frame in enumerate(frames):
             images.save_png(frame, os.path.join(tmp, f"{k:03d}.png"), parameters)
         save_webp(frames, preview, parameters, fps)  # the preview first: a folder of frames is never without it
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.remove(preview)  # nor a preview without its frames
+            raise
     except OSError as e:
         raise UserError(f"cannot write the video {target} ({e.strerror or e}); check that --out is writable.")
     finally:

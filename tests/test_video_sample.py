@@ -75,6 +75,11 @@ def test_save_video_is_atomic(tmp_path, monkeypatch):
         videos.save_video(flat_frames([1, 2, 3, 4]), str(tmp_path), "00000-seed0", TEXT)
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(images, "save_png", real)
+    monkeypatch.setattr(os, "rename", lambda a, b: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    with pytest.raises(UserError, match=r"cannot write the video .*00000-seed0 \(Input/output error\)"):
+        videos.save_video(flat_frames([1, 2]), str(tmp_path), "00000-seed0", TEXT)
+    assert os.listdir(tmp_path) == []  # the preview, written before the frames' rename, went with it
+    monkeypatch.undo()
     videos.save_video(flat_frames([1, 2]), str(tmp_path), "00000-seed0", TEXT)
     with pytest.raises(UserError, match="00000-seed0 exists already"):
         videos.save_video(flat_frames([5, 6]), str(tmp_path), "00000-seed0", TEXT)
