@@ -343,6 +343,8 @@ def test_bad_input_on_a_video_model(tiny_video_dir, tiny_model, offsets, video_o
     out = str(tmp_path / "out")
     base = ["sample", "--model", tiny_video_dir, "--steps", "1", "--height", "32", "--width", "32", "--frames", "2"]
     for flags, words in ((["--height", "36"], "--height 36 is not a positive multiple of 8"),
+                         (["--frames", "0"], "--frames must be at least 1 (got 0)."),
+                         (["--original-size", "32", "32"], "--original-size is SDXL's size conditioning"),
                          (["--lora", offsets["eta"]], "has no temporal-layer keys"),
                          (["--npo", offsets["delta"]], "has no temporal-layer keys"),
                          (["--npo", video_offsets["delta"], "--compare"], "--compare and --sweep-* make grids"),
