@@ -365,8 +365,9 @@ def same_length(pipe, neg, pos):
 def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
              height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
              original_size=None, crop_top_left=(0, 0), target_size=None, guider=None, frames=None, fps=None):
-    """Prompts -> images (B, 3, H, W) in [-1, 1], or with `frames` F on a video model videos (B, F, 3, H, W), with NPO guidance from the offsets named "eta" / "delta" on the UNet
-    (and on the text encoder, for LoRAs with text-encoder keys).
+    """Prompts -> images (B, 3, H, W) in [-1, 1] (on a video model, with `frames` F, videos (B, F, 3, H, W)), with NPO
+    guidance from the offsets named "eta" / "delta" on the UNet (and on the text encoder, for LoRAs with text-encoder
+    keys).
 
     Image i starts from `initial_latents(seeds[i])`, as diffusers' pipeline with a list of seeded CPU generators.
     `negative_prompt`: one for all images or one per image; None is "", or zeros for SDXL. `sampler`: "ddim",
