@@ -1,7 +1,8 @@
 """`npo.py sample`: prompts × seeds planned into jobs, sampled with NPO guidance (guided.py) in batches, and written as
 PNGs that carry their settings the way A1111 writes them (`parameters`, with the model's and the LoRAs' hashes), into
-a folder numbered on from its last image as A1111 does; or, with --compare / --sweep-*, as labelled grids. Under
-torchrun the batches are shared among the ranks and the files are those of one process (distributed.py).
+a folder numbered on from its last image as A1111 does; or, with --compare / --sweep-*, as labelled grids. On a video
+model (--frames, --fps) each video is a folder of frames and an animated WebP (videos.py). Under torchrun the batches
+are shared among the ranks and the files are those of one process (distributed.py).
 """
 import json
 import math
