@@ -94,14 +94,14 @@ def is_video_folder(path):
 
 def check_frames(folder):
     """A video folder's frames must be numbered 000 ... F−1 with none missing (a frame deleted by hand would make
-    its frame-averaged score that of another video); returns their paths."""
+    its frame-averaged score that of another video), and be readable images; returns their paths."""
     paths = frame_paths(folder)
     numbers = [int(FRAME.fullmatch(os.path.basename(p)).group(1)) for p in paths]
     if numbers != list(range(len(numbers))):
         missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
         raise UserError(f"{folder} lacks frame {missing[0]:03d}.png of its {max(numbers) + 1}; sample the video "
                         "again, or remove the folder.")
-    for path in paths[:1]:
+    for path in paths:  # the headers only: Image.open reads no pixels
         try:
             with Image.open(path):
                 pass

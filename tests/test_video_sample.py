@@ -161,6 +161,12 @@ def test_evaluate_video_folders_bad_input(tmp_path):
     with pytest.raises(UserError, match=r"00001-seed1 lacks frame 000.png of its 2; sample the video again"):
         evaluate.evaluate([a, b], ["rewards:brightness"], report)
     assert not os.path.exists(report)
+    whole = write_videos(tmp_path / "whole", [[10, 20], [30, 40], [50, 60]])
+    with open(os.path.join(a, "00002-seed7", "001.png"), "wb") as f:
+        f.write(b"not a png")  # a frame cut short
+    with pytest.raises(UserError, match=r"00002-seed7/001.png is not a readable PNG"):
+        evaluate.evaluate([whole, a], ["rewards:brightness"], report)
+    assert not os.path.exists(report)
     c = tmp_path / "c"  # the same prompts and seeds as images, not videos
     os.makedirs(c)
     for i, (p, s) in enumerate(zip(PROMPTS, SEEDS)):
