@@ -387,3 +387,18 @@ def test_fps_reaches_a_unet_that_embeds_it(tiny_video_dir):
     seen.clear()
     guided.generate(pipe, ["a", "b"], [0, 1], steps=1, guidance=1.0, height=32, width=32, frames=2, fps=8)
     assert len(seen) == 1 and torch.equal(seen[0], torch.full((2,), 8))  # the conditional branch alone
+
+
+@pytest.mark.parametrize("sampler_name, ddim_eta", [("ddim", 1.0), ("euler-a", 0.0)])
+def test_stochastic_samplers_draw_noise_per_video(tiny_video_dir, sampler_name, ddim_eta):
+    """DDIM at η > 0 and Euler a draw each step's z from each video's own generator, (1, C, F, h, w) like x_T: a
+    video is the same alone and beside another (diffusers' pipeline gives no reference: with one generator per video
+    it fails at η > 0)."""
+    pipe = pipeline.load_pipeline(tiny_video_dir)
+    kw = dict(steps=3, guidance=5.0, height=32, width=32, frames=2, sampler=sampler_name, ddim_eta=ddim_eta)
+    both = guided.generate(pipe, ["a red circle moving left", "a blue square moving up"], [3, 4], **kw)
+    alone = guided.generate(pipe, ["a blue square moving up"], [4], **kw)
+    assert (to01(both[1:]) - to01(alone)).abs().max() <= ATOL
+    quiet = {"ddim_eta": 0.0, "sampler": {"ddim": "ddim", "euler-a": "euler"}[sampler_name]}  # the same, no noise
+    deterministic = guided.generate(pipe, ["a blue square moving up"], [4], **{**kw, **quiet})
+    assert (to01(deterministic) - to01(alone)).abs().max() > 10 / 255  # the noise does something
