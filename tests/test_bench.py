@@ -39,7 +39,8 @@ def test_harness_counts_warmup_and_repeats_and_sees_an_allocation():
 def test_gpu_command_cpu_fallback(tmp_path):
     table = tmp_path / "gpu.md"
     run_benchmark(tmp_path, "benchmarks.gpu", "--cpu", "--tiny", "--size", "8", "--repeats", "1", "--weights",
-                  str(tmp_path / "weights" / "tiny"), "--out", str(table), "--sdxl", "small", "--sdxl-size", "8")
+                  str(tmp_path / "weights" / "tiny"), "--out", str(table), "--sdxl", "small", "--sdxl-size", "8",
+                  "--vc2", "small", "--vc2-steps", "2")
     rows = table_rows(table.read_text())
     names = [row[0].removeprefix("| ") for row in rows]
     assert names == ["UNet forward, bfloat16, ours", "UNet forward, bfloat16, diffusers",
@@ -47,7 +48,11 @@ def test_gpu_command_cpu_fallback(tmp_path):
                      "DPO step, ours, --mixed-precision bf16", "DPO step, ours, fp32", "DPO step, diffusers recipe, fp32",
                      "SPO epoch (sampling + update), fp32", "SPO sampling alone, fp32",
                      "SDXL UNet forward, bfloat16, ours", "SDXL UNet forward, bfloat16, diffusers",
-                     "SDXL guided step, bfloat16, plain CFG", "SDXL guided step, bfloat16, NPO (η, δ unmerged)"]
+                     "SDXL guided step, bfloat16, plain CFG", "SDXL guided step, bfloat16, NPO (η, δ unmerged)",
+                     "VideoCrafter2 UNet forward 2x64x64, bfloat16, ours",
+                     "VideoCrafter2 UNet forward 2x64x64, bfloat16, diffusers UNet3DConditionModel",
+                     "VideoCrafter2 2 DDIM steps + decode 2x64x64, bfloat16, plain CFG",
+                     "VideoCrafter2 2 DDIM steps + decode 2x64x64, bfloat16, NPO (η, δ unmerged)"]
     assert all(float(row[1]) > 0 for row in rows)
 
 
