@@ -402,3 +402,31 @@ def test_stochastic_samplers_draw_noise_per_video(tiny_video_dir, sampler_name, 
     quiet = {"ddim_eta": 0.0, "sampler": {"ddim": "ddim", "euler-a": "euler"}[sampler_name]}  # the same, no noise
     deterministic = guided.generate(pipe, ["a blue square moving up"], [4], **{**kw, **quiet})
     assert (to01(deterministic) - to01(alone)).abs().max() > 10 / 255  # the noise does something
+
+
+def test_videocrafter2_fps_and_defaults(tmp_path, capsys):
+    """On VideoCrafter2's UNet (tests/test_videocrafter.py's tiny synthetic model.ckpt, whose UNet, fps embedding and
+    DDIM with the x̂0 rescale are checked there against lvdm with fps in each branch's conditioning), `generate(fps=)`
+    is that very path: the frame rate in both branches, every row; and `sample` defaults to the model's 16 frames
+    and fps 28, which its parameters say."""
+    from test_videocrafter import vc2_file
+    from npo import sampler, video
+    path, _ = vc2_file(str(tmp_path / "model.ckpt"))
+    pipe = pipeline.load_pipeline(path)
+    kw = dict(steps=2, guidance=12.0, height=16, width=16, frames=2)
+    ours = guided.generate(pipe, ["a red circle", "a cat"], [0, 1], "ugly", fps=8, **kw)
+    pos, neg = pipe.conditioning(["a red circle", "a cat"]), pipe.conditioning(["ugly", "ugly"])
+    fps = torch.tensor([8, 8])
+    x_T = sampler.initial_latents([0, 1], 16, 16, 4, vae_scale=pipe.vae.downscale, frames=2)
+    denoise = guided.npo_denoiser(pipe.unet, {**neg, "fps": fps}, {**pos, "fps": fps}, 12.0)
+    want = video.decode_frames(pipe.vae, sampler.sample("ddim", denoise, x_T, pipe.scheduler_config, 2))
+    assert (to01(ours) - to01(want)).abs().max() <= ATOL
+    at_28 = guided.generate(pipe, ["a red circle", "a cat"], [0, 1], "ugly", fps=28, **kw)
+    assert (to01(at_28) - to01(ours)).abs().max() > 1 / 255  # the frame rate conditions the video
+    out = str(tmp_path / "out")
+    code, err = run_cli(capsys, "sample", "--model", path, "--prompt", "a cat", "--steps", "1", "--height", "16",
+                        "--width", "16", "--out", out)
+    assert code == 0, err
+    text = videos.read_parameters(os.path.join(out, "00000-seed0.webp"))
+    assert "CFG scale: 12.0, Seed: 0, Size: 16x16, Frames: 16, FPS: 28, " in text
+    assert len(os.listdir(os.path.join(out, "00000-seed0"))) == 16
