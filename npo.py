@@ -169,7 +169,8 @@ def add_sampler_arguments(p):
                         "\"DPM++ 2M Karras\"); euler-a: Euler ancestral (\"Euler a\"); euler. Each runs as its diffusers "
                         "scheduler built from the model's scheduler config (default: ddim)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--ddim-eta", type=finite_float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--ddim-eta", type=finite_float, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like; "
+                                                         "default 0, or the model's own: VideoCrafter2's 1)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
                                                           "layer, 2 on the penultimate (diffusers' clip_skip=1), ...")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",

@@ -157,7 +157,7 @@ def a1111_parameters(args, job, size):
         settings["Model hash"] = hashes["Model hash"]
     settings["Model"] = os.path.basename(os.path.normpath(args.model))
     if args.sampler == "ddim":
-        settings["DDIM eta"] = args.ddim_eta
+        settings["DDIM eta"] = args.ddim_eta or 0.0  # None until the model's default is known
     if args.clip_skip > 1:
         settings["Clip skip"] = args.clip_skip
     if job.get("chunks") and job["chunks"][0] != job["chunks"][1]:
@@ -473,9 +473,14 @@ def load_for_sampling(args, texts, alpha):
 
 
 def check_model_arguments(args, pipe):
-    """What depends on the model: the default CFG scale (7.5; SDXL 5), and SDXL's size flags, refused for SD1/2."""
+    """What depends on the model: the default CFG scale (7.5; SDXL 5), size and DDIM η (a model's own sampling
+    defaults, `Pipeline.defaults`: VideoCrafter2's 320×512 at η 1), and SDXL's size flags, refused for SD1/2."""
     if args.guidance is None:
         args.guidance = pipe.default_guidance
+    args.height = args.height or pipe.defaults.get("height")  # else the model's square image_size, in generate
+    args.width = args.width or pipe.defaults.get("width")
+    if args.ddim_eta is None:  # η is DDIM's alone: other samplers keep 0
+        args.ddim_eta = float(pipe.defaults.get("ddim_eta", 0.0)) if args.sampler == "ddim" else 0.0
     if args.guider is not None:  # the layer names against this UNet's blocks
         flag = "--seg-layers" if args.guider.method == "seg" else "--auto-layers"
         guiders.named_blocks(pipe.unet, args.guider.layers, flag)

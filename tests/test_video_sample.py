@@ -430,3 +430,13 @@ def test_videocrafter2_fps_and_defaults(tmp_path, capsys):
     text = videos.read_parameters(os.path.join(out, "00000-seed0.webp"))
     assert "CFG scale: 12.0, Seed: 0, Size: 16x16, Frames: 16, FPS: 28, " in text
     assert len(os.listdir(os.path.join(out, "00000-seed0"))) == 16
+    # the authors' 320 x 512 at DDIM η 1 when no size or η is given; given ones win (checked without sampling)
+    for flags, want in (([], (320, 512, 1.0)), (["--height", "64", "--width", "32", "--ddim-eta", "0.5"], (64, 32, 0.5))):
+        args = npo.build_parser().parse_args(["sample", "--model", path, *flags])
+        sample.check_sample_arguments(args)
+        sample.check_model_arguments(args, pipe)
+        assert (args.height, args.width, args.ddim_eta) == want
+    args = npo.build_parser().parse_args(["sample", "--sampler", "euler"])
+    sample.check_sample_arguments(args)
+    sample.check_model_arguments(args, pipe)
+    assert args.ddim_eta == 0.0  # η is DDIM's: another sampler keeps 0 (VideoCrafter2 itself refuses one)
