@@ -503,8 +503,8 @@ def check_video_arguments(args, pipe):
             if getattr(args, flag) is not None:
                 raise UserError(f"--{flag} is for video models and {args.model} is an image model; drop --{flag}.")
         return
-    args.frames = args.frames or getattr(pipe, "default_frames", None) or 16
-    args.fps = args.fps or getattr(pipe, "default_fps", None) or videos.DEFAULT_FPS
+    args.frames = args.frames or pipe.default_frames or 16  # ModelScope's clips are 16 frames
+    args.fps = args.fps or pipe.default_fps or videos.DEFAULT_FPS
     refused = [(args.out.lower().endswith(".png"), f"--out {args.out} names one PNG, but a video is a folder of "
                 "frames and a .webp; pass a folder"),
                (args.compare or args.sweep_alpha or args.sweep_beta, "--compare and --sweep-* make grids of "
