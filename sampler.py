@@ -300,18 +300,21 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32):
     return z.to(device)
 
 
-def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.float32, vae_scale=8):
+def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.float32, vae_scale=8, frames=None):
     """x_T ~ N(0, I), shape (len(seeds), C, H/s, W/s) with s the VAE's downscale (8 for SD); image i from `torch.Generator("cpu").manual_seed(seeds[i])`.
 
     This is what a diffusers pipeline draws given one seeded CPU generator (one image) or a list of them.
     A seed may also be a torch.Generator: it is advanced, and passing the same generators to `ddim_sample`
-    continues the stream as diffusers' pipeline does when η > 0. DDIM's initial noise sigma is 1."""
+    continues the stream as diffusers' pipeline does when η > 0. DDIM's initial noise sigma is 1.
+    With `frames` F, a video's: (len(seeds), C, F, H/s, W/s), video i one (1, C, F, H/s, W/s) draw from its
+    generator, as diffusers' TextToVideoSDPipeline draws it."""
     if height % 8 or width % 8:
         raise UserError(f"image size {width}x{height} is not a multiple of 8; pick a width and height divisible by 8.")
     seeds = [seeds] if isinstance(seeds, (int, torch.Generator)) else list(seeds)
     gens = [s if isinstance(s, torch.Generator) else torch.Generator("cpu").manual_seed(s) for s in seeds]
+    shape = (len(gens), channels) + ((frames,) if frames else ()) + (height // vae_scale, width // vae_scale)
     # drawn in float32 then cast: on CPU this equals diffusers' draw in the pipeline's dtype
-    return randn((len(gens), channels, height // vae_scale, width // vae_scale), gens).to(device, dtype)
+    return randn(shape, gens).to(device, dtype)
 
 
 def ddim_sample(denoise, latents, cfg, steps, eta=0.0, generator=None, callback=None):
