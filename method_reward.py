@@ -57,27 +57,30 @@ def micro_step(run, prompts):
         checkpoint_unet_blocks(unet)
     schedule = pipe.ddim_config()
     steps = sampler.ddim_steps(schedule, config.sample_steps)
+    scales = sampler.x0_scales(schedule, config.sample_steps)  # VideoCrafter's x̂_0 rescale; 1 for other models
     size, channels = config.resolution, unet.config.in_channels
 
     def step(first, weight):
         gens = [example_generator(config.seed, first + j) for j in range(config.batch_size)]
         chosen = [draw_prompt(prompts, g) for g in gens]
-        x = initial_noise(gens, size, channels, frames, device, dtype, vae.downscale)
+        # x_T: (B, C, h, w), or a video's (B, C, F, h, w), as diffusers' pipelines draw it from each generator
+        x = sampler.initial_latents(gens, size, size, channels, device, dtype, vae.downscale, frames)
         pos = pipe.conditioning(chosen, pipe.time_ids(size, size))
         neg = pipe.negative_conditioning(None, pos)  # "", or SDXL's zeros: diffusers without a negative prompt
+        neg, pos = guided.with_fps(pipe, (neg, pos), pipe.default_fps)  # VideoCrafter2's frame rate, as sampling's
         weights = branch_weights(config, run.files, len(chosen), device)
         guide = guided.guided_denoiser(unet, neg, pos, config.guidance, weights)
 
         def denoise(x, t):  # the UNet under autocast (--mixed-precision); the DDIM update in x's dtype
             with amp.autocast():
                 return guide(x, t).to(x.dtype)
-        for i, (t, a_t, a_prev) in enumerate(steps):
+        for i, ((t, a_t, a_prev), s) in enumerate(zip(steps, scales)):
             if i < len(steps) - config.grad_steps:
                 with torch.no_grad():
-                    x = sampler.ddim_step(x, denoise(x, t), a_t, a_prev, schedule)
+                    x = sampler.ddim_step(x, denoise(x, t), a_t, a_prev, schedule, x0_scale=s)
             else:  # one of the last K steps: keep its graph, but only its inputs in memory
                 out = torch.utils.checkpoint.checkpoint(denoise, x, t, use_reentrant=False)
-                x = sampler.ddim_step(x, out, a_t, a_prev, schedule)
+                x = sampler.ddim_step(x, out, a_t, a_prev, schedule, x0_scale=s)
         pixels = decode_scored(vae, x, scored, gens)  # (B·N, 3, H, W): N scored frames per example (1 for images)
         scores = reward_of(objective, (pixels.float() / 2 + 0.5).clamp(0, 1), chosen)
         loss = -scores.mean()
@@ -121,14 +124,6 @@ def reward_of(objective, images, prompts):
     if rewards.scores_videos(objective):
         return objective(images.view(len(prompts), n, *images.shape[1:]), prompts)
     return objective(images, [p for p in prompts for _ in range(n)]).view(len(prompts), n).mean(1)
-
-
-def initial_noise(gens, size, channels, frames, device, dtype, downscale):
-    """x_T ~ N(0, I), one draw per example from its generator: (B, C, h, w) for an image model; for a video model
-    (B, C, F, h, w), one (1, C, F, h, w) draw per generator, as diffusers' TextToVideoSDPipeline draws it."""
-    if frames is None:
-        return sampler.initial_latents(gens, size, size, channels, device, dtype, downscale)
-    return sampler.randn((len(gens), channels, frames, size // downscale, size // downscale), gens).to(device, dtype)
 
 
 def decode_scored(vae, x, scored, gens):

@@ -225,3 +225,32 @@ def test_video_flags_refused(tiny_model, tiny_video_dir, prompts_file, tmp_path,
     assert "trains image models, and" in run(tiny_video_dir, "--method", "spo", "--spo-plain-steps", "1")
     assert "--score-frames does nothing with --method ddpo" in run(
         tiny_video_dir, "--score-frames", "1", "--method", "ddpo")
+
+
+def test_videocrafter2_trains_on_the_video_its_sampler_makes(tmp_path, prompts_file, monkeypatch):
+    """On VideoCrafter2 (test_videocrafter's tiny model.ckpt) the training sampler is sampling's: the frame rate in
+    both branches' conditioning (the model's 28) and DDIM's x̂_0 rescale (use_scale). The video a training step
+    decodes (all its frames scored) equals `sampler.sample("ddim", ...)` from the same x_T with the same guidance."""
+    from test_videocrafter import vc2_file
+    from npo import guided, sampler, video
+    path, _ = vc2_file(str(tmp_path / "model.ckpt"))
+    decoded = []
+    decode = video.decode_frames
+    monkeypatch.setattr(video, "decode_frames", lambda vae, z: decoded.append(z.detach().clone()) or decode(vae, z))
+    config = trainflags.parse_args(["--model", path, "--out", str(tmp_path / "unused"), "--prompts-file", prompts_file,
+                                    *FAST, "--frames", "2", "--score-frames", "2", "--sample-steps", "3"])
+    trainconfig.check(config)
+    pipe = pipeline.load_pipeline(path)
+    lora.add_offset(pipe.unet, "eta", 4)
+    run = machinery.Run(config, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={"eta": "lora.safetensors"})
+    method_reward.micro_step(run, PROMPTS)(0, 1.0)
+    g = machinery.example_generator(0, 0)
+    prompt = PROMPTS[int(torch.randint(len(PROMPTS), (1,), generator=g))]
+    x_T = torch.randn((1, 4, 2, 8, 8), generator=g)
+    pos = pipe.conditioning([prompt])
+    fps = {"fps": torch.tensor([28])}
+    denoise = guided.npo_denoiser(pipe.unet, {**pipe.negative_conditioning(None, pos), **fps}, {**pos, **fps}, 3.0)
+    with torch.no_grad():
+        want = sampler.sample("ddim", denoise, x_T, pipe.scheduler_config, 3)
+    assert pipe.scheduler_config["use_scale"] and pipe.default_fps == 28
+    torch.testing.assert_close(decoded[0], want, rtol=1e-5, atol=1e-5)
