@@ -111,10 +111,12 @@ def run(args):
                  "delta_npo": trained(args, "delta_npo", seed, npo=True)}
         for row, roles in ROWS.items():
             key = os.path.join(args.out, f"eval-{row.replace(' ', '_')}-s{seed}.json")
-            if not os.path.exists(key):
+            if not os.path.exists(key):  # scored first, then written whole: an interrupted row is redone
                 offsets = {("delta" if r.startswith("delta") else r): files[r] for r in roles}
-                with open(key, "w") as f:
-                    json.dump(evaluate_row(args, offsets, prompts, seeds), f)
+                scores = evaluate_row(args, offsets, prompts, seeds)
+                with open(key + ".tmp", "w") as f:
+                    json.dump(scores, f)
+                os.replace(key + ".tmp", key)
             with open(key) as f:
                 results[(row, seed)] = json.load(f)
     return results
