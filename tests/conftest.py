@@ -82,6 +82,32 @@ def make_video_dir(path, seed=0, unet_kwargs=TINY_VIDEO_UNET):
     return pipe
 
 
+def randomize_offset(model, name, seed):
+    """Non-zero lora_up (a fresh offset is ΔW = 0), at a size that changes the output clearly but not wildly."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        from npo import lora
+        for offset in lora.offsets(model, name).values():
+            for p in (offset.lora_down.weight, offset.lora_up.weight):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6 / p[0].numel() ** 0.5)
+
+
+def make_rl_sdxl_dir(tmp_path_factory, name, scheduler):
+    """A tiny SDXL folder for the RL methods' tests, with SDXL base's scheduler config (`scheduler` "sdxl_base",
+    set_alpha_to_one false) or the Euler config as diffusers saves it (no set_alpha_to_one field)."""
+    import json
+    from ldm import SDXL_SCHEDULER
+    model = str(tmp_path_factory.mktemp(name))
+    refs = make_sdxl_dir(model)
+    config = os.path.join(model, "scheduler", "scheduler_config.json")
+    if scheduler == "sdxl_base":
+        with open(config, "w") as f:
+            json.dump(SDXL_SCHEDULER, f)
+    else:
+        assert "set_alpha_to_one" not in json.load(open(config))
+    return model, refs
+
+
 def make_sdxl_dir(path, seed=0, scheduler=None, unet_kwargs=TINY_SDXL_UNET, vae_kwargs=TINY_SDXL_VAE,
                   text_kwargs=TINY_SDXL_TEXT, text_2_kwargs=TINY_SDXL_TEXT_2):
     """Write a tiny SDXL folder as diffusers lays it out (model_index.json with force_zeros_for_empty_prompt,

@@ -28,7 +28,7 @@ from npo import runs
 from npo import sampler
 from npo import trainconfig
 from npo import trainflags
-from conftest import ROOT, diffusers_reference, make_sdxl_dir, one_thread, random_lora_files
+from conftest import ROOT, diffusers_reference, make_rl_sdxl_dir, one_thread, random_lora_files
 
 # tiny model: 16 px images are 8x8 latents; 2 sampling steps keep a DDPO epoch to a few UNet calls
 FAST = ["--method", "ddpo", "--resolution", "16", "--sample-steps", "2", "--guidance", "3", "--log-every", "1",
@@ -249,15 +249,7 @@ def test_one_ddpo_update_on_sdxl_equals_ddpo_pytorchs_on_diffusers_sdxl_parts(tm
     branch, the unconditional one zeros. The folder's scheduler config is SDXL base's own (Euler, set_alpha_to_one
     false), or an Euler config as diffusers saves it, without set_alpha_to_one: DDIMScheduler's default, true, would
     make the last step deterministic, and training takes it to ᾱ_0 as ddpo-pytorch does."""
-    from ldm import SDXL_SCHEDULER
-    model = str(tmp_path_factory.mktemp("ddpo_sdxl"))
-    refs = make_sdxl_dir(model)
-    config = os.path.join(model, "scheduler", "scheduler_config.json")
-    if scheduler == "sdxl_base":
-        with open(config, "w") as f:
-            json.dump(SDXL_SCHEDULER, f)
-    else:
-        assert "set_alpha_to_one" not in json.load(open(config))
+    model, refs = make_rl_sdxl_dir(tmp_path_factory, "ddpo_sdxl", scheduler)
     files = random_lora_files(model, str(tmp_path_factory.mktemp("ddpo_sdxl_lora")), [("eta", {})], seed=31)
     ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
     assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0},

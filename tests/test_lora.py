@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from npo import lora
 from npo import unet
 from npo.checkpoint import UserError
-from conftest import TINY_TEXT, TINY_UNET, TINY_VAE, TOKENIZER_DIR, randomize
+from conftest import TINY_TEXT, TINY_UNET, TINY_VAE, TOKENIZER_DIR, randomize, randomize_offset
 
 # Same reasoning as test_unet.py: fp32 reordering noise (batched vs single rows, fused vs unfused weights, ours vs
 # diffusers) is ~1e-7 relative; a wrong scale, alpha, key or multiplier row moves the output by O(1e-2) or more
@@ -26,13 +26,6 @@ def assert_close(ours, ref, rtol=RTOL):
     assert err <= rtol * scale, f"max |ours - ref| = {err:.3g} > {rtol} * {scale:.3g}"
 
 
-def randomize_offset(model, name, seed):
-    """Non-zero lora_up (a fresh offset is ΔW = 0), at a size that changes the output clearly but not wildly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for offset in lora.offsets(model, name).values():
-            for p in (offset.lora_down.weight, offset.lora_up.weight):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.6 / p[0].numel() ** 0.5)
 
 
 @pytest.fixture(scope="module")

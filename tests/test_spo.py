@@ -25,7 +25,7 @@ from npo import rewards
 from npo import sampler
 from npo import trainconfig
 from npo import trainflags
-from conftest import ROOT, diffusers_reference, make_sdxl_dir, one_thread, random_lora_files
+from conftest import ROOT, diffusers_reference, make_rl_sdxl_dir, make_sdxl_dir, one_thread, random_lora_files
 
 WEIGHTS = os.path.join(ROOT, "weights")
 # tiny model: 16 px images are 8x8 latents; 4 sampling steps, the first plain, then 3 with 3 candidates each
@@ -359,15 +359,7 @@ def test_one_spo_step_on_sdxl_equals_spos_on_diffusers_sdxl_parts(tmp_path_facto
     base's own (Euler, set_alpha_to_one false), or an Euler config as diffusers saves it, without set_alpha_to_one:
     DDIMScheduler's default, true, would make the last step deterministic, and training takes it to ᾱ_0 as ddpo-pytorch
     and SPO do."""
-    from ldm import SDXL_SCHEDULER
-    model = str(tmp_path_factory.mktemp("spo_sdxl"))
-    refs = make_sdxl_dir(model)
-    config = os.path.join(model, "scheduler", "scheduler_config.json")
-    if scheduler == "sdxl_base":
-        with open(config, "w") as f:
-            json.dump(SDXL_SCHEDULER, f)
-    else:
-        assert "set_alpha_to_one" not in json.load(open(config))
+    model, refs = make_rl_sdxl_dir(tmp_path_factory, "spo_sdxl", scheduler)
     files = small_lora_files(model, str(tmp_path_factory.mktemp("spo_sdxl_lora")), [("eta", {})], seed=41)
     ours = our_spo_step(model, files, {}, prompts_file, tmp_path, ["--spo-score-scale", str(scale)])
     reference = reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, sdxl=True, inner=3,

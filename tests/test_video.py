@@ -12,7 +12,7 @@ from npo import pipeline
 from npo import unet
 from npo import video
 from npo.checkpoint import UserError
-from conftest import TINY_UNET, TINY_VIDEO_UNET, randomize
+from conftest import TINY_UNET, TINY_VIDEO_UNET, randomize, randomize_offset
 
 # fp32 reordering noise between two implementations of the same network is ~1e-7 of the output's magnitude; a wrong
 # fold, norm, eps or head count moves it by O(1e-2) or more.
@@ -132,13 +132,6 @@ def test_decode_frames_is_the_vae_frame_by_frame(tiny_video_dir):
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA on the video UNet: the default targets reach the temporal attentions, and per-sample multipliers act per sample.
-
-def randomize_offset(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for offset in lora.offsets(model, name).values():
-            for p in (offset.lora_down.weight, offset.lora_up.weight):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.6 / p[0].numel() ** 0.5)
 
 
 def test_default_targets_reach_temporal_attention(pair):
