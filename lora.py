@@ -84,9 +84,11 @@ class Offset(nn.Module):
         h = self.lora_down(x.to(self.lora_down.weight.dtype))
         m = self.multiplier
         if isinstance(m, torch.Tensor):
-            if m.shape[0] != h.shape[0]:
+            # B values for n·B rows: a video UNet folds frames or pixels into the batch batch-major (rows b·n … b·n +
+            # n − 1 are sample b's, video.py), so each value covers n consecutive rows; images have n = 1
+            if h.shape[0] % m.shape[0]:
                 raise ValueError(f"a per-sample LoRA multiplier has {m.shape[0]} values for a batch of {h.shape[0]}")
-            m = m.to(h.device, h.dtype).view(-1, *[1] * (h.ndim - 1))  # (B,) -> (B, 1, ...): broadcast over the rest
+            m = m.repeat_interleave(h.shape[0] // m.shape[0]).to(h.device, h.dtype).view(-1, *[1] * (h.ndim - 1))
         return h * (m * self.scale)
 
     def forward(self, x):
@@ -590,7 +592,7 @@ def _read_part(path, tensors, model, part, cfg, total):
     """{layer name: (lora_down, lora_up, alpha)} from the keys of one model, checked against its layers."""
     layers = targetable(model)
     kohya_names = {n.replace(".", "_"): n for n in layers}  # kohya's flat names, diffusers-style and SGM-style
-    if hasattr(model, "up_blocks"):
+    if hasattr(model, "up_blocks") and not hasattr(model, "transformer_in"):  # SGM names are an image UNet's
         kohya_names.update({flat: n for n, flat in ((n, sgm_name(n, model)) for n in layers) if flat})
     parts, unknown = {}, []
     for key, t in tensors.items():
@@ -639,6 +641,9 @@ def read_lora(path, models):
     if not tensors:
         raise UserError(f"{path} holds no tensors; it is not a LoRA file.")
     _check_kinds(path, tensors, models)
+    if hasattr(models.get("unet"), "transformer_in") and not any("temp_attentions" in k or "transformer_in" in k for k in tensors):
+        raise UserError(f"{path} has no temporal-layer keys (temp_attentions, transformer_in): it is an image LoRA and this is "
+                        "a video UNet; train η/δ on the video model (npo.py train --model VIDEO_MODEL) and load that.")
     metadata = checkpoint.read_safetensors_metadata(path)
     out = {}
     for part, model in models.items():

@@ -26,6 +26,7 @@ from . import prompt_syntax
 from . import sampler
 from . import singlefile
 from . import unet
+from . import video
 from .checkpoint import UserError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the embedded shapes model
@@ -109,9 +110,15 @@ class Pipeline:
         return self.text_encoder_2 is not None
 
     @property
+    def is_video(self):
+        """A video model (ModelScope's UNet3DConditionModel): latents and outputs are (B, C, F, h, w)."""
+        return video.is_video(self.unet)
+
+    @property
     def default_guidance(self):
-        """The CFG scale when none is given: 7.5, diffusers' SD default; 5 for SDXL, as the NPO authors' SDXL runs."""
-        return 5.0 if self.is_sdxl else 7.5
+        """The CFG scale when none is given: 7.5, diffusers' SD default; 5 for SDXL, as the NPO authors' SDXL runs;
+        9 for a video model, diffusers' TextToVideoSDPipeline default."""
+        return 5.0 if self.is_sdxl else 9.0 if self.is_video else 7.5
 
     def ddim_config(self):
         """The DDIM config that diffusers' pipeline for this model runs with `DDIMScheduler.from_config` of the
@@ -306,7 +313,7 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
         scheduler["prediction_type"] = prediction_type
     sdxl = is_sdxl_folder(path)
     return Pipeline(
-        unet=unet.load_unet(os.path.join(path, "unet"), dtype, device, variant),
+        unet=load_unet_folder(os.path.join(path, "unet"), dtype, device, variant),
         vae=load_vae_for(vae, dtype, device, variant, sdxl),
         text_encoder=clip.load_text_encoder(text_encoder, dtype, device, variant),
         tokenizer=clip.load_tokenizer(shared_part(path, "tokenizer")),
@@ -409,7 +416,15 @@ def load_unet(path, dtype=torch.float32, device="cpu", ema=False):
     if os.path.isfile(path):
         config, state = singlefile.read(path, device, ema, ("unet",)).parts["unet"]
         return unet.build_unet(unet.unet_config(config, path), state, path, dtype)
-    return unet.load_unet(part_folder(path, "unet", "the model"), dtype, device)
+    return load_unet_folder(part_folder(path, "unet", "the model"), dtype, device)
+
+
+def load_unet_folder(folder, dtype=torch.float32, device="cpu", variant=None):
+    """A diffusers unet/ folder: the video UNet when its config.json names UNet3DConditionModel (ModelScope's
+    text-to-video-ms), else SD's image UNet; both load strictly."""
+    config = checkpoint.read_json(os.path.join(folder, "config.json"))
+    load = video.load_unet3d if config.get("_class_name") == "UNet3DConditionModel" else unet.load_unet
+    return load(folder, dtype, device, variant)
 
 
 def read_scheduler_config(path):

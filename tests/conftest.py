@@ -57,6 +57,31 @@ def make_model_dir(path, unet_kwargs=TINY_UNET, vae_kwargs=TINY_VAE, text_kwargs
     return dict(unet=ref_unet, vae=ref_vae, text_encoder=ref_text)
 
 
+# ModelScope's text-to-video UNet at toy size: two levels (cross-attention in the first down and last up block, the
+# mid block always), heads of 8 dims (so 4 and 8 heads; transformer_in 8 heads of 8 on 32 channels), 3D blocks.
+TINY_VIDEO_UNET = dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                       attention_head_dim=8, norm_num_groups=8,
+                       down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"))
+
+
+def make_video_dir(path, seed=0, unet_kwargs=TINY_VIDEO_UNET):
+    """Write a tiny TextToVideoSDPipeline (ModelScope's text-to-video-ms layout: unet/ of UNet3DConditionModel, vae/,
+    text_encoder/, tokenizer/, scheduler/ with DDIM, model_index.json) with random weights; return the pipeline."""
+    from diffusers import AutoencoderKL, DDIMScheduler, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    torch.manual_seed(seed)
+    pipe = TextToVideoSDPipeline(
+        unet=randomize(UNet3DConditionModel(**unet_kwargs), seed + 1).eval(),
+        vae=randomize(AutoencoderKL(**TINY_VAE), seed + 2).eval(),
+        text_encoder=randomize(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), seed + 3).eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                set_alpha_to_one=False, steps_offset=1))
+    pipe.save_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def make_sdxl_dir(path, seed=0, scheduler=None, unet_kwargs=TINY_SDXL_UNET, vae_kwargs=TINY_SDXL_VAE,
                   text_kwargs=TINY_SDXL_TEXT, text_2_kwargs=TINY_SDXL_TEXT_2):
     """Write a tiny SDXL folder as diffusers lays it out (model_index.json with force_zeros_for_empty_prompt,
@@ -207,6 +232,15 @@ def tiny_model(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_model"))
     refs = make_model_dir(path)
     return path, refs
+
+
+@pytest.fixture(scope="session")
+def tiny_video_dir(tmp_path_factory):
+    """The folder of a tiny ModelScope-shaped TextToVideoSDPipeline with random weights (`make_video_dir`); diffusers'
+    own copy is `TextToVideoSDPipeline.from_pretrained(tiny_video_dir)`."""
+    path = str(tmp_path_factory.mktemp("tiny_video"))
+    make_video_dir(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ LAYERS = {
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
     "logplot": 7,                                                # a run's log drawn as a PNG
     "extract": 7,                                                # η from a full fine-tune as a LoRA (truncated SVD)
+    "video": 7.5,                                                # the video UNet, built on unet.py's blocks
     "images": 8, "unet": 8, "clip": 8, "blip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards
     "singlefile": 8,                                             # single-file checkpoints unpacked to diffusers' layout
     "prompt_syntax": 8,                                          # A1111's emphasis and long prompts, for the text encoders
