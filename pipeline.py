@@ -298,7 +298,9 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
     needed = ["unet", "tokenizer"] + [p for p, o in (("vae", vae), ("text_encoder", text_encoder)) if o is None]
     for part in needed:
         if not os.path.isdir(shared_part(path, part)):
-            raise UserError(f"{path} has no {part}/ folder; pass --model a diffusers model folder "
+            lent = folder_notes(path).get("shared_parts", {}).get(part)
+            raise UserError(f"{path} has no {part}/ folder" + (f" (its npo_model.json lends it from {lent}, which is "
+                            "not there)" if lent else "") + "; pass --model a diffusers model folder "
                             "(with unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint.")
     for part in ("text_encoder_2", "tokenizer_2") if is_sdxl_folder(path) else ():
         if not os.path.isdir(os.path.join(path, part)):
