@@ -205,14 +205,14 @@ def draw_clip(color, shape, radius, start, velocity, background, frames=FRAMES, 
 
 
 def draw_video_example(rng, frames=FRAMES, size=SIZE):
-    """A random clip and its caption: the shape travels 22% to 34% of the frame in a straight line, at constant speed,
-    never touching the border; it is a bit smaller than the image world's shapes (18% to 24% of the frame) to have
+    """A random clip and its caption: the shape travels 30% to 45% of the frame in a straight line, at constant speed,
+    never touching the border; it is a bit smaller than the image world's shapes (18% to 22% of the frame) to have
     room to move."""
     color = list(COLORS)[rng.integers(len(COLORS))]
     shape = SHAPES[rng.integers(len(SHAPES))]
     direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
-    radius = rng.uniform(0.18, 0.24) * size
-    travel = rng.uniform(0.22, 0.34) * size
+    radius = rng.uniform(0.18, 0.22) * size
+    travel = rng.uniform(0.30, 0.45) * size
     margin = radius + 2
     low = rng.uniform(margin, size - margin - travel)  # the lower end of the path on the moving axis
     across = rng.uniform(margin, size - margin)  # the fixed coordinate
