@@ -64,8 +64,9 @@ def inflate(image_unet):
     assert all(k in state for k in image), [k for k in image if k not in state]
     for k, v in image.items():  # ModelScope's spatial transformers project linearly: a 1x1 conv's (o, i, 1, 1)
         state[k] = v.reshape(state[k].shape)  # weight is the same map as a Linear's (o, i)
-    for k in new:
-        if ".conv4." in k or "proj_out" in k:  # the temporal stacks' last conv, the temporal transformers' output
+    for k in new:  # the temporal stacks' last conv (conv4.3: conv4.0 is its GroupNorm, which must stay 1, or no
+        # gradient ever reaches the conv), the temporal transformers' output projection
+        if ".conv4.3." in k or "proj_out" in k:
             state[k] = torch.zeros_like(state[k])
     model.load_state_dict(state)
     return model
@@ -167,7 +168,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(HERE, "video"), help="where to write (default: weights/video/)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=850)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=4, help="clips per step (of 8 frames each)")
     p.add_argument("--clips", type=int, default=1024, help="clips drawn and encoded once, then sampled from")
     p.add_argument("--lr", type=float, default=1e-3)
