@@ -1,5 +1,6 @@
 """The embedded video model in weights/video/: it borrows the image model's parts by npo_model.json, `sample --video`
 names it, and it draws the prompted shape moving the prompted way, judged by pixels."""
+import importlib.util
 import json
 import os
 import shutil
@@ -9,7 +10,43 @@ import torch
 
 import npo
 from npo import pipeline
+from npo import shapes
+from npo import unet
+from npo import video
 from npo.checkpoint import UserError
+from conftest import ROOT
+
+
+def recipe():
+    """weights/make_video_model.py, the recipe of the embedded video model, as a module."""
+    spec = importlib.util.spec_from_file_location("make_video_model", os.path.join(ROOT, "weights", "make_video_model.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_inflation_keeps_the_image_weights_and_adds_temporal_layers_that_add_nothing_yet_but_learn():
+    image = unet.load_unet(os.path.join(ROOT, "weights", "unet"))
+    model = recipe().inflate(image).train()
+    state = model.state_dict()
+    assert all(torch.equal(state[k].reshape(v.shape), v) for k, v in image.state_dict().items())
+    temporal = [m for m in model.modules() if isinstance(m, (video.TemporalConvLayer, video.TransformerTemporalModel))]
+    # transformer_in; 2 down blocks of 1 layer (a conv stack and a transformer each); the mid block's 2 conv stacks
+    # and 1 transformer; 2 up blocks of 2 layers
+    assert len(temporal) == 1 + 2 * 1 * 2 + 3 + 2 * 2 * 2
+    for layer in temporal:  # each is the identity on its residual stream, frames folded batch-major
+        x = torch.randn(2 * shapes.FRAMES, layer.proj_out.out_features if hasattr(layer, "proj_out") else
+                        layer.conv1[0].num_channels, 4, 4)
+        assert torch.equal(layer(x, shapes.FRAMES), x)
+    # and they learn: one ε-loss gradient reaches every spatial parameter and each temporal layer's zeroed output
+    # (the layers before it follow once it is nonzero; a zeroed norm before a zeroed conv would never learn)
+    x, ctx = torch.randn(2, 4, shapes.FRAMES, 8, 8), torch.randn(2, 77, 32)
+    ((model(x, torch.tensor([900, 300]), ctx) - torch.randn_like(x)) ** 2).mean().backward()
+    new = [k for k in state if k not in image.state_dict()]
+    outputs = [k for k in new if ".conv4.3.weight" in k or "proj_out.weight" in k]
+    assert len(outputs) == len(temporal) and all(not state[k].any() for k in outputs)
+    learning = {k for k, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert set(outputs) | set(image.state_dict()) <= learning, sorted(set(outputs) - learning)
 
 
 def borrower(tiny_video_dir, folder, notes):
@@ -46,3 +83,21 @@ def test_video_flag_names_the_embedded_video_model(capsys):
     assert args.video and pipeline.DEFAULT_VIDEO_MODEL == os.path.join(pipeline.DEFAULT_MODEL, "video")
     assert npo.main(["sample", "--video", "--model", "elsewhere", "--prompt", "a red circle moving up"]) == 2
     assert "--video samples the embedded video model" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def video_pipe():
+    return pipeline.load_pipeline(pipeline.DEFAULT_VIDEO_MODEL)
+
+
+def test_the_video_model_is_the_image_models_parts_plus_its_unet(video_pipe):
+    from diffusers import UNet3DConditionModel
+    image = pipeline.load_pipeline(pipeline.DEFAULT_MODEL)
+    assert video_pipe.is_video and video_pipe.default_frames == shapes.FRAMES
+    for part in ("vae", "text_encoder"):
+        mine, lent = getattr(video_pipe, part).state_dict(), getattr(image, part).state_dict()
+        assert all(torch.equal(mine[k], lent[k]) for k in lent)
+    ref = UNet3DConditionModel.from_pretrained(os.path.join(pipeline.DEFAULT_VIDEO_MODEL, "unet")).float().eval()
+    x, ctx = torch.randn(1, 4, shapes.FRAMES, 8, 8), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(video_pipe.unet(x, 500, ctx), ref(x, 500, ctx).sample, rtol=1e-4, atol=1e-5)
