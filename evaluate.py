@@ -8,6 +8,10 @@ a SPEC for `rewards.load`: `pickscore:PATH`, `hpsv2:PATH`, `aesthetic:CLIP_PATH,
 `module:function` reward; the learned scorers see each image with their authors' preprocessing (`score_pil`),
 other rewards see it as a tensor in [0, 1].
 
+Videos (`npo.py sample` on a video model: NNNNN-seedS/ folders of frames 000.png, 001.png, ...) are paired the same
+way, by their frames' parameters, and each video's score is the mean of the scorer over its frames (the paper's
+table 3: frame-averaged scores); means and win rates are then over videos as over images.
+
 The report, REPORT_DIR/results.json and results.md, holds per scorer the mean score of each folder ± the half-width
 of its 95% interval, and for each ordered pair of folders (X, Y) the win rate: the share of (prompt, seed) pairs
 where X's image scores higher than Y's, ties counting half, ± its 95% interval. Both intervals are the normal
@@ -27,6 +31,7 @@ from . import checkpoint
 from . import distributed
 from . import rewards
 from . import scorers
+from . import videos
 from .checkpoint import UserError
 
 SEED = re.compile(r"(?:^|, )Seed: (-?\d+)(?:,|$)")
@@ -47,31 +52,37 @@ def prompt_and_seed(text, path):
 
 
 def index_folder(folder):
-    """{(prompt, seed): path} of the PNGs of a folder; a PNG without its settings, or two with the same prompt and
-    seed, is an error naming them."""
+    """{(prompt, seed): path} of the PNGs of a folder, and of its videos (`videos.save_video`'s NNNNN-seedS/ folders
+    of frames, keyed by their first frame's parameters; the .webp previews are not read); a PNG without its
+    settings, or two samples with the same prompt and seed, is an error naming them."""
     if not os.path.isdir(folder):
         raise UserError(f"{folder} is not a folder; pass folders written by npo.py sample.")
     found = {}
     for name in sorted(os.listdir(folder)):
-        if not name.lower().endswith(".png"):
-            continue
         path = os.path.join(folder, name)
-        try:
-            with Image.open(path) as image:
-                text = image.text.get("parameters") if hasattr(image, "text") else None
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"{path} is not a readable PNG ({e}); remove it or sample it again.")
-        if text is None:
-            raise UserError(f"{path} has no 'parameters' text (prompt and seed); score images written by npo.py sample.")
-        key = prompt_and_seed(text, path)
+        video = not name.startswith(".") and videos.is_video_folder(path)  # not a temporary folder being written
+        if not (video or name.lower().endswith(".png")):
+            continue
+        key = prompt_and_seed(read_parameters(videos.frame_paths(path)[0] if video else path), path)
         if key in found:
             raise UserError(f"{found[key]} and {path} have the same prompt and seed, so neither pairs uniquely (two "
                             "sample runs with the same seeds wrote into one folder, or a --compare / --sweep-* grid "
                             "lies among the samples); keep one of them, or sample each run into its own --out.")
         found[key] = path
     if not found:
-        raise UserError(f"{folder} holds no PNG images; pass folders written by npo.py sample.")
+        raise UserError(f"{folder} holds no PNG images or videos; pass folders written by npo.py sample.")
     return found
+
+
+def read_parameters(path):
+    """The `parameters` text of a PNG; an unreadable PNG, or one without the text, is an error naming it."""
+    try:
+        text = videos.read_parameters(path)
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path} is not a readable PNG ({e}); remove it or sample it again.")
+    if text is None:
+        raise UserError(f"{path} has no 'parameters' text (prompt and seed); score images written by npo.py sample.")
+    return text
 
 
 def pair(folders):
@@ -90,7 +101,29 @@ def pair(folders):
                 raise UserError(f"{index[a][lonely[0]]} (prompt {prompt[:60]!r}, seed {seed}) has no partner in {b}{more}; "
                                 "sample the same prompts and seeds into every folder.")
     keys = sorted(index[first])
+    for k in keys:  # a video is scored by its frames' mean, and is not comparable with one image
+        kinds = {os.path.isdir(index[folder][k]): index[folder][k] for folder in folders}
+        if len(kinds) > 1:
+            raise UserError(f"{kinds[True]} is a video but {kinds[False]} (the same prompt and seed) is an image; "
+                            "compare videos with videos and images with images.")
     return keys, {folder: [index[folder][k] for k in keys] for folder in folders}
+
+
+def frames_of(paths):
+    """(every image to score, in order; how many of them each sample is): a PNG is itself, a video its frames."""
+    units = [videos.check_frames(p) if os.path.isdir(p) else [p] for p in paths]
+    return [f for unit in units for f in unit], [len(unit) for unit in units]
+
+
+def repeat(prompts, counts):
+    """Each sample's prompt once per image of it (a video's frames are all scored against its prompt)."""
+    return [p for p, n in zip(prompts, counts) for _ in range(n)]
+
+
+def per_sample(scores, counts):
+    """Each sample's score from its images' (N,) scores: a video's is the mean over its frames (the paper's table 3
+    scores videos frame-averaged), an image's its own."""
+    return torch.stack([part.mean() for part in scores.split(counts)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -219,8 +252,9 @@ def evaluate(folders, specs, out, batch_size=8, device="cpu"):
         raise UserError("evaluate needs at least one --scorer SPEC, e.g. --scorer pickscore:PATH.")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1 (got {batch_size}).")
-    keys, paths = pair(list(folders))
+    keys, samples = pair(list(folders))
     prompts = [prompt for prompt, _ in keys]
+    frames = {f: frames_of(samples[f]) for f in folders}  # f: (image paths, images per sample)
     for spec in specs:
         check_spec(spec, prompts)
     try:
@@ -229,15 +263,16 @@ def evaluate(folders, specs, out, batch_size=8, device="cpu"):
         raise UserError(f"cannot create the report folder {out} ({e.strerror}); pick a writable --out.")
     # under torchrun (`distributed`), rank r scores batches r, r + N, ... of each folder and rank 0 writes the report
     rank, ranks = distributed.rank_and_size()
-    mine = sum(1 for i in range(len(keys)) if i // batch_size % ranks == rank)
-    progress = Progress(mine * len(folders) * len(specs), show=rank == 0)  # rank 0's share stands for the whole
+    mine = sum(1 for f in folders for i in range(len(frames[f][0])) if i // batch_size % ranks == rank)
+    progress = Progress(mine * len(specs), show=rank == 0)  # rank 0's share stands for the whole
     results = {"scorers": {}, "pairs": len(keys)}
     for spec in specs:  # one scorer in memory at a time: each CLIP-H is 4 GB
         reward = rewards.load(spec)
         if isinstance(reward, torch.nn.Module):
             reward.to(device)
-        results["scorers"][spec] = summarize(gather_scores({f: score_images(
-            reward, paths[f], prompts, batch_size, device, progress, spec, rank, ranks) for f in folders}))
+        scores = gather_scores({f: score_images(reward, frames[f][0], repeat(prompts, frames[f][1]), batch_size,
+                                                device, progress, spec, rank, ranks) for f in folders})
+        results["scorers"][spec] = summarize({f: per_sample(scores[f], frames[f][1]) for f in folders})
         del reward
     if progress.tty and progress.show:
         print(file=sys.stderr)

@@ -6,6 +6,7 @@ the denoiser a sampler steps with. Eq. 10's weights of the two CFG branches are 
     guided.load_offset(pipe, [("dpo.safetensors", 1.0)], "eta")   # η, the preference offset (UNet + text encoder)
     guided.load_offset(pipe, [("npo.safetensors", 1.0)], "delta") # δ, the NPO offset
     images = guided.generate(pipe, ["a red circle"], seeds=[0], alpha=1.0, beta=1.0)   # (B, 3, H, W) in [-1, 1]
+    videos = guided.generate(video_pipe, ["a red circle moving left"], [0], frames=16)  # (B, F, 3, H, W)
 
 with g the guidance scale in diffusers' convention:
 
@@ -27,6 +28,7 @@ from . import lora
 from . import pipeline
 from . import sampler
 from . import unet
+from . import video
 from .checkpoint import UserError
 
 
@@ -281,18 +283,19 @@ def load_offset(pipe, files, name):
     return lora.load_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, files, name)
 
 
-def latents_and_sampler(pipe, seeds, height, width, sampler_name, steps, ddim_eta, callback):
-    """x_T for each seed (diffusers' draw from a seeded CPU generator per image), and `run(denoise)` -> x_0 with the
-    sampler `sampler_name` on the model's scheduler config (the generators go on feeding the noise of DDIM at η > 0
-    and of Euler ancestral, as diffusers' pipeline passes its generators to the scheduler's step)."""
+def latents_and_sampler(pipe, seeds, height, width, sampler_name, steps, ddim_eta, callback, frames=None):
+    """x_T for each seed (diffusers' draw from a seeded CPU generator per image; with `frames`, per video), and
+    `run(denoise)` -> x_0 with the sampler `sampler_name` on the model's scheduler config (the generators go on
+    feeding the noise of DDIM at η > 0 and of Euler ancestral, as diffusers' pipeline passes its generators to the
+    scheduler's step). The samplers' updates are elementwise, so a video's 5-D latents step as an image's do."""
     dtype, device = next(pipe.unet.parameters()).dtype, next(pipe.unet.parameters()).device
     gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     latents = sampler.initial_latents(gens, height, width, pipe.unet.config.in_channels, device, dtype,
-                                      pipe.vae.downscale)
+                                      pipe.vae.downscale, frames)
 
     def run(denoise):
         return sampler.sample(sampler_name, denoise, latents, pipe.scheduler_config, steps, ddim_eta, gens, callback,
-                              fix_old=not pipe.is_sdxl)
+                              fix_old=not (pipe.is_sdxl or pipe.is_video))
     return run
 
 
@@ -309,12 +312,30 @@ def branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, 
     return tuple({"encoder_hidden_states": c} for c in both.chunk(2))
 
 
-def conditional_denoiser(pipe, prompts, time_ids, clip_skip):
+def takes_fps(model):
+    """Whether a video UNet conditions on the frame rate: VideoCrafter2's has an `fps_embedding`, ModelScope's not."""
+    return hasattr(getattr(model, "_orig_mod", model), "fps_embedding")  # through torch.compile's wrapper
+
+
+def with_fps(pipe, conditionings, fps):
+    """The branches' conditionings with VideoCrafter2's frame rate, "fps" (B,), beside the text, as SDXL's time ids
+    travel: `run_unet` passes it to the UNet as `fps=`. A UNet without an fps embedding (ModelScope's) gets none."""
+    if fps is None or not takes_fps(pipe.unet):
+        return conditionings
+
+    def add(c):
+        c = as_kwargs(c)
+        rows = len(c["encoder_hidden_states"])
+        return {**c, "fps": torch.full((rows,), fps, dtype=torch.long, device=c["encoder_hidden_states"].device)}
+    return tuple(add(c) for c in conditionings)
+
+
+def conditional_denoiser(pipe, prompts, time_ids, clip_skip, fps=None):
     """ε(x_t, t) of guidance g ≤ 1, which runs the conditional branch alone, as diffusers does: ε(x_t, c; θ + η), with
     that branch's weights of eq. 10 (`sampler.npo_weights`: η at 1, δ at 0) on the text encoder and the UNet, other
     UNet offsets off; θ_ft itself for a fine-tuned η."""
     positive = sampler.npo_branch(sampler.npo_weights(), 1)  # α and β weigh the unconditional branch only
-    pos = pipe.conditioning(prompts, time_ids, positive, clip_skip)
+    pos, = with_fps(pipe, [pipe.conditioning(prompts, time_ids, positive, clip_skip)], fps)
     unet = pipe.eta_unet if pipe.eta_unet is not None else pipe.unet  # θ_ft, or θ with η as a LoRA
     weights = {k: positive.get(k, 0.0) for k in lora.offset_names(pipe.unet)}
 
@@ -343,9 +364,10 @@ def same_length(pipe, neg, pos):
 @torch.no_grad()
 def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
              height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
-             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None):
-    """Prompts -> images (B, 3, H, W) in [-1, 1], with NPO guidance from the offsets named "eta" / "delta" on the UNet
-    (and on the text encoder, for LoRAs with text-encoder keys).
+             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None, frames=None, fps=None):
+    """Prompts -> images (B, 3, H, W) in [-1, 1] (on a video model, with `frames` F, videos (B, F, 3, H, W)), with NPO
+    guidance from the offsets named "eta" / "delta" on the UNet (and on the text encoder, for LoRAs with text-encoder
+    keys).
 
     Image i starts from `initial_latents(seeds[i])`, as diffusers' pipeline with a list of seeded CPU generators.
     `negative_prompt`: one for all images or one per image; None is "", or zeros for SDXL. `sampler`: "ddim",
@@ -357,19 +379,25 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     sets (`dense_eta_denoiser`, `dense_delta_denoiser`).
     guidance <= 1 runs the positive branch alone (θ+η), as diffusers does. SDXL's size conditioning
     (`Pipeline.time_ids`) defaults to original = target = (height, width) and crop (0, 0). `guider`: SEG or
-    autoguidance beside NPO (`guiders.Guider`, its `denoiser`; None is plain CFG), with η as a LoRA."""
+    autoguidance beside NPO (`guiders.Guider`, its `denoiser`; None is plain CFG), with η as a LoRA.
+    A video is eq. 10 unchanged on latents (B, C, F, h, w): the video UNet folds frames into its batch b-major, so
+    the per-row multipliers of η and δ follow each video's rows (`lora`); `fps` conditions VideoCrafter2's UNet
+    (`with_fps`), and the VAE decodes the frames a chunk at a time (`video.decode_frames`)."""
+    if bool(frames) != video.is_video(pipe.unet):
+        raise ValueError(f"frames={frames} for a {'video' if video.is_video(pipe.unet) else 'image'} UNet")
     height, width = height or pipe.image_size, width or pipe.image_size
     guidance = pipe.default_guidance if guidance is None else guidance
     prompts = list(prompts)
     time_ids = pipe.time_ids(height, width, original_size, crop_top_left, target_size)
-    run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback)
+    run = latents_and_sampler(pipe, seeds, height, width, sampler, steps, ddim_eta, callback, frames)
     if guider is not None:  # SEG or autoguidance (guiders.Guider), beside eq. 10
         neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
         latents = run(guider.denoiser(pipe, neg, pos, guidance, alpha, beta))
     elif guidance <= 1:
-        latents = run(conditional_denoiser(pipe, prompts, time_ids, clip_skip))
+        latents = run(conditional_denoiser(pipe, prompts, time_ids, clip_skip, fps))
     else:
-        neg, pos = branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip, time_ids)
+        neg, pos = with_fps(pipe, branch_conditioning(pipe, prompts, negative_prompt, alpha, beta, clip_skip,
+                                                      time_ids), fps)
         check_built_in(pipe.npo_beta, beta, "β", "δ", "--npo-model")  # a dense δ's β is in the weights
         if pipe.npo_unet is not None:
             denoise = dense_delta_denoiser(pipe, neg, pos, guidance, alpha, beta)
@@ -381,4 +409,7 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
         else:
             denoise = npo_denoiser(pipe.unet, neg, pos, guidance, alpha, beta)
         latents = run(denoise)
-    return pipe.vae.decode(latents.to(next(pipe.vae.parameters()).dtype) / pipe.vae.scaling_factor)
+    latents = latents.to(next(pipe.vae.parameters()).dtype)
+    if frames:
+        return video.decode_frames(pipe.vae, latents)  # divides by the scaling factor itself
+    return pipe.vae.decode(latents / pipe.vae.scaling_factor)

@@ -641,7 +641,8 @@ def read_lora(path, models):
     if not tensors:
         raise UserError(f"{path} holds no tensors; it is not a LoRA file.")
     _check_kinds(path, tensors, models)
-    if hasattr(models.get("unet"), "transformer_in") and not any("temp_attentions" in k or "transformer_in" in k for k in tensors):
+    unet_keys = [k for k in tensors if _part(k) == "unet"]  # a video UNet takes no LoRA without temporal layers
+    if hasattr(models.get("unet"), "transformer_in") and unet_keys and not any("temp_attentions" in k or "transformer_in" in k for k in unet_keys):
         raise UserError(f"{path} has no temporal-layer keys (temp_attentions, transformer_in): it is an image LoRA and this is "
                         "a video UNet; train η/δ on the video model (npo.py train --model VIDEO_MODEL) and load that.")
     metadata = checkpoint.read_safetensors_metadata(path)

@@ -27,6 +27,7 @@ from . import logplot
 from . import lora
 from . import pipeline
 from . import runs
+from . import sampler
 from .checkpoint import UserError
 from .trainconfig import TrainConfig
 
@@ -364,7 +365,8 @@ def validate(pipe, config, out, step):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What the methods share: the seeded generators of each example, CFG's branch weights, gradient checkpointing.
+# What the methods share: the seeded generators of each example, CFG's branch weights, gradient checkpointing, the
+# DDIM steps of RL.
 
 def example_generator(seed, index):
     """The generator of training example `index` (its t, ε and posterior noises; its prompt and sampling noises):
@@ -395,6 +397,19 @@ def branch_weights(config, files, batch, device):
     if config.train_branch == "uncond":
         return guided.npo_multipliers(batch, config.alpha, 1.0, device)
     return {role: 1.0 for role in files}
+
+
+def logprob_steps(schedule, n):
+    """(DDIM config, its n steps (t, ᾱ_t, ᾱ_prev)) as DDPO and SPO sample and score them: the steps of the model's
+    DDIM config `schedule` (pipe.ddim_config()), except that the last one goes to ᾱ_prev = ᾱ_0 even where the config
+    says set_alpha_to_one (or, as an Euler config that diffusers saved for an SDXL folder, does not say, leaving
+    DDIMScheduler's default, true). ᾱ_prev = 1 would give σ_t = 0: a deterministic step, with no log-probability.
+    ᾱ_0 is the reference code's rule: ddpo-pytorch's and SPO's ddim_step_with_logprob clamp the previous timestep
+    t − T/n at 0, so their last step always reads ᾱ_0 (the final ᾱ is never used). With set_alpha_to_one false (SD's
+    configs, SDXL base's) nothing changes; otherwise only the last step does: x_0 is drawn with a small σ_t (0.021
+    from t = 1 on SD's schedule) around √ᾱ_0 x̂_0 + …, where DDIM would land on x̂_0 itself."""
+    schedule = dataclasses.replace(schedule, set_alpha_to_one=False)
+    return schedule, sampler.ddim_steps(schedule, n)
 
 
 def checkpoint_unet_blocks(unet):

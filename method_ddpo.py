@@ -29,8 +29,8 @@ from . import lora
 from . import losses
 from . import sampler
 from . import trainconfig
-from .checkpoint import UserError
-from .machinery import branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator, gather, stream_generator
+from .machinery import (branch_weights, checkpoint_unet_blocks, draw_prompt, example_generator, gather, logprob_steps,
+                        stream_generator)
 from .trainconfig import DTYPES
 
 BUFFER_SIZE, MIN_COUNT = 16, 16  # ddpo-pytorch's per_prompt_stat_tracking defaults
@@ -73,11 +73,7 @@ def micro_step(run, prompts):
     """One micro-step of DDPO: the PPO loss of one sampled batch over its trained steps, backward. The epoch's
     rollout is sampled at its first micro-step (also the first after a resume, from the checkpointed policy)."""
     config, pipe, device = run.config, run.pipe, run.device
-    schedule = pipe.ddim_config()
-    steps = sampler.ddim_steps(schedule, config.sample_steps)
-    if any(a_prev == 1 for _, _, a_prev in steps):  # σ_t = 0: a deterministic step has no log-probability
-        raise UserError("this model's last DDIM step is deterministic (set_alpha_to_one in its scheduler config), "
-                        "so DDPO cannot score it; train with a scheduler config whose set_alpha_to_one is false.")
+    schedule, steps = logprob_steps(pipe.ddim_config(), config.sample_steps)  # the last step to ᾱ_0
     objective = trainconfig.reward_objective(config, prompts)
     updates = config.sample_batches // config.grad_accum  # optimizer steps per pass over an epoch's batches
     trained = int(len(steps) * config.timestep_fraction)  # ddpo-pytorch's num_train_timesteps

@@ -2,6 +2,7 @@
 
     python npo.py sample --prompt "a red circle" --lora dpo.safetensors --npo npo.safetensors
     python npo.py train --data pairs.jsonl --out runs/npo --npo          # train δ (Diffusion-DPO, pairs swapped)
+    python npo.py sample --model text-to-video-ms --frames 16 --lora eta.safetensors --npo npo.safetensors  # videos
     python npo.py evaluate out/base out/npo --scorer pickscore:PickScore_v1 --out report   # tables 1-3, fig. 7
     python npo.py experiment --out results  # the paper's experiment in miniature, on the embedded model
     python npo.py reproduce recipes/table1-sd15.json --weights DIR --out repro   # one command per table (1, 2; fig. 7)
@@ -158,7 +159,8 @@ def add_sample_arguments(p):
     p.add_argument("--out", default="out",
                    help="a folder (default: out/), made when the first image is written, or a .png path for one image. "
                         "In a folder, files are numbered on from the last one there, as A1111 does: NNNNN-seedS.png "
-                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids), so no run overwrites another")
+                        "(compare-NNNN-seedS.png, sweep-NNNN.png for grids; a video model's NNNNN-seedS/FFF.png frames and "
+                        "NNNNN-seedS.webp), so no run overwrites another")
     # the files' A1111 hashes for the PNG parameters (load_for_sampling fills them); the guider (guiders.from_arguments)
     p.set_defaults(hashes={}, guider=None)
 
@@ -171,7 +173,8 @@ def add_sampler_arguments(p):
                         "\"DPM++ 2M Karras\"); euler-a: Euler ancestral (\"Euler a\"); euler. Each runs as its diffusers "
                         "scheduler built from the model's scheduler config (default: ddim)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--ddim-eta", type=finite_float, default=0.0, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--ddim-eta", type=finite_float, help="DDIM stochasticity η_ddim (0 deterministic, 1 DDPM-like; "
+                                                         "default 0, or the model's own: VideoCrafter2's 1)")
     p.add_argument("--clip-skip", type=int, default=1, help="A1111's clip skip: 1 conditions on the text encoder's last "
                                                           "layer, 2 on the penultimate (diffusers' clip_skip=1), ...")
     p.add_argument("--prompt-syntax", choices=["plain", "a1111"], default="plain",
@@ -187,6 +190,11 @@ def add_sampler_arguments(p):
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet forward (default 1)")
     p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--frames", type=int, help="video models only: frames per video (default: the model's, 16 for "
+                                              "ModelScope); each video is written as NNNNN-seedS/FFF.png and "
+                                              "NNNNN-seedS.webp")
+    p.add_argument("--fps", type=int, help="video models only: the .webp preview's frames per second, and "
+                                           "VideoCrafter2's fps conditioning (default: the model's, else 8)")
     p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
                    help="SDXL's size conditioning: the original image size (default: --height --width)")
     p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),

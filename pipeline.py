@@ -9,6 +9,8 @@ state dicts); `load_unet` reads the UNet alone of either, for --eta-model and ex
 into the same Pipeline (plus `text_encoder_2`, `tokenizer_2`). Its UNet takes more than the text embeddings: a
 branch's conditioning is then a dict of the UNet's keyword arguments (`Pipeline.conditioning`: context, pooled text
 embedding, size time ids), and eq. 10 runs unchanged on it.
+A ModelScope text-to-video folder (its unet/config.json names UNet3DConditionModel) loads into the same Pipeline with
+video.py's UNet (`Pipeline.is_video`): latents (B, C, F, h, w), the same conditioning, eq. 10 unchanged.
 
 Prompts are read as diffusers reads them, or with `pipe.prompt_syntax = "a1111"` as A1111 does (emphasis, prompts of
 any length in 77-token chunks: prompt_syntax.py); only the encoding functions differ.
@@ -27,6 +29,7 @@ from . import sampler
 from . import singlefile
 from . import unet
 from . import video
+from . import videocrafter
 from .checkpoint import UserError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the embedded shapes model
@@ -57,7 +60,9 @@ class Pipeline:
     # how prompts are read: "plain" (diffusers': one 77-token chunk, brackets are text) or "a1111" (A1111's
     # emphasis and chunks of 75 tokens, prompt_syntax.py); a sampling option, training reads prompts plainly
     prompt_syntax: str = "plain"
-    default_frames: Optional[int] = None  # a video model's length when --frames is not given (npo_model.json's frames)
+    # the model's own sampling settings where its authors' differ from diffusers' (VideoCrafter2: guidance, fps,
+    # frames, height, width, steps, ddim_eta of their script; videocrafter.DEFAULTS)
+    defaults: dict = field(default_factory=dict)
 
     @torch.no_grad()
     def encode_prompts(self, prompts, weights=None, clip_skip=0):
@@ -117,8 +122,18 @@ class Pipeline:
     @property
     def default_guidance(self):
         """The CFG scale when none is given: 7.5, diffusers' SD default; 5 for SDXL, as the NPO authors' SDXL runs;
-        9 for a video model, diffusers' TextToVideoSDPipeline default."""
-        return 5.0 if self.is_sdxl else 9.0 if self.is_video else 7.5
+        9 for a video model, diffusers' TextToVideoSDPipeline default; the model's `defaults` first (VideoCrafter2: 12)."""
+        return self.defaults.get("guidance", 5.0 if self.is_sdxl else 9.0 if self.is_video else 7.5)
+
+    @property
+    def default_frames(self):
+        """A video model's own frame count when none is given (VideoCrafter2: 16), else None."""
+        return self.defaults.get("frames")
+
+    @property
+    def default_fps(self):
+        """A video model's own frame rate when none is given (VideoCrafter2: 28, its conditioning's), else None."""
+        return self.defaults.get("fps")
 
     def ddim_config(self):
         """The DDIM config that diffusers' pipeline for this model runs with `DDIMScheduler.from_config` of the
@@ -278,8 +293,8 @@ def part_folder(path, part, flag):
 def folder_notes(path):
     """What a model folder's `npo_model.json` says that diffusers' files do not ({} without one): `shared_parts`, the
     parts it borrows from another folder, relative to it (the embedded video model, weights/video/, takes weights/'s
-    VAE, text encoder and tokenizer as they are, {"vae": "../vae", ...}, instead of shipping copies), and `frames`,
-    the video length it was trained at (sample's default --frames)."""
+    VAE, text encoder and tokenizer as they are, {"vae": "../vae", ...}, instead of shipping copies), and `defaults`,
+    its own sampling settings (`Pipeline.defaults`: the embedded video model's 8 frames)."""
     notes = os.path.join(path, "npo_model.json")
     return checkpoint.read_json(notes) if os.path.isfile(notes) else {}
 
@@ -319,7 +334,7 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
         vae=load_vae_for(vae, dtype, device, variant, sdxl),
         text_encoder=clip.load_text_encoder(text_encoder, dtype, device, variant),
         tokenizer=clip.load_tokenizer(shared_part(path, "tokenizer")),
-        scheduler_config=scheduler, path=path, default_frames=folder_notes(path).get("frames"),
+        scheduler_config=scheduler, path=path, defaults=folder_notes(path).get("defaults", {}),
         origin=f"diffusers {'SDXL ' if sdxl else ''}folder {path}" +
                (f", {prediction_type} (--prediction-type)" if prediction_type else ""),
         **(load_sdxl_parts(path, dtype, device, variant) if sdxl else {}),
@@ -334,6 +349,8 @@ def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, predi
     name = os.path.basename(path)
     if variant:
         raise UserError(f"--variant picks the files of a diffusers folder, and {name} is a single file; drop it.")
+    if videocrafter.is_videocrafter(videocrafter.file_keys(path)):
+        return load_videocrafter(path, dtype, device, vae, text_encoder, ema, prediction_type)
     needed = ["unet"] + [p for p, o in (("vae", vae), ("text_encoder", text_encoder)) if o is None]
     sf = singlefile.read(path, device, ema, needed + ["text_encoder_2"])
     missing = [p for p in needed if p not in sf.parts]
@@ -368,6 +385,23 @@ def load_single_file(path, dtype, device, variant, vae, text_encoder, ema, predi
                     scheduler_config={**scheduler, "prediction_type": prediction}, path=path,
                     origin=f"single file {name}: {sf.family}{', EMA UNet' if ema else ''}, {prediction} ({why})")
     return add_sdxl_parts(pipe, sf, dtype) if sdxl else pipe
+
+
+def load_videocrafter(path, dtype, device, vae, text_encoder, ema, prediction_type):
+    """VideoCrafter2's model.ckpt (videocrafter.py): its UNet with the fps embedding, SD's VAE, OpenCLIP ViT-H's text
+    tower read at the penultimate layer as SD2's (pad token "!"), its authors' DDIM with the x̂0 rescale, and their
+    script's sampling defaults."""
+    name = os.path.basename(path)
+    flags = [f for f, given in (("--vae", vae), ("--text-encoder", text_encoder), ("--ema", ema),
+                                ("--prediction-type", prediction_type)) if given]
+    if flags:
+        raise UserError(f"{name} is a VideoCrafter2 checkpoint, whole and ε-predicting without EMA copy, which npo loads "
+                        f"as it is; drop {', '.join(flags)}.")
+    model, vae_model, text = videocrafter.load_parts(path, dtype, device)
+    return Pipeline(unet=model, vae=vae_model, text_encoder=text,
+                    tokenizer=clip.load_tokenizer(TOKENIZER, singlefile.PAD_TOKEN[singlefile.SD2]),
+                    scheduler_config=dict(videocrafter.SCHEDULER), path=path, defaults=dict(videocrafter.DEFAULTS),
+                    origin=f"single file {name}: VideoCrafter2, epsilon, DDIM with its x̂0 rescale")
 
 
 def add_sdxl_parts(pipe, sf, dtype):
@@ -415,6 +449,10 @@ def load_unet(path, dtype=torch.float32, device="cpu", ema=False):
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist; pass a diffusers model folder, a unet/ folder or a single-file "
                         "checkpoint.")
+    if os.path.isfile(path) and videocrafter.is_videocrafter(videocrafter.file_keys(path)):
+        if ema:
+            raise UserError(f"{os.path.basename(path)} is a VideoCrafter2 checkpoint, which keeps no EMA copy; drop --ema.")
+        return videocrafter.load_unet(path, dtype, device)
     if os.path.isfile(path):
         config, state = singlefile.read(path, device, ema, ("unet",)).parts["unet"]
         return unet.build_unet(unet.unet_config(config, path), state, path, dtype)

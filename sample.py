@@ -1,7 +1,8 @@
 """`npo.py sample`: prompts × seeds planned into jobs, sampled with NPO guidance (guided.py) in batches, and written as
 PNGs that carry their settings the way A1111 writes them (`parameters`, with the model's and the LoRAs' hashes), into
-a folder numbered on from its last image as A1111 does; or, with --compare / --sweep-*, as labelled grids. Under
-torchrun the batches are shared among the ranks and the files are those of one process (distributed.py).
+a folder numbered on from its last image as A1111 does; or, with --compare / --sweep-*, as labelled grids. On a video
+model (--frames, --fps) each video is a folder of frames and an animated WebP (videos.py). Under torchrun the batches
+are shared among the ranks and the files are those of one process (distributed.py).
 """
 import json
 import math
@@ -21,6 +22,7 @@ from . import images
 from . import pipeline
 from . import prompt_syntax
 from . import sampler
+from . import videos
 from .checkpoint import UserError
 
 DEFAULT_PROMPT = "a red circle"  # one of the embedded model's captions (weights/README.md)
@@ -149,11 +151,13 @@ def a1111_parameters(args, job, size):
     hashes = args.hashes
     settings = {"Steps": args.steps, "Sampler": sampler.SAMPLERS[args.sampler], "CFG scale": args.guidance,
                 "Seed": job["seed"], "Size": f"{size[0]}x{size[1]}"}
+    if args.frames:  # a video's: its frame count and the preview's (for VideoCrafter2 also the conditioning's) fps
+        settings.update({"Frames": args.frames, "FPS": args.fps})
     if "Model hash" in hashes:  # before the name, in A1111's order
         settings["Model hash"] = hashes["Model hash"]
     settings["Model"] = os.path.basename(os.path.normpath(args.model))
     if args.sampler == "ddim":
-        settings["DDIM eta"] = args.ddim_eta
+        settings["DDIM eta"] = args.ddim_eta or 0.0  # None until the model's default is known
     if args.clip_skip > 1:
         settings["Clip skip"] = args.clip_skip
     if job.get("chunks") and job["chunks"][0] != job["chunks"][1]:
@@ -236,8 +240,8 @@ def check_sample_arguments(args):
         value = getattr(args, flag)
         if value is not None and min(value) < (0 if flag == "crop_top_left" else 1):
             raise UserError(f"--{flag.replace('_', '-')} {value[0]} {value[1]} is not a size in pixels; pass e.g. 1024 1024.")
-    for flag in ("n", "batch_size", "steps"):
-        if getattr(args, flag) < 1:
+    for flag in ("n", "batch_size", "steps", "frames", "fps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
     if args.guidance is not None and args.guidance < 0:
         raise UserError(f"--guidance {args.guidance:g} is negative, which would push images away from the prompt; "
@@ -345,8 +349,8 @@ def run_jobs(pipe, args, work, progress):
                                 callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
                                 clip_skip=args.clip_skip - 1,  # A1111's N is diffusers' N − 1
                                 original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
-                                target_size=args.target_size, guider=args.guider)
-        pictures += images.to_pil(out)
+                                target_size=args.target_size, guider=args.guider, frames=args.frames, fps=args.fps)
+        pictures += videos.to_frames(out) if args.frames else images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
 
@@ -411,7 +415,11 @@ def write_pictures(args, prompts, jobs, pictures, sweeps, size):
         # written a file yet that rank 0 could count
         first = distributed.broadcast(next_number(folder))
         for job, picture in zip(jobs, pictures):
-            written.append(destination("", f"{first + job['index']:05d}-seed{job['seed']}.png"))
+            name = f"{first + job['index']:05d}-seed{job['seed']}"
+            if args.frames:  # a video: NNNNN-seedS/FFF.png and NNNNN-seedS.webp
+                written.append(videos.save_video(picture, folder, name, a1111_parameters(args, job, size), args.fps))
+                continue
+            written.append(destination("", name + ".png"))
             images.save_png(picture, written[-1], a1111_parameters(args, job, size))
     return written
 
@@ -429,13 +437,15 @@ def load_for_sampling(args, texts, alpha):
     pipe = pipeline.load_pipeline(args.model, dtype, args.device, args.variant, **pipeline.source_options(args))
     if pipe.origin.startswith("single file"):
         print(pipe.origin, file=sys.stderr)  # which family and prediction type were read, and how
+    check_video_arguments(args, pipe)  # before any offset or dense model is attached to a UNet it cannot fit
     if args.scheduler_config:
         pipe.scheduler_config = pipeline.read_scheduler_config(args.scheduler_config)
-    cfg = sampler.sampler_config(args.sampler, pipe.scheduler_config, not pipe.is_sdxl)
+    fix_old = not (pipe.is_sdxl or pipe.is_video)  # StableDiffusionPipeline's fix of old configs, not theirs
+    cfg = sampler.sampler_config(args.sampler, pipe.scheduler_config, fix_old)
     if args.steps > cfg.num_train_timesteps:
         raise UserError(f"--steps {args.steps} exceeds the model's {cfg.num_train_timesteps} training timesteps; "
                         "use fewer steps.")
-    sampler.check_steps(args.sampler, pipe.scheduler_config, args.steps, not pipe.is_sdxl)  # before any compute
+    sampler.check_steps(args.sampler, pipe.scheduler_config, args.steps, fix_old)  # before any compute
     layers = pipe.text_encoder.config.num_hidden_layers
     if args.clip_skip > layers:
         raise UserError(f"--clip-skip {args.clip_skip} is more than this text encoder's {layers} layers; use 1 to {layers}.")
@@ -463,9 +473,14 @@ def load_for_sampling(args, texts, alpha):
 
 
 def check_model_arguments(args, pipe):
-    """What depends on the model: the default CFG scale (7.5; SDXL 5), and SDXL's size flags, refused for SD1/2."""
+    """What depends on the model: the default CFG scale (7.5; SDXL 5), size and DDIM η (a model's own sampling
+    defaults, `Pipeline.defaults`: VideoCrafter2's 320×512 at η 1), and SDXL's size flags, refused for SD1/2."""
     if args.guidance is None:
         args.guidance = pipe.default_guidance
+    args.height = args.height or pipe.defaults.get("height")  # else the model's square image_size, in generate
+    args.width = args.width or pipe.defaults.get("width")
+    if args.ddim_eta is None:  # η is DDIM's alone: other samplers keep 0
+        args.ddim_eta = float(pipe.defaults.get("ddim_eta", 0.0)) if args.sampler == "ddim" else 0.0
     if args.guider is not None:  # the layer names against this UNet's blocks
         flag = "--seg-layers" if args.guider.method == "seg" else "--auto-layers"
         guiders.named_blocks(pipe.unet, args.guider.layers, flag)
@@ -476,6 +491,31 @@ def check_model_arguments(args, pipe):
     if pipe.is_sdxl and args.clip_skip != 1:
         raise UserError("--clip-skip is for SD1.x/2.x text encoders; SDXL already reads the penultimate layer, so "
                         "drop it.")
+
+
+def check_video_arguments(args, pipe):
+    """--frames and --fps are a video model's, refused for an image model; for a video model they default to the
+    model's (`Pipeline.default_frames`, `default_fps`; else 16 frames, 8 fps), and what does not make videos is
+    refused: a .png --out, --compare and --sweep-* grids, SEG and autoguidance's block skip, a dense --eta-model /
+    --npo-model."""
+    if not pipe.is_video:
+        for flag in ("frames", "fps"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} is for video models and {args.model} is an image model; drop --{flag}.")
+        return
+    args.frames = args.frames or pipe.default_frames or 16  # ModelScope's clips are 16 frames
+    args.fps = args.fps or pipe.default_fps or videos.DEFAULT_FPS
+    refused = [(args.out.lower().endswith(".png"), f"--out {args.out} names one PNG, but a video is a folder of "
+                "frames and a .webp; pass a folder"),
+               (args.compare or args.sweep_alpha or args.sweep_beta, "--compare and --sweep-* make grids of "
+                "images, not videos; run once per α or β instead"),
+               (args.guider is not None, f"{'--guidance-method seg' if args.guidance_method == 'seg' else '--auto-layers'}"
+                " perturbs blocks of an image UNet and is not supported for video models; drop it"),
+               (args.eta_model or args.npo_model, "--eta-model and --npo-model are not supported for video models; "
+                "pass η and δ as LoRAs (--lora, --npo)")]
+    for wrong, message in refused:
+        if wrong:
+            raise UserError(f"{message}.")
 
 
 def plan_sample(args, sweeps):
@@ -528,5 +568,6 @@ def run(args):
             parts = distributed.gather([(job["index"], path) for job, path in zip(mine, written)])
             written = [path for _, path in sorted(pair for part in parts for pair in part)]
     if rank == 0:
-        print(f"wrote {len(written)} image{'s' * (len(written) != 1)} to {args.out}", file=sys.stderr)
+        kind = "video" if args.frames else "image"
+        print(f"wrote {len(written)} {kind}{'s' * (len(written) != 1)} to {args.out}", file=sys.stderr)
     return written

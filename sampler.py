@@ -48,6 +48,12 @@ class DDIMConfig:
     clip_sample: bool = False  # clamp x̂_0 to ±clip_sample_range (pixel-space models; never SD)
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False  # shift the schedule to ᾱ_{T−1} = 0 (Lin et al. 2024, algorithm 1)
+    # VideoCrafter's signal scale (lvdm's LatentDiffusion `use_scale`, not a diffusers field): the model was trained on
+    # x_t = √ᾱ_t s(t) x_0 + √(1−ᾱ_t) ε, s falling linearly from scale_a at t = 0 to scale_b at mid_step, then flat
+    use_scale: bool = False
+    scale_a: float = 1.0
+    scale_b: float = 0.3
+    mid_step: int = 400
 
     def __post_init__(self):
         for name, allowed in (("beta_schedule", ("scaled_linear", "linear", "squaredcos_cap_v2")),
@@ -248,26 +254,28 @@ def predict_x0(x, model_output, a_t, prediction_type):
     return x0, eps
 
 
-def ddim_posterior(x, model_output, a_t, a_prev, cfg, eta=0.0):
+def ddim_posterior(x, model_output, a_t, a_prev, cfg, eta=0.0, x0_scale=1.0):
     """The DDIM step from x_t as a Gaussian N(μ, σ_t²) (DDIM eq. 12, σ_t of eq. 16): returns (μ, σ_t) with
 
         μ   = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε̂
         σ_t = η √((1−ᾱ_prev)/(1−ᾱ_t)) √(1 − ᾱ_t/ᾱ_prev)          (η = 1: the DDPM posterior's standard deviation)
 
     `a_t`, `a_prev` are ᾱ_t and ᾱ_prev as 0-dim float32 tensors (entries of `alphas_cumprod`). DDPO scores the
-    step taken by its log-density under this Gaussian (losses.step_log_prob)."""
+    step taken by its log-density under this Gaussian (losses.step_log_prob). `x0_scale` multiplies x̂_0: s(t_prev)/s(t)
+    for VideoCrafter's models (`x0_scales`), 1 for every other."""
     x0, eps = predict_x0(x, model_output, a_t, cfg.prediction_type)
+    x0 = x0 * x0_scale if x0_scale != 1.0 else x0
     if cfg.clip_sample:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
     sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
     return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps, sigma
 
 
-def ddim_step(x, model_output, a_t, a_prev, cfg, eta=0.0, z=None):
+def ddim_step(x, model_output, a_t, a_prev, cfg, eta=0.0, z=None, x0_scale=1.0):
     """x_t → x_prev = μ + σ_t z = √ᾱ_prev x̂_0 + √(1 − ᾱ_prev − σ_t²) ε̂ + σ_t z (DDIM eq. 12; `ddim_posterior`).
 
     `z` ~ N(0, I) is needed only when η > 0."""
-    x_prev, sigma = ddim_posterior(x, model_output, a_t, a_prev, cfg, eta)
+    x_prev, sigma = ddim_posterior(x, model_output, a_t, a_prev, cfg, eta, x0_scale)
     if eta > 0:
         if z is None:
             raise ValueError("ddim_step with eta > 0 needs the noise z")
@@ -292,18 +300,21 @@ def randn(shape, generator=None, device="cpu", dtype=torch.float32):
     return z.to(device)
 
 
-def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.float32, vae_scale=8):
+def initial_latents(seeds, height, width, channels=4, device="cpu", dtype=torch.float32, vae_scale=8, frames=None):
     """x_T ~ N(0, I), shape (len(seeds), C, H/s, W/s) with s the VAE's downscale (8 for SD); image i from `torch.Generator("cpu").manual_seed(seeds[i])`.
 
     This is what a diffusers pipeline draws given one seeded CPU generator (one image) or a list of them.
     A seed may also be a torch.Generator: it is advanced, and passing the same generators to `ddim_sample`
-    continues the stream as diffusers' pipeline does when η > 0. DDIM's initial noise sigma is 1."""
+    continues the stream as diffusers' pipeline does when η > 0. DDIM's initial noise sigma is 1.
+    With `frames` F, a video's: (len(seeds), C, F, H/s, W/s), video i one (1, C, F, H/s, W/s) draw from its
+    generator, as diffusers' TextToVideoSDPipeline draws it."""
     if height % 8 or width % 8:
         raise UserError(f"image size {width}x{height} is not a multiple of 8; pick a width and height divisible by 8.")
     seeds = [seeds] if isinstance(seeds, (int, torch.Generator)) else list(seeds)
     gens = [s if isinstance(s, torch.Generator) else torch.Generator("cpu").manual_seed(s) for s in seeds]
+    shape = (len(gens), channels) + ((frames,) if frames else ()) + (height // vae_scale, width // vae_scale)
     # drawn in float32 then cast: on CPU this equals diffusers' draw in the pipeline's dtype
-    return randn((len(gens), channels, height // vae_scale, width // vae_scale), gens).to(device, dtype)
+    return randn(shape, gens).to(device, dtype)
 
 
 def ddim_sample(denoise, latents, cfg, steps, eta=0.0, generator=None, callback=None):
@@ -313,10 +324,10 @@ def ddim_sample(denoise, latents, cfg, steps, eta=0.0, generator=None, callback=
     `generator` (one, or one per image) feeds the noise z when η > 0. `callback(i, n, t)` after each step."""
     schedule = ddim_steps(cfg, steps)
     x = latents
-    for i, (t, a_t, a_prev) in enumerate(schedule):
+    for i, ((t, a_t, a_prev), x0_scale) in enumerate(zip(schedule, x0_scales(cfg, steps))):
         out = denoise(x, t)
         z = randn(out.shape, generator, out.device, out.dtype) if eta > 0 else None
-        x = ddim_step(x, out, a_t, a_prev, cfg, eta, z)
+        x = ddim_step(x, out, a_t, a_prev, cfg, eta, z, x0_scale)
         if callback is not None:
             callback(i, len(schedule), t)
     return x
@@ -332,6 +343,23 @@ def ddim_steps(cfg, steps):
         t_prev = t - cfg.num_train_timesteps // steps  # diffusers' rule, not ts[i + 1] (see the module docstring)
         result.append((t, ac[t], ac[t_prev] if t_prev >= 0 else a_final))
     return result
+
+
+def signal_scale(cfg, t):
+    """VideoCrafter's s(t) (lvdm/models/ddpm3d.py:366-376): linspace(scale_a, scale_b, mid_step)[t] below mid_step,
+    scale_b from there; 1 for a model without `use_scale`."""
+    if not cfg.use_scale:
+        return 1.0
+    return float(np.linspace(cfg.scale_a, cfg.scale_b, cfg.mid_step)[t]) if t < cfg.mid_step else cfg.scale_b
+
+
+def x0_scales(cfg, steps):
+    """The x̂_0 factor of each DDIM step, s(t_prev) / s(t), with s(t_prev) = s(0) on the last step (VideoCrafter's
+    DDIMSampler, lvdm/models/samplers/ddim.py:35-40, 286-287): its model sees the signal as s(t) x_0, so x̂_0 / s(t) is
+    the clean latent, which the step puts back at the scale s(t_prev) of the timestep it goes to. All 1 without
+    `use_scale`."""
+    T = cfg.num_train_timesteps
+    return [signal_scale(cfg, max(int(t) - T // steps, 0)) / signal_scale(cfg, int(t)) for t in timesteps(cfg, steps)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -589,6 +617,9 @@ def sampler_config(name, scheduler_config, fix_old=True):
     """The config the sampler `name` runs on, from a scheduler_config.json dict (`fix_old`: see `pipeline_config`)."""
     if name == "ddim":
         return pipeline_config(scheduler_config, fix_old)
+    if scheduler_config.get("use_scale"):
+        raise UserError(f"this model rescales x̂_0 at each step (VideoCrafter's use_scale), which npo does only in "
+                        f"DDIM, the authors' sampler; pass --sampler ddim instead of {name}.")
     if name in ("dpmpp-2m", "dpmpp-2m-karras"):
         return dpm_config(scheduler_config, fix_old, karras=name == "dpmpp-2m-karras")
     if name in ("euler", "euler-a"):

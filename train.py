@@ -62,10 +62,13 @@ def train(config):
     run finishes its step, saves a checkpoint and raises SystemExit(130). Bad input raises UserError, before the
     model loads and before anything is written."""
     given = trainconfig.settings_to_save(config)  # before `check` fills in the defaults
-    trainconfig.check(config)
+    sdxl_defaults = trainconfig.check(config)
     method = METHODS[config.method]
     out = os.path.abspath(config.out)
     rank, world_size, local_rank = distributed.world()
+    if sdxl_defaults and rank == 0:
+        print(f"an SDXL model: --method {config.method}'s SDXL defaults for the flags not given: "
+              + ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in sdxl_defaults.items()))
     inputs = method.read_inputs(config, world_size)
     state, resume_from = machinery.find_start(config, out, say=print if rank == 0 else lambda m: None)
     device = pipeline.resolve_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))

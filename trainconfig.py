@@ -5,8 +5,9 @@ of `npo.py train` that fill it, and the checks that refuse what cannot work befo
     config = parse_args(["--out", "runs/npo", "--data", "pairs.jsonl", "--npo"])     # from flags: the same config
 
 A field left at None is "not given": a method that does not read it refuses it (a flag given to another method would
-silently do nothing), and `check` fills in the method's default (DEFAULTS, or METHOD_DEFAULTS for DDPO, which keeps
-ddpo-pytorch's). The flags carry no defaults of their own (argparse.SUPPRESS): a flag not given leaves the field's.
+silently do nothing), and `check` fills in the method's default: DEFAULTS, under METHOD_DEFAULTS (DDPO keeps
+ddpo-pytorch's, SPO its SD1.5 config's), under MODEL_DEFAULTS where the model is SDXL (SPO's SDXL config). The flags
+carry no defaults of their own (argparse.SUPPRESS): a flag not given leaves the field's.
 """
 import dataclasses
 import math
@@ -17,8 +18,10 @@ import torch
 
 from . import data
 from . import lora
+from . import pipeline
 from . import rewards
 from . import runs
+from . import singlefile
 from .checkpoint import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -37,15 +40,19 @@ METHOD_FLAGS = {
     "ddim_eta": ("ddpo", "spo"), "sample_batches": ("ddpo",), "inner_epochs": ("ddpo",), "clip_range": ("ddpo",),
     "adv_clip": ("ddpo",), "timestep_fraction": ("ddpo",),
     **{name: ("spo",) for name in ("spo_candidates", "spo_threshold", "spo_score_scale", "spo_plain_steps",
-                                   "spo_beta", "spo_clip")},
+                                   "spo_inner_steps", "spo_beta", "spo_clip")},
 }
 DEFAULTS = {"lr": 5e-6, "beta_dpo": 500.0, "caption_dropout": 0.0, "num_workers": 0, "ties": "drop", "shuffle_buffer": 2,
             "sample_steps": 20, "grad_steps": 1, "guidance": 7.5, "alpha": 1.0, "beta": 1.0, "train_branch": "both",
             "ddim_eta": 1.0, "sample_batches": 2, "inner_epochs": 1, "clip_range": 1e-4, "adv_clip": 5.0,
             "timestep_fraction": 1.0, "rank": 8, "spo_candidates": 4, "spo_threshold": 0.3, "spo_score_scale": 1.0,
-            "spo_plain_steps": 4, "spo_beta": 10.0, "spo_clip": 0.1}
+            "spo_plain_steps": 4, "spo_inner_steps": 0, "spo_beta": 10.0, "spo_clip": 0.1}
 METHOD_DEFAULTS = {"ddpo": {"lr": 3e-4, "sample_steps": 50, "guidance": 5.0},  # ddpo-pytorch's config/base.py
                    "spo": {"lr": 6e-5, "guidance": 5.0, "rank": 4}}  # SPO's SD1.5 config
+# Over METHOD_DEFAULTS where --model is SDXL: RockeyCoss/SPO's configs/spo_sdxl_4k-prompts_num-sam-2_3-is_…py, which
+# changes its basic_config.py's rank, lr, threshold and num_inner_step and keeps its 2 candidates (SD1.5's sets 4)
+MODEL_DEFAULTS = {("spo", "sdxl"): {"rank": 64, "lr": 1e-5, "spo_inner_steps": 3, "spo_threshold": 0.4,
+                                    "spo_candidates": 2}}
 
 
 @dataclass
@@ -95,6 +102,7 @@ class TrainConfig:
     spo_threshold: float = None
     spo_score_scale: float = None
     spo_plain_steps: int = None
+    spo_inner_steps: int = None
     spo_beta: float = None
     spo_clip: float = None
     # the optimizer
@@ -166,7 +174,8 @@ def _flag(name):
 
 
 def check(config):
-    """Refuse what cannot work or would silently do nothing, then fill in the method-specific defaults."""
+    """Refuse what cannot work or would silently do nothing, then fill in the method- and model-specific defaults.
+    Returns {field: value} of the model-specific ones it filled in (SDXL's), for the run to say."""
     if not config.out:
         raise UserError("pass --out, the folder the run writes to (or --resume with a run folder to continue it).")
     for name, methods in METHOD_FLAGS.items():
@@ -174,9 +183,13 @@ def check(config):
             raise UserError(f"{_flag(name)} does nothing with --method {config.method} (it is for --method "
                             f"{' or '.join(methods)}); drop it.")
     _check_branches(config)
+    method_defaults, model_defaults = METHOD_DEFAULTS.get(config.method, {}), {}
+    if (config.method, "sdxl") in MODEL_DEFAULTS and is_sdxl_model(config.model):
+        model_defaults = MODEL_DEFAULTS[config.method, "sdxl"]
+    taken = {name: value for name, value in model_defaults.items() if getattr(config, name) is None}
     for name, value in DEFAULTS.items():
         if getattr(config, name) is None:
-            setattr(config, name, METHOD_DEFAULTS.get(config.method, {}).get(name, value))
+            setattr(config, name, model_defaults.get(name, method_defaults.get(name, value)))
     _check_numbers(config)
     _check_corruption(config)
     if config.cache_latents and config.random_crop:
@@ -196,6 +209,20 @@ def check(config):
         _check_ddpo(config)
     if config.method == "spo":
         _check_spo(config)
+    return taken
+
+
+def is_sdxl_model(path):
+    """Whether --model is SDXL, read before it loads: a folder by pipeline.is_sdxl_folder, a single file by its keys
+    (an SDXL UNet has the "text_time" embedding, label_emb). None is the embedded model, SD1-shaped; a path that is
+    not there says so when it loads."""
+    if path is None or not os.path.exists(path):
+        return False
+    if os.path.isdir(path):
+        return pipeline.is_sdxl_folder(path)
+    keys = []
+    singlefile.read_tensors(path, lambda names: keys.extend(names) or [])  # the names only: no tensor is read
+    return any(k.startswith(singlefile.UNET + "label_emb.") for k in keys)
 
 
 def _check_corruption(config):
@@ -259,6 +286,9 @@ def _check_spo(config):
             raise UserError(f"{flag} must be a positive finite number (got {value}).")
     if not 0 < config.spo_clip < 1:
         raise UserError(f"--spo-clip must lie in (0, 1) (got {config.spo_clip}); the ratios are clamped to [1 − ε, 1 + ε].")
+    if config.spo_inner_steps < 0:
+        raise UserError(f"--spo-inner-steps must not be negative (got {config.spo_inner_steps}); 0 trains each pair on "
+                        "its branch step alone (SPO's SD1.5 setting), 3 on that and the next 3 (its SDXL one).")
     if not 0 <= config.spo_plain_steps < config.sample_steps:
         raise UserError(f"--spo-plain-steps must lie in [0, --sample-steps) (got {config.spo_plain_steps} of "
                         f"{config.sample_steps}); SPO needs at least one step with candidates.")

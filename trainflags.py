@@ -53,6 +53,8 @@ def default_text(name):
     """A field's default as --help shows it; a method-dependent one names each method's value."""
     if name in trainconfig.DEFAULTS:
         others = [f"; --method {m}: {d[name]:g}" for m, d in trainconfig.METHOD_DEFAULTS.items() if name in d]
+        others += [f"; --method {m} on {model.upper()}: {d[name]:g}"
+                   for (m, model), d in trainconfig.MODEL_DEFAULTS.items() if name in d]
         value = trainconfig.DEFAULTS[name]
         return (f"{value:g}" if isinstance(value, float) else str(value)) + "".join(others)
     value = trainconfig.FIELDS[name].default
@@ -141,6 +143,10 @@ def _add_spo_arguments(g):
                         "as pickscore:, 100·cos; a reward in [0, 1] needs a hundred or more)")
     g.add_argument("--spo-plain-steps", type=int,
                    help="sampling steps before the first candidates (SPO's divert_start_step)")
+    g.add_argument("--spo-inner-steps", type=int,
+                   help="N, SPO's num_inner_step: after each branch step every candidate takes N more steps along its "
+                        "own chain before the candidates are scored, and a kept pair trains on all N + 1 steps (0 is "
+                        "SPO's SD1.5 setting, 3 its SDXL one)")
     g.add_argument("--spo-beta", type=finite_float, help="β of L = −log σ(β (log r_w − log r_l))")
     g.add_argument("--spo-clip", type=finite_float, help="ε: each ratio p_θ/p_ref is clamped to [1 − ε, 1 + ε]")
 

@@ -266,11 +266,11 @@ def is_video(model):
     return isinstance(model, UNet3DCondition)
 
 
-@torch.no_grad()
 def decode_frames(vae, latents, chunk=8):
     """Raw video latents (B, C, F, h, w) -> frames (B, F, 3, H, W) in about [-1, 1]: divided by the VAE's
     scaling factor and decoded frame by frame, at most `chunk` frames per VAE call, so the VAE's peak memory is
-    that of `chunk` images whatever the video's length."""
+    that of `chunk` images whatever the video's length. Differentiable (VADER decodes chosen frames with gradients);
+    sampling calls it under no_grad."""
     b, c, frames, h, w = latents.shape
     z = latents.transpose(1, 2).reshape(b * frames, c, h, w) / vae.scaling_factor  # batch-major: row b·F + f
     dtype = next(vae.parameters()).dtype

@@ -1,10 +1,12 @@
 """The GPU table (not a test): ours against diffusers in one process on a CUDA machine; `--cpu` runs every row on
 the CPU, a check that the command works.
 
-    python -m benchmarks.gpu [--out gpu.md] [--size 64] [--repeats 10] [--sdxl full|small|none] [--cpu] [--tiny]
+    python -m benchmarks.gpu [--out gpu.md] [--size 64] [--repeats 10] [--sdxl full|small|none] [--vc2 full|small|none]
+                             [--cpu] [--tiny]
 
 Rows: one UNet forward in fp16 / bf16 / under torch.compile, a guided step of NPO against plain CFG, a Diffusion-DPO
-step against diffusers' recipe, an SPO epoch against its sampling, and SDXL's UNet and NPO step. Times are the
+step against diffusers' recipe, an SPO epoch against its sampling, SDXL's UNet and NPO step, and VideoCrafter2's
+UNet and a few DDIM steps of a 16-frame 320x512 video (plain CFG and NPO). Times are the
 median of --repeats after a warm-up, waiting for the device; memory is torch.cuda.max_memory_allocated above what was
 allocated before (harness.py).
 """
@@ -121,6 +123,66 @@ def gpu_sdxl_rows(device, weights, preset, size, repeats):
             + guided_step_rows(device, ours, neg, pos, x[:1], 5.0, f"SDXL guided step, {name}", repeats))
 
 
+# VideoCrafter2's UNet (configs/inference_t2v_512_v2.0.yaml in diffusers' fields), and its layout at toy size
+VC2_PRESETS = {
+    "full": dict(config=dict(block_out_channels=[320, 640, 1280, 1280], layers_per_block=2, attention_head_dim=64,
+                             cross_attention_dim=1024), frames=16, height=320, width=512),
+    "small": dict(config=dict(block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=16,
+                              cross_attention_dim=64, down_block_types=["CrossAttnDownBlock3D", "DownBlock3D"],
+                              up_block_types=["UpBlock3D", "CrossAttnUpBlock3D"]), frames=2, height=64, width=64),
+}
+
+
+def vc2_sampling(device, model, vae, preset, steps, dtype):
+    """sample(): `steps` DDIM steps of VideoCrafter2's sampler (x̂0 rescale, η = 1, CFG 12, fps 28) on one video of
+    the preset's frames and size, then its frames decoded (8 per VAE call); random prompt embeddings."""
+    from npo import guided, sampler, video, videocrafter
+    p, d = VC2_PRESETS[preset], videocrafter.DEFAULTS
+    c = model.config.cross_attention_dim
+    fps = torch.tensor([d["fps"]], device=device)
+    neg, pos = ({"encoder_hidden_states": torch.randn(1, 77, c, device=device, dtype=dtype), "fps": fps}
+                for _ in range(2))
+    x_T = torch.randn(1, 4, p["frames"], p["height"] // 8, p["width"] // 8, device=device, dtype=dtype)
+
+    def sample():
+        denoise = guided.npo_denoiser(model, neg, pos, d["guidance"])
+        latents = sampler.sample("ddim", denoise, x_T, videocrafter.SCHEDULER, steps, d["ddim_eta"],
+                                 torch.Generator(device).manual_seed(0))
+        return video.decode_frames(vae, latents)
+    return sample, x_T, neg
+
+
+def gpu_vc2_rows(device, weights, preset, steps, repeats):
+    """VideoCrafter2 (random weights of its config; `preset` "small" is its layout at toy size), fp16 (bf16 on the
+    CPU): one UNet forward of a CFG batch (2 videos of 16 frames at 320x512) against diffusers' UNet3DConditionModel
+    of the same shapes (ModelScope's: no fps embedding), and `steps` DDIM steps plus the frames' decoding, plain CFG
+    against NPO (η, δ unmerged, rank 8)."""
+    from diffusers import UNet3DConditionModel
+    from npo import lora, unet, video, videocrafter
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    cfg = video.UNet3DConfig(**VC2_PRESETS[preset]["config"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = videocrafter.VideoCrafterUNet(cfg).to(dtype).eval().requires_grad_(False)
+        ref = UNet3DConditionModel(**VC2_PRESETS[preset]["config"]).to(dtype).eval()
+    vae = unet.load_vae(f"{weights}/vae", dtype=dtype, device=device)
+    sample, x_T, neg = vc2_sampling(device, model, vae, preset, steps, dtype)
+    x, c, t = torch.cat([x_T, x_T]), neg["encoder_hidden_states"].expand(2, -1, -1), torch.tensor(500, device=device)
+    name, size = str(dtype).removeprefix("torch."), f"{x_T.shape[2]}x{8 * x_T.shape[3]}x{8 * x_T.shape[4]}"
+    with torch.inference_mode():
+        forward = timed(device, {"ours": lambda: model(x, t, c, fps=neg["fps"].expand(2)),
+                                 "diffusers UNet3DConditionModel": lambda: ref(x, t, c).sample}, repeats)
+        del ref
+        rows = timed(device, {"plain CFG": sample}, repeats)
+        for offset in ("eta", "delta"):
+            lora.add_offset(model, offset, rank=8)
+        rows.update(timed(device, {"NPO (η, δ unmerged)": sample}, repeats))
+    return ([(f"VideoCrafter2 UNet forward {size}, {name}, {k}", tm, m, forward["diffusers UNet3DConditionModel"])
+             for k, (tm, m) in forward.items()]
+            + [(f"VideoCrafter2 {steps} DDIM steps + decode {size}, {name}, {k}", tm, m, rows["plain CFG"])
+               for k, (tm, m) in rows.items()])
+
+
 def cmd_gpu(args):
     """The GPU table: UNet fp16 / bf16 / compile, NPO against plain CFG, the DPO step against the recipe."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -136,6 +198,9 @@ def cmd_gpu(args):
     if args.sdxl != "none":
         lines[0] += f"; SDXL-shaped ({args.sdxl}) at latent {args.sdxl_size}x{args.sdxl_size} ({8 * args.sdxl_size} px)"
         rows += gpu_sdxl_rows(device, weights, args.sdxl, args.sdxl_size, args.repeats)
+    if args.vc2 != "none":
+        lines[0] += f"; VideoCrafter2-shaped ({args.vc2}), {args.vc2_steps} DDIM steps"
+        rows += gpu_vc2_rows(device, weights, args.vc2, args.vc2_steps, args.repeats)
     for what, seconds, memory, (ref_seconds, _) in rows:
         lines.append(f"| {what} | {seconds:.4f} | {seconds / ref_seconds:.2f}x | {memory:.2f} |")
     print("\n".join(lines), flush=True)
@@ -155,6 +220,10 @@ def main():
     p.add_argument("--sdxl", choices=["full", "small", "none"], default="full",
                    help="SDXL rows: SDXL base's shapes (full, default), its layout at toy size (small), or none")
     p.add_argument("--sdxl-size", type=int, default=128, help="SDXL latent side (default 128: 1024 px)")
+    p.add_argument("--vc2", choices=["full", "small", "none"], default="full",
+                   help="VideoCrafter2 rows: its UNet's shapes at 16 frames of 320x512 (full, default), its layout at "
+                        "toy size (small), or none")
+    p.add_argument("--vc2-steps", type=int, default=4, help="DDIM steps of the VideoCrafter2 sampling rows (default 4)")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     cmd_gpu(p.parse_args())
 

@@ -39,7 +39,8 @@ def test_harness_counts_warmup_and_repeats_and_sees_an_allocation():
 def test_gpu_command_cpu_fallback(tmp_path):
     table = tmp_path / "gpu.md"
     run_benchmark(tmp_path, "benchmarks.gpu", "--cpu", "--tiny", "--size", "8", "--repeats", "1", "--weights",
-                  str(tmp_path / "weights" / "tiny"), "--out", str(table), "--sdxl", "small", "--sdxl-size", "8")
+                  str(tmp_path / "weights" / "tiny"), "--out", str(table), "--sdxl", "small", "--sdxl-size", "8",
+                  "--vc2", "small", "--vc2-steps", "2")
     rows = table_rows(table.read_text())
     names = [row[0].removeprefix("| ") for row in rows]
     assert names == ["UNet forward, bfloat16, ours", "UNet forward, bfloat16, diffusers",
@@ -47,7 +48,11 @@ def test_gpu_command_cpu_fallback(tmp_path):
                      "DPO step, ours, --mixed-precision bf16", "DPO step, ours, fp32", "DPO step, diffusers recipe, fp32",
                      "SPO epoch (sampling + update), fp32", "SPO sampling alone, fp32",
                      "SDXL UNet forward, bfloat16, ours", "SDXL UNet forward, bfloat16, diffusers",
-                     "SDXL guided step, bfloat16, plain CFG", "SDXL guided step, bfloat16, NPO (η, δ unmerged)"]
+                     "SDXL guided step, bfloat16, plain CFG", "SDXL guided step, bfloat16, NPO (η, δ unmerged)",
+                     "VideoCrafter2 UNet forward 2x64x64, bfloat16, ours",
+                     "VideoCrafter2 UNet forward 2x64x64, bfloat16, diffusers UNet3DConditionModel",
+                     "VideoCrafter2 2 DDIM steps + decode 2x64x64, bfloat16, plain CFG",
+                     "VideoCrafter2 2 DDIM steps + decode 2x64x64, bfloat16, NPO (η, δ unmerged)"]
     assert all(float(row[1]) > 0 for row in rows)
 
 
@@ -61,3 +66,17 @@ def test_single_file_loads_in_a_fresh_process(tmp_path, monkeypatch):
     child = harness.run_child("benchmarks.files", "_load", single, threads=1)
     here = files.load_one(folder)
     assert child["weights_gib"] == here["weights_gib"] > 0 and child["seconds"] > 0
+
+
+def test_video_unet_and_decode_at_toy_size(tmp_path, monkeypatch):
+    """benchmarks.video: the UNet row (ours and diffusers' UNet3DConditionModel, each in its own process) end to end,
+    and a chunked decode in this process, at toy size."""
+    out = run_benchmark(tmp_path, "benchmarks.video", "unet", "--preset", "tiny", "--frames", "2", "--size", "8",
+                        "--repeats", "1", "--threads", "1")
+    rows = table_rows(out)
+    assert [row[0] for row in rows] == ["| 2 x 2 frames, latent 8x8"]
+    assert all(float(v.strip(" |x")) > 0 for v in rows[0][1:7])
+    from benchmarks import video
+    monkeypatch.setattr(video, "WEIGHTS", str(tmp_path / "weights" / "sd15"))
+    r = video.decode_one(video.vae_folder("tiny"), 3, 8, 2, 1)
+    assert r["seconds"] > 0 and r["peak_gib"] > 0

@@ -170,13 +170,16 @@ def our_ddpo_gradients(model, trained, frozen, prompts_file, tmp_path, flags):
             for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
 
 
-def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights, sdxl=False):
+def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_weights, pos_weights, sdxl=False,
+                             clamp=False):
     """ddpo-pytorch's epoch on diffusers parts: each example's prompt, x_T and step noises drawn from its generator
     as training draws them; DDIMScheduler.step at η = 1 with that noise; log p by ddpo-pytorch's formula; rewards
     standardised with the batch's mean and std (fewer than 16 per prompt); then PPO's loss at every step, its
     mean over the steps backpropagated. ε_neg and ε_pos are two forwards with the adapters at the given weights.
     `sdxl`: StableDiffusionXLPipeline's encode_prompt (no negative prompt: zeros, force_zeros_for_empty_prompt) and
-    _get_add_time_ids for a 16 x 16 image, passed to the UNet as added_cond_kwargs."""
+    _get_add_time_ids for a 16 x 16 image, passed to the UNet as added_cond_kwargs. `clamp`: ddpo-pytorch's clamp of
+    the previous timestep at 0, which takes the last step to ᾱ_0 (on diffusers' scheduler, final_alpha_cumprod =
+    alphas_cumprod[0])."""
     gens = [machinery.example_generator(0, j) for j in range(2)]
     ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
                               lambda name: any(f".{role}." in name for role in trained) and "lora_" in name, sdxl=sdxl)
@@ -184,6 +187,8 @@ def reference_ddpo_gradients(model, refs, files, trained, steps, guidance, neg_w
                                                    ref.names)
     if not sdxl:
         pos, neg = dict(encoder_hidden_states=pos), dict(encoder_hidden_states=neg)
+    if clamp:
+        scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
 
     def log_prob(eps_neg, eps_pos, t, x, x_prev):
         eps = eps_neg + guidance * (eps_pos - eps_neg)
@@ -237,20 +242,26 @@ def test_one_ddpo_update_equals_ddpo_pytorchs_on_diffusers(tiny_model, lora_file
     assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0}, {"eta": 1.0}))
 
 
+@pytest.mark.parametrize("scheduler", ["sdxl_base", "euler_saved_by_diffusers"])
 def test_one_ddpo_update_on_sdxl_equals_ddpo_pytorchs_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file,
-                                                                               tmp_path):
+                                                                               tmp_path, scheduler):
     """The same update on a tiny SDXL: both text encoders, the pooled embedding and the time ids condition each
-    branch, the unconditional one zeros. The folder's DDIM config is SDXL base's (set_alpha_to_one false, leading
-    timesteps with offset 1), under which the last step keeps a density."""
-    from diffusers import DDIMScheduler
+    branch, the unconditional one zeros. The folder's scheduler config is SDXL base's own (Euler, set_alpha_to_one
+    false), or an Euler config as diffusers saves it, without set_alpha_to_one: DDIMScheduler's default, true, would
+    make the last step deterministic, and training takes it to ᾱ_0 as ddpo-pytorch does."""
+    from ldm import SDXL_SCHEDULER
     model = str(tmp_path_factory.mktemp("ddpo_sdxl"))
-    refs = make_sdxl_dir(model, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                                        beta_schedule="scaled_linear", set_alpha_to_one=False,
-                                                        steps_offset=1, timestep_spacing="leading"))
+    refs = make_sdxl_dir(model)
+    config = os.path.join(model, "scheduler", "scheduler_config.json")
+    if scheduler == "sdxl_base":
+        with open(config, "w") as f:
+            json.dump(SDXL_SCHEDULER, f)
+    else:
+        assert "set_alpha_to_one" not in json.load(open(config))
     files = random_lora_files(model, str(tmp_path_factory.mktemp("ddpo_sdxl_lora")), [("eta", {})], seed=31)
     ours = our_ddpo_gradients(model, files, {}, prompts_file, tmp_path, ["--sample-steps", "3"])
     assert_gradients_equal(ours, reference_ddpo_gradients(model, refs, files, files, 3, 3.0, {"eta": 1.0},
-                                                          {"eta": 1.0}, sdxl=True))
+                                                          {"eta": 1.0}, sdxl=True, clamp=scheduler != "sdxl_base"))
 
 
 def test_uncond_branch_update_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
@@ -475,12 +486,27 @@ def test_resume_refuses_another_method_or_branch(tiny_model, lora_files, prompts
     assert runs.list_checkpoints(str(out / "checkpoints")) == [str(out / "checkpoints" / "step-000001")]
 
 
-def test_a_deterministic_last_step_is_refused(tiny_model, prompts_file, tmp_path, capsys):
-    """With set_alpha_to_one the last DDIM step goes to ᾱ = 1, σ_t = 0: no density, so no DDPO."""
-    import shutil
-    model = tmp_path / "model"
-    shutil.copytree(tiny_model[0], model)
-    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
-    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "set_alpha_to_one": True}))
-    assert run(str(model), prompts_file, tmp_path / "o", "--reward", "rewards:brightness") == 2
-    assert "set_alpha_to_one" in capsys.readouterr().err and not (tmp_path / "o").exists()
+@pytest.mark.parametrize("config", [
+    dict(set_alpha_to_one=False, steps_offset=1),  # SD's
+    dict(set_alpha_to_one=True, steps_offset=1),
+    dict(set_alpha_to_one=True, timestep_spacing="trailing"),
+    dict(steps_offset=1, timestep_spacing="leading"),  # an Euler config as diffusers saves one: no set_alpha_to_one
+])
+def test_rl_steps_take_the_last_step_to_alpha_0_as_ddpo_pytorch(config):
+    """ddpo-pytorch's ddim_step_with_logprob (and SPO's copy) clamps the previous timestep t − T/n at 0 and reads
+    ᾱ_prev = alphas_cumprod[that]: the last step goes to ᾱ_0 whatever set_alpha_to_one says, so it keeps a density.
+    Every other step is DDIMScheduler's."""
+    from diffusers import DDIMScheduler
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **config)
+    scheduler = DDIMScheduler.from_config(schedule)
+    scheduler.set_timesteps(10)
+    ours, steps = machinery.logprob_steps(sampler.pipeline_config(schedule, fix_old=False), 10)
+    for (t, a_t, a_prev), t_ref in zip(steps, scheduler.timesteps, strict=True):
+        prev = max(int(t_ref) - 1000 // 10, 0)  # torch.clamp(prev_timestep, 0, T − 1)
+        assert t == int(t_ref) and a_t == scheduler.alphas_cumprod[t_ref] and a_prev == scheduler.alphas_cumprod[prev]
+        x, out = torch.randn(2, 1, 4, 8, 8)
+        mean, sigma = sampler.ddim_posterior(x, out, a_t, a_prev, ours, 1.0)
+        assert sigma > 0
+        if prev > 0:  # as DDIMScheduler steps, but for the last step where set_alpha_to_one says 1
+            ref = scheduler.step(out, t_ref, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
+            torch.testing.assert_close(mean, ref, rtol=1e-5, atol=1e-6)

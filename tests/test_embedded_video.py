@@ -62,7 +62,8 @@ def test_a_folder_borrows_the_parts_its_npo_model_json_names(tiny_video_dir, tmp
     shared = {part: os.path.relpath(os.path.join(tiny_video_dir, part), tmp_path / "m")
               for part in ("vae", "text_encoder", "tokenizer")}
     whole = pipeline.load_pipeline(tiny_video_dir)
-    lent = pipeline.load_pipeline(borrower(tiny_video_dir, tmp_path / "m", dict(shared_parts=shared, frames=5)))
+    notes = dict(shared_parts=shared, defaults=dict(frames=5))
+    lent = pipeline.load_pipeline(borrower(tiny_video_dir, tmp_path / "m", notes))
     assert lent.is_video and lent.default_frames == 5 and whole.default_frames is None
     for part in ("unet", "vae", "text_encoder"):
         mine, theirs = getattr(lent, part).state_dict(), getattr(whole, part).state_dict()

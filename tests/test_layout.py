@@ -23,8 +23,11 @@ LAYERS = {
     "runs": 6, "data": 6, "losses": 6, "rewards": 6, "shapes": 6,  # their parts
     "guided": 6,                                                 # eq. 10 on a loaded pipeline, generate
     "pipeline": 7,                                               # loading a model, encoding prompts
+    "videocrafter": 7.25,                                        # VideoCrafter2's model.ckpt into the video UNet (between
+                                                                 # the pipeline and the models it builds)
     "scorers": 7,                                                # learned rewards: PickScore, HPSv2, aesthetic, CLIP
     "logplot": 7,                                                # a run's log drawn as a PNG
+    "videos": 7,                                                 # videos on disk: frames + WebP preview, parameters
     "extract": 7,                                                # η from a full fine-tune as a LoRA (truncated SVD)
     "video": 7.5,                                                # the video UNet, built on unet.py's blocks
     "images": 8, "unet": 8, "clip": 8, "blip": 8, "lora": 8, "sampler": 8, "shards": 8,  # models, sampling; parquet shards

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,8 +145,7 @@ def our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags):
         lora.load_lora(pipe.unet, path, role)
     run = machinery.Run(config, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
     run.params = [p.requires_grad_(True) for role in trained for p in lora.parameters(pipe.unet, role)]
-    schedule = pipe.ddim_config()
-    steps = sampler.ddim_steps(schedule, config.sample_steps)
+    schedule, steps = machinery.logprob_steps(pipe.ddim_config(), config.sample_steps)
     rollout = method_spo.rollout(run, PROMPTS, method_spo.scorer(config, PROMPTS), steps, schedule, 0)
     method_spo.micro_step(run, PROMPTS)(0, 1.0)
     assert all(p.grad is None for role in frozen for p in lora.parameters(pipe.unet, role))
@@ -155,21 +155,25 @@ def our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags):
 
 
 def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, guidance=3.0, steps=4, plain=1, k=3,
-                       npo=False, sdxl=False):
+                       npo=False, sdxl=False, inner=0, threshold=0.3, clamp=False, scale=SCALE):
     """SPO's multi_sample_pipeline and training step on diffusers parts: each example's prompt, x_T, plain-step noise,
     candidate noises (k, C, h, w) and continuing candidate drawn from its generator as training draws them; each
     candidate DDIMScheduler.step(…, variance_noise=z) from the shared x_t; its x̂_0 the scheduler's
     pred_original_sample at the next timestep (the last step's candidates themselves), decoded by the VAE and scored by
-    brightness × SCALE; SPO's compare rule; then SPO's loss over every kept pair with ddpo-pytorch's log p, its mean
-    backpropagated. The reference is the adapters' weights with the trained ones at 0. `sdxl`:
-    StableDiffusionXLPipeline's conditioning (both encoders, the pooled embedding, zeros for no negative prompt, the
-    time ids of a 16 x 16 image) as the UNet's added_cond_kwargs. Returns (pairs as ranked, kept (B, candidate
-    steps), the peft gradient of (role, layer, part))."""
+    brightness × `scale`; SPO's compare rule; then SPO's loss over every kept pair with ddpo-pytorch's log p, its mean
+    backpropagated. `inner` > 0: multi_sample_pipeline_sdxl with num_inner_step = inner (reference_inner_rollout).
+    `clamp`: the last step to ᾱ_0, as ddpo-pytorch's and SPO's ddim_step_with_logprob take it (they clamp the previous
+    timestep at 0; on diffusers' scheduler that is final_alpha_cumprod = alphas_cumprod[0]). The reference is the
+    adapters' weights with the trained ones at 0. `sdxl`: StableDiffusionXLPipeline's conditioning (both encoders,
+    the pooled embedding, zeros for no negative prompt, the time ids of a 16 x 16 image) as the UNet's
+    added_cond_kwargs. Returns (pairs as ranked, kept (B, blocks), the peft gradient of (role, layer, part))."""
     gens = [machinery.example_generator(0, j) for j in range(2)]
     ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
                               lambda name: any(f".{role}." in name for role in trained) and "lora_" in name, sdxl=sdxl)
     pipe, x, scheduler, names = ref.pipe, ref.x, ref.scheduler, ref.names
     pos, neg = (ref.pos, ref.neg) if sdxl else ({"encoder_hidden_states": ref.pos}, {"encoder_hidden_states": ref.neg})
+    if clamp:
+        scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
 
     def eps(x, t, weights=(neg_weights, pos_weights), rows=slice(None)):
         pipe.set_adapters(names, [weights[0][n] for n in names])
@@ -179,14 +183,18 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
 
     def score(latents):
         images = (refs["vae"].decode(latents / refs["vae"].config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-        return rewards.brightness(images, None) * SCALE
+        return rewards.brightness(images, None) * scale
 
     with torch.no_grad():
-        pairs, kept = reference_rollout(scheduler, eps, score, gens, x, plain, k)
+        if inner:
+            pairs, kept = reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, threshold)
+        else:
+            pairs, kept = reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold)
     off = ({**neg_weights, **{r: 0.0 for r in trained}}, {**pos_weights, **{r: 0.0 for r in trained}})
-    for i, b, x, w, l in pairs:
-        w, l = (l, w) if npo else (w, l)  # NPO: the worst candidate is preferred
-        loss = reference_loss(scheduler, eps, off, scheduler.timesteps[i], b, x[None], w[None], l[None])
+    for i, b, x_w, w, x_l, l in pairs:
+        if npo:  # NPO: the worst candidate is preferred
+            x_w, w, x_l, l = x_l, l, x_w, w
+        loss = reference_loss(scheduler, eps, off, scheduler.timesteps[i], b, x_w[None], w[None], x_l[None], l[None])
         (loss / len(pairs)).backward()
     parts = {"down": "lora_A", "up": "lora_B"}
     grad = lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad  # noqa
@@ -198,17 +206,25 @@ def rows_of(kwargs, rows):
     return {k: rows_of(v, rows) if isinstance(v, dict) else v[rows] for k, v in kwargs.items()}
 
 
-def reference_rollout(scheduler, eps, score, gens, x, plain, k):
-    """SPO's sampling with candidates (multi_sample_pipeline) on the scheduler: the pairs (step, example, x_t, x_w,
-    x_l) and which examples kept one at each candidate step."""
+def draw(gens, k):
+    """Each example's k candidate noises, one (k, C, h, w) draw from its generator: (k, B, C, h, w)."""
+    return torch.stack([torch.randn((k, 4, 8, 8), generator=g) for g in gens], dim=1)
+
+
+def plain_step(scheduler, eps, gens, x, t):
+    z = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
+    return scheduler.step(eps(x, t), t, x, eta=1.0, variance_noise=z).prev_sample
+
+
+def reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold):
+    """SPO's sampling with candidates (multi_sample_pipeline) on the scheduler: the pairs (step, example, x_t of the
+    winner, x_w, x_t of the loser, x_l) and which examples kept one at each candidate step."""
     pairs, kept, timesteps = [], [], scheduler.timesteps
     for i, t in enumerate(timesteps):
-        e = eps(x, t)
         if i < plain:
-            z = torch.cat([torch.randn((1, 4, 8, 8), generator=g) for g in gens])
-            x = scheduler.step(e, t, x, eta=1.0, variance_noise=z).prev_sample
+            x = plain_step(scheduler, eps, gens, x, t)
             continue
-        z = torch.stack([torch.randn((k, 4, 8, 8), generator=g) for g in gens], dim=1)  # (k, B, ...)
+        e, z = eps(x, t), draw(gens, k)
         candidates = torch.stack([scheduler.step(e, t, x, eta=1.0, variance_noise=z[c]).prev_sample for c in range(k)])
         if i + 1 < len(timesteps):
             t_next = timesteps[i + 1]
@@ -216,26 +232,76 @@ def reference_rollout(scheduler, eps, score, gens, x, plain, k):
                                  variance_noise=torch.zeros_like(c)).pred_original_sample for c in candidates]
         else:
             x0 = list(candidates)
-        best, worst, keep = spo_compare(torch.stack([score(c) for c in x0]), 0.3)
-        pairs += [(i, b, x[b], candidates[best[b], b], candidates[worst[b], b]) for b in keep.nonzero().flatten().tolist()]
+        best, worst, keep = spo_compare(torch.stack([score(c) for c in x0]), threshold)
+        pairs += [(i, b, x[b], candidates[best[b], b], x[b], candidates[worst[b], b])
+                  for b in keep.nonzero().flatten().tolist()]
         kept.append(keep)
         pick = [int(torch.randint(k, (1,), generator=g)) for g in gens]
         x = torch.stack([candidates[c, b] for b, c in enumerate(pick)])
     return pairs, torch.stack(kept, dim=1)
 
 
-def reference_loss(scheduler, eps, off, t, b, x, w, l):
-    """SPO's loss of one pair (train_spo.py): ddpo-pytorch's log p of each candidate under θ and the reference."""
-    def log_prob(e, x_prev):
+def reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, threshold):
+    """multi_sample_pipeline_sdxl with num_inner_step = inner, as its loop runs: at the divert step the k candidates
+    leave the shared x_t, and each goes on along its own chain while inner steps are left; when none are, each
+    chain's x̂_0 at the current timestep is scored, every cached step of the best and the worst chain of an example
+    that kept a pair becomes a pair, and one random chain branches again; the last step takes every chain one step
+    more and scores their x_0 at 0. Returns what reference_rollout does (kept: per block)."""
+    pairs, kept, timesteps, left, cache, chains = [], [], scheduler.timesteps, 0, [], None
+
+    def collect(scores):
+        best, worst, keep = spo_compare(scores, threshold)
+        for b in keep.nonzero().flatten().tolist():
+            pairs.extend((i, b, x_t[best[b], b], x_next[best[b], b], x_t[worst[b], b], x_next[worst[b], b])
+                         for i, x_t, x_next in cache)
+        kept.append(keep)
+
+    def branch(x, t):  # k candidates from the shared x: the first step of a block
+        e, z = eps(x, t), draw(gens, k)
+        chains = torch.stack([scheduler.step(e, t, x, eta=1.0, variance_noise=z[c]).prev_sample for c in range(k)])
+        return [(i, x.expand(k, *x.shape), chains)], chains
+
+    def chain_step(chains, t):  # every chain one step with its own noise
+        z = draw(gens, k)
+        return torch.stack([scheduler.step(eps(c, t), t, c, eta=1.0, variance_noise=z[n]).prev_sample
+                            for n, c in enumerate(chains)])
+
+    for i, t in enumerate(timesteps):
+        last = i == len(timesteps) - 1
+        if i < plain:
+            x = plain_step(scheduler, eps, gens, x, t)
+        elif (left == 0 and i > plain and not last) or i == plain:
+            left = inner
+            if i > plain:  # score the chains on x̂_0 at t, then branch from a random one
+                zero = torch.zeros_like(chains[0])
+                collect(torch.stack([score(scheduler.step(eps(c, t), t, c, eta=1.0, variance_noise=zero)
+                                           .pred_original_sample) for c in chains]))
+                pick = [int(torch.randint(k, (1,), generator=g)) for g in gens]
+                x = torch.stack([chains[c, b] for b, c in enumerate(pick)])
+            cache, chains = branch(x, t)
+        else:
+            after = chain_step(chains, t)
+            cache.append((i, chains, after))
+            chains, left = after, left - 1
+            if last:
+                collect(torch.stack([score(c) for c in chains]))
+    return pairs, torch.stack(kept, dim=1)
+
+
+def reference_loss(scheduler, eps, off, t, b, x_w, w, x_l, l):
+    """SPO's loss of one pair (train_spo.py, train_spo_sdxl.py): ddpo-pytorch's log p of each candidate's step, from
+    its own x_t, under θ and the reference."""
+    def log_prob(e, x, x_prev):
         mean = scheduler.step(e, t, x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
         std = scheduler._get_variance(int(t), int(t) - 1000 // len(scheduler.timesteps)) ** 0.5
         return (-((x_prev - mean) ** 2) / (2 * std ** 2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))).mean()
-    e = eps(x, t, rows=slice(b, b + 1))
-    with torch.no_grad():
-        e_ref = eps(x, t, off, rows=slice(b, b + 1))
-    r_w = torch.clamp(torch.exp(log_prob(e, w) - log_prob(e_ref, w)), 0.9, 1.1)
-    r_l = torch.clamp(torch.exp(log_prob(e, l) - log_prob(e_ref, l)), 0.9, 1.1)
-    return -torch.log(torch.sigmoid(10 * torch.log(r_w) - 10 * torch.log(r_l)))
+
+    def ratio(x, x_prev):
+        e = eps(x, t, rows=slice(b, b + 1))
+        with torch.no_grad():
+            e_ref = eps(x, t, off, rows=slice(b, b + 1))
+        return torch.clamp(torch.exp(log_prob(e, x, x_prev) - log_prob(e_ref, x, x_prev)), 0.9, 1.1)
+    return -torch.log(torch.sigmoid(10 * torch.log(ratio(x_w, w)) - 10 * torch.log(ratio(x_l, l))))
 
 
 # log p carries 1/σ_t² (as DDPO's): fp32 rounding in another summation order differs by ~1e-4 of a layer's largest
@@ -246,8 +312,10 @@ RTOL = 1e-3
 def assert_same_step(ours, reference):
     (rollout, grads), (pairs, kept, ref_grad) = ours, reference
     assert torch.equal(rollout.kept, kept) and kept.any() and not kept.all(), kept
-    mine = [(j, b, x, w, l) for j, rows, xs, ws, ls in rollout.pairs for b, x, w, l in zip(rows.tolist(), xs, ws, ls)]
-    assert [(j, b) for j, b, *_ in mine] == [(i, b) for i, b, *_ in pairs]
+    mine = sorted([(j, b, x[0], w, x[-1], l) for j, rows, xs, ws, ls in rollout.pairs
+                   for b, x, w, l in zip(rows.tolist(), xs, ws, ls)], key=lambda p: (p[0], p[1]))
+    assert sorted((j, b) for j, b, *_ in mine) == sorted((i, b) for i, b, *_ in pairs)
+    pairs = sorted(pairs, key=lambda p: (p[0], p[1]))  # the reference lists a block's pairs example by example
     for (_, _, *a), (_, _, *b) in zip(mine, pairs, strict=True):
         for u, v in zip(a, b):
             torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
@@ -266,18 +334,45 @@ def test_one_spo_step_equals_spos_on_diffusers(tiny_model, lora_files, prompts_f
     assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, npo=npo_flag))
 
 
-def test_one_spo_step_on_sdxl_equals_spos_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file, tmp_path):
-    """The same step on a tiny SDXL: both text encoders, the pooled embedding and the time ids condition each branch
-    (the unconditional one zeros) in the rollout, the candidates' x̂_0 and the loss. The folder's DDIM config is SDXL
-    base's (set_alpha_to_one false, leading timesteps with offset 1), under which the last step keeps a density."""
-    from diffusers import DDIMScheduler
+def test_inner_steps_equal_spos_sdxl_pipeline(tiny_model, lora_files, prompts_file, tmp_path):
+    """--spo-inner-steps 1 on 5 steps, the first plain: two blocks of a branch step and an inner step, on which each
+    candidate goes on along its own chain; each kept pair trains on both steps, the inner one from the winner's and
+    the loser's own x_t (SPO's num_inner_step, as multi_sample_pipeline_sdxl and train_spo_sdxl.py run it)."""
+    model, refs = tiny_model
+    files = {"eta": lora_files["eta"]}
+    flags = ["--sample-steps", "5", "--spo-inner-steps", "1", "--spo-threshold", "0.45"]  # pairs kept: [[1, 1], [1, 0]]
+    ours = our_spo_step(model, files, {}, prompts_file, tmp_path, flags)
+    assert [j for j, *_ in ours[0].pairs] == sorted({j for j, *_ in ours[0].pairs})  # one entry per trained step
+    assert {x.shape[1] for _, _, x, _, _ in ours[0].pairs} == {1, 2}  # pairs at branch and at inner steps
+    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, steps=5, inner=1,
+                                                threshold=0.45))
+
+
+# the tiny SDXL's candidates differ in brightness by 6e-4 and 1.6e-3 (5e-3 and 6e-3 with the Euler config's
+# clip_sample, DDIMScheduler's default): these scales keep one pair of the two
+@pytest.mark.parametrize("scheduler, scale", [("sdxl_base", 800), ("euler_saved_by_diffusers", 150)])
+def test_one_spo_step_on_sdxl_equals_spos_on_diffusers_sdxl_parts(tmp_path_factory, prompts_file, tmp_path, scheduler,
+                                                                  scale):
+    """The same step on a tiny SDXL, with SPO's SDXL defaults (threshold 0.4, 3 inner steps: one block of the 3
+    candidate steps): both text encoders, the pooled embedding and the time ids condition each branch (the
+    unconditional one zeros) in the rollout, the candidates' x̂_0 and the loss. The folder's scheduler config is SDXL
+    base's own (Euler, set_alpha_to_one false), or an Euler config as diffusers saves it, without set_alpha_to_one:
+    DDIMScheduler's default, true, would make the last step deterministic, and training takes it to ᾱ_0 as ddpo-pytorch
+    and SPO do."""
+    from ldm import SDXL_SCHEDULER
     model = str(tmp_path_factory.mktemp("spo_sdxl"))
-    refs = make_sdxl_dir(model, scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                                        beta_schedule="scaled_linear", set_alpha_to_one=False,
-                                                        steps_offset=1, timestep_spacing="leading"))
+    refs = make_sdxl_dir(model)
+    config = os.path.join(model, "scheduler", "scheduler_config.json")
+    if scheduler == "sdxl_base":
+        with open(config, "w") as f:
+            json.dump(SDXL_SCHEDULER, f)
+    else:
+        assert "set_alpha_to_one" not in json.load(open(config))
     files = small_lora_files(model, str(tmp_path_factory.mktemp("spo_sdxl_lora")), [("eta", {})], seed=41)
-    ours = our_spo_step(model, files, {}, prompts_file, tmp_path, [])
-    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, sdxl=True))
+    ours = our_spo_step(model, files, {}, prompts_file, tmp_path, ["--spo-score-scale", str(scale)])
+    reference = reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, sdxl=True, inner=3,
+                                   threshold=0.4, clamp=scheduler != "sdxl_base", scale=scale)
+    assert_same_step(ours, reference)
 
 
 def test_uncond_branch_step_equals_the_two_branch_computation(tiny_model, lora_files, prompts_file, tmp_path):
@@ -382,10 +477,11 @@ def test_uncond_branch_leaves_conditional_sampling_untouched(tiny_model, lora_fi
 # ----------------------------------------------------------------------------------------------------------
 # Nothing is lost: resume; two ranks are one with the combined batch.
 
-def test_spo_run_resumes_bit_for_bit(tiny_model, prompts_file, tmp_path):
+@pytest.mark.parametrize("inner", ["0", "1"])
+def test_spo_run_resumes_bit_for_bit(tiny_model, prompts_file, tmp_path, inner):
     model, _ = tiny_model
     flags = ["--reward", "rewards:brightness", "--spo-score-scale", str(SCALE), "--lr", "1e-2", "--checkpoint-every",
-             "1"]
+             "1", "--spo-inner-steps", inner]
     assert run(model, prompts_file, tmp_path / "whole", *flags, "--steps", "3") == 0
     assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "2") == 0
     assert run(model, prompts_file, tmp_path / "split", *flags, "--steps", "3", "--resume", "latest") == 0
@@ -427,6 +523,7 @@ def test_two_gloo_processes_equal_one_with_the_combined_batch(tiny_model, prompt
     (["--spo-beta", "0"], "--spo-beta must be a positive"),
     (["--spo-clip", "1"], "--spo-clip must lie in (0, 1)"),
     (["--spo-plain-steps", "4"], "--spo-plain-steps must lie in [0, --sample-steps)"),
+    (["--spo-inner-steps=-1"], "--spo-inner-steps must not be negative"),
     (["--ddim-eta", "0"], "--ddim-eta must be a positive"),
     (["--data", "pairs.jsonl"], "--data does nothing with --method spo"),
     (["--joint"], "--joint does nothing with --method spo"),
@@ -471,6 +568,44 @@ def test_spo_defaults_are_spos_sd15_config():
     config = trainflags.parse_args(["--out", "x", "--data", "d.jsonl"])
     trainconfig.check(config)
     assert config.rank == 8  # the others keep theirs
+
+
+SDXL = ("rank", "lr", "spo_inner_steps", "spo_threshold", "spo_candidates")
+
+
+def test_spo_defaults_on_sdxl_are_spos_sdxl_config(tmp_path, capsys):
+    """RockeyCoss/SPO configs/spo_sdxl_4k-prompts_num-sam-2_3-is_10ep_bs2_gradacc2.py over basic_config.py: LoRA rank
+    64, lr 1e-5, num_inner_step 3, threshold 0.4, and basic_config's 2 candidates, on an SDXL folder or single file;
+    SD1.5's on the others; a flag given wins; the run says which it took."""
+    import ldm
+
+    def defaults(model, *flags):
+        config = trainflags.parse_args(["--out", "x", "--method", "spo", "--reward", "rewards:brightness",
+                                         "--prompts-file", "p", *(["--model", model] if model else []), *flags])
+        taken = trainconfig.check(config)
+        return tuple(getattr(config, name) for name in SDXL), taken
+
+    folder = str(tmp_path / "sdxl")
+    refs = make_sdxl_dir(folder)
+    file = ldm.save_ldm(ldm.to_ldm(SimpleNamespace(**refs), "sdxl"), str(tmp_path / "sdxl.safetensors"))
+    sd_file = ldm.save_ldm(ldm.to_ldm(ldm.make_family_dir(str(tmp_path / "sd1"), "sd1"), "sd1"),
+                           str(tmp_path / "sd1.safetensors"))
+    spo_sdxl = (64, 1e-5, 3, 0.4, 2)
+    for model in (folder, file):
+        assert defaults(model) == (spo_sdxl, dict(zip(SDXL, spo_sdxl))), model
+    for model in (None, WEIGHTS, str(tmp_path / "sd1"), sd_file, str(tmp_path / "missing")):
+        assert defaults(model) == ((4, 6e-5, 0, 0.3, 4), {}), model
+    assert defaults(folder, "--rank", "8", "--spo-inner-steps", "0") == (
+        (8, 1e-5, 0, 0.4, 2), {"lr": 1e-5, "spo_threshold": 0.4, "spo_candidates": 2})
+    config = trainflags.parse_args(["--out", "x", "--data", "d.jsonl", "--model", folder])
+    assert trainconfig.check(config) == {} and (config.rank, config.lr) == (8, 5e-6)  # DPO keeps its own
+    assert trainflags.default_text("rank") == "8; --method spo: 4; --method spo on SDXL: 64"
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    assert npo.main(["train", "--model", folder, "--prompts-file", str(prompts), "--out", str(tmp_path / "o"),
+                     "--reward", "rewards:brightness", *FAST, "--steps", "1", "--spo-inner-steps", "1"]) == 0
+    assert ("an SDXL model: --method spo's SDXL defaults for the flags not given: --rank 64, --lr 1e-05, "
+            "--spo-threshold 0.4") in capsys.readouterr().out
 
 
 def test_a_step_aware_reward_gets_each_candidates_timestep(tiny_model, prompts_file, tmp_path, monkeypatch):

@@ -241,7 +241,8 @@ def test_help_shows_every_default(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         npo.main(["train", "--help"])
     text = capsys.readouterr().out
-    assert "AdamW learning rate, constant after the warmup (default: 5e-06; --method ddpo: 0.0003; --method spo: 6e-05)" in text
+    assert ("AdamW learning rate, constant after the warmup (default: 5e-06; --method ddpo: 0.0003; --method spo: 6e-05; "
+            "--method spo on SDXL: 1e-05)") in text
     assert "DDIM steps of each training sample (default: 20; --method ddpo: 50)" in text
     assert "CFG scale of the training samples (default: 7.5; --method ddpo: 5; --method spo: 5)" in text
     assert "(default: 500)" in text and "(default: to_q,to_k,to_v,to_out.0)" in text and "(default: 2000)" in text

@@ -80,6 +80,17 @@ def test_state_dict_keys_are_diffusers(pair):
         ours_from_state(ref, missing)
 
 
+def test_modelscope_shapes_have_diffusers_keys():
+    """At ModelScope's own shapes (UNet3DConditionModel's defaults: text-to-video-ms, 1.4B parameters), built on the
+    meta device so nothing is allocated: every key and shape is diffusers'."""
+    from diffusers import UNet3DConditionModel
+    with torch.device("meta"):
+        theirs = {k: tuple(v.shape) for k, v in UNet3DConditionModel().state_dict().items()}
+        ours = video.UNet3DCondition(video.UNet3DConfig())
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == theirs
+    assert ours.transformer_in.proj_in.weight.shape == (512, 320)  # 8 heads of 64 on 320 channels
+
+
 def ours_from_state(ref, state):
     return video.build_unet3d(video.unet3d_config(dict(ref.config), "cfg"), state, "weights")
 
@@ -111,7 +122,8 @@ def test_decode_frames_is_the_vae_frame_by_frame(tiny_video_dir):
     ref = AutoencoderKL.from_pretrained(os.path.join(tiny_video_dir, "vae")).eval()
     vae = unet.load_vae(os.path.join(tiny_video_dir, "vae"))
     z = torch.randn(2, 4, 5, 8, 8, generator=torch.Generator().manual_seed(1))
-    frames = video.decode_frames(vae, z, chunk=3)  # chunks of 3, 3, 3, 1 frames
+    with torch.no_grad():
+        frames = video.decode_frames(vae, z, chunk=3)  # 10 frames in chunks of 3, 3, 3, 1
     assert frames.shape == (2, 5, 3, 16, 16)
     with torch.no_grad():
         for b in range(2):
@@ -186,6 +198,18 @@ def test_an_image_lora_on_a_video_unet_is_refused(pair, tmp_path):
     assert not lora.offset_names(model)
 
 
+def test_a_text_encoder_lora_is_not_asked_for_temporal_keys(tiny_video_dir, tmp_path):
+    """The temporal-key rule is about UNet keys: a file of text-encoder offsets alone loads beside a video UNet."""
+    pipe = pipeline.load_pipeline(tiny_video_dir)
+    g = torch.Generator().manual_seed(0)
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    path = str(tmp_path / "te.safetensors")
+    save_file({f"{key}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{key}.lora_up.weight": torch.randn(32, 2, generator=g)}, path)
+    lora.load_loras({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, [(path, 1.0)], "eta")
+    assert lora.offset_names(pipe.text_encoder) == ["eta"] and not lora.offset_names(pipe.unet)
+
+
 def test_a_video_lora_round_trips(pair, tmp_path):
     """An offset written as a kohya file by save_lora loads back onto a fresh video UNet with the same output."""
     model = copy.deepcopy(pair[1])
@@ -198,6 +222,30 @@ def test_a_video_lora_round_trips(pair, tmp_path):
     x, t, c = inputs()
     with torch.no_grad():
         assert_close(loaded(x, t, c), model(x, t, c))
+
+
+def test_a_peft_lora_on_diffusers_unet3d_loads_into_ours(pair, tmp_path):
+    """A peft adapter injected into diffusers' UNet3DConditionModel (every attention, spatial and temporal, random
+    non-zero weights, alpha = rank), saved in diffusers' `unet.<layer>.lora_A.weight` names, loads into ours with the
+    reference's output."""
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    ref = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                             init_lora_weights=False), copy.deepcopy(pair[0]), adapter_name="npo")
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.6 / p[0].numel() ** 0.5)
+    path = str(tmp_path / "peft.safetensors")
+    save_file({f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(ref, adapter_name="npo").items()}, path)
+    model = copy.deepcopy(pair[1])
+    lora.load_lora(model, path, "eta")
+    assert any(n.startswith("transformer_in.") for n in lora.offsets(model, "eta"))
+    x, t, c = inputs()
+    with torch.no_grad():
+        expected = ref(x, t, c).sample
+        assert (expected - pair[0](x, t, c).sample).abs().max() > 1e-2 * expected.abs().max()  # the LoRA matters
+        assert_close(model(x, t, c), expected)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -236,3 +284,21 @@ def test_a_video_folder_with_a_wrong_weight_is_refused(tiny_video_dir, tmp_path)
     with pytest.raises(UserError, match="missing keys .*temp_convs.0.conv1.2.weight"):
         pipeline.load_pipeline(folder)
     assert npo.main(["info", "--model", folder]) == 2
+
+
+def test_eq10_batched_on_video_latents_equals_two_merged_unets(pair):
+    """guided.npo_denoiser (one batched forward, η at [α, 1] and δ at [β, 0]) on 5-D latents equals the authors' way,
+    two merged weight sets and two passes (guided.merged_denoiser), unchanged code for videos."""
+    from npo import guided
+    model = copy.deepcopy(pair[1])
+    lora.add_offset(model, "eta", rank=2)
+    lora.add_offset(model, "delta", rank=2, targets="to_k,to_out.0,conv2")
+    randomize_offset(model, "eta", 6)
+    randomize_offset(model, "delta", 7)
+    x, t, c = inputs(batch=1)
+    neg = torch.randn_like(c)
+    with torch.no_grad():
+        batched = guided.npo_denoiser(model, neg, c, 7.5, 0.4, 0.8)(x, t)
+        reference = guided.merged_denoiser(*guided.merged_unets(model, 0.4, 0.8), neg, c, 7.5)(x, t)
+    assert batched.shape == x.shape
+    assert_close(batched, reference)

@@ -161,7 +161,7 @@ def save_video_model(model, out):
     write_json(os.path.join(out, "scheduler", "scheduler_config.json"),
                checkpoint.read_json(os.path.join(HERE, "scheduler", "scheduler_config.json")))
     shared = {part: os.path.relpath(os.path.join(HERE, part), out) for part in SHARED}
-    write_json(os.path.join(out, "npo_model.json"), dict(shared_parts=shared, frames=shapes.FRAMES))
+    write_json(os.path.join(out, "npo_model.json"), dict(shared_parts=shared, defaults=dict(frames=shapes.FRAMES)))
 
 
 def main():
