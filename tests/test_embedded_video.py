@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import npo
+from npo import guided
 from npo import pipeline
 from npo import shapes
 from npo import unet
@@ -102,3 +103,21 @@ def test_the_video_model_is_the_image_models_parts_plus_its_unet(video_pipe):
     x, ctx = torch.randn(1, 4, shapes.FRAMES, 8, 8), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(video_pipe.unet(x, 500, ctx), ref(x, 500, ctx).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_sample_video_writes_the_embedded_models_clip(tmp_path):
+    out = tmp_path / "out"
+    assert npo.main(["sample", "--video", "--prompt", "a red circle moving right", "--steps", "4", "--out", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["00000-seed0", "00000-seed0.webp"]
+    assert sorted(os.listdir(out / "00000-seed0")) == [f"{f:03d}.png" for f in range(shapes.FRAMES)]
+
+
+def test_samples_show_the_prompted_shape_moving_the_prompted_way(video_pipe):
+    """16 prompts (every direction, color and shape), one seed each, at sample's defaults (50 DDIM steps, guidance
+    9), judged by the pixel checker (`shapes.video_correct`: color and shape in most frames, and the color's
+    centroid travelling at least 4 pixels the prompted way)."""
+    prompts = [shapes.video_prompts()[(13 * i) % 48] for i in range(16)]
+    assert {shapes.parse_video(p)[2] for p in prompts} == set(shapes.DIRECTIONS)
+    clips = guided.generate(video_pipe, prompts, [1000 + i for i in range(16)], frames=video_pipe.default_frames)
+    right = shapes.video_correct((clips + 1) / 2, prompts)
+    assert right.sum() >= 2, f"{int(right.sum())} of 16 right: {right.tolist()}"

@@ -168,6 +168,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=os.path.join(HERE, "video"), help="where to write (default: weights/video/)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="continue from this video model folder (an earlier stage's --out) in place of "
+                                  "inflating the image UNet")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=4, help="clips per step (of 8 frames each)")
     p.add_argument("--clips", type=int, default=1024, help="clips drawn and encoded once, then sampled from")
@@ -185,7 +187,9 @@ def main():
     vae = unet.load_vae(os.path.join(HERE, "vae"))
     text_encoder = clip.load_text_encoder(os.path.join(HERE, "text_encoder"))
     embeddings = caption_embeddings(text_encoder, clip.load_tokenizer(os.path.join(HERE, "tokenizer")))
-    model = inflate(unet.load_unet(os.path.join(HERE, "unet")))
+    # stage 1 inflates the image UNet; a later stage (--init) continues from a video UNet an earlier one wrote
+    model = video.load_unet3d(os.path.join(args.init, "unet")) if args.init else \
+        inflate(unet.load_unet(os.path.join(HERE, "unet")))
     model = train(model, vae, embeddings, args, log)
     save_video_model(model, args.out)
     log(f"wrote {args.out}")
