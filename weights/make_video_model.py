@@ -1,7 +1,8 @@
 """Make the embedded video model in weights/video/ from the embedded image model: a ModelScope-shaped UNet3D, trained
 on the moving shapes of `shapes.py`.
 
-    OMP_NUM_THREADS=2 nice python weights/make_video_model.py          # writes weights/video/{unet,scheduler}/ (seeded)
+    OMP_NUM_THREADS=1 python weights/make_video_model.py --out /tmp/stage1                 # stage 1 (seeded)
+    OMP_NUM_THREADS=1 python weights/make_video_model.py --init /tmp/stage1 --seed 1      # stage 2: weights/video/
     python weights/make_video_model.py --out /tmp/v --steps 100        # a quick, worse one somewhere else
 
 Video models are made this way (ModelScope's text-to-video is Stable Diffusion inflated): the UNet3D's spatial layers
@@ -188,7 +189,7 @@ def main():
     text_encoder = clip.load_text_encoder(os.path.join(HERE, "text_encoder"))
     embeddings = caption_embeddings(text_encoder, clip.load_tokenizer(os.path.join(HERE, "tokenizer")))
     # stage 1 inflates the image UNet; a later stage (--init) continues from a video UNet an earlier one wrote
-    model = video.load_unet3d(os.path.join(args.init, "unet")) if args.init else \
+    model = video.load_unet3d(os.path.join(args.init, "unet")).requires_grad_(True) if args.init else \
         inflate(unet.load_unet(os.path.join(HERE, "unet")))
     model = train(model, vae, embeddings, args, log)
     save_video_model(model, args.out)
