@@ -114,7 +114,7 @@ def test_sample_video_writes_the_embedded_models_clip(tmp_path):
 
 def test_samples_show_the_prompted_shape_and_some_move_the_prompted_way(video_pipe):
     """16 prompts (every direction, color and shape), one seed each, at sample's defaults (50 DDIM steps, guidance
-    9), judged by pixels. Measured (weights/README.md): the prompted color and shape (`shapes.judge_video`) in 11 of
+    9), judged by pixels. Measured (weights/README.md): the prompted color and shape (`shapes.judge_video`) in 10 of
     16 clips, and all three, direction too (`shapes.video_correct`), in 3 of 16. The model does NOT yet follow the
     prompted direction (4 of 16, chance): these bars guard what it does, they do not claim that it works."""
     prompts = [shapes.video_prompts()[(13 * i) % 48] for i in range(16)]
