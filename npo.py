@@ -45,6 +45,10 @@ def cmd_info(args):
 
 
 def cmd_sample(args):
+    if args.video:  # the embedded video model stands for --model, nothing else changes
+        if args.model != DEFAULT_MODEL:
+            raise UserError(f"--video samples the embedded video model and --model names {args.model}; pass one of them.")
+        args.model = pipeline.DEFAULT_VIDEO_MODEL
     sample.run(args)
 
 
@@ -221,6 +225,8 @@ def build_parser():
 
     p = sub.add_parser("sample", help="generate images with NPO guidance (eq. 10 of the paper)")
     add_sample_arguments(p)
+    p.add_argument("--video", action="store_true", help="sample the embedded video model (weights/video/: shapes moving "
+                                                         "across 8 frames, e.g. --prompt \"a red circle moving right\")")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("train", help="train the offset η, or with --npo the NPO offset δ (Diffusion-DPO, SFT, a reward, or RL: DDPO)")

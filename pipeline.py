@@ -33,6 +33,7 @@ from . import videocrafter
 from .checkpoint import UserError
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")  # the embedded shapes model
+DEFAULT_VIDEO_MODEL = os.path.join(DEFAULT_MODEL, "video")  # the embedded video model (moving shapes), --video
 TOKENIZER = os.path.join(DEFAULT_MODEL, "tokenizer")  # CLIP's BPE vocabulary, for single files (they have none)
 
 
@@ -289,22 +290,40 @@ def part_folder(path, part, flag):
                     f"pass the {part}/ folder of a diffusers model.")
 
 
+def folder_notes(path):
+    """What a model folder's `npo_model.json` says that diffusers' files do not ({} without one): `shared_parts`, the
+    parts it borrows from another folder, relative to it (the embedded video model, weights/video/, takes weights/'s
+    VAE, text encoder and tokenizer as they are, {"vae": "../vae", ...}, instead of shipping copies), and `defaults`,
+    its own sampling settings (`Pipeline.defaults`: the embedded video model's 8 frames)."""
+    notes = os.path.join(path, "npo_model.json")
+    return checkpoint.read_json(notes) if os.path.isfile(notes) else {}
+
+
+def shared_part(path, part):
+    """`path/part`, or the folder `npo_model.json` names for it when `path` has none."""
+    if os.path.isdir(os.path.join(path, part)):
+        return os.path.join(path, part)
+    return os.path.normpath(os.path.join(path, folder_notes(path).get("shared_parts", {}).get(part, part)))
+
+
 def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction_type):
     if ema:
         raise UserError(f"--ema takes the EMA weights of a single-file checkpoint, and {path} is a diffusers folder "
                         "(one set of weights); drop --ema.")
     needed = ["unet", "tokenizer"] + [p for p, o in (("vae", vae), ("text_encoder", text_encoder)) if o is None]
     for part in needed:
-        if not os.path.isdir(os.path.join(path, part)):
-            raise UserError(f"{path} has no {part}/ folder; pass --model a diffusers model folder "
+        if not os.path.isdir(shared_part(path, part)):
+            lent = folder_notes(path).get("shared_parts", {}).get(part)
+            raise UserError(f"{path} has no {part}/ folder" + (f" (its npo_model.json lends it from {lent}, which is "
+                            "not there)" if lent else "") + "; pass --model a diffusers model folder "
                             "(with unet/, vae/, text_encoder/, tokenizer/) or a single-file checkpoint.")
     for part in ("text_encoder_2", "tokenizer_2") if is_sdxl_folder(path) else ():
         if not os.path.isdir(os.path.join(path, part)):
             raise UserError(f"{path} is an SDXL folder (its UNet has addition_embed_type 'text_time') without a {part}/ "
                             "folder; pass --model a complete SDXL folder (with text_encoder_2/ and tokenizer_2/ too).")
-    vae = part_folder(vae, "vae", "--vae") if vae else os.path.join(path, "vae")
+    vae = part_folder(vae, "vae", "--vae") if vae else shared_part(path, "vae")
     text_encoder = part_folder(text_encoder, "text_encoder", "--text-encoder") if text_encoder else \
-        os.path.join(path, "text_encoder")
+        shared_part(path, "text_encoder")
     scheduler_path = os.path.join(path, "scheduler", "scheduler_config.json")
     scheduler = checkpoint.read_json(scheduler_path) if os.path.exists(scheduler_path) else {}
     if prediction_type:
@@ -314,8 +333,8 @@ def load_folder(path, dtype, device, variant, vae, text_encoder, ema, prediction
         unet=load_unet_folder(os.path.join(path, "unet"), dtype, device, variant),
         vae=load_vae_for(vae, dtype, device, variant, sdxl),
         text_encoder=clip.load_text_encoder(text_encoder, dtype, device, variant),
-        tokenizer=clip.load_tokenizer(os.path.join(path, "tokenizer")),
-        scheduler_config=scheduler, path=path,
+        tokenizer=clip.load_tokenizer(shared_part(path, "tokenizer")),
+        scheduler_config=scheduler, path=path, defaults=folder_notes(path).get("defaults", {}),
         origin=f"diffusers {'SDXL ' if sdxl else ''}folder {path}" +
                (f", {prediction_type} (--prediction-type)" if prediction_type else ""),
         **(load_sdxl_parts(path, dtype, device, variant) if sdxl else {}),

@@ -8,6 +8,10 @@ so their edges are anti-aliased as in a photograph rather than stair-stepped. `w
 embedded Stable-Diffusion-shaped model on these pictures; the tests judge its samples with a pixel checker.
 `reward(images, prompts)` scores a picture for its prompt (R in [0, 1], differentiable): the AI feedback of the
 NPO experiment and a reward for `npo.py train --method reward --reward shapes:reward`.
+
+The video world moves the same shapes: `a {color} {shape} moving {direction}` clips of FRAMES frames
+(`draw_video_example`), their reward `video_reward` (`--reward shapes:video_reward`) and a pixel checker of clips,
+`video_correct` (color, shape and direction by color thresholding), for `weights/make_video_model.py` and its tests.
 """
 import math
 
@@ -179,3 +183,175 @@ def check_prompts(prompts):
 
 
 reward.differentiable, reward.bounded, reward.check_prompts = True, True, check_prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The video world: one shape crossing part of the frame at constant speed, `a {color} {shape} moving {direction}`.
+# `weights/make_video_model.py` trains the embedded video model on these clips.
+
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # unit steps; image y points down
+FRAMES = 8  # frames per clip
+
+
+def video_prompts():
+    """Every caption of the video world: the 48 `a {color} {shape} moving {direction}` prompts."""
+    return [f"a {color} {shape} moving {d}" for color in COLORS for shape in SHAPES for d in DIRECTIONS]
+
+
+def draw_clip(color, shape, radius, start, velocity, background, frames=FRAMES, size=SIZE):
+    """A clip (list of `frames` PIL images): the shape's center at start + f · velocity in frame f (pixels)."""
+    return [draw(color, shape, radius, (start[0] + f * velocity[0], start[1] + f * velocity[1]), background, size)
+            for f in range(frames)]
+
+
+def draw_video_example(rng, frames=FRAMES, size=SIZE):
+    """A random clip and its caption: the shape travels 30% to 45% of the frame in a straight line, at constant speed,
+    never touching the border; it is a bit smaller than the image world's shapes (18% to 22% of the frame) to have
+    room to move."""
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    direction = list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]
+    radius = rng.uniform(0.18, 0.22) * size
+    travel = rng.uniform(0.30, 0.45) * size
+    margin = radius + 2
+    low = rng.uniform(margin, size - margin - travel)  # the lower end of the path on the moving axis
+    across = rng.uniform(margin, size - margin)  # the fixed coordinate
+    dx, dy = DIRECTIONS[direction]
+    along = low if dx + dy > 0 else low + travel  # start at the end the motion leaves from
+    start = (along, across) if dx else (across, along)
+    step = travel / (frames - 1)
+    background = 235 + rng.integers(-12, 13, 3)
+    clip = draw_clip(color, shape, radius, start, (dx * step, dy * step), background, frames, size)
+    return clip, f"a {color} {shape} moving {direction}"
+
+
+def parse_video(prompt):
+    """'a red circle moving right' -> ('red', 'circle', 'right'); None for prompts outside the video world."""
+    still = parse(prompt)
+    direction = next((w for w in prompt.lower().split() if w in DIRECTIONS), None)
+    return (*still, direction) if still and direction else None
+
+
+def centroid_track(weights):
+    """Centroids (x, y) in pixels of per-frame masses `weights` (..., F, H, W), as (..., F, 2)."""
+    h, w = weights.shape[-2:]
+    ys = torch.arange(h, dtype=weights.dtype, device=weights.device) + 0.5
+    xs = torch.arange(w, dtype=weights.dtype, device=weights.device) + 0.5
+    mass = weights.sum(dim=(-2, -1)).clamp(min=1e-6)
+    return torch.stack([(weights.sum(-2) * xs).sum(-1) / mass, (weights.sum(-1) * ys).sum(-1) / mass], dim=-1)
+
+
+def travel(track):
+    """The straight-line travel of a track (..., F, 2) from its first frame to its last: the least-squares slope of
+    position against frame index, times F − 1 (one fitted velocity, so one bad frame moves it little)."""
+    f = torch.arange(track.shape[-2], dtype=track.dtype, device=track.device)
+    f = (f - f.mean())[:, None]
+    slope = (f * (track - track.mean(dim=-2, keepdim=True))).sum(-2) / (f ** 2).sum()
+    return slope * (track.shape[-2] - 1)
+
+
+def motion_score(video, color, direction):
+    """How well the prompted color's mass moves in `direction` across a (F, 3, H, W) clip in [0, 1], in [0, 1].
+
+    The mass is each pixel's closeness to the prompted color, exp(−‖x − c‖² / 0.02); its centroid's travel t
+    (`travel`) splits into t_∥ along the direction and t_⊥ across it. Score = σ((t_∥ − 4 px) / 1.5 px) ·
+    exp(−(t_⊥ / 6 px)²): a shape that crosses at least a few pixels the right way and keeps its line scores ~1,
+    a still one ~0.07, one going the wrong way ~0. Differentiable in the pixels."""
+    target = torch.tensor(COLORS[color], dtype=video.dtype, device=video.device)[:, None, None] / 255
+    weights = torch.exp(-((video - target) ** 2).sum(dim=1) / 0.02)  # (F, H, W)
+    if (weights.sum(dim=(1, 2)) < 1).any():  # the color is missing from a frame: no track to follow
+        return video.sum() * 0
+    t = travel(centroid_track(weights))
+    d = torch.tensor(DIRECTIONS[direction], dtype=video.dtype, device=video.device)
+    along, across = (t * d).sum(), (t * d.flip(0)).sum()
+    return torch.sigmoid((along - 4) / 1.5) * torch.exp(-(across / 6) ** 2)
+
+
+def video_reward(videos, prompts):
+    """R(v, c) in [0, 1] for clips of the video world: the image `reward` of each frame for `a {color} {shape}`,
+    averaged over the frames, times 0.2 + 0.8 · `motion_score` for the prompted direction (the floor keeps the
+    frames' gradient alive where nothing moves yet, or the color is wrong). Videos (B, F, 3, H, W) in [0, 1], at
+    least two frames; differentiable in the pixels."""
+    b, frames = videos.shape[:2]
+    if frames < 2:
+        raise ValueError(f"the video reward follows the shape across frames and needs at least 2, not {frames}")
+    wanted = [parse_video(p) for p in prompts]
+    check_video_prompts(prompts)
+    still = [f"a {color} {shape}" for color, shape, _ in wanted for _ in range(frames)]
+    per_frame = reward(videos.flatten(0, 1), still).view(b, frames).mean(dim=1)
+    motion = torch.stack([motion_score(v, color, d) for v, (color, _, d) in zip(videos, wanted)])
+    return per_frame * (0.2 + 0.8 * motion)
+
+
+def check_video_prompts(prompts):
+    """ValueError for a prompt outside the video world (rewards.check_prompts calls it before training)."""
+    bad = [p for p in prompts if parse_video(p) is None]
+    if bad:
+        raise ValueError(f"it knows only 'a {{color}} {{shape}} moving {{direction}}' prompts (colors "
+                         f"{', '.join(COLORS)}; shapes {', '.join(SHAPES)}; directions {', '.join(DIRECTIONS)}), and "
+                         f"{len(bad)} prompt(s) are not, e.g. {bad[0]!r}")
+
+
+video_reward.differentiable, video_reward.bounded, video_reward.check_prompts = True, True, check_video_prompts
+video_reward.video = True  # it scores whole clips (B, F, 3, H, W), not single frames
+
+
+# Judges of clips, for the video experiment and the embedded video model's test; training never sees them. They
+# read pixels only (uint8 (F, H, W, 3), or videos (B, F, 3, H, W) in [0, 1]) and share no code with the reward.
+
+def judge_direction(pixels, color, min_travel=4.0):
+    """Where the pixels of `color` go across a (F, H, W, 3) uint8 clip: 'left', 'right', 'up', 'down', or None.
+
+    Color thresholding: a pixel is the shape's when it is within 90 (of 255, Euclidean) of COLORS[color]. Each frame
+    with at least 20 such pixels gives a centroid; a least-squares line through them gives the travel from the first
+    frame to the last. The direction is the axis of the larger travel, if it is at least `min_travel` pixels and
+    twice the other axis'; a still or wandering shape is None."""
+    image = pixels.astype(np.float32)
+    mask = np.linalg.norm(image - np.array(COLORS[color], dtype=np.float32), axis=-1) < 90  # (F, H, W)
+    frames, points = [], []
+    for f, m in enumerate(mask):
+        if m.sum() >= 20:
+            ys, xs = np.nonzero(m)
+            frames.append(f)
+            points.append((xs.mean(), ys.mean()))
+    if len(frames) < max(2, len(mask) // 2):
+        return None
+    (sx, sy), span = np.polyfit(np.array(frames, dtype=np.float64), np.array(points), 1)[0], len(mask) - 1
+    dx, dy = sx * span, sy * span
+    if max(abs(dx), abs(dy)) < min_travel or min(abs(dx), abs(dy)) * 2 > max(abs(dx), abs(dy)):
+        return None
+    if abs(dx) > abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def judge_video(pixels):
+    """(color, shape, direction) of the one moving object in a (F, H, W, 3) uint8 clip; None where unclear.
+
+    Color and shape: `judge` on every frame, each the majority of the frames it reads (at least half of them must
+    agree); direction: `judge_direction` for that color (None when it does not move clearly)."""
+    seen = [judge(frame) for frame in pixels]
+    seen = [s for s in seen if s is not None]
+    if not seen:
+        return None
+    color, shape = (max(set(values), key=values.count) for values in zip(*seen))
+    if min(sum(s[0] == color for s in seen), sum(s[1] == shape for s in seen)) * 2 < len(pixels):
+        return None
+    return color, shape, judge_direction(pixels, color)
+
+
+def video_pixels(videos):
+    """Videos (B, F, 3, H, W) in [0, 1] as uint8 clips (B, F, H, W, 3)."""
+    return (videos.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def video_correct(videos, prompts):
+    """1 where `judge_video` reads the prompted color, shape and direction, else 0: the checker's verdict per clip."""
+    return torch.tensor([float(judge_video(p) == parse_video(prompt))
+                         for p, prompt in zip(video_pixels(videos), prompts)])
+
+
+def video_direction_correct(videos, prompts):
+    """1 where the prompted color moves in the prompted direction (`judge_direction`), whatever the shape, else 0."""
+    return torch.tensor([float(judge_direction(p, parse_video(prompt)[0]) == parse_video(prompt)[2])
+                         for p, prompt in zip(video_pixels(videos), prompts)])

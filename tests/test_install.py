@@ -47,6 +47,9 @@ def test_the_wheel_holds_one_package(tmp_path):
         tops = {name.split("/")[0] for name in z.namelist()}
         assert z.read("npo-0.1.0.dist-info/top_level.txt").decode().split() == ["npo"]
         assert "npo/weights/unet/diffusion_pytorch_model.safetensors" in z.namelist()
+        for name in ("npo_model.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                     "scheduler/scheduler_config.json"):  # the embedded video model, whose other parts are weights/'s
+            assert f"npo/weights/video/{name}" in z.namelist()
         assert "[console_scripts]\nnpo = npo.npo:main" in z.read("npo-0.1.0.dist-info/entry_points.txt").decode()
     assert tops == {"npo", "npo-0.1.0.dist-info"}
 
