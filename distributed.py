@@ -51,6 +51,9 @@ def processes(device):
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         yield rank, size, device
+        # every rank past its last collective before any tears the group down: a rank that destroys the group while
+        # another is still in a gather can die at exit in gloo's C++ threads (SIGABRT, "terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -83,7 +83,9 @@ def train(config):
                             "train it with --method reward (VADER), or pass an image model.")
         run = machinery.Run(config, pipe, out, rank, world_size, device, given=given)
         machinery.setup(run, state, resume_from)
-        return loop(run, method, inputs)
+        result = loop(run, method, inputs)
+        machinery.barrier(run)  # no rank tears the group down while another is still in a collective
+        return result
     except BaseException:  # bad input met on the way (a bad row), an error, a second Ctrl-C
         if rank == 0:
             runs.roll_back(out, created, before)  # nothing of a run that failed before its first checkpoint is left
