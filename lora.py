@@ -435,9 +435,9 @@ def save_lora(model, name, path, role=None, base_model=None, metadata=None, pred
     """Write the offset `name` as a kohya LoRA safetensors file, atomically (temporary file, then os.replace).
 
     The metadata strings say what it is: `npo_role` ("eta": the preference offset η, "delta": the NPO offset δ),
-    rank, alpha, targets, base model, plus kohya's `ss_network_*` and `ss_base_model_version` fields so other tools
-    recognise the file (`prediction_type` "v_prediction" marks an SD1/2 v-model as kohya does). `metadata` adds more
-    strings (e.g. suggested α / β).
+    rank, alpha, targets, base model, plus kohya's `ss_network_*` and `ss_base_model_version` (not on a video UNet)
+    fields so other tools recognise the file (`prediction_type` "v_prediction" marks an SD1/2 v-model as kohya does).
+    `metadata` adds more strings (e.g. suggested α / β).
 
     Offsets made by `add_offset` have one alpha. diffusers 0.42 would misread a file whose alphas differ between
     attention layers: its per-layer alphas never match those layers, which all get the most common alpha."""
@@ -450,7 +450,9 @@ def save_lora(model, name, path, role=None, base_model=None, metadata=None, pred
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
             "npo_rank": str(rank), "npo_alpha": f"{alpha:g}",
             "npo_targets": ",".join(sorted({_suffix(n) for n in found}))}
-    if is_sdxl(model):  # what kohya's sd-scripts write for an SDXL LoRA (and its SAI model spec)
+    if hasattr(model, "transformer_in"):  # a video UNet (video.py): kohya has no name for one, and SD2's would lie
+        meta["npo_architecture"] = "unet3d"
+    elif is_sdxl(model):  # what kohya's sd-scripts write for an SDXL LoRA (and its SAI model spec)
         meta.update({"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False", "modelspec.sai_model_spec": "1.0.0",
                      "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                      "modelspec.implementation": "https://github.com/Stability-AI/generative-models"})

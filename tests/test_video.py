@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from npo import lora
@@ -204,12 +205,18 @@ def test_a_text_encoder_lora_is_not_asked_for_temporal_keys(tiny_video_dir, tmp_
 
 
 def test_a_video_lora_round_trips(pair, tmp_path):
-    """An offset written as a kohya file by save_lora loads back onto a fresh video UNet with the same output."""
+    """An offset written as a kohya file by save_lora loads back onto a fresh video UNet with the same output. Its
+    metadata names no kohya base model (kohya has none for video; this tiny UNet's linear projections would read as
+    SD2's "sd_v2") but says it is a UNet3D's."""
     model = copy.deepcopy(pair[1])
     lora.add_offset(model, "delta", rank=2)
     randomize_offset(model, "delta", 4)
     path = str(tmp_path / "video.safetensors")
     lora.save_lora(model, "delta", path, role="delta")
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["npo_architecture"] == "unet3d" and meta["npo_role"] == "delta"
+    assert "ss_base_model_version" not in meta and "ss_v2" not in meta
     loaded = copy.deepcopy(pair[1])
     lora.load_lora(loaded, path, "delta")
     x, t, c = inputs()
