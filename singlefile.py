@@ -95,6 +95,9 @@ def read_tensors(path, select, device="cpu"):
                 raise
             sd = torch.load(path, map_location=device, weights_only=True)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if isinstance(sd, dict) and isinstance(sd.get("module"), dict):  # a DeepSpeed (Lightning) save, as
+            # VideoCrafter's loader reads it: the model's keys under "module", each led by "_forward_module."
+            sd = {k.removeprefix("_forward_module."): v for k, v in sd["module"].items()}
         if not isinstance(sd, dict):
             raise UserError(f"{name} holds a {type(sd).__name__}, not a state dict; it is not a model checkpoint.")
         return {k: sd[k] for k in select([k for k, v in sd.items() if isinstance(v, torch.Tensor)])}

@@ -317,6 +317,19 @@ def test_file_loads_into_the_pipeline(tiny_vc2):
     assert isinstance(pipeline.load_unet(path), videocrafter.VideoCrafterUNet)
 
 
+def test_a_deepspeed_save_loads_as_lvdms_loader_reads_it(tiny_vc2, tmp_path):
+    """A DeepSpeed (Lightning) save holds the model under "module", each key led by "_forward_module." (VideoCrafter's
+    scripts/evaluation/funcs.py drops those 16 characters): it loads as the plain file does."""
+    path, _ = tiny_vc2
+    plain = torch.load(path, weights_only=True)["state_dict"]
+    wrapped = str(tmp_path / "deepspeed.ckpt")
+    torch.save({"module": {f"_forward_module.{k}": v for k, v in plain.items()}}, wrapped)
+    ours, theirs = pipeline.load_pipeline(wrapped), pipeline.load_pipeline(path)
+    for part in ("unet", "vae", "text_encoder"):
+        a, b = getattr(ours, part).state_dict(), getattr(theirs, part).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_file_samples_a_video_as_lvdm(tiny_vc2):
     """A 2-frame video from the loaded file (CFG with fps in both branches' conditioning, DDIM with the x̂0 rescale at
     η = 1, frames decoded one by one) equals lvdm's: its UNet forward and DDIM loop above, on the file's tensors.
