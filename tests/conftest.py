@@ -252,6 +252,14 @@ def within(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
+@pytest.fixture(scope="module")
+def prompts_file(request, tmp_path_factory):
+    """A prompts file (one per line) of the requesting test module's PROMPTS."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(request.module.PROMPTS) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """(folder, reference modules) of a tiny SD1-shaped model with random weights."""

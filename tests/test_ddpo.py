@@ -37,13 +37,6 @@ PROMPTS = ["a red circle", "a blue square"]
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def lora_files(tiny_model, tmp_path_factory):
     """Random η and δ LoRA files (attention layers) with non-zero up weights."""
     return random_lora_files(tiny_model[0], str(tmp_path_factory.mktemp("ddpo_loras")), [("eta", {}), ("delta", {})],

@@ -36,13 +36,6 @@ SCALE = 1e4  # the tiny model's candidates differ in brightness by 3e-5 to 1e-3:
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def lora_files(tiny_model, tmp_path_factory):
     """Random η and δ LoRA files (attention layers) with small non-zero up weights: θ ≠ the reference, yet the
     step ratios stay inside SPO's clamp."""

@@ -29,13 +29,6 @@ brightening.video = True
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("\n".join(PROMPTS) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def video_loras(tiny_video_dir, tmp_path_factory):
     """Random non-zero LoRA files on the tiny video UNet, written by our writer: η on VADER's targets (to_q, to_k,
     to_v of every spatial and temporal attention), δ on the default ones."""
