@@ -18,6 +18,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import make_video_model as recipe  # noqa: E402
+from npo import checkpoint  # noqa: E402
 from npo import clip  # noqa: E402
 from npo import sampler  # noqa: E402
 from npo import unet  # noqa: E402
@@ -61,7 +62,7 @@ def main():
     vae = unet.load_vae(os.path.join(HERE, "vae"))
     embeddings = recipe.caption_embeddings(clip.load_text_encoder(os.path.join(HERE, "text_encoder")),
                                            clip.load_tokenizer(os.path.join(HERE, "tokenizer")))
-    ac = sampler.alphas_cumprod(sampler.DDIMConfig.from_dict(recipe.checkpoint.read_json(
+    ac = sampler.alphas_cumprod(sampler.DDIMConfig.from_dict(checkpoint.read_json(
         os.path.join(HERE, "scheduler", "scheduler_config.json"))))
     for path in sys.argv[1:] or [os.path.join(HERE, "video")]:
         probe(path, vae, embeddings, ac)
