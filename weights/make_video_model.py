@@ -23,7 +23,6 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -102,6 +101,20 @@ def caption_embeddings(text_encoder, tokenizer):
     return dict(zip(prompts, text_encoder(tokenizer(prompts))))
 
 
+def stf_x0(x_t, t, ac, z, references):
+    """The x_0 target of a Stable Target Field (Xu et al. 2023, "Stable Target Field for Reduced Variance Score
+    Estimation in Diffusion Models"): not the one clip but the posterior average over a reference set,
+    x_0* = Σ_i w_i z_i with w_i ∝ p(x_t | z_i) = N(x_t; √ᾱ z_i, (1−ᾱ) I); the ε (or v) target follows from it. The
+    references are the clip `z` itself and the other clips of its caption. At low noise the weights fall on `z`;
+    at high noise, where x_t hardly says which clip it came from, x_0* averages over the caption's clips, so the UNet
+    is taught the part of the clip its caption decides (the direction of motion, every frame's place) without the
+    noise of where this one clip happened to start. x_t, z (C, F, h, w); references (n, C, F, h, w)."""
+    a = ac[t]
+    refs = torch.cat([z[None], references])
+    log_w = -((x_t - a ** 0.5 * refs) ** 2).flatten(1).sum(1) / (2 * (1 - a))
+    return torch.einsum("n,n...->...", log_w.softmax(0), refs)
+
+
 def lr_at(step, steps, peak, warmup=100):
     """Linear warmup, then cosine decay to 10% of `peak`."""
     return peak * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
@@ -112,11 +125,14 @@ def train(model, vae, embeddings, args, log):
     torch.manual_seed(args.seed)
     mean, std, captions = encode_dataset(vae, args.clips, args.seed)
     context = torch.stack([embeddings[c] for c in captions])
+    scaled = mean * vae.scaling_factor
+    by_caption = {c: torch.tensor([i for i, d in enumerate(captions) if d == c]) for c in set(captions)}
+    everything = torch.arange(len(captions))
     empty = embeddings[""]
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-2)
-    ac = sampler.alphas_cumprod(sampler.DDIMConfig.from_dict(checkpoint.read_json(
-        os.path.join(HERE, "scheduler", "scheduler_config.json"))))
+    schedule = scheduler_config(args.zero_snr)
+    ac = sampler.alphas_cumprod(sampler.DDIMConfig.from_dict(schedule))
     g = torch.Generator().manual_seed(args.seed)
     model.train()
     start = time.time()
@@ -124,12 +140,25 @@ def train(model, vae, embeddings, args, log):
         rows = torch.randint(0, len(captions), (args.batch_size,), generator=g)
         z = (mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=g)) * vae.scaling_factor
         c = context[rows].clone()
-        c[torch.rand(args.batch_size, generator=g) < 0.1] = empty  # caption dropout: the unconditional branch
+        dropped = torch.rand(args.batch_size, generator=g) < 0.1
+        c[dropped] = empty  # caption dropout: the unconditional branch
         # timesteps drawn with density ∝ t^2 (t = T·u^(1/3)): two thirds above 700, where x_t is mostly noise and the
         # clip's layout and motion are decided; the image model's spatial layers already know the low-noise end
         t = (len(ac) * torch.rand(args.batch_size, generator=g) ** (1 / 3)).long().clamp(max=len(ac) - 1)
-        eps = torch.randn(z.shape, generator=g)
-        loss = ((model(sampler.add_noise(z, eps, t, ac), t, c) - eps) ** 2).mean()
+        t[:round(args.top_share * args.batch_size)] = len(ac) - 1
+        x_t = sampler.add_noise(z, eps := torch.randn(z.shape, generator=g), t, ac)
+        if args.stf:
+            # the references: the other clips of the caption, or every other clip where the caption was dropped
+            pools = [everything if d else by_caption[captions[r]] for r, d in zip(rows.tolist(), dropped.tolist())]
+            others = [pool[pool != r] for pool, r in zip(pools, rows.tolist())]
+            z = torch.stack([stf_x0(x_t[i], t[i], ac, z[i], scaled[o]) for i, o in enumerate(others)])
+            a = ac[t].view(-1, 1, 1, 1, 1)
+            eps = (x_t - a ** 0.5 * z) / (1 - a) ** 0.5
+        # v-prediction's weighting 1/ᾱ_t (‖v̂ − v‖² = ‖ε̂ − ε‖² / ᾱ_t): the error in x̂_0 counts as much at t = 999,
+        # where the direction is decided, as at t = 0; plain ε-MSE weights it by ᾱ/(1 − ᾱ), 0.005 at the top
+        weight = 1 / ac[t] if args.v_weighting else torch.ones(len(t))
+        goal = sampler.target(z, eps, t, ac, schedule["prediction_type"])
+        loss = (weight * ((model(x_t, t, c) - goal) ** 2).mean(dim=(1, 2, 3, 4))).mean()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr)
         opt.zero_grad(set_to_none=True)
@@ -146,11 +175,21 @@ def train(model, vae, embeddings, args, log):
     return model.eval()
 
 
+def scheduler_config(zero_snr):
+    """The image model's scheduler config; with `zero_snr`, on the schedule rescaled to ᾱ_{T−1} = 0 and with
+    v-prediction and trailing timesteps (Lin et al. 2024, "Common diffusion noise schedules and sample steps are
+    flawed"), so that at t = T − 1 the prompt is all the UNet has to go on (v = −x_0 there)."""
+    config = checkpoint.read_json(os.path.join(HERE, "scheduler", "scheduler_config.json"))
+    if zero_snr:
+        config.update(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    return config
+
+
 def write_json(path, value):
     checkpoint.atomic_write(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
 
 
-def save_video_model(model, out):
+def save_video_model(model, out, zero_snr=False):
     """unet/ (config.json + fp16 safetensors: a few MB), scheduler/ (the image model's), and npo_model.json: the
     folders of the shared parts, relative to `out`, and the clips' length (sample's default --frames)."""
     os.makedirs(os.path.join(out, "unet"), exist_ok=True)
@@ -159,8 +198,7 @@ def save_video_model(model, out):
                             lambda f: f.write(save(state)))
     write_json(os.path.join(out, "unet", "config.json"), dict(_class_name="UNet3DConditionModel", **UNET3D))
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
-    write_json(os.path.join(out, "scheduler", "scheduler_config.json"),
-               checkpoint.read_json(os.path.join(HERE, "scheduler", "scheduler_config.json")))
+    write_json(os.path.join(out, "scheduler", "scheduler_config.json"), scheduler_config(zero_snr))
     shared = {part: os.path.relpath(os.path.join(HERE, part), out) for part in SHARED}
     write_json(os.path.join(out, "npo_model.json"), dict(shared_parts=shared, defaults=dict(frames=shapes.FRAMES)))
 
@@ -176,9 +214,17 @@ def main():
     p.add_argument("--clips", type=int, default=1024, help="clips drawn and encoded once, then sampled from")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--stf", action="store_true", help="Stable Target Field targets: average ε over the clips of "
+                                                    "each caption, weighted by how likely each made x_t")
+    p.add_argument("--v-weighting", action="store_true", help="weight the ε-MSE by 1/ᾱ_t (v-prediction's loss)")
+    p.add_argument("--zero-snr", action="store_true",
+                   help="train v-prediction on the zero-terminal-SNR schedule, and write that scheduler config")
+    p.add_argument("--top-share", type=float, default=0.0, help="the share of each batch at t = T − 1")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a CPU shared with other jobs, two threads spin and lose)")
     args = p.parse_args()
+    if args.zero_snr and args.v_weighting:
+        p.error("--v-weighting is v-prediction's loss already under --zero-snr (and 1/ᾱ is infinite at its top)")
     torch.set_num_threads(args.threads)
     start = time.time()
 
@@ -192,7 +238,7 @@ def main():
     model = video.load_unet3d(os.path.join(args.init, "unet")).requires_grad_(True) if args.init else \
         inflate(unet.load_unet(os.path.join(HERE, "unet")))
     model = train(model, vae, embeddings, args, log)
-    save_video_model(model, args.out)
+    save_video_model(model, args.out, args.zero_snr)
     log(f"wrote {args.out}")
 
 
