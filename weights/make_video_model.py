@@ -2,7 +2,11 @@
 on the moving shapes of `shapes.py`.
 
     OMP_NUM_THREADS=1 python weights/make_video_model.py --out /tmp/stage1                 # stage 1 (seeded)
-    OMP_NUM_THREADS=1 python weights/make_video_model.py --init /tmp/stage1 --seed 1      # stage 2: weights/video/
+    OMP_NUM_THREADS=1 python weights/make_video_model.py --init /tmp/stage1 --seed 1 --out /tmp/stage2   # stage 2
+    python weights/make_video_model.py --init /tmp/stage2 --seed 4 --steps 1500 --clips 4096 --stf --v-weighting \
+        --top-share 0.75 --threads 2 --out /tmp/stage3                                  # stage 3: the top of the schedule
+    python weights/make_video_model.py --init /tmp/stage3 --seed 5 --steps 700 --stf --v-weighting \
+        --top-share 0.25 --threads 2                                                    # stage 4: weights/video/
     python weights/make_video_model.py --out /tmp/v --steps 100        # a quick, worse one somewhere else
 
 Video models are made this way (ModelScope's text-to-video is Stable Diffusion inflated): the UNet3D's spatial layers
