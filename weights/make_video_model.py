@@ -125,7 +125,8 @@ def lr_at(step, steps, peak, warmup=100):
 
 
 def train(model, vae, embeddings, args, log):
-    """The ε-prediction loss on noised clip latents: one timestep per clip, noise per frame, 10% empty captions."""
+    """The ε-prediction loss on noised clip latents: one timestep per clip, noise per frame, 10% empty captions; with
+    --stf, --v-weighting, --top-share and --zero-snr, the target, weight and timesteps of stages 3 and 4 (README)."""
     torch.manual_seed(args.seed)
     mean, std, captions = encode_dataset(vae, args.clips, args.seed)
     context = torch.stack([embeddings[c] for c in captions])
@@ -218,8 +219,8 @@ def main():
     p.add_argument("--clips", type=int, default=1024, help="clips drawn and encoded once, then sampled from")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.995)
-    p.add_argument("--stf", action="store_true", help="Stable Target Field targets: average ε over the clips of "
-                                                    "each caption, weighted by how likely each made x_t")
+    p.add_argument("--stf", action="store_true", help="Stable Target Field targets: x_0 averaged over the clips "
+                                                    "of each caption, weighted by how likely each made x_t")
     p.add_argument("--v-weighting", action="store_true", help="weight the ε-MSE by 1/ᾱ_t (v-prediction's loss)")
     p.add_argument("--zero-snr", action="store_true",
                    help="train v-prediction on the zero-terminal-SNR schedule, and write that scheduler config")
