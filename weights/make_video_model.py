@@ -6,7 +6,9 @@ on the moving shapes of `shapes.py`.
     python weights/make_video_model.py --init /tmp/stage2 --seed 4 --steps 1500 --clips 4096 --stf --v-weighting \
         --top-share 0.75 --threads 2 --out /tmp/stage3                                  # stage 3: the top of the schedule
     python weights/make_video_model.py --init /tmp/stage3 --seed 5 --steps 700 --stf --v-weighting \
-        --top-share 0.25 --threads 2                                                    # stage 4: weights/video/
+        --top-share 0.25 --threads 2 --out /tmp/stage4                                  # stage 4
+    python weights/make_video_model.py --init /tmp/stage4 --seed 6 --steps 800 --clips 4096 --stf --top-mean \
+        --v-weighting --top-share 0.5 --threads 2                                       # stage 5: weights/video/
     python weights/make_video_model.py --out /tmp/v --steps 100        # a quick, worse one somewhere else
 
 Video models are made this way (ModelScope's text-to-video is Stable Diffusion inflated): the UNet3D's spatial layers
@@ -126,7 +128,8 @@ def lr_at(step, steps, peak, warmup=100):
 
 def train(model, vae, embeddings, args, log):
     """The ε-prediction loss on noised clip latents: one timestep per clip, noise per frame, 10% empty captions; with
-    --stf, --v-weighting, --top-share and --zero-snr, the target, weight and timesteps of stages 3 and 4 (README)."""
+    --stf, --top-mean, --v-weighting, --top-share and --zero-snr, the target, weight and timesteps of stages 3 to 5
+    (README)."""
     torch.manual_seed(args.seed)
     mean, std, captions = encode_dataset(vae, args.clips, args.seed)
     context = torch.stack([embeddings[c] for c in captions])
@@ -152,11 +155,13 @@ def train(model, vae, embeddings, args, log):
         t = (len(ac) * torch.rand(args.batch_size, generator=g) ** (1 / 3)).long().clamp(max=len(ac) - 1)
         t[:round(args.top_share * args.batch_size)] = len(ac) - 1
         x_t = sampler.add_noise(z, eps := torch.randn(z.shape, generator=g), t, ac)
-        if args.stf:
+        if args.stf or args.top_mean:
             # the references: the other clips of the caption, or every other clip where the caption was dropped
             pools = [everything if d else by_caption[captions[r]] for r, d in zip(rows.tolist(), dropped.tolist())]
             others = [pool[pool != r] for pool, r in zip(pools, rows.tolist())]
-            z = torch.stack([stf_x0(x_t[i], t[i], ac, z[i], scaled[o]) for i, o in enumerate(others)])
+            z = torch.stack([scaled[pool].mean(0) if args.top_mean and t[i] == len(ac) - 1 else
+                             stf_x0(x_t[i], t[i], ac, z[i], scaled[o]) if args.stf else z[i]
+                             for i, (pool, o) in enumerate(zip(pools, others))])
             a = ac[t].view(-1, 1, 1, 1, 1)
             eps = (x_t - a ** 0.5 * z) / (1 - a) ** 0.5
         # v-prediction's weighting 1/ᾱ_t (‖v̂ − v‖² = ‖ε̂ − ε‖² / ᾱ_t): the error in x̂_0 counts as much at t = 999,
@@ -221,6 +226,8 @@ def main():
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--stf", action="store_true", help="Stable Target Field targets: x_0 averaged over the clips "
                                                     "of each caption, weighted by how likely each made x_t")
+    p.add_argument("--top-mean", action="store_true", help="at t = T − 1, the x_0 target is the mean of the "
+                                                         "caption's clips (of every clip where it was dropped)")
     p.add_argument("--v-weighting", action="store_true", help="weight the ε-MSE by 1/ᾱ_t (v-prediction's loss)")
     p.add_argument("--zero-snr", action="store_true",
                    help="train v-prediction on the zero-terminal-SNR schedule, and write that scheduler config")
