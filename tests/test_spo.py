@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -139,16 +140,22 @@ def our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags):
     run = machinery.Run(config, pipe, str(tmp_path), 0, 1, torch.device("cpu"), files={role: "x" for role in trained})
     run.params = [p.requires_grad_(True) for role in trained for p in lora.parameters(pipe.unet, role)]
     schedule, steps = machinery.logprob_steps(pipe.ddim_config(), config.sample_steps)
-    rollout = method_spo.rollout(run, PROMPTS, method_spo.scorer(config, PROMPTS), steps, schedule, 0)
+    states, posterior = [], sampler.ddim_posterior
+
+    def recording_posterior(x, *args):  # the rollout's x_t at each of its steps, for reference_spo_step's teacher
+        states.append(x.clone())
+        return posterior(x, *args)
+    with mock.patch.object(sampler, "ddim_posterior", recording_posterior):
+        rollout = method_spo.rollout(run, PROMPTS, method_spo.scorer(config, PROMPTS), steps, schedule, 0)
     method_spo.micro_step(run, PROMPTS)(0, 1.0)
     assert all(p.grad is None for role in frozen for p in lora.parameters(pipe.unet, role))
     grads = {(role, layer, part): getattr(o, f"lora_{part}").weight.grad
              for role in trained for layer, o in lora.offsets(pipe.unet, role).items() for part in ("down", "up")}
-    return rollout, grads
+    return rollout, grads, states
 
 
-def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, guidance=3.0, steps=4, plain=1, k=3,
-                       npo=False, sdxl=False, inner=0, threshold=0.3, clamp=False, scale=SCALE):
+def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, states, guidance=3.0, steps=4, plain=1,
+                       k=3, npo=False, sdxl=False, inner=0, threshold=0.3, clamp=False, scale=SCALE):
     """SPO's multi_sample_pipeline and training step on diffusers parts: each example's prompt, x_T, plain-step noise,
     candidate noises (k, C, h, w) and continuing candidate drawn from its generator as training draws them; each
     candidate DDIMScheduler.step(…, variance_noise=z) from the shared x_t; its x̂_0 the scheduler's
@@ -159,7 +166,8 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
     timestep at 0; on diffusers' scheduler that is final_alpha_cumprod = alphas_cumprod[0]). The reference is the
     adapters' weights with the trained ones at 0. `sdxl`: StableDiffusionXLPipeline's conditioning (both encoders,
     the pooled embedding, zeros for no negative prompt, the time ids of a 16 x 16 image) as the UNet's
-    added_cond_kwargs. Returns (pairs as ranked, kept (B, blocks), the peft gradient of (role, layer, part))."""
+    added_cond_kwargs. `states`: our rollout's x_t at each step, which the reference takes on from (see teacher).
+    Returns (pairs as ranked, kept (B, blocks), the peft gradient of (role, layer, part))."""
     gens = [machinery.example_generator(0, j) for j in range(2)]
     ref = diffusers_reference(model, refs, files, PROMPTS, gens, steps,
                               lambda name: any(f".{role}." in name for role in trained) and "lora_" in name, sdxl=sdxl)
@@ -180,9 +188,10 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
 
     with torch.no_grad():
         if inner:
-            pairs, kept = reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, threshold)
+            pairs, kept = reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, threshold,
+                                                  teacher(states))
         else:
-            pairs, kept = reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold)
+            pairs, kept = reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold, teacher(states))
     off = ({**neg_weights, **{r: 0.0 for r in trained}}, {**pos_weights, **{r: 0.0 for r in trained}})
     for i, b, x_w, w, x_l, l in pairs:
         if npo:  # NPO: the worst candidate is preferred
@@ -192,6 +201,18 @@ def reference_spo_step(model, refs, files, trained, neg_weights, pos_weights, gu
     parts = {"down": "lora_A", "up": "lora_B"}
     grad = lambda role, layer, part: getattr(pipe.unet.get_submodule(layer), parts[part])[role].weight.grad  # noqa
     return pairs, kept, grad
+
+
+def teacher(states):
+    """Teacher forcing of the reference's rollout: at step i, check that its x_t (the shared x of the examples, or the
+    candidates' chains (k, B, ...) at an inner step) is ours within 1e-5, then go on from ours. Every step is then
+    compared one step deep: without it, fp32 rounding in two summation orders builds up over a few CFG'd DDIM steps
+    (to 1.9e-5 in an element on an AMD EPYC), and the bound would measure the CPU, not the step."""
+    def force(i, x):
+        mine = states[i].squeeze(1) if x.dim() == 4 else states[i].transpose(0, 1)
+        torch.testing.assert_close(x, mine, rtol=1e-5, atol=1e-5)
+        return mine
+    return force
 
 
 def rows_of(kwargs, rows):
@@ -209,11 +230,13 @@ def plain_step(scheduler, eps, gens, x, t):
     return scheduler.step(eps(x, t), t, x, eta=1.0, variance_noise=z).prev_sample
 
 
-def reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold):
+def reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold, force):
     """SPO's sampling with candidates (multi_sample_pipeline) on the scheduler: the pairs (step, example, x_t of the
-    winner, x_w, x_t of the loser, x_l) and which examples kept one at each candidate step."""
+    winner, x_w, x_t of the loser, x_l) and which examples kept one at each candidate step. `force(i, x)`: the x_t
+    step i goes on from (see teacher)."""
     pairs, kept, timesteps = [], [], scheduler.timesteps
     for i, t in enumerate(timesteps):
+        x = force(i, x)
         if i < plain:
             x = plain_step(scheduler, eps, gens, x, t)
             continue
@@ -234,12 +257,12 @@ def reference_rollout(scheduler, eps, score, gens, x, plain, k, threshold):
     return pairs, torch.stack(kept, dim=1)
 
 
-def reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, threshold):
+def reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, threshold, force):
     """multi_sample_pipeline_sdxl with num_inner_step = inner, as its loop runs: at the divert step the k candidates
     leave the shared x_t, and each goes on along its own chain while inner steps are left; when none are, each
     chain's x̂_0 at the current timestep is scored, every cached step of the best and the worst chain of an example
     that kept a pair becomes a pair, and one random chain branches again; the last step takes every chain one step
-    more and scores their x_0 at 0. Returns what reference_rollout does (kept: per block)."""
+    more and scores their x_0 at 0. Returns what reference_rollout does (kept: per block); `force` as there."""
     pairs, kept, timesteps, left, cache, chains = [], [], scheduler.timesteps, 0, [], None
 
     def collect(scores):
@@ -262,7 +285,7 @@ def reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, thr
     for i, t in enumerate(timesteps):
         last = i == len(timesteps) - 1
         if i < plain:
-            x = plain_step(scheduler, eps, gens, x, t)
+            x = plain_step(scheduler, eps, gens, force(i, x), t)
         elif (left == 0 and i > plain and not last) or i == plain:
             left = inner
             if i > plain:  # score the chains on x̂_0 at t, then branch from a random one
@@ -271,8 +294,9 @@ def reference_inner_rollout(scheduler, eps, score, gens, x, plain, k, inner, thr
                                            .pred_original_sample) for c in chains]))
                 pick = [int(torch.randint(k, (1,), generator=g)) for g in gens]
                 x = torch.stack([chains[c, b] for b, c in enumerate(pick)])
-            cache, chains = branch(x, t)
+            cache, chains = branch(force(i, x), t)
         else:
+            chains = force(i, chains)
             after = chain_step(chains, t)
             cache.append((i, chains, after))
             chains, left = after, left - 1
@@ -303,7 +327,7 @@ RTOL = 1e-3
 
 
 def assert_same_step(ours, reference):
-    (rollout, grads), (pairs, kept, ref_grad) = ours, reference
+    (rollout, grads, _), (pairs, kept, ref_grad) = ours, reference
     assert torch.equal(rollout.kept, kept) and kept.any() and not kept.all(), kept
     mine = sorted([(j, b, x[0], w, x[-1], l) for j, rows, xs, ws, ls in rollout.pairs
                    for b, x, w, l in zip(rows.tolist(), xs, ws, ls)], key=lambda p: (p[0], p[1]))
@@ -311,10 +335,7 @@ def assert_same_step(ours, reference):
     pairs = sorted(pairs, key=lambda p: (p[0], p[1]))  # the reference lists a block's pairs example by example
     for (_, _, *a), (_, _, *b) in zip(mine, pairs, strict=True):
         for u, v in zip(a, b):
-            # 1e-5 of the largest value (7.2 or more in each): fp32 after a few CFG'd DDIM steps in another summation
-            # order. An AMD EPYC's kernels (one thread) put one element of 256 1.9e-5 apart, where 1e-5 absolute
-            # passed on the CPU it was first measured on
-            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5 * v.abs().max().item())
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
     assert grads
     for (role, layer, part), g in grads.items():
         r = ref_grad(role, layer, part).view_as(g)
@@ -327,7 +348,8 @@ def test_one_spo_step_equals_spos_on_diffusers(tiny_model, lora_files, prompts_f
     model, refs = tiny_model
     files = {"eta": lora_files["eta"]}
     ours = our_spo_step(model, files, {}, prompts_file, tmp_path, ["--npo"] * npo_flag)
-    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, npo=npo_flag))
+    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, ours[2],
+                                                npo=npo_flag))
 
 
 def test_inner_steps_equal_spos_sdxl_pipeline(tiny_model, lora_files, prompts_file, tmp_path):
@@ -340,8 +362,8 @@ def test_inner_steps_equal_spos_sdxl_pipeline(tiny_model, lora_files, prompts_fi
     ours = our_spo_step(model, files, {}, prompts_file, tmp_path, flags)
     assert [j for j, *_ in ours[0].pairs] == sorted({j for j, *_ in ours[0].pairs})  # one entry per trained step
     assert {x.shape[1] for _, _, x, _, _ in ours[0].pairs} == {1, 2}  # pairs at branch and at inner steps
-    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, steps=5, inner=1,
-                                                threshold=0.45))
+    assert_same_step(ours, reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, ours[2], steps=5,
+                                                inner=1, threshold=0.45))
 
 
 # the tiny SDXL's candidates differ in brightness by 6e-4 and 1.6e-3 (5e-3 and 6e-3 with the Euler config's
@@ -361,8 +383,8 @@ def test_one_spo_step_on_sdxl_equals_spos_on_diffusers_sdxl_parts(tmp_path_facto
     # (after 4 DDIM steps, CI's two threads put one element near 0 1.1e-5 apart)
     with one_thread():
         ours = our_spo_step(model, files, {}, prompts_file, tmp_path, ["--spo-score-scale", str(scale)])
-        reference = reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, sdxl=True, inner=3,
-                                       threshold=0.4, clamp=scheduler != "sdxl_base", scale=scale)
+        reference = reference_spo_step(model, refs, files, files, {"eta": 1.0}, {"eta": 1.0}, ours[2], sdxl=True,
+                                       inner=3, threshold=0.4, clamp=scheduler != "sdxl_base", scale=scale)
     assert_same_step(ours, reference)
 
 
@@ -373,9 +395,10 @@ def test_uncond_branch_step_equals_the_two_branch_computation(tiny_model, lora_f
     flags = ["--train-branch", "uncond", "--lora", lora_files["eta"], "--alpha", "0.5"]
     trained, frozen = {"delta": lora_files["delta"]}, {"eta": lora_files["eta"]}
     ours = our_spo_step(model, trained, frozen, prompts_file, tmp_path, flags)
-    reference = reference_spo_step(model, refs, lora_files, trained, {"eta": 0.5, "delta": 1.0}, {"eta": 1.0, "delta": 0.0})
+    reference = reference_spo_step(model, refs, lora_files, trained, {"eta": 0.5, "delta": 1.0}, {"eta": 1.0, "delta": 0.0},
+                                   ours[2])
     assert_same_step(ours, reference)
-    rollout, grads = our_spo_step(model, trained, frozen, prompts_file, tmp_path, [*flags, "--guidance", "1"])
+    rollout, grads, _ = our_spo_step(model, trained, frozen, prompts_file, tmp_path, [*flags, "--guidance", "1"])
     assert rollout.kept.any() and all(g.abs().max() == 0 for g in grads.values())
 
 
