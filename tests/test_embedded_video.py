@@ -114,8 +114,8 @@ def test_sample_video_writes_the_embedded_models_clip(tmp_path):
 
 def test_samples_show_the_prompted_shape_and_some_move_the_prompted_way(video_pipe):
     """16 prompts (every direction, color and shape), one seed each, at sample's defaults (50 DDIM steps, guidance
-    9), judged by pixels. Measured (weights/README.md): the prompted color and shape (`shapes.judge_video`) in 10 of
-    16 clips, all three, direction too (`shapes.video_correct`), in 9, and the prompted direction in 14 (chance: 4)."""
+    9), judged by pixels. Measured (weights/README.md): the prompted color and shape (`shapes.judge_video`) in 11 of
+    16 clips, all three, direction too (`shapes.video_correct`), in 11, and the prompted direction in 14 (chance: 4)."""
     prompts = [shapes.video_prompts()[(13 * i) % 48] for i in range(16)]
     assert {shapes.parse_video(p)[2] for p in prompts} == set(shapes.DIRECTIONS)
     clips = guided.generate(video_pipe, prompts, [1000 + i for i in range(16)], frames=video_pipe.default_frames)
@@ -124,5 +124,5 @@ def test_samples_show_the_prompted_shape_and_some_move_the_prompted_way(video_pi
     content = sum(s is not None and s[:2] == shapes.parse_video(p)[:2] for s, p in zip(seen, prompts))
     right = int(shapes.video_correct(clips, prompts).sum())
     direction = int(shapes.video_direction_correct(clips, prompts).sum())
-    assert content >= 10 and right >= 8 and direction >= 12, \
+    assert content >= 10 and right >= 9 and direction >= 12, \
         f"color and shape in {content} of 16, all three in {right}, the direction in {direction}"

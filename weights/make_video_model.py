@@ -8,7 +8,9 @@ on the moving shapes of `shapes.py`.
     python weights/make_video_model.py --init /tmp/stage3 --seed 5 --steps 700 --stf --v-weighting \
         --top-share 0.25 --threads 2 --out /tmp/stage4                                  # stage 4
     python weights/make_video_model.py --init /tmp/stage4 --seed 6 --steps 800 --clips 4096 --stf --top-mean \
-        --v-weighting --top-share 0.5 --threads 2                                       # stage 5: weights/video/
+        --v-weighting --top-share 0.5 --threads 2 --out /tmp/stage5                      # stage 5
+    python weights/make_video_model.py --init /tmp/stage5 --seed 7 --steps 500 --stf --top-mean --v-weighting \
+        --top-share 0.25 --threads 2                                                    # stage 6: weights/video/
     python weights/make_video_model.py --out /tmp/v --steps 100        # a quick, worse one somewhere else
 
 Video models are made this way (ModelScope's text-to-video is Stable Diffusion inflated): the UNet3D's spatial layers
