@@ -1,16 +1,18 @@
 """The paper's table 3 in miniature, on the embedded video model (weights/video/, the moving-shapes world): VADER
 trains η on a differentiable video reward, then VADER + NPO trains δ; held-out judges score the samples (not a test).
 
-    python -m benchmarks.vader_shapes --out runs/vader-shapes [--seeds 0,1] [--steps 30] [--eval-seeds 4]
+    python -m benchmarks.vader_shapes --out runs/vader-shapes [--seeds 0,1] [--steps 30] [--eval-seeds 4] \
+        [--grad-steps 1] [--betas 1,0.5]
 
 For each training seed:
 1. η: `npo.py train --method reward --reward shapes:video_reward` (VADER: DDIM with CFG, the gradient through the
-   last K = 1 step, the reward of the whole clip: its frames' image reward times a motion term).
+   last K steps (--grad-steps; VADER's default 1), the reward of the whole clip: its frames' image reward times a motion term).
 2. δ as table 3 trained it (the authors' DR-Video-NPO): `--train-branch uncond --lora η`, δ only on the
    unconditional branch beside the frozen η, from R itself through the (1 − g) of CFG.
 3. δ' in NPO's other reading, `--npo` (1 − R, eq. 7), trained from the base.
 Then every row samples the same prompts and seeds (DDIM, the training's steps and guidance): base; VADER (η on both
-branches); VADER + NPO (eq. 10, η at [1, 1], δ at [1, 0]); VADER + NPO (1 − R) (δ' in place of δ). Judges: the
+branches); VADER + NPO (eq. 10, η at [1, 1], δ at [β, 0], a row per β of --betas); VADER + NPO (1 − R) (δ' in
+place of δ). Judges: the
 reward that trained (`shapes.video_reward`), and three that training never saw (shapes.py, pixels only): the
 checker of clips (color, shape and direction, `video_correct`), the direction alone (`video_direction_correct`),
 and the image checker on every frame (`correct`, the share of frames right). Means over the videos with their
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 import torch
 
@@ -42,7 +45,15 @@ JUDGES = {  # name: (function(videos (B, F, 3, H, W) in [0, 1], prompts) -> (B,)
     "direction": (shapes.video_direction_correct, True),
     "frames correct": (frames_correct, True),
 }
-ROWS = {"base": (), "VADER": ("eta",), "VADER + NPO": ("eta", "delta"), "VADER + NPO (1 − R)": ("eta", "delta_npo")}
+NPO_ROWS = {"VADER + NPO": ("eta", "delta"), "VADER + NPO (1 − R)": ("eta", "delta_npo")}
+
+
+def rows(betas):
+    """{row: (offsets, β)}: base, VADER, then each NPO row at every β (named with it where β ≠ 1)."""
+    named = {"base": ((), 1.0), "VADER": (("eta",), 1.0)}
+    for row, roles in NPO_ROWS.items():
+        named.update({row + ("" if b == 1 else f", β = {b:g}"): (roles, b) for b in betas})
+    return named
 
 
 def trained(args, name, seed, **settings):
@@ -52,35 +63,35 @@ def trained(args, name, seed, **settings):
     if not os.path.exists(path):
         train.train(TrainConfig(
             method="reward", model=args.model, reward="shapes:video_reward", prompts_file=args.prompts_file, out=out,
-            frames=args.frames, sample_steps=args.sample_steps, grad_steps=1, guidance=args.guidance, steps=args.steps,
-            batch_size=args.batch_size, lr=args.lr, seed=seed, log_every=5, checkpoint_every=0, device="cpu",
-            **settings))
+            frames=args.frames, sample_steps=args.sample_steps, guidance=args.guidance, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, seed=seed, grad_steps=args.grad_steps, log_every=5,
+            checkpoint_every=0, device="cpu", **settings))
     return path
 
 
 @torch.no_grad()
-def sample(pipe, prompts, seeds, args):
+def sample(pipe, prompts, seeds, args, beta):
     """Videos (B, F, 3, H, W) in [0, 1] with eq. 10's guidance from whatever offsets the UNet carries (η at [1, 1],
-    δ at [1, 0]): x_T (1, C, F, h, w) from each seed's CPU generator, DDIM, the frames decoded."""
+    δ at [β, 0]): x_T (1, C, F, h, w) from each seed's CPU generator, DDIM, the frames decoded."""
     size = pipe.image_size
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     x = sampler.randn((len(seeds), pipe.unet.config.in_channels, args.frames, size // pipe.vae.downscale,
                        size // pipe.vae.downscale), gens)
     pos = pipe.conditioning(prompts)
-    denoise = guided.npo_denoiser(pipe.unet, pipe.negative_conditioning(None, pos), pos, args.guidance)
+    denoise = guided.npo_denoiser(pipe.unet, pipe.negative_conditioning(None, pos), pos, args.guidance, beta=beta)
     x = sampler.ddim_sample(denoise, x, pipe.ddim_config(), args.sample_steps)
     return (video.decode_frames(pipe.vae, x) / 2 + 0.5).clamp(0, 1)
 
 
-def evaluate_row(args, offsets, prompts, seeds):
-    """Each judge's score of every video of the row, {judge: [...]}: the offsets loaded as {role: file}."""
+def evaluate_row(args, offsets, beta, prompts, seeds):
+    """Each judge's score of every video of the row, {judge: [...]}: the offsets loaded as {role: file}, δ at β."""
     pipe = pipeline.load_pipeline(args.model)
     for role, path in offsets.items():
         lora.load_lora(pipe.unet, path, role)
     scores = {name: [] for name in JUDGES}
     for start in range(0, len(prompts), args.batch_size):
         p, s = prompts[start:start + args.batch_size], seeds[start:start + args.batch_size]
-        videos = sample(pipe, p, s, args)
+        videos = sample(pipe, p, s, args, beta)
         for name, (judge, _) in JUDGES.items():
             scores[name] += judge(videos, p).float().tolist()
     return scores
@@ -109,11 +120,11 @@ def run(args):
         eta = trained(args, "eta", seed)
         files = {"eta": eta, "delta": trained(args, "delta", seed, train_branch="uncond", lora=eta),
                  "delta_npo": trained(args, "delta_npo", seed, npo=True)}
-        for row, roles in ROWS.items():
-            key = os.path.join(args.out, f"eval-{row.replace(' ', '_')}-s{seed}.json")
+        for row, (roles, beta) in rows(args.betas).items():
+            key = os.path.join(args.out, "eval-" + re.sub(r"[^A-Za-z0-9.]+", "_", row) + f"-s{seed}.json")
             if not os.path.exists(key):  # scored first, then written whole: an interrupted row is redone
                 offsets = {("delta" if r.startswith("delta") else r): files[r] for r in roles}
-                scores = evaluate_row(args, offsets, prompts, seeds)
+                scores = evaluate_row(args, offsets, beta, prompts, seeds)
                 with open(key + ".tmp", "w") as f:
                     json.dump(scores, f)
                 os.replace(key + ".tmp", key)
@@ -122,16 +133,16 @@ def run(args):
     return results
 
 
-def table(results, seeds):
+def table(results, seeds, betas):
     """Markdown: each row's mean ± standard error per judge over all seeds' videos; then each NPO row's difference
     from VADER per training seed."""
     lines = ["| row | " + " | ".join(f"{j}{'' if held else ' (trained on)'}" for j, (_, held) in JUDGES.items()) + " |",
              "|---" * (len(JUDGES) + 1) + "|"]
-    for row in ROWS:
+    for row in rows(betas):
         cells = [mean_se(sum((results[(row, s)][j] for s in seeds), [])) for j in JUDGES]
         lines.append(f"| {row} | " + " | ".join(f"{m:.3f} ± {se:.3f}" for m, se in cells) + " |")
     lines += ["", "| NPO row − VADER, per training seed | " + " | ".join(JUDGES) + " |", "|---" * (len(JUDGES) + 1) + "|"]
-    for row in ("VADER + NPO", "VADER + NPO (1 − R)"):
+    for row in [r for r in rows(betas) if r.startswith("VADER + NPO")]:
         for s in seeds:
             diffs = [mean_se(results[(row, s)][j])[0] - mean_se(results[("VADER", s)][j])[0] for j in JUDGES]
             lines.append(f"| {row}, seed {s} | " + " | ".join(f"{d:+.3f}" for d in diffs) + " |")
@@ -148,13 +159,16 @@ def main():
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of every training")
     p.add_argument("--frames", type=int, help="frames per video (default: the model's)")
     p.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of training and evaluation")
+    p.add_argument("--grad-steps", type=int, default=1, help="K: the last DDIM steps the reward's gradient reaches")
+    p.add_argument("--betas", type=lambda s: [float(v) for v in s.split(",")], default=[1.0],
+                   help="β of δ in the NPO rows, one row each (comma-separated)")
     p.add_argument("--guidance", type=float, help="CFG scale of training and evaluation (default: the model's)")
     p.add_argument("--eval-seeds", type=int, default=4, help="videos per evaluation prompt (8 prompts)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     results = run(args)
-    text = table(results, args.seeds)
+    text = table(results, args.seeds, args.betas)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     print(text)
