@@ -16,7 +16,7 @@ place of δ). Judges: the
 reward that trained (`shapes.video_reward`), and three that training never saw (shapes.py, pixels only): the
 checker of clips (color, shape and direction, `video_correct`), the direction alone (`video_direction_correct`),
 and the image checker on every frame (`correct`, the share of frames right). Means over the videos with their
-standard errors, and each NPO effect's sign at every training seed. Trainings already in --out are reused.
+standard errors, and each NPO effect at every training seed with the standard error of its paired differences. Trainings already in --out are reused.
 """
 import argparse
 import json
@@ -135,17 +135,18 @@ def run(args):
 
 def table(results, seeds, betas):
     """Markdown: each row's mean ± standard error per judge over all seeds' videos; then each NPO row's difference
-    from VADER per training seed."""
+    from VADER per training seed, ± the standard error of the paired differences."""
     lines = ["| row | " + " | ".join(f"{j}{'' if held else ' (trained on)'}" for j, (_, held) in JUDGES.items()) + " |",
              "|---" * (len(JUDGES) + 1) + "|"]
     for row in rows(betas):
         cells = [mean_se(sum((results[(row, s)][j] for s in seeds), [])) for j in JUDGES]
         lines.append(f"| {row} | " + " | ".join(f"{m:.3f} ± {se:.3f}" for m, se in cells) + " |")
-    lines += ["", "| NPO row − VADER, per training seed | " + " | ".join(JUDGES) + " |", "|---" * (len(JUDGES) + 1) + "|"]
+    lines += ["", "| NPO row − VADER, per training seed (paired) | " + " | ".join(JUDGES) + " |",
+              "|---" * (len(JUDGES) + 1) + "|"]
     for row in [r for r in rows(betas) if r.startswith("VADER + NPO")]:
-        for s in seeds:
-            diffs = [mean_se(results[(row, s)][j])[0] - mean_se(results[("VADER", s)][j])[0] for j in JUDGES]
-            lines.append(f"| {row}, seed {s} | " + " | ".join(f"{d:+.3f}" for d in diffs) + " |")
+        for s in seeds:  # every row samples the same prompts and x_T, so video i of both rows is a pair
+            paired = [mean_se([b - a for a, b in zip(results[("VADER", s)][j], results[(row, s)][j])]) for j in JUDGES]
+            lines.append(f"| {row}, seed {s} | " + " | ".join(f"{m:+.3f} ± {se:.3f}" for m, se in paired) + " |")
     return "\n".join(lines)
 
 
