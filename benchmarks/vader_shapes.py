@@ -6,7 +6,8 @@ trains η on a differentiable video reward, then VADER + NPO trains δ; held-out
 
 For each training seed:
 1. η: `npo.py train --method reward --reward shapes:video_reward` (VADER: DDIM with CFG, the gradient through the
-   last K steps (--grad-steps; VADER's default 1), the reward of the whole clip: its frames' image reward times a motion term).
+   last K steps (--grad-steps; VADER's default 1), the reward of the whole clip: its frames' image reward times a
+   motion term).
 2. δ as table 3 trained it (the authors' DR-Video-NPO): `--train-branch uncond --lora η`, δ only on the
    unconditional branch beside the frozen η, from R itself through the (1 − g) of CFG.
 3. δ' in NPO's other reading, `--npo` (1 − R, eq. 7), trained from the base.
@@ -16,7 +17,8 @@ place of δ). Judges: the
 reward that trained (`shapes.video_reward`), and three that training never saw (shapes.py, pixels only): the
 checker of clips (color, shape and direction, `video_correct`), the direction alone (`video_direction_correct`),
 and the image checker on every frame (`correct`, the share of frames right). Means over the videos with their
-standard errors, and each NPO effect at every training seed with the standard error of its paired differences. Trainings already in --out are reused.
+standard errors, and each NPO effect at every training seed with the standard error of its paired differences.
+Trainings already in --out are reused.
 """
 import argparse
 import json
