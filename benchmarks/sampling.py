@@ -229,7 +229,7 @@ def sdxl_text_fn(impl, path):
 
 def sdxl_guided_fn(variant, path, size):
     """One guided denoising step (CFG 5) of ours: plain CFG, NPO with η and δ unmerged (rank 8), or two merged UNets."""
-    from npo import pipeline
+    from npo import guided
     from npo import unet
     model = unet.load_unet(f"{path}/unet")
     if variant != "plain":

@@ -56,6 +56,18 @@ def test_gpu_command_cpu_fallback(tmp_path):
     assert all(float(row[1]) > 0 for row in rows)
 
 
+def test_sdxl_command_at_toy_size(tmp_path):
+    """benchmarks.sampling sdxl end to end on SDXL's layout at toy size: the UNet and text rows against diffusers /
+    transformers, and the guided step of each way of running it (each a fresh process)."""
+    out = run_benchmark(tmp_path, "benchmarks.sampling", "sdxl", "--preset", "small", "--size", "8", "--repeats", "1",
+                        "--threads", "1")
+    rows = [row for row in table_rows(out) if row[0] != "| guided step (CFG 5)"]  # the second table's header
+    assert [row[0].removeprefix("| ") for row in rows] == [
+        "UNet, CFG batch of 2", "both text encoders, 2 prompts", "plain CFG",
+        "NPO, one copy of θ, η and δ unmerged (rank 8)", "authors' way: two merged UNets, two passes"]
+    assert all(float(row[1]) > 0 for row in rows)
+
+
 def test_single_file_loads_in_a_fresh_process(tmp_path, monkeypatch):
     """The singlefile benchmark's parts: a tiny SD1 folder written as an LDM single file by benchmarks/ldm.py, loaded
     in a child process (harness.run_child) and the folder in this one: the same weights, byte for byte."""
