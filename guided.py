@@ -364,7 +364,8 @@ def same_length(pipe, neg, pos):
 @torch.no_grad()
 def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None, ddim_eta=0.0, alpha=1.0, beta=1.0,
              height=None, width=None, mode="batched", unets=None, callback=None, sampler="ddim", clip_skip=0,
-             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None, frames=None, fps=None):
+             original_size=None, crop_top_left=(0, 0), target_size=None, guider=None, frames=None, fps=None,
+             decode_chunk=video.DECODE_CHUNK):
     """Prompts -> images (B, 3, H, W) in [-1, 1] (on a video model, with `frames` F, videos (B, F, 3, H, W)), with NPO
     guidance from the offsets named "eta" / "delta" on the UNet (and on the text encoder, for LoRAs with text-encoder
     keys).
@@ -382,7 +383,7 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
     autoguidance beside NPO (`guiders.Guider`, its `denoiser`; None is plain CFG), with η as a LoRA.
     A video is eq. 10 unchanged on latents (B, C, F, h, w): the video UNet folds frames into its batch b-major, so
     the per-row multipliers of η and δ follow each video's rows (`lora`); `fps` conditions VideoCrafter2's UNet
-    (`with_fps`), and the VAE decodes the frames a chunk at a time (`video.decode_frames`)."""
+    (`with_fps`), and the VAE decodes the frames `decode_chunk` at a time (`video.decode_frames`)."""
     if bool(frames) != video.is_video(pipe.unet):
         raise ValueError(f"frames={frames} for a {'video' if video.is_video(pipe.unet) else 'image'} UNet")
     height, width = height or pipe.image_size, width or pipe.image_size
@@ -411,5 +412,5 @@ def generate(pipe, prompts, seeds, negative_prompt=None, steps=50, guidance=None
         latents = run(denoise)
     latents = latents.to(next(pipe.vae.parameters()).dtype)
     if frames:
-        return video.decode_frames(pipe.vae, latents)  # divides by the scaling factor itself
+        return video.decode_frames(pipe.vae, latents, decode_chunk)  # divides by the scaling factor itself
     return pipe.vae.decode(latents / pipe.vae.scaling_factor)

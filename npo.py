@@ -195,6 +195,9 @@ def add_sampler_arguments(p):
                                               "NNNNN-seedS.webp")
     p.add_argument("--fps", type=int, help="video models only: the .webp preview's frames per second, and "
                                            "VideoCrafter2's fps conditioning (default: the model's, else 8)")
+    p.add_argument("--decode-chunk", type=int, help="video models only: frames per VAE decode call (default 8); at "
+                                                    "512 px each frame of a call holds about 1 GiB in float32, so "
+                                                    "lower it, down to 1, if decoding runs out of memory")
     p.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"),
                    help="SDXL's size conditioning: the original image size (default: --height --width)")
     p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),

@@ -22,6 +22,7 @@ from . import images
 from . import pipeline
 from . import prompt_syntax
 from . import sampler
+from . import video
 from . import videos
 from .checkpoint import UserError
 
@@ -240,7 +241,7 @@ def check_sample_arguments(args):
         value = getattr(args, flag)
         if value is not None and min(value) < (0 if flag == "crop_top_left" else 1):
             raise UserError(f"--{flag.replace('_', '-')} {value[0]} {value[1]} is not a size in pixels; pass e.g. 1024 1024.")
-    for flag in ("n", "batch_size", "steps", "frames", "fps"):
+    for flag in ("n", "batch_size", "steps", "frames", "fps", "decode_chunk"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)}).")
     if args.guidance is not None and args.guidance < 0:
@@ -349,7 +350,8 @@ def run_jobs(pipe, args, work, progress):
                                 callback=lambda i, n, t: progress.step(i, n, len(batch)), sampler=args.sampler,
                                 clip_skip=args.clip_skip - 1,  # A1111's N is diffusers' N − 1
                                 original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
-                                target_size=args.target_size, guider=args.guider, frames=args.frames, fps=args.fps)
+                                target_size=args.target_size, guider=args.guider, frames=args.frames, fps=args.fps,
+                                decode_chunk=args.decode_chunk)
         pictures += videos.to_frames(out) if args.frames else images.to_pil(out)
         progress.images_done(len(batch))
     return pictures
@@ -494,17 +496,18 @@ def check_model_arguments(args, pipe):
 
 
 def check_video_arguments(args, pipe):
-    """--frames and --fps are a video model's, refused for an image model; for a video model they default to the
-    model's (`Pipeline.default_frames`, `default_fps`; else 16 frames, 8 fps), and what does not make videos is
-    refused: a .png --out, --compare and --sweep-* grids, SEG and autoguidance's block skip, a dense --eta-model /
-    --npo-model."""
+    """--frames, --fps and --decode-chunk are a video model's, refused for an image model; for a video model they
+    default to the model's (`Pipeline.default_frames`, `default_fps`; else 16 frames, 8 fps; 8 frames per VAE
+    call, `video.DECODE_CHUNK`), and what does not make videos is refused: a .png --out, --compare and --sweep-*
+    grids, SEG and autoguidance's block skip, a dense --eta-model / --npo-model."""
     if not pipe.is_video:
-        for flag in ("frames", "fps"):
-            if getattr(args, flag) is not None:
+        for flag in ("frames", "fps", "decode-chunk"):
+            if getattr(args, flag.replace("-", "_")) is not None:
                 raise UserError(f"--{flag} is for video models and {args.model} is an image model; drop --{flag}.")
         return
     args.frames = args.frames or pipe.default_frames or 16  # ModelScope's clips are 16 frames
     args.fps = args.fps or pipe.default_fps or videos.DEFAULT_FPS
+    args.decode_chunk = args.decode_chunk or video.DECODE_CHUNK
     refused = [(args.out.lower().endswith(".png"), f"--out {args.out} names one PNG, but a video is a folder of "
                 "frames and a .webp; pass a folder"),
                (args.compare or args.sweep_alpha or args.sweep_beta, "--compare and --sweep-* make grids of "

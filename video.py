@@ -266,7 +266,10 @@ def is_video(model):
     return isinstance(model, UNet3DCondition)
 
 
-def decode_frames(vae, latents, chunk=8):
+DECODE_CHUNK = 8  # frames per VAE call (--decode-chunk): at 512 px each holds about 1 GiB in fp32 (BENCHMARKS.md)
+
+
+def decode_frames(vae, latents, chunk=DECODE_CHUNK):
     """Raw video latents (B, C, F, h, w) -> frames (B, F, 3, H, W) in about [-1, 1]: divided by the VAE's
     scaling factor and decoded frame by frame, at most `chunk` frames per VAE call, so the VAE's peak memory is
     that of `chunk` images whatever the video's length. Differentiable (VADER decodes chosen frames with gradients);

@@ -19,6 +19,7 @@ from npo import images
 from npo import lora
 from npo import pipeline
 from npo import sample
+from npo import video
 from npo import videos
 from npo.checkpoint import UserError
 from conftest import random_lora_files
@@ -191,7 +192,9 @@ def test_video_flags_on_an_image_model(tiny_model, tmp_path, capsys):
     for flags, words in ((["--frames", "0"], "--frames must be at least 1 (got 0)."),
                          (["--fps", "-2"], "--fps must be at least 1 (got -2)."),
                          (["--frames", "4"], "--frames is for video models and "),
-                         (["--fps", "4"], "--fps is for video models and ")):
+                         (["--fps", "4"], "--fps is for video models and "),
+                         (["--decode-chunk", "0"], "--decode-chunk must be at least 1 (got 0)."),
+                         (["--decode-chunk", "2"], "--decode-chunk is for video models and ")):
         code, err = run_cli(capsys, "sample", "--model", tiny_model[0], "--steps", "1", *flags, "--out", out)
         assert code == 2 and words in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not os.path.exists(out)
@@ -345,11 +348,32 @@ def test_cli_writes_frames_and_previews(tiny_video_dir, tmp_path, capsys):
     assert results["pairs"] == 2
 
 
+def test_decode_chunk_bounds_each_vae_call(tiny_video_dir, tmp_path, capsys, monkeypatch):
+    """--decode-chunk N reaches the VAE as calls of at most N frames (default 8: one call for 2 videos of 3 frames),
+    and the frames written are the same either way: the VAE decodes each frame on its own (test_video.py's
+    test_decode_frames_is_the_vae_frame_by_frame), so they differ by float reordering only, at most one level of
+    255 where a value sits on a rounding boundary."""
+    rows, decode = [], video.decode_frames
+    monkeypatch.setattr(video, "decode_frames", lambda vae, z, chunk=video.DECODE_CHUNK: rows.append(
+        [len(part) for part in z.transpose(1, 2).flatten(0, 1).split(chunk)]) or decode(vae, z, chunk))
+    flags = ["--model", tiny_video_dir, "--prompt", "a red circle moving left", "--frames", "3", "--steps", "1",
+             "--height", "32", "--width", "32", "--n", "2", "--batch-size", "2"]
+    outs = [str(tmp_path / "default"), str(tmp_path / "one")]
+    assert run_cli(capsys, "sample", *flags, "--out", outs[0])[0] == 0
+    assert run_cli(capsys, "sample", *flags, "--decode-chunk", "1", "--out", outs[1])[0] == 0
+    assert rows == [[6], [1] * 6]
+    for name in ("00000-seed0", "00001-seed1"):
+        for k in range(3):
+            a, b = (np.asarray(Image.open(os.path.join(out, name, f"{k:03d}.png")), dtype=int) for out in outs)
+            assert np.abs(a - b).max() <= 1
+
+
 def test_bad_input_on_a_video_model(tiny_video_dir, tiny_model, offsets, video_offsets, tmp_path, capsys):
     out = str(tmp_path / "out")
     base = ["sample", "--model", tiny_video_dir, "--steps", "1", "--height", "32", "--width", "32", "--frames", "2"]
     for flags, words in ((["--height", "36"], "--height 36 is not a positive multiple of 8"),
                          (["--frames", "0"], "--frames must be at least 1 (got 0)."),
+                         (["--decode-chunk", "-1"], "--decode-chunk must be at least 1 (got -1)."),
                          (["--original-size", "32", "32"], "--original-size is SDXL's size conditioning"),
                          (["--lora", offsets["eta"]], "has no temporal-layer keys"),
                          (["--npo", offsets["delta"]], "has no temporal-layer keys"),
