@@ -17,7 +17,8 @@ place of δ). Judges: the
 reward that trained (`shapes.video_reward`), and three that training never saw (shapes.py, pixels only): the
 checker of clips (color, shape and direction, `video_correct`), the direction alone (`video_direction_correct`),
 and the image checker on every frame (`correct`, the share of frames right). Means over the videos with their
-standard errors, and each NPO effect at every training seed with the standard error of its paired differences.
+standard errors, and each NPO effect at every training seed with the standard error of its paired differences,
+then over the training seeds (their mean effect ± its standard error across the seeds).
 Trainings already in --out are reused.
 """
 import argparse
@@ -137,7 +138,7 @@ def run(args):
 
 def table(results, seeds, betas):
     """Markdown: each row's mean ± standard error per judge over all seeds' videos; then each NPO row's difference
-    from VADER per training seed, ± the standard error of the paired differences."""
+    from VADER per training seed, ± the standard error of the paired differences, and across the seeds."""
     lines = ["| row | " + " | ".join(f"{j}{'' if held else ' (trained on)'}" for j, (_, held) in JUDGES.items()) + " |",
              "|---" * (len(JUDGES) + 1) + "|"]
     for row in rows(betas):
@@ -146,9 +147,15 @@ def table(results, seeds, betas):
     lines += ["", "| NPO row − VADER, per training seed (paired) | " + " | ".join(JUDGES) + " |",
               "|---" * (len(JUDGES) + 1) + "|"]
     for row in [r for r in rows(betas) if r.startswith("VADER + NPO")]:
+        per_seed = []
         for s in seeds:  # every row samples the same prompts and x_T, so video i of both rows is a pair
             paired = [mean_se([b - a for a, b in zip(results[("VADER", s)][j], results[(row, s)][j])]) for j in JUDGES]
             lines.append(f"| {row}, seed {s} | " + " | ".join(f"{m:+.3f} ± {se:.3f}" for m, se in paired) + " |")
+            per_seed.append([m for m, _ in paired])
+        if len(seeds) > 1:  # the training seed is the unit: the seeds' mean differences, ± their standard error
+            across = [mean_se(column) for column in zip(*per_seed)]
+            lines.append(f"| {row}, {len(seeds)} seeds | " + " | ".join(f"{m:+.3f} ± {se:.3f}" for m, se in across)
+                         + " |")
     return "\n".join(lines)
 
 
