@@ -19,8 +19,10 @@ def build_wheel(tmp_path):
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "out", "results"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-                   check=True, capture_output=True)
+    r = subprocess.run([*pip, "wheel", "-v", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+                        str(source)], check=True, capture_output=True, text=True)
+    # every folder the wheel takes files from is a listed package (setuptools warns of one that is not)
+    assert "is absent from the `packages` configuration" not in r.stdout + r.stderr
     (wheel,) = glob.glob(str(tmp_path / "dist" / "npo-*.whl"))
     return wheel
 

@@ -4,6 +4,7 @@ they import each other relatively (`from . import unet`), never by a bare top-le
 import ast
 import glob
 import os
+import re
 
 from conftest import ROOT
 
@@ -74,7 +75,13 @@ def test_every_module_has_a_layer():
 def test_the_wheel_is_one_package_of_this_folder():
     with open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8") as f:
         text = f.read()
-    assert 'package-dir = {"npo" = "."}' in text and 'packages = ["npo"]' in text and "py-modules" not in text
+    packages = re.search(r"^packages = \[(.*?)\]", text, re.S | re.M).group(1)
+    names = [n.strip().strip('"') for n in packages.split(",")]
+    assert 'package-dir = {"npo" = "."}' in text and "py-modules" not in text
+    assert names[0] == "npo" and all(n.startswith("npo.weights") for n in names[1:])  # the model's folders only
+    folders = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "weights"))
+               if "__pycache__" not in d}
+    assert set(names[1:]) == {"npo." + f for f in folders}
 
 
 def test_imports_point_down():
