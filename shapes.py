@@ -14,6 +14,7 @@ The video world moves the same shapes: `a {color} {shape} moving {direction}` cl
 `video_correct` (color, shape and direction by color thresholding), for `weights/make_video_model.py` and its tests.
 """
 import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -328,15 +329,19 @@ def judge_direction(pixels, color, min_travel=4.0):
 def judge_video(pixels):
     """(color, shape, direction) of the one moving object in a (F, H, W, 3) uint8 clip; None where unclear.
 
-    Color and shape: `judge` on every frame, each the majority of the frames it reads (at least half of them must
-    agree); direction: `judge_direction` for that color (None when it does not move clearly)."""
-    seen = [judge(frame) for frame in pixels]
-    seen = [s for s in seen if s is not None]
+    Color and shape: `judge` on every frame, each the most frequent reading of the frames it reads, which at least
+    half of the clip's frames must give and no other reading as often (a tie is unclear, not a coin toss);
+    direction: `judge_direction` for that color (None when it does not move clearly)."""
+    seen = [s for s in map(judge, pixels) if s is not None]
     if not seen:
         return None
-    color, shape = (max(set(values), key=values.count) for values in zip(*seen))
-    if min(sum(s[0] == color for s in seen), sum(s[1] == shape for s in seen)) * 2 < len(pixels):
-        return None
+    readings = []
+    for values in zip(*seen):  # the colors read, then the shapes
+        (best, n), *others = Counter(values).most_common(2)
+        if n * 2 < len(pixels) or (others and others[0][1] == n):  # under half the clip, or a tie: unclear
+            return None
+        readings.append(best)
+    color, shape = readings
     return color, shape, judge_direction(pixels, color)
 
 

@@ -111,3 +111,16 @@ def test_video_reward_through_rewards_load():
     rewards.check_prompts(r, shapes.video_prompts())
     with pytest.raises(ValueError, match="at least 2"):
         shapes.video_reward(torch.rand(1, 1, 3, 64, 64), ["a red circle moving up"])
+
+
+def test_checker_reads_a_shape_the_frames_split_on_as_unclear():
+    """A red clip moving right whose frames show a circle in k of 8 and a square in the rest: the shape is the
+    frames' majority, and a 4-4 split is unclear (None), the same in every process (not a tie broken by the order in
+    which a set of strings iterates, which Python's per-process string hashing changes)."""
+    def spliced(k):
+        circle, square = (shapes.draw_clip("red", s, 12, (16, 32), (4, 0), (235, 235, 235)) for s in ("circle", "square"))
+        return np.stack([np.asarray(frame) for frame in circle[:k] + square[k:]])
+    assert shapes.judge_video(spliced(8)) == ("red", "circle", "right")
+    assert shapes.judge_video(spliced(5)) == ("red", "circle", "right")
+    assert shapes.judge_video(spliced(3)) == ("red", "square", "right")
+    assert shapes.judge_video(spliced(4)) is None
