@@ -461,7 +461,7 @@ def load_for_sampling(args, texts, alpha):
         guided.attach_eta_model(pipe, args.eta_model, alpha)
     check_model_arguments(args, pipe)
     pipe.prompt_syntax = args.prompt_syntax
-    for p in set(texts) - {None}:
+    for p in [t for t in dict.fromkeys(texts) if t is not None]:  # each once, in the order given
         if args.prompt_syntax == "plain" and pipe.tokenizer.count_tokens(p) > pipe.tokenizer.max_length:
             warn(f"prompt is longer than {pipe.tokenizer.max_length} tokens and is truncated (--prompt-syntax a1111 "
                  f"reads it whole): {p[:60]!r}...")

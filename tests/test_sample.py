@@ -421,6 +421,18 @@ def test_cli_bad_input_exits_2(tiny_model, tmp_path, args, words):
     assert not (tmp_path / "o").exists()  # a failed run leaves no folder behind
 
 
+def test_cli_warns_once_per_truncated_prompt_in_the_order_given(tiny_model, tmp_path):
+    """Plain prompts past 77 tokens are truncated as diffusers truncates them: one warning per distinct prompt, in
+    the prompts file's order, whatever order Python's string hashing would give a set of them."""
+    long_b, long_a = ("red " * 80 + "b").strip(), ("blue " * 80 + "a").strip()
+    (tmp_path / "p.txt").write_text("\n".join([long_b, long_a, long_b, "a red circle"]) + "\n")
+    r = run_cli("--model", tiny_model[0], "--prompts-file", str(tmp_path / "p.txt"), "--steps", "1", "--height", "32",
+                "--width", "32", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    warned = [line for line in r.stderr.splitlines() if "tokens and is truncated" in line]
+    assert len(warned) == 2 and "'red red" in warned[0] and "'blue blue" in warned[1], warned
+
+
 def test_cli_empty_prompts_file(tiny_model, tmp_path):
     (tmp_path / "p.txt").write_text("\n  \n")
     r = run_cli("--model", tiny_model[0], "--prompts-file", str(tmp_path / "p.txt"), "--out", str(tmp_path / "o"))
