@@ -79,7 +79,7 @@ def test_the_wheel_is_one_package_of_this_folder():
     names = [n.strip().strip('"') for n in packages.split(",")]
     assert 'package-dir = {"npo" = "."}' in text and "py-modules" not in text
     assert names[0] == "npo" and all(n.startswith("npo.weights") for n in names[1:])  # the model's folders only
-    folders = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "weights"))
+    folders = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, _ in os.walk(os.path.join(ROOT, "weights"))
                if "__pycache__" not in d}
     assert set(names[1:]) == {"npo." + f for f in folders}
 
